@@ -1,0 +1,1 @@
+"""The instruction-level backend: guest code runs in Unicorn; the only package that imports unicorn."""

@@ -1,0 +1,338 @@
+"""A vCPU executed by Unicorn, with the TLB-fill hook acting as the hardware MMU (walk + EPT).
+
+Overview (see DESIGN.md, "The Unicorn pattern that scales"):
+
+* Unicorn runs in virtual-TLB mode over one mapping of the whole FramePool, so a
+  Unicorn "physical" address is pfn * 4096 and every VM's vCPU sees the same frames.
+* Each TLB miss calls `_tlb_fill`: it walks the guest's 4-level page tables
+  (gva -> gpa; the walk's own reads of page-table pages go through the sptes, as a
+  real EPT walk does) and then looks up the leaf spte (gfn -> pfn).  A missing or
+  read-only spte for the access is an EPT_VIOLATION exit, handled right there by
+  KVM's fault path (kvm/vcpu.py); a retried fault is another exit.  The guest
+  instruction then completes against the frame the spte maps.
+* Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it.
+* Time slices are exact: a C code hook (_icount.c) counts instructions and stops
+  Unicorn when the slice is used up, so instructions retired are exact even when a
+  slice ends early.
+"""
+
+import ctypes
+from unicorn import (
+    UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH,
+    UC_MEM_WRITE,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as x86
+from unicorn.unicorn_py3.unicorn import uclib
+
+from ..guest.loader import BootParams
+from ..host.frames import FramePool
+from ..kvm.mmu import FaultResult
+from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
+from ..kvm.vcpu import Vcpu, VcpuState
+from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Gpa
+from . import _icount
+from .disasm import disassemble_one
+
+# Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
+# address (it is above the canonical guest's identity map), so it is given the zero page.
+UNTIL = 0xFFFF_FFFF_FFFF_F000
+_UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
+
+_PTE_P = 1 << 0
+_PTE_RW = 1 << 1
+_PTE_PS = 1 << 7
+_PTE_ADDR = 0x000F_FFFF_FFFF_F000
+_SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
+_LEVEL_SHIFTS = (39, 30, 21, 12)
+
+_CR0_PE = 1 << 0
+_CR0_WP = 1 << 16
+_CR0_PG = 1 << 31
+_CR4_PAE = 1 << 5
+_EFER_MSR = 0xC0000080
+_EFER_LME = 1 << 8
+_EFER_LMA = 1 << 10
+
+_VMCALL = b"\x0f\x01\xc1"
+_KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
+
+_EXCEPTION_NAMES = {0: "#DE divide error", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD invalid opcode",
+                    8: "#DF", 13: "#GP general protection", 14: "#PF page fault", 16: "#MF", 17: "#AC"}
+
+
+class _ICount(ctypes.Structure):
+    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
+
+
+class _GuestFault(Exception):
+    """The walk hit a fault the guest cannot take (it has no IDT): a triple fault."""
+
+
+class _Mmio(Exception):
+    """The access reached a gpa outside every memslot."""
+
+    def __init__(self, gpa: int) -> None:
+        self.gpa = gpa
+
+
+class UnicornVcpu:
+    """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
+
+    def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams) -> None:
+        self.vcpu = vcpu
+        self.frames = frames
+        self.mmu = vcpu.vm.mmu
+        self._sptes = self.mmu.sptes
+        self._qwords = frames.qwords
+        self._exec_seen = frames.exec_seen
+        self._code_epoch = frames.code_epoch
+        self._stop_note: str | None = None
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
+        uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
+        uc.hook_add(UC_HOOK_INTR, self._interrupt)
+        self._icount = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
+        handle = ctypes.c_size_t()
+        err = uclib.uc_hook_add(
+            uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
+            ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p), ctypes.c_uint64(1), ctypes.c_uint64(0),
+        )
+        if err != 0:
+            raise RuntimeError(f"unicorn refused the instruction-count hook (error {err})")
+        self.uc = uc
+        uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
+        uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
+        uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
+        uc.msr_write(_EFER_MSR, _EFER_LME | _EFER_LMA)
+        uc.reg_write(x86.UC_X86_REG_CR0, _CR0_PE | _CR0_WP | _CR0_PG | 0x10)
+        uc.reg_write(x86.UC_X86_REG_RSP, boot.rsp)
+        uc.reg_write(x86.UC_X86_REG_RSI, boot.rsi)
+        self.rip = boot.rip
+        self._cr3 = boot.cr3
+        vcpu.arch = self
+
+    # --- VcpuBackend -----------------------------------------------------------------
+
+    def flush_tlb(self) -> None:
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    # --- running ---------------------------------------------------------------------
+
+    def run(self, max_insns: int) -> int:
+        """Run until max_insns retire or the vCPU stops; return the instructions retired."""
+        vcpu = self.vcpu
+        if self.frames.code_epoch != self._code_epoch:
+            # A frame that held translated code was rewritten by the host.
+            self.uc.ctl_flush_tb()
+            self._code_epoch = self.frames.code_epoch
+        ic = self._icount
+        ic.counter = 0
+        ic.limit = max_insns
+        self._stop_note = None
+        self._cr3 = self.uc.reg_read(x86.UC_X86_REG_CR3)
+        error: UcError | None = None
+        try:
+            self.uc.emu_start(self.rip, UNTIL)
+        except UcError as exc:
+            error = exc
+        retired = int(ic.counter)
+        self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
+        if vcpu.state is not VcpuState.RUNNABLE:
+            return retired
+        if error is not None:
+            vcpu.handle_triple_fault(self._stop_note or f"the CPU model stopped: {error}", self.rip)
+        elif retired < max_insns:
+            if self.rip == UNTIL:
+                vcpu.handle_triple_fault(f"execution reached {UNTIL:#x}, outside guest memory", self.rip)
+            else:
+                # Unicorn returns early only for HLT (our own stops set a state above).
+                vcpu.handle_hlt(self.rip - 1)
+        return retired
+
+    def _stop_now(self, note: str | None = None) -> None:
+        """Stop before the next instruction (the C hook sees the limit reached)."""
+        self._icount.limit = self._icount.counter
+        if note is not None:
+            self._stop_note = note
+        self.uc.emu_stop()
+
+    # --- the MMU: guest page walk + EPT ----------------------------------------------------
+
+    def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: ctypes.Structure, _ud: object) -> bool:
+        write = access == UC_MEM_WRITE
+        try:
+            gpa, guest_writable = self._walk(vaddr, write)
+            gfn = gpa >> PAGE_SHIFT
+            spte = self._ept(gfn, write)
+        except _GuestFault as fault:
+            if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
+                entry.paddr = 0  # type: ignore[attr-defined]
+                entry.perms = UC_PROT_READ | UC_PROT_EXEC  # type: ignore[attr-defined]
+                return True
+            self._stop_note = f"{fault} at gva {vaddr:#x}"
+            return False
+        except _Mmio as mmio:
+            self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
+                           f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
+            return False
+        pfn = (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
+        entry.paddr = pfn << PAGE_SHIFT  # type: ignore[attr-defined]
+        if spte & SPTE_WRITABLE and guest_writable:
+            entry.perms = UC_PROT_ALL  # type: ignore[attr-defined]
+        else:
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC  # type: ignore[attr-defined]
+        if access == UC_MEM_FETCH:
+            self._exec_seen[pfn] = True
+        return True
+
+    def _ept(self, gfn: int, write: bool) -> int:
+        """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access."""
+        sptes = self._sptes
+        if gfn >= sptes.shape[0]:
+            raise _Mmio(gfn << PAGE_SHIFT)
+        spte = int(sptes[gfn])
+        while not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
+            result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace())
+            if result is FaultResult.MMIO:
+                raise _Mmio(gfn << PAGE_SHIFT)
+            spte = int(sptes[gfn])
+        # The EPT walk sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
+        wanted = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
+        if spte & wanted != wanted:
+            spte |= wanted
+            sptes[gfn] = spte
+        return spte
+
+    def _walk(self, gva: int, write: bool) -> tuple[int, bool]:
+        """gva -> (gpa, writable by the guest's tables); page-table reads go through the EPT."""
+        if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
+            raise _GuestFault("#GP non-canonical address")
+        table = self._cr3 & _PTE_ADDR
+        writable = True
+        qwords = self._qwords
+        for shift in _LEVEL_SHIFTS:
+            pte_gpa = table + (((gva >> shift) & 511) << 3)
+            spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
+            pte = int(qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
+            if not pte & _PTE_P:
+                raise _GuestFault("#PF page not present")
+            writable = writable and bool(pte & _PTE_RW)
+            if shift in (30, 21) and pte & _PTE_PS:
+                size_mask = (1 << shift) - 1
+                return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask), writable
+            table = pte & _PTE_ADDR
+        if write and not writable:
+            raise _GuestFault("#PF write to a read-only page")
+        return table | (gva & (PAGE_SIZE - 1)), writable
+
+    def _rip_for_trace(self) -> int:
+        if self.vcpu.vm.trace is None:
+            return 0
+        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
+
+    # --- other exits -----------------------------------------------------------------
+
+    def _out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
+        self.vcpu.handle_io(port, size, value, True, self._rip_for_trace())
+        if self.vcpu.state is not VcpuState.RUNNABLE:
+            self._stop_now()
+
+    def _in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
+        return self.vcpu.handle_io(port, size, 0, False, self._rip_for_trace())
+
+    def _cpuid(self, uc: Uc, _ud: object) -> int:
+        leaf = uc.reg_read(x86.UC_X86_REG_EAX)
+        subleaf = uc.reg_read(x86.UC_X86_REG_ECX)
+        regs = self.vcpu.handle_cpuid(leaf, subleaf, self._rip_for_trace())
+        if regs is None:
+            return 0  # let the CPU model answer
+        for reg, value in zip((x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX),
+                              regs, strict=True):
+            uc.reg_write(reg, value)
+        return 1
+
+    def _syscall(self, uc: Uc, _ud: object) -> None:
+        # EFER.SCE is clear in the boot state: SYSCALL raises #UD, and the guest has no IDT.
+        self._stop_now("#UD syscall with EFER.SCE clear")
+        self.vcpu.handle_triple_fault(self._stop_note or "", int(uc.reg_read(x86.UC_X86_REG_RIP)))
+
+    def _invalid_insn(self, uc: Uc, _ud: object) -> bool:
+        rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
+        if self.peek_code(rip, 3) == _VMCALL:
+            self.vcpu.handle_vmcall(rip)
+            uc.reg_write(x86.UC_X86_REG_RAX, _KVM_ENOSYS)
+            uc.reg_write(x86.UC_X86_REG_RIP, rip + 3)
+            return True
+        self._stop_note = "#UD invalid opcode"
+        return False
+
+    def _interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
+        name = _EXCEPTION_NAMES.get(intno, f"exception vector {intno}")
+        self._stop_now(f"{name} with no IDT")
+        self.vcpu.handle_triple_fault(self._stop_note or "", int(uc.reg_read(x86.UC_X86_REG_RIP)))
+
+    # --- inspection without exits (reports) ----------------------------------------------
+
+    def translate_peek(self, gva: int) -> int | None:
+        """gva -> gpa through the guest tables as the VMM reads them (no exits, no faults)."""
+        vm = self.vcpu.vm
+        table = self._cr3 & _PTE_ADDR
+        for shift in _LEVEL_SHIFTS:
+            pte_gpa = table + (((gva >> shift) & 511) << 3)
+            try:
+                pte = int.from_bytes(vm.read_guest(Gpa(pte_gpa), 8), "little")
+            except ValueError:
+                return None
+            if not pte & _PTE_P:
+                return None
+            if shift in (30, 21) and pte & _PTE_PS:
+                size_mask = (1 << shift) - 1
+                return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask)
+            table = pte & _PTE_ADDR
+        return table | (gva & (PAGE_SIZE - 1))
+
+    def peek_code(self, gva: int, length: int) -> bytes:
+        out = bytearray()
+        for addr in range(gva, gva + length):
+            gpa = self.translate_peek(addr)
+            if gpa is None:
+                break
+            try:
+                out += self.vcpu.vm.read_guest(Gpa(gpa), 1)
+            except ValueError:
+                break
+        return bytes(out)
+
+    def describe_rip(self) -> str:
+        code = self.peek_code(self.rip, 16)
+        insn = disassemble_one(code, self.rip) if code else "(not mapped)"
+        return f"RIP {self.rip:#x}: {insn}"
+
+    def registers(self) -> dict[str, int]:
+        names = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RSP", "RBP", "RIP")
+        return {n.lower(): int(self.uc.reg_read(getattr(x86, f"UC_X86_REG_{n}"))) for n in names}
+
+
+__all__ = ["UnicornVcpu"]

@@ -1,0 +1,51 @@
+"""Every error hvsim shows a user is an HvsimError with a message and a documented exit code."""
+
+from typing import ClassVar
+
+
+class HvsimError(Exception):
+    """Base of user-facing errors: `str(err)` is the one-paragraph message."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class ConfigError(HvsimError):
+    """An invalid option or combination of options."""
+
+    exit_code = 2
+
+
+class ImageError(HvsimError):
+    """A guest image that cannot be loaded."""
+
+    exit_code = 3
+
+
+class GuestError(HvsimError):
+    """The guest crashed (triple fault), touched memory outside its memslots, or ran away."""
+
+    exit_code = 4
+
+
+class GuestTimeout(GuestError):
+    """The guest did not finish within --max-insns."""
+
+    exit_code = 5
+
+
+class HostOutOfMemory(HvsimError):
+    """The simulated host ran out of frames."""
+
+    exit_code = 6
+
+
+class ConsoleMismatch(HvsimError):
+    """`compare`: a guest printed different output under different profiles."""
+
+    exit_code = 7
+
+
+class InvariantViolation(HvsimError):
+    """`--check`: a coherence invariant does not hold."""
+
+    exit_code = 8

@@ -1,0 +1,1 @@
+"""Guest-side conventions: the boot layout and the image loader."""

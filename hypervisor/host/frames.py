@@ -1,0 +1,115 @@
+"""Host physical memory: one numpy array of 4 KiB frames with refcounts and page flags.
+
+Mirrors the parts of struct page that hvsim needs (page count, PageKsm) as
+structure-of-arrays indexed by pfn.  Frame 0 is the shared zero page
+(ZERO_PAGE(0)): never allocated, never freed, not refcounted, as in Linux where
+a zero-page pte is "special" and vm_normal_page() returns NULL for it.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import HostOutOfMemory
+from ..types import PAGE_SIZE, Pfn
+
+ZERO_PFN = Pfn(0)
+# Room for frames in flight beyond one per mapped page: KSM pages being built,
+# a COW copy before the old frame is released.
+FRAME_SLACK = 64
+
+
+class FramePool:
+    """All host frames.  `data` is what every vCPU's Unicorn maps as physical memory."""
+
+    def __init__(self, nr_frames: int) -> None:
+        if nr_frames < 2:
+            raise ValueError("a FramePool needs the zero page and at least one frame")
+        self.nr_frames = nr_frames
+        # np.zeros is calloc: untouched frames cost no host memory.
+        self.data: npt.NDArray[np.uint8] = np.zeros(nr_frames * PAGE_SIZE, dtype=np.uint8)
+        self.frames = self.data.reshape(nr_frames, PAGE_SIZE)
+        self.qwords = self.data.view(np.uint64).reshape(nr_frames, PAGE_SIZE // 8)
+        # page_count(): host ptes mapping the frame plus transient GUP pins.
+        self.refcount = np.zeros(nr_frames, dtype=np.int32)
+        # page_mapcount(): host ptes mapping the frame (the zero page is not counted).
+        self.mapcount = np.zeros(nr_frames, dtype=np.int32)
+        # PageKsm and page_stable_node(): -1 not a KSM page; 0 a KSM page whose stable
+        # node is not made yet; n > 0 the id of its StableNode.
+        self.stable_node = np.full(nr_frames, -1, dtype=np.int32)
+        # Set by the vCPU backend when a frame is fetched from; a host write into such a
+        # frame (reuse, copy) must invalidate translated code, announced by code_epoch.
+        self.exec_seen = np.zeros(nr_frames, dtype=np.bool_)
+        self.code_epoch = 0
+        # Deterministic allocation: a LIFO free list, lowest pfns handed out first.
+        self._free = list(range(nr_frames - 1, 0, -1))
+        self.allocated = 0
+
+    @property
+    def nr_free(self) -> int:
+        return len(self._free)
+
+    def alloc_page(self, zero: bool = True) -> Pfn:
+        """alloc_page(): a frame with refcount 1 (the caller's reference)."""
+        if not self._free:
+            raise HostOutOfMemory(
+                f"the simulated host ran out of memory ({self.nr_frames} frames of {PAGE_SIZE} bytes); "
+                "this is a bug in hvsim's frame accounting, please report it with the command line"
+            )
+        pfn = Pfn(self._free.pop())
+        self.refcount[pfn] = 1
+        self.allocated += 1
+        if zero:
+            self.frames[pfn].fill(0)
+        self.note_content_change(pfn)
+        return pfn
+
+    def get_page(self, pfn: Pfn) -> None:
+        if pfn != ZERO_PFN:
+            self.refcount[pfn] += 1
+
+    def put_page(self, pfn: Pfn) -> None:
+        """Drop a reference; the frame is freed when the last one goes."""
+        if pfn == ZERO_PFN:
+            return
+        count = int(self.refcount[pfn]) - 1
+        if count < 0:
+            raise AssertionError(f"put_page on free frame {pfn}")
+        self.refcount[pfn] = count
+        if count == 0:
+            if self.mapcount[pfn] != 0:
+                raise AssertionError(f"frame {pfn} freed while {self.mapcount[pfn]} ptes map it")
+            self.stable_node[pfn] = -1
+            self.allocated -= 1
+            self._free.append(pfn)
+
+    def page_add_rmap(self, pfn: Pfn) -> None:
+        """A pte now maps the frame: the mapping holds a reference (get_page + page_add_*_rmap)."""
+        if pfn != ZERO_PFN:
+            self.refcount[pfn] += 1
+            self.mapcount[pfn] += 1
+
+    def page_remove_rmap(self, pfn: Pfn) -> None:
+        """A pte stopped mapping the frame: page_remove_rmap + put_page."""
+        if pfn != ZERO_PFN:
+            self.mapcount[pfn] -= 1
+            self.put_page(pfn)
+
+    def page_ksm(self, pfn: Pfn) -> bool:
+        return pfn != ZERO_PFN and int(self.stable_node[pfn]) >= 0
+
+    def copy_page(self, dst: Pfn, src: Pfn) -> None:
+        """copy_user_highpage()."""
+        self.qwords[dst] = self.qwords[src]
+        self.note_content_change(dst)
+
+    def note_content_change(self, pfn: Pfn) -> None:
+        if self.exec_seen[pfn]:
+            self.exec_seen[pfn] = False
+            self.code_epoch += 1
+
+    def pages_identical(self, a: Pfn, b: Pfn) -> bool:
+        """memcmp() of two whole frames: KSM's final word on equality."""
+        return bool(np.array_equal(self.qwords[a], self.qwords[b]))
+
+    def is_free(self, pfn: Pfn) -> bool:
+        return pfn != ZERO_PFN and int(self.refcount[pfn]) == 0

@@ -1,0 +1,635 @@
+"""ksmd: Kernel Samepage Merging over the MADV_MERGEABLE areas of registered mms, after mm/ksm.c.
+
+Overview.  Every wake-up, `ksm_do_scan(pages_to_scan)` advances a cursor over the
+mm_slots (in registration order), their mergeable VMAs and the pages present in
+them; each page it reaches has an rmap_item (here: a slot in per-VMA numpy arrays)
+and goes through `cmp_and_merge_page`:
+
+1. look for an equal page in the **stable tree** (KSM pages, write-protected);
+   if one has room (`max_page_sharing`), merge into it;
+2. else compute the page's checksum; if it changed since the last visit, remember
+   it and stop (the page is volatile; so nothing merges before the second pass);
+3. with `use_zero_pages`, an all-zero page is merged with the zero page;
+4. else look in the **unstable tree** (this pass's candidates, not write-protected,
+   reset at the start of every full scan): an equal page there is merged with this
+   one into a new KSM page, which moves to the stable tree; else this page is
+   inserted.
+
+Merging a page is `write_protect_page` (clear the pte, then set_pte_at_notify a
+read-only pte to the same pfn) followed by `replace_page` (clear, then
+set_pte_at_notify a read-only pte to the KSM page), each wrapped in
+invalidate_range_start/end from 3.7 on.  Era differences come from the Profile:
+2.6.32 builds a fresh KSM page and replaces both pages with it, and unmerges a KSM
+page left with a single mapping; later kernels turn the first page into the KSM
+page in place and keep such pages merged.
+
+Simplifications (see README, fidelity): the stable and unstable trees are hash
+tables keyed by a 64-bit content hash, each hit confirmed by a whole-page memcmp,
+instead of rbtrees ordered by memcmp (same merges for pages that hold still; the
+kernel's unstable tree may also find a page whose content changed since insertion);
+chains are pruned on every search rather than every
+stable_node_chains_prune_millisecs; 6.7's smart_scan is not modelled.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
+from .frames import ZERO_PFN, FramePool
+from .mm import (
+    PAGE_DIRTY,
+    mk_pte,
+    pte_ksm_zero,
+    pte_mkksmzero,
+    pte_pfn,
+    pte_present,
+    pte_special,
+    pte_write,
+    pte_wrprotect,
+)
+from .mmu_notifier import (
+    mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start,
+    set_pte_at_notify,
+)
+
+if TYPE_CHECKING:
+    from ..profiles import Profile
+    from .mm import HostMm, Vma
+
+# rmap_item flags
+UNSTABLE_FLAG = 1
+STABLE_FLAG = 2
+
+# sizeof(struct ksm_rmap_item) on 64-bit, for general_profit
+RMAP_ITEM_SIZE = 64
+
+_HASH_MULT = np.random.default_rng(0x4B534D).integers(1, 2**63, size=PAGE_SIZE // 8, dtype=np.uint64) | 1
+_HASH_SALT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """A 64-bit content hash per frame, vectorised (the trees' key)."""
+    with np.errstate(over="ignore"):
+        q = frames.qwords[pfns] ^ _HASH_SALT
+        return (q * _HASH_MULT).sum(axis=1, dtype=np.uint64)
+
+
+def checksum_of_hash(h: int) -> int:
+    """calc_checksum(): 32 bits, as the kernel's jhash2/xxhash result."""
+    return (h ^ (h >> 32)) & 0xFFFF_FFFF
+
+
+class VmaItems:
+    """The rmap_items of one mergeable VMA, as arrays indexed by page."""
+
+    def __init__(self, mm: "HostMm", vma: "Vma") -> None:
+        self.mm = mm
+        self.vma = vma
+        n = vma.nr_pages
+        self.has_item = np.zeros(n, dtype=np.bool_)
+        self.flags = np.zeros(n, dtype=np.uint8)
+        self.oldchecksum = np.zeros(n, dtype=np.uint32)
+        self.node = np.zeros(n, dtype=np.int32)  # stable node id when STABLE_FLAG
+
+    def hva(self, idx: int) -> Hva:
+        return Hva(self.vma.start + (idx << PAGE_SHIFT))
+
+
+@dataclass
+class StableNode:
+    """struct ksm_stable_node: one KSM page and how many rmap_items map it."""
+
+    id: int
+    kpfn: Pfn
+    key: int
+    nr_items: int = 0  # rmap_hlist_len
+    chain: "StableNodeChain | None" = None
+
+
+@dataclass
+class StableNodeChain:
+    """A stable node chain: duplicate KSM pages of one content (max_page_sharing reached)."""
+
+    key: int
+    dups: list[StableNode] = field(default_factory=list)
+
+
+@dataclass
+class MmSlot:
+    mm: "HostMm"
+    vmas: list[VmaItems] = field(default_factory=list)
+
+    def items_of(self, vma: "Vma") -> VmaItems | None:
+        return next((v for v in self.vmas if v.vma is vma), None)
+
+
+@dataclass
+class KsmCursor:
+    slot: int = 0
+    vma: int = 0
+    idx: int = 0
+
+
+ItemRef = tuple[VmaItems, int]
+KsmTrace = Callable[[str, dict[str, Any]], None]
+
+
+class Ksm:
+    """The KSM subsystem: knobs and counters of /sys/kernel/mm/ksm, mm_slots, trees and ksmd's scan."""
+
+    def __init__(self, frames: FramePool, profile: "Profile") -> None:
+        self.frames = frames
+        self.profile = profile
+        # knobs
+        self.run = 0
+        self.pages_to_scan = 100
+        self.sleep_millisecs = 20
+        self.max_page_sharing = 256
+        self.use_zero_pages = False
+        # state
+        self.slots: list[MmSlot] = []
+        self.cursor = KsmCursor()
+        self.seqnr = 0  # full_scans
+        self.stable_tree: dict[int, list[StableNode | StableNodeChain]] = {}
+        self.unstable_tree: dict[int, list[ItemRef]] = {}
+        self.nodes: dict[int, StableNode] = {}
+        self._next_node_id = 1
+        self.rmap_items = 0
+        self.unshared = 0
+        self.ksm_zero_pages = 0
+        self.pages_scanned = 0
+        self.zero_hash = int(page_hash(frames, np.array([ZERO_PFN]))[0])
+        self.trace: KsmTrace | None = None
+
+    # --- registration (ksm_madvise / __ksm_enter / exit) ---------------------------------
+
+    def ksm_enter(self, mm: "HostMm") -> None:
+        slot = next((s for s in self.slots if s.mm is mm), None)
+        if slot is None:
+            slot = MmSlot(mm)
+            # __ksm_enter adds the mm just behind the cursor: scanned on this pass's tail.
+            self.slots.append(slot)
+        for vma in mm.vmas:
+            if vma.mergeable and slot.items_of(vma) is None:
+                slot.vmas.append(VmaItems(mm, vma))
+        slot.vmas.sort(key=lambda v: v.vma.start)
+
+    def vma_removed(self, mm: "HostMm", vma: "Vma") -> None:
+        """munmap of a mergeable VMA: its rmap_items go (remove_trailing_rmap_items)."""
+        slot = next((s for s in self.slots if s.mm is mm), None)
+        if slot is None:
+            return
+        items = slot.items_of(vma)
+        if items is None:
+            return
+        for idx in np.flatnonzero(items.has_item):
+            self._free_item(items, int(idx))
+        pos = slot.vmas.index(items)
+        slot.vmas.remove(items)
+        if self.slots.index(slot) == self.cursor.slot and self.cursor.vma >= pos:
+            self.cursor.vma = max(0, self.cursor.vma - 1)
+            self.cursor.idx = 0
+
+    # --- counters ----------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        shared = sharing = 0
+        chains = dups = 0
+        for entries in self.stable_tree.values():
+            for entry in entries:
+                if isinstance(entry, StableNodeChain):
+                    chains += 1
+                    dups += len(entry.dups)
+                    nodes = entry.dups
+                else:
+                    nodes = [entry]
+                for node in nodes:
+                    if node.nr_items:
+                        shared += 1
+                        sharing += node.nr_items - 1
+        volatile = max(0, self.rmap_items - shared - sharing - self.unshared)
+        profit = (sharing + self.ksm_zero_pages) * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
+        return {
+            "run": self.run,
+            "pages_to_scan": self.pages_to_scan,
+            "sleep_millisecs": self.sleep_millisecs,
+            "max_page_sharing": self.max_page_sharing,
+            "use_zero_pages": int(self.use_zero_pages),
+            "pages_shared": shared,
+            "pages_sharing": sharing,
+            "pages_unshared": self.unshared,
+            "pages_volatile": volatile,
+            "full_scans": self.seqnr,
+            "stable_node_chains": chains,
+            "stable_node_dups": dups,
+            "ksm_zero_pages": self.ksm_zero_pages,
+            "general_profit": profit,
+            "pages_scanned": self.pages_scanned,
+        }
+
+    def ksm_zero_page_unmapped(self) -> None:
+        self.ksm_zero_pages -= 1
+
+    # --- run control -------------------------------------------------------------------
+
+    def set_run(self, value: int) -> None:
+        """/sys/kernel/mm/ksm/run: 0 stop, 1 run, 2 stop and unmerge everything."""
+        if value not in (0, 1, 2):
+            raise ValueError("run takes 0, 1 or 2")
+        self.run = value
+        if value == 2:
+            self.unmerge_and_remove_all_rmap_items()
+
+    # --- ksmd ----------------------------------------------------------------------------
+
+    def ksmd_wakeup(self) -> None:
+        if self.run == 1:
+            self.ksm_do_scan(self.pages_to_scan)
+
+    def ksm_do_scan(self, scan_npages: int) -> None:
+        if self.trace is not None:
+            self.trace("ksm_start_scan", {"seq": self.seqnr, "rmap_items": self.rmap_items})
+        for _ in range(scan_npages):
+            got = self.scan_get_next_rmap_item()
+            if got is None:
+                break
+            items, idx, pfn = got
+            self.pages_scanned += 1
+            if not self.profile.ksm_merge_allocates_kpage:
+                self.cmp_and_merge_page(items, idx, pfn)
+            elif not self.frames.page_ksm(pfn) or not items.flags[idx] & STABLE_FLAG:
+                self.cmp_and_merge_page(items, idx, pfn)
+            elif int(self.frames.mapcount[pfn]) == 1:
+                # 2.6.32: a KSM page no longer shared is unmerged, its checksum restarted.
+                hva = items.hva(idx)
+                self.break_cow(items.mm, hva)
+                self.remove_rmap_item_from_tree(items, idx)
+                pte_pfn_now = self._follow_page(items.mm, hva)
+                if pte_pfn_now is not None:
+                    items.oldchecksum[idx] = checksum_of_hash(
+                        int(page_hash(self.frames, np.array([pte_pfn_now]))[0]))
+        if self.trace is not None:
+            self.trace("ksm_stop_scan", {"seq": self.seqnr, "rmap_items": self.rmap_items})
+
+    def _follow_page(self, mm: "HostMm", hva: Hva) -> Pfn | None:
+        """follow_page() of an anonymous page: None for no pte or the zero page."""
+        vma = mm.find_vma(hva)
+        if vma is None:
+            return None
+        pte = int(vma.ptes[vma.index(hva)])
+        if not pte_present(pte) or pte_special(pte):
+            return None
+        return pte_pfn(pte)
+
+    def scan_get_next_rmap_item(self) -> tuple[VmaItems, int, Pfn] | None:
+        """Advance the cursor to the next present anonymous page and return its rmap_item."""
+        cur = self.cursor
+        if not self.slots:
+            return None
+        if cur.slot == 0 and cur.vma == 0 and cur.idx == 0:
+            # A new full scan: the unstable tree is rebuilt from scratch.
+            self.unstable_tree.clear()
+        while True:
+            if cur.slot >= len(self.slots):
+                cur.slot = cur.vma = cur.idx = 0
+                self.seqnr += 1
+                return None
+            slot = self.slots[cur.slot]
+            if cur.vma >= len(slot.vmas):
+                cur.slot += 1
+                cur.vma = cur.idx = 0
+                continue
+            items = slot.vmas[cur.vma]
+            ptes = items.vma.ptes
+            n = ptes.shape[0]
+            if cur.idx >= n:
+                cur.vma += 1
+                cur.idx = 0
+                continue
+            window = ptes[cur.idx :]
+            # present (bit 0) and not special (bit 9): an anonymous page with a struct page
+            anon = np.flatnonzero((window & 1).astype(bool) & ~((window >> 9) & 1).astype(bool))
+            start = cur.idx
+            stop = n if anon.size == 0 else start + int(anon[0])
+            # get_next_rmap_item(): items for pages passed over are removed and freed.
+            stale = np.flatnonzero(items.has_item[start:stop])
+            for off in stale:
+                self._free_item(items, start + int(off))
+            if anon.size == 0:
+                cur.vma += 1
+                cur.idx = 0
+                continue
+            idx = stop
+            cur.idx = idx + 1
+            if not items.has_item[idx]:
+                items.has_item[idx] = True
+                items.flags[idx] = 0
+                items.oldchecksum[idx] = 0
+                self.rmap_items += 1
+            elif items.flags[idx] & UNSTABLE_FLAG:
+                # Unstable membership is per pass: drop it (the tree itself was reset).
+                items.flags[idx] = int(items.flags[idx]) & STABLE_FLAG
+                self.unshared -= 1
+            return items, idx, Pfn(int(ptes[idx]) >> PAGE_SHIFT)
+
+    def _free_item(self, items: VmaItems, idx: int) -> None:
+        self.remove_rmap_item_from_tree(items, idx)
+        items.has_item[idx] = False
+        self.rmap_items -= 1
+
+    def remove_rmap_item_from_tree(self, items: VmaItems, idx: int) -> None:
+        flags = int(items.flags[idx])
+        if flags & STABLE_FLAG:
+            node = self.nodes.get(int(items.node[idx]))
+            if node is not None:
+                node.nr_items -= 1
+                if node.nr_items == 0 and self.frames.stable_node[node.kpfn] != node.id:
+                    self._erase_node(node)
+        if flags & UNSTABLE_FLAG:
+            self.unshared -= 1
+        items.flags[idx] = 0
+
+    # --- cmp_and_merge_page ------------------------------------------------------------
+
+    def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn) -> None:
+        frames = self.frames
+        node_id = int(frames.stable_node[pfn]) if pfn != ZERO_PFN else -1
+        if node_id > 0 and items.flags[idx] & STABLE_FLAG and int(items.node[idx]) == node_id:
+            return  # already merged into this KSM page: nothing to do
+        self.remove_rmap_item_from_tree(items, idx)
+        h = int(page_hash(frames, np.array([pfn]))[0])
+        if node_id > 0 and node_id in self.nodes:
+            # A KSM page that lost its rmap_item (e.g. a forked mapping): re-append.
+            self._stable_tree_append(items, idx, self.nodes[node_id])
+            return
+        node = self.stable_tree_search(pfn, h)
+        if node is not None:
+            if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, node.kpfn):
+                self._stable_tree_append(items, idx, node)
+            return
+        checksum = checksum_of_hash(h)
+        if int(items.oldchecksum[idx]) != checksum:
+            items.oldchecksum[idx] = checksum
+            return
+        if self.use_zero_pages and h == self.zero_hash and frames.pages_identical(pfn, ZERO_PFN):
+            if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, ZERO_PFN):
+                self.ksm_zero_pages += 1
+            return
+        tree = self.unstable_tree_search_insert(items, idx, pfn, h)
+        if tree is None:
+            return
+        tree_items, tree_idx, tree_pfn = tree
+        kpfn = self.try_to_merge_two_pages(items, idx, pfn, tree_items, tree_idx, tree_pfn)
+        if kpfn is None:
+            return
+        # The tree item leaves the unstable tree; both join the new stable node.
+        self._unstable_remove(tree_items, tree_idx, h)
+        new = self.stable_tree_insert(kpfn, h)
+        self._stable_tree_append(tree_items, tree_idx, new)
+        self._stable_tree_append(items, idx, new)
+        if self.trace is not None:
+            self.trace("ksm_merge_with_ksm_page", {"kpfn": int(kpfn), "pfn": int(pfn), "new_node": new.id})
+
+    # --- stable tree ---------------------------------------------------------------------
+
+    def _get_ksm_page(self, node: StableNode) -> bool:
+        """get_ksm_page(): is the node's KSM page still alive and still this node's?"""
+        return int(self.frames.stable_node[node.kpfn]) == node.id
+
+    def _candidate(self, node: StableNode) -> bool:
+        return 0 < node.nr_items < self.max_page_sharing
+
+    def stable_tree_search(self, pfn: Pfn, h: int) -> StableNode | None:
+        entries = self.stable_tree.get(h)
+        if not entries:
+            return None
+        for entry in list(entries):
+            if isinstance(entry, StableNodeChain):
+                for dup in list(entry.dups):
+                    if not self._get_ksm_page(dup):
+                        self._erase_node(dup)
+                live = entry.dups
+                if not live:
+                    continue
+                if not self.frames.pages_identical(pfn, live[0].kpfn):
+                    continue
+                room = [d for d in live if self._candidate(d)]
+                if not room:
+                    return None  # equal content, but every copy is full
+                return max(room, key=lambda d: d.nr_items)
+            if not self._get_ksm_page(entry):
+                self._erase_node(entry)
+                continue
+            if self.frames.pages_identical(pfn, entry.kpfn):
+                return entry if self._candidate(entry) else None
+        return None
+
+    def stable_tree_insert(self, kpfn: Pfn, h: int) -> StableNode:
+        node = StableNode(self._next_node_id, kpfn, h)
+        self._next_node_id += 1
+        self.nodes[node.id] = node
+        self.frames.stable_node[kpfn] = node.id
+        entries = self.stable_tree.setdefault(h, [])
+        for pos, entry in enumerate(entries):
+            if isinstance(entry, StableNodeChain):
+                if entry.dups and self.frames.pages_identical(kpfn, entry.dups[0].kpfn):
+                    node.chain = entry
+                    entry.dups.append(node)
+                    return node
+            elif self._get_ksm_page(entry) and self.frames.pages_identical(kpfn, entry.kpfn):
+                # A full node of the same content becomes a chain with both as dups.
+                chain = StableNodeChain(h, [entry, node])
+                entry.chain = node.chain = chain
+                entries[pos] = chain
+                return node
+        entries.append(node)
+        return node
+
+    def _stable_tree_append(self, items: VmaItems, idx: int, node: StableNode) -> None:
+        items.flags[idx] = STABLE_FLAG
+        items.node[idx] = node.id
+        node.nr_items += 1
+
+    def _erase_node(self, node: StableNode) -> None:
+        """remove_node_from_stable_tree(): its rmap_items lose their stable membership."""
+        if node.id not in self.nodes:
+            return
+        del self.nodes[node.id]
+        if node.nr_items:
+            for slot in self.slots:
+                for items in slot.vmas:
+                    for idx in np.flatnonzero((items.node == node.id) & (items.flags & STABLE_FLAG > 0)):
+                        items.flags[int(idx)] = 0
+            node.nr_items = 0
+        entries = self.stable_tree.get(node.key, [])
+        if node.chain is not None:
+            chain = node.chain
+            chain.dups.remove(node)
+            if len(chain.dups) <= 1 and chain in entries:
+                pos = entries.index(chain)
+                if chain.dups:
+                    chain.dups[0].chain = None
+                    entries[pos] = chain.dups[0]
+                else:
+                    del entries[pos]
+        elif node in entries:
+            entries.remove(node)
+        if not entries:
+            self.stable_tree.pop(node.key, None)
+        if int(self.frames.stable_node[node.kpfn]) == node.id:
+            self.frames.stable_node[node.kpfn] = 0
+
+    # --- unstable tree ---------------------------------------------------------------------
+
+    def unstable_tree_search_insert(
+        self, items: VmaItems, idx: int, pfn: Pfn, h: int
+    ) -> tuple[VmaItems, int, Pfn] | None:
+        bucket = self.unstable_tree.setdefault(h, [])
+        for tree_items, tree_idx in bucket:
+            tree_pfn = self._follow_page(tree_items.mm, tree_items.hva(tree_idx))
+            if tree_pfn is None or self.frames.page_ksm(tree_pfn):
+                return None  # get_mergeable_page() failed: give up for this page
+            if tree_pfn == pfn:
+                return None
+            if self.frames.pages_identical(pfn, tree_pfn):
+                return tree_items, tree_idx, tree_pfn
+        bucket.append((items, idx))
+        items.flags[idx] = UNSTABLE_FLAG
+        self.unshared += 1
+        return None
+
+    def _unstable_remove(self, items: VmaItems, idx: int, h: int) -> None:
+        bucket = self.unstable_tree.get(h, [])
+        for pos, (it, i) in enumerate(bucket):
+            if it is items and i == idx:
+                del bucket[pos]
+                break
+        if items.flags[idx] & UNSTABLE_FLAG:
+            items.flags[idx] = int(items.flags[idx]) & STABLE_FLAG
+            self.unshared -= 1
+
+    # --- merging ------------------------------------------------------------------------
+
+    def try_to_merge_two_pages(
+        self, items: VmaItems, idx: int, pfn: Pfn, tree_items: VmaItems, tree_idx: int, tree_pfn: Pfn
+    ) -> Pfn | None:
+        hva, tree_hva = items.hva(idx), tree_items.hva(tree_idx)
+        frames = self.frames
+        if self.profile.ksm_merge_allocates_kpage:
+            # 2.6.32: a fresh KSM page, a copy of this page; both pages are replaced by it.
+            kpfn = frames.alloc_page(zero=False)
+            frames.copy_page(kpfn, pfn)
+            frames.stable_node[kpfn] = 0
+            ok = self.try_to_merge_one_page(items.mm, hva, pfn, kpfn)
+            if ok:
+                ok = self.try_to_merge_one_page(tree_items.mm, tree_hva, tree_pfn, kpfn)
+                if not ok:
+                    self.break_cow(items.mm, hva)
+            frames.put_page(kpfn)  # the allocation's reference; the ptes hold theirs
+            return kpfn if ok else None
+        # 2.6.33+: this page becomes the KSM page in place; the tree page is replaced by it.
+        if not self.try_to_merge_one_page(items.mm, hva, pfn, None):
+            return None
+        if not self.try_to_merge_one_page(tree_items.mm, tree_hva, tree_pfn, pfn):
+            self.break_cow(items.mm, hva)
+            return None
+        return pfn
+
+    def try_to_merge_one_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn | None) -> bool:
+        if pfn == kpfn:
+            return True
+        orig_pte = self.write_protect_page(mm, hva, pfn)
+        if orig_pte is None:
+            return False
+        if kpfn is None:
+            self.frames.stable_node[pfn] = 0  # set_page_stable_node(page, NULL): PageKsm
+            return True
+        if not self.frames.pages_identical(pfn, kpfn):
+            return False
+        return self.replace_page(mm, hva, pfn, kpfn, orig_pte)
+
+    def write_protect_page(self, mm: "HostMm", hva: Hva, pfn: Pfn) -> int | None:
+        """Make the pte read-only (and clean); None if the page is pinned or gone."""
+        wrap = self.profile.wrap_pte_updates_in_range
+        end = Hva(hva + PAGE_SIZE)
+        if wrap:
+            mmu_notifier_invalidate_range_start(mm, hva, end)
+        try:
+            pte = mm.pte(hva)
+            if not pte_present(pte) or pte_pfn(pte) != pfn:
+                return None
+            if pte_write(pte) or pte & PAGE_DIRTY:
+                entry = mm.ptep_clear_flush(hva)
+                if int(self.frames.refcount[pfn]) != int(self.frames.mapcount[pfn]):
+                    # Someone (KVM mid-fault, O_DIRECT) holds a pin: merging could lose its writes.
+                    mm.set_pte_at(hva, entry)
+                    return None
+                set_pte_at_notify(mm, hva, pte_wrprotect(entry) & ~PAGE_DIRTY)
+            return mm.pte(hva)
+        finally:
+            if wrap:
+                mmu_notifier_invalidate_range_end(mm, hva, end)
+
+    def replace_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn, orig_pte: int) -> bool:
+        wrap = self.profile.wrap_pte_updates_in_range
+        end = Hva(hva + PAGE_SIZE)
+        if wrap:
+            mmu_notifier_invalidate_range_start(mm, hva, end)
+        try:
+            if mm.pte(hva) != orig_pte:
+                return False
+            if kpfn == ZERO_PFN:
+                new = pte_mkksmzero(mk_pte(ZERO_PFN, writable=False, special=True))
+            else:
+                self.frames.page_add_rmap(kpfn)
+                new = mk_pte(kpfn, writable=False)
+            mm.ptep_clear_flush(hva)
+            set_pte_at_notify(mm, hva, new)
+            self.frames.page_remove_rmap(pfn)
+            if self.trace is not None:
+                self.trace("ksm_merge_one_page", {"mm": mm.name, "hva": hva, "pfn": int(pfn), "kpfn": int(kpfn)})
+            return True
+        finally:
+            if wrap:
+                mmu_notifier_invalidate_range_end(mm, hva, end)
+
+    def break_cow(self, mm: "HostMm", hva: Hva) -> None:
+        """break_ksm(): a write fault on a KSM page gives the mm its own copy again."""
+        vma = mm.find_vma(hva)
+        if vma is None:
+            return
+        pte = int(vma.ptes[vma.index(hva)])
+        if not pte_present(pte):
+            return
+        pfn = Pfn(pte >> PAGE_SHIFT)
+        if self.frames.page_ksm(pfn) or pte_ksm_zero(pte):
+            mm.handle_mm_fault(hva, write=True)
+
+    # --- unmerging ------------------------------------------------------------------------
+
+    def unmerge_vma(self, mm: "HostMm", vma: "Vma") -> None:
+        """MADV_UNMERGEABLE / run=2 on one VMA: break every KSM mapping, drop the rmap_items."""
+        for idx in range(vma.nr_pages):
+            self.break_cow(mm, Hva(vma.start + (idx << PAGE_SHIFT)))
+        slot = next((s for s in self.slots if s.mm is mm), None)
+        items = slot.items_of(vma) if slot is not None else None
+        if items is not None:
+            for idx in np.flatnonzero(items.has_item):
+                self._free_item(items, int(idx))
+
+    def unmerge_and_remove_all_rmap_items(self) -> None:
+        for slot in self.slots:
+            for items in slot.vmas:
+                self.unmerge_vma(slot.mm, items.vma)
+        for node in list(self.nodes.values()):
+            self._erase_node(node)
+        self.unstable_tree.clear()
+        self.cursor = KsmCursor()
+        self.seqnr = 0
+
+

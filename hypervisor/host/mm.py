@@ -1,0 +1,379 @@
+"""A host process address space (struct mm_struct): VMAs, ptes, demand faults, COW and GUP.
+
+Mirrors the anonymous-memory paths of mm/memory.c: do_anonymous_page (a read
+fault maps the shared zero page read-only, a write fault allocates a zeroed
+frame), do_wp_page (copy-on-write, with reuse of an exclusively owned anonymous
+page, never of a KSM page or the zero page), get_user_pages and the non-faulting
+__get_user_pages_fast, madvise and munmap.  Every change to a pte that a
+secondary MMU may have cached goes through host/mmu_notifier.py.
+
+Host ptes use the x86 layout in one int64 per page (pfn << 12 | flag bits) in a
+numpy array per VMA.  There is no host TLB: ptep_clear_flush only clears.
+"""
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import HvsimError
+from ..profiles import Profile
+from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn, is_page_aligned
+from .frames import ZERO_PFN, FramePool
+from .mmu_notifier import (
+    MmuNotifier,
+    NotifierEventSink,
+    mmu_notifier_invalidate_page_if_available,
+    mmu_notifier_invalidate_range_end,
+    mmu_notifier_invalidate_range_start,
+    mmu_notifier_release,
+    ptep_clear_flush_young_notify,
+    set_pte_at_notify,
+)
+
+if TYPE_CHECKING:
+    from .ksm import Ksm
+
+_PAGE_PRESENT = 1 << 0
+_PAGE_RW = 1 << 1
+_PAGE_ACCESSED = 1 << 5
+_PAGE_DIRTY = 1 << 6
+PAGE_DIRTY = _PAGE_DIRTY
+_PAGE_SPECIAL = 1 << 9  # a pte with no struct page behind it: the zero page
+# 6.x marks a zero-page pte installed by KSM (use_zero_pages) so that ksm_zero_pages
+# can be decremented when it goes; hvsim keeps that mark in a software bit.
+_PAGE_KSM_ZERO = 1 << 10
+_PTE_FLAGS_MASK = (1 << PAGE_SHIFT) - 1
+
+VM_READ = 1 << 0
+VM_WRITE = 1 << 1
+VM_MERGEABLE = 1 << 31
+
+MADV_MERGEABLE = 12
+MADV_UNMERGEABLE = 13
+
+
+def mk_pte(pfn: Pfn, writable: bool, dirty: bool = False, special: bool = False) -> int:
+    pte = (pfn << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_ACCESSED
+    if writable:
+        pte |= _PAGE_RW
+    if dirty:
+        pte |= _PAGE_DIRTY
+    if special:
+        pte |= _PAGE_SPECIAL
+    return pte
+
+
+def pte_present(pte: int) -> bool:
+    return bool(pte & _PAGE_PRESENT)
+
+
+def pte_write(pte: int) -> bool:
+    return bool(pte & _PAGE_RW)
+
+
+def pte_young(pte: int) -> bool:
+    return bool(pte & _PAGE_ACCESSED)
+
+
+def pte_special(pte: int) -> bool:
+    return bool(pte & _PAGE_SPECIAL)
+
+
+def pte_ksm_zero(pte: int) -> bool:
+    return bool(pte & _PAGE_KSM_ZERO)
+
+
+def pte_pfn(pte: int) -> Pfn:
+    return Pfn(pte >> PAGE_SHIFT)
+
+
+def pte_wrprotect(pte: int) -> int:
+    return pte & ~_PAGE_RW
+
+
+def pte_mkksmzero(pte: int) -> int:
+    return pte | _PAGE_KSM_ZERO
+
+
+class SegmentationFault(HvsimError):
+    """A host access to an hva outside every VMA (a bug in the VMM, i.e. in hvsim)."""
+
+
+@dataclass
+class Vma:
+    """struct vm_area_struct for an anonymous private mapping, with its ptes."""
+
+    start: Hva
+    end: Hva
+    flags: int
+    ptes: npt.NDArray[np.int64]
+
+    @property
+    def mergeable(self) -> bool:
+        return bool(self.flags & VM_MERGEABLE)
+
+    def index(self, hva: Hva) -> int:
+        return (hva - self.start) >> PAGE_SHIFT
+
+    @property
+    def nr_pages(self) -> int:
+        return (self.end - self.start) >> PAGE_SHIFT
+
+
+class Vmstat:
+    """The /proc/vmstat counters hvsim keeps (system-wide)."""
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+
+class HostMm:
+    """One VMM process's address space."""
+
+    def __init__(
+        self, frames: FramePool, profile: Profile, vmstat: Vmstat, name: str, ksm: "Ksm | None" = None
+    ) -> None:
+        self.frames = frames
+        self.profile = profile
+        self.vmstat = vmstat
+        self.name = name
+        self.ksm = ksm
+        self.vmas: list[Vma] = []
+        self._vma_starts: list[int] = []
+        self.mmu_notifiers: list[MmuNotifier] = []
+        self.notifier_event_sink: NotifierEventSink | None = None
+
+    # --- VMAs ------------------------------------------------------------------------
+
+    def mmap(self, addr: Hva, length: int) -> Vma:
+        """mmap(addr, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED)."""
+        if not is_page_aligned(addr) or length <= 0 or not is_page_aligned(length):
+            raise ValueError(f"mmap of unaligned range {addr:#x}+{length:#x}")
+        end = Hva(addr + length)
+        if any(v.start < end and addr < v.end for v in self.vmas):
+            raise ValueError(f"mmap range {addr:#x}-{end:#x} overlaps a VMA")
+        vma = Vma(addr, end, VM_READ | VM_WRITE, np.zeros(length >> PAGE_SHIFT, dtype=np.int64))
+        pos = bisect.bisect(self._vma_starts, addr)
+        self.vmas.insert(pos, vma)
+        self._vma_starts.insert(pos, addr)
+        return vma
+
+    def find_vma(self, hva: Hva) -> Vma | None:
+        pos = bisect.bisect(self._vma_starts, hva) - 1
+        if pos >= 0:
+            vma = self.vmas[pos]
+            if hva < vma.end:
+                return vma
+        return None
+
+    def _vma_or_segv(self, hva: Hva) -> Vma:
+        vma = self.find_vma(hva)
+        if vma is None:
+            raise SegmentationFault(f"{self.name}: access to hva {hva:#x} outside every mapping")
+        return vma
+
+    def madvise(self, addr: Hva, length: int, advice: int) -> None:
+        end = addr + length
+        for vma in self.vmas:
+            if vma.start < end and addr < vma.end:
+                if vma.start < addr or vma.end > end:
+                    raise ValueError("madvise on part of a VMA is not modelled (VMA splitting)")
+                if advice == MADV_MERGEABLE:
+                    vma.flags |= VM_MERGEABLE
+                    if self.ksm is not None:
+                        self.ksm.ksm_enter(self)
+                elif advice == MADV_UNMERGEABLE:
+                    if vma.mergeable and self.ksm is not None:
+                        self.ksm.unmerge_vma(self, vma)
+                    vma.flags &= ~VM_MERGEABLE
+                else:
+                    raise ValueError(f"madvise advice {advice} is not modelled")
+
+    def munmap(self, addr: Hva, length: int) -> None:
+        """Unmap whole VMAs: zap_page_range inside invalidate_range_start/end, then drop them."""
+        end = Hva(addr + length)
+        for vma in [v for v in self.vmas if v.start < end and addr < v.end]:
+            if vma.start < addr or vma.end > end:
+                raise ValueError("munmap of part of a VMA is not modelled (VMA splitting)")
+            self.zap_page_range(vma, vma.start, vma.end)
+            if self.ksm is not None:
+                self.ksm.vma_removed(self, vma)
+            pos = self.vmas.index(vma)
+            del self.vmas[pos]
+            del self._vma_starts[pos]
+
+    def zap_page_range(self, vma: Vma, start: Hva, end: Hva) -> None:
+        mmu_notifier_invalidate_range_start(self, start, end)
+        lo, hi = vma.index(start), vma.index(end)
+        for idx in np.flatnonzero(vma.ptes[lo:hi]):
+            hva = Hva(start + (int(idx) << PAGE_SHIFT))
+            self._drop_pte_mapping(self.ptep_clear_flush(hva))
+        mmu_notifier_invalidate_range_end(self, start, end)
+
+    def exit_mmap(self) -> None:
+        """Process exit: ->release first (KVM drops every spte), then the mappings go."""
+        mmu_notifier_release(self)
+        for vma in list(self.vmas):
+            self.munmap(vma.start, vma.end - vma.start)
+
+    # --- ptes ------------------------------------------------------------------------
+
+    def pte(self, hva: Hva) -> int:
+        vma = self._vma_or_segv(hva)
+        return int(vma.ptes[vma.index(hva)])
+
+    def set_pte_at(self, hva: Hva, pte: int) -> None:
+        vma = self._vma_or_segv(hva)
+        vma.ptes[vma.index(hva)] = pte
+
+    def ptep_clear_flush(self, hva: Hva) -> int:
+        vma = self._vma_or_segv(hva)
+        idx = vma.index(hva)
+        old = int(vma.ptes[idx])
+        vma.ptes[idx] = 0
+        return old
+
+    def ptep_clear_flush_young(self, hva: Hva) -> bool:
+        vma = self._vma_or_segv(hva)
+        idx = vma.index(hva)
+        old = int(vma.ptes[idx])
+        vma.ptes[idx] = old & ~_PAGE_ACCESSED
+        return bool(old & _PAGE_ACCESSED)
+
+    def _drop_pte_mapping(self, old: int) -> None:
+        """page_remove_rmap + put_page for the frame an old pte mapped."""
+        if not pte_present(old):
+            return
+        if pte_ksm_zero(old) and self.ksm is not None:
+            self.ksm.ksm_zero_page_unmapped()
+        if not pte_special(old):
+            self.frames.page_remove_rmap(pte_pfn(old))
+
+    # --- faults ----------------------------------------------------------------------
+
+    def handle_mm_fault(self, hva: Hva, write: bool) -> None:
+        vma = self._vma_or_segv(hva)
+        pte = int(vma.ptes[vma.index(hva)])
+        if not pte_present(pte):
+            self.do_anonymous_page(vma, hva, write)
+        elif write and not pte_write(pte):
+            self.do_wp_page(vma, hva, pte)
+        else:
+            # The fault raced with another that already fixed the pte, or a young bit.
+            vma.ptes[vma.index(hva)] = pte | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+
+    def do_anonymous_page(self, vma: Vma, hva: Hva, write: bool) -> None:
+        """A fresh pte from none needs no notification: no secondary MMU can map it yet."""
+        if not write:
+            self.set_pte_at(hva, mk_pte(ZERO_PFN, writable=False, special=True))
+            return
+        pfn = self.frames.alloc_page()
+        # The allocation reference becomes the mapping's reference.
+        self.frames.mapcount[pfn] = 1
+        self.set_pte_at(hva, mk_pte(pfn, writable=True, dirty=True))
+
+    def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> None:
+        """Write fault on a present read-only pte: reuse the page if we own it, else copy it."""
+        old_pfn = pte_pfn(orig_pte)
+        frames = self.frames
+        is_ksm = not pte_special(orig_pte) and frames.page_ksm(old_pfn)
+        if not pte_special(orig_pte) and not is_ksm and int(frames.refcount[old_pfn]) == 1:
+            # reuse_swap_page(): we hold the only reference; upgrading needs no notification.
+            self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
+            return
+        wrap = self.profile.wrap_pte_updates_in_range
+        start, end = hva, Hva(hva + PAGE_SIZE)
+        if wrap:
+            mmu_notifier_invalidate_range_start(self, start, end)
+        if pte_special(orig_pte):
+            new_pfn = frames.alloc_page(zero=True)
+        else:
+            new_pfn = frames.alloc_page(zero=False)
+            frames.copy_page(new_pfn, old_pfn)
+        frames.mapcount[new_pfn] = 1
+        if is_ksm:
+            self.vmstat.count("cow_ksm")
+        self.ptep_clear_flush(hva)
+        set_pte_at_notify(self, hva, mk_pte(new_pfn, writable=True, dirty=True))
+        self._drop_pte_mapping(orig_pte)
+        if wrap:
+            mmu_notifier_invalidate_range_end(self, start, end)
+        else:
+            # 2.6.32 also invalidates the old page's secondary mappings once the pte
+            # lock is dropped (removed by the commit that added the range bracket).
+            mmu_notifier_invalidate_page_if_available(self, hva)
+
+    # --- get_user_pages --------------------------------------------------------------
+
+    def get_user_pages(self, hva: Hva, write: bool) -> Pfn:
+        """get_user_pages_fast(addr, 1, write): fault the page in as needed and pin it."""
+        vma = self._vma_or_segv(hva)
+        idx = vma.index(hva)
+        pte = int(vma.ptes[idx])
+        if not pte_present(pte) or (write and not pte_write(pte)):
+            self.handle_mm_fault(hva, write)
+            pte = int(vma.ptes[idx])
+        pfn = pte_pfn(pte)
+        self.frames.get_page(pfn)
+        return pfn
+
+    def get_user_pages_fast_only(self, hva: Hva, write: bool) -> Pfn | None:
+        """__get_user_pages_fast(): pin only if the pte already allows the access; never faults."""
+        vma = self.find_vma(hva)
+        if vma is None:
+            return None
+        pte = int(vma.ptes[vma.index(hva)])
+        if not pte_present(pte) or (write and not pte_write(pte)):
+            return None
+        pfn = pte_pfn(pte)
+        self.frames.get_page(pfn)
+        return pfn
+
+    def put_page(self, pfn: Pfn) -> None:
+        self.frames.put_page(pfn)
+
+    # --- aging -----------------------------------------------------------------------
+
+    def page_referenced(self, hva: Hva) -> bool:
+        """One aging step of page reclaim: test and clear young on the pte and in secondary MMUs."""
+        if not pte_present(self.pte(hva)):
+            return False
+        return ptep_clear_flush_young_notify(self, hva)
+
+    # --- access from the VMM itself (loading images, reading results) --------------------
+
+    def write_bytes(self, hva: Hva, data: bytes) -> None:
+        """copy_to_user(): write faults as needed, exactly as the VMM writing guest RAM."""
+        pos = 0
+        while pos < len(data):
+            addr = Hva(hva + pos)
+            offset = addr & (PAGE_SIZE - 1)
+            chunk = min(PAGE_SIZE - offset, len(data) - pos)
+            pfn = self.get_user_pages(Hva(addr - offset), write=True)
+            self.frames.frames[pfn, offset : offset + chunk] = np.frombuffer(data, np.uint8, chunk, pos)
+            self.frames.note_content_change(pfn)
+            self.put_page(pfn)
+            pos += chunk
+
+    def read_bytes(self, hva: Hva, length: int) -> bytes:
+        """copy_from_user() without faulting pages in: unmapped pages read as zeros."""
+        out = bytearray()
+        pos = 0
+        while pos < length:
+            addr = Hva(hva + pos)
+            offset = addr & (PAGE_SIZE - 1)
+            chunk = min(PAGE_SIZE - offset, length - pos)
+            pte = self.pte(Hva(addr - offset))
+            if pte_present(pte):
+                out += self.frames.frames[pte_pfn(pte), offset : offset + chunk].tobytes()
+            else:
+                out += bytes(chunk)
+            pos += chunk
+        return bytes(out)

@@ -1,0 +1,166 @@
+"""The mmu_notifier chain: how the host mm tells secondary MMUs (KVM) that a pte changed.
+
+Mirrors include/linux/mmu_notifier.h and mm/mmu_notifier.c of 2.6.32: a notifier
+is a struct of optional callbacks (`MmuNotifierOps`); an mm keeps the registered
+notifiers in a list and every `mmu_notifier_*` call walks it.  A notifier whose
+ops lack `change_pte` receives `invalidate_page` instead (the seed commit's
+fallback).  The helpers at the bottom (`set_pte_at_notify`,
+`ptep_clear_flush_notify`, `ptep_clear_flush_young_notify`) are how mm code
+changes a pte that a secondary MMU may cache; which notifications they send
+depends on the kernel era (hypervisor/profiles.py).
+"""
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ..types import PAGE_SIZE, Hva
+
+if TYPE_CHECKING:
+    from .mm import HostMm
+
+
+class NotifierEventSink(Protocol):
+    """Receives every notifier call as it is dispatched (traces, the --check ring buffer)."""
+
+    def __call__(self, callback: str, mm: "HostMm", start: Hva, end: Hva) -> None: ...
+
+
+@dataclass(frozen=True)
+class MmuNotifierOps:
+    """struct mmu_notifier_ops: every callback optional, as in the kernel."""
+
+    release: Callable[["MmuNotifier", "HostMm"], None] | None = None
+    clear_flush_young: Callable[["MmuNotifier", "HostMm", Hva], bool] | None = None
+    change_pte: Callable[["MmuNotifier", "HostMm", Hva, int], None] | None = None
+    invalidate_page: Callable[["MmuNotifier", "HostMm", Hva], None] | None = None
+    invalidate_range_start: Callable[["MmuNotifier", "HostMm", Hva, Hva], None] | None = None
+    invalidate_range_end: Callable[["MmuNotifier", "HostMm", Hva, Hva], None] | None = None
+
+
+@dataclass
+class MmuNotifier:
+    """struct mmu_notifier: the ops plus, for hvsim's reports, the calls it received."""
+
+    ops: MmuNotifierOps
+    calls: Counter[str] = field(default_factory=Counter)
+
+
+def mmu_notifier_register(mn: MmuNotifier, mm: "HostMm") -> None:
+    if mn in mm.mmu_notifiers:
+        raise ValueError("notifier registered twice")
+    mm.mmu_notifiers.append(mn)
+
+
+def mmu_notifier_unregister(mn: MmuNotifier, mm: "HostMm") -> None:
+    """Unregister runs ->release first, as the kernel does, so no spte outlives it."""
+    if mn.ops.release is not None:
+        mn.calls["release"] += 1
+        mn.ops.release(mn, mm)
+    mm.mmu_notifiers.remove(mn)
+
+
+def _emit(mm: "HostMm", callback: str, start: Hva, end: Hva) -> None:
+    if mm.notifier_event_sink is not None:
+        mm.notifier_event_sink(callback, mm, start, end)
+
+
+def mmu_notifier_release(mm: "HostMm") -> None:
+    """__mmu_notifier_release(): the mm is going away; each notifier is called once, then unhooked."""
+    _emit(mm, "release", Hva(0), Hva(0))
+    while mm.mmu_notifiers:
+        mn = mm.mmu_notifiers.pop(0)
+        if mn.ops.release is not None:
+            mn.calls["release"] += 1
+            mn.ops.release(mn, mm)
+
+
+def mmu_notifier_clear_flush_young(mm: "HostMm", address: Hva) -> bool:
+    young = False
+    _emit(mm, "clear_flush_young", address, Hva(address + PAGE_SIZE))
+    for mn in list(mm.mmu_notifiers):
+        if mn.ops.clear_flush_young is not None:
+            mn.calls["clear_flush_young"] += 1
+            young |= mn.ops.clear_flush_young(mn, mm, address)
+    return young
+
+
+def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
+    """__mmu_notifier_change_pte(): ->change_pte, or (2.6.32 only) ->invalidate_page where it is missing.
+
+    The fallback went with the range bracket in 3.7: a notifier without ->change_pte
+    is then covered by the invalidate_range_start/end around the call site.
+    """
+    _emit(mm, "change_pte", address, Hva(address + PAGE_SIZE))
+    fallback = not mm.profile.wrap_pte_updates_in_range
+    for mn in list(mm.mmu_notifiers):
+        if mn.ops.change_pte is not None:
+            mn.calls["change_pte"] += 1
+            mn.ops.change_pte(mn, mm, address, pte)
+        elif fallback and mn.ops.invalidate_page is not None:
+            mn.calls["invalidate_page"] += 1
+            mn.ops.invalidate_page(mn, mm, address)
+
+
+def mmu_notifier_invalidate_page(mm: "HostMm", address: Hva) -> None:
+    _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
+    for mn in list(mm.mmu_notifiers):
+        if mn.ops.invalidate_page is not None:
+            mn.calls["invalidate_page"] += 1
+            mn.ops.invalidate_page(mn, mm, address)
+
+
+def mmu_notifier_invalidate_page_if_available(mm: "HostMm", address: Hva) -> None:
+    if mm.profile.notifier_has_invalidate_page:
+        mmu_notifier_invalidate_page(mm, address)
+
+
+def mmu_notifier_invalidate_range_start(mm: "HostMm", start: Hva, end: Hva) -> None:
+    _emit(mm, "invalidate_range_start", start, end)
+    for mn in list(mm.mmu_notifiers):
+        if mn.ops.invalidate_range_start is not None:
+            mn.calls["invalidate_range_start"] += 1
+            mn.ops.invalidate_range_start(mn, mm, start, end)
+
+
+def mmu_notifier_invalidate_range_end(mm: "HostMm", start: Hva, end: Hva) -> None:
+    _emit(mm, "invalidate_range_end", start, end)
+    for mn in list(mm.mmu_notifiers):
+        if mn.ops.invalidate_range_end is not None:
+            mn.calls["invalidate_range_end"] += 1
+            mn.ops.invalidate_range_end(mn, mm, start, end)
+
+
+# --- the helpers mm code uses to change a pte a secondary MMU may cache -----------------
+
+
+def set_pte_at_notify(mm: "HostMm", address: Hva, pte: int) -> None:
+    """Install `pte`, then tell secondary MMUs through ->change_pte (2.6.32's order).
+
+    Where the era has no ->change_pte (6.10) this is plain set_pte_at(): the caller's
+    invalidate_range_start/end bracket is the only notification.
+    """
+    mm.set_pte_at(address, pte)
+    if mm.profile.notifier_has_change_pte:
+        mmu_notifier_change_pte(mm, address, pte)
+
+
+def ptep_clear_flush_notify(mm: "HostMm", address: Hva) -> int:
+    """Clear and flush the pte, then ->invalidate_page (a one-page range where that op is gone)."""
+    if mm.profile.notifier_has_invalidate_page:
+        old = mm.ptep_clear_flush(address)
+        mmu_notifier_invalidate_page(mm, address)
+        return old
+    end = Hva(address + PAGE_SIZE)
+    mmu_notifier_invalidate_range_start(mm, address, end)
+    old = mm.ptep_clear_flush(address)
+    mmu_notifier_invalidate_range_end(mm, address, end)
+    return old
+
+
+def ptep_clear_flush_young_notify(mm: "HostMm", address: Hva) -> bool:
+    """Young if the host pte or any secondary MMU saw an access since the last call."""
+    young = mm.ptep_clear_flush_young(address)
+    young |= mmu_notifier_clear_flush_young(mm, address)
+    return young

@@ -1,0 +1,1 @@
+"""KVM: memslots, the TDP MMU with its mmu_notifier implementation, vCPUs, exits and stats."""

@@ -1,0 +1,224 @@
+"""KVM's TDP MMU: the spte table, the page-fault path with its retry protocol, and KVM's mmu_notifier.
+
+Mirrors arch/x86/kvm/mmu.c and virt/kvm/kvm_main.c of 2.6.32 (the era of
+change_pte), with the later eras' differences taken from the Profile:
+
+* `tdp_page_fault`: read mmu_notifier_seq, resolve the pfn through host GUP
+  (gfn_to_pfn; 2.6.32 always pins for write, later kernels pin with the fault's
+  own intent and upgrade a read fault only through the non-faulting fast GUP),
+  then, "under mmu_lock", give up if mmu_notifier_retry() says a notifier ran in
+  between, else install the spte.
+* The notifier callbacks (`kvm_mmu_notifier_*`): invalidate_page and
+  invalidate_range_start zap, invalidate_range_end and change_pte bump
+  mmu_notifier_seq, change_pte rewrites a spte read-only in place
+  (kvm_set_pte_rmapp), clear_flush_young ages, release zaps everything.
+
+TDP maps every gfn with one 4 KiB leaf spte, so the rmap of a gfn (the sptes that
+map it) is that one slot of the spte array; no large pages.
+"""
+
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from ..host.mm import HostMm, pte_pfn, pte_write
+from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
+from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva, Pfn
+from .spte import (
+    SPTE_DIRTY,
+    SPTE_NONPRESENT,
+    is_accessed_spte,
+    is_shadow_present_pte,
+    make_spte,
+    spte_clear_accessed,
+    spte_set_pfn_readonly,
+)
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
+    from .vm import Vm
+
+
+class FaultResult(Enum):
+    FIXED = "fixed"  # spte installed: re-enter the guest, the access succeeds
+    RETRY = "retry"  # mmu_notifier_retry: re-enter the guest, it faults again
+    MMIO = "mmio"  # no memslot: an exit to userspace that hvsim's VMM does not emulate
+
+
+# Named points of the fault path where tests can fire host events (issue #4's races).
+RacePoint = Callable[["TdpMmu", Gfn, Hva], None]
+
+
+class TdpMmu:
+    def __init__(self, vm: "Vm") -> None:
+        self.vm = vm
+        self.profile = vm.profile
+        self.mm: HostMm = vm.mm
+        self.sptes: npt.NDArray[np.int64] = np.zeros(int(vm.memslots.max_gfn), dtype=np.int64)
+        self.mmu_notifier_seq = 0
+        self.mmu_notifier_count = 0
+        self.race_points: dict[str, RacePoint] = {}
+        # Test-only: skip mmu_notifier_retry() to show why it exists.
+        self.ignore_mmu_notifier_retry = False
+        ops = MmuNotifierOps(
+            release=self._mn_release,
+            clear_flush_young=self._mn_clear_flush_young,
+            change_pte=self._mn_change_pte if self.profile.kvm_change_pte else None,
+            invalidate_page=self._mn_invalidate_page if self.profile.notifier_has_invalidate_page else None,
+            invalidate_range_start=self._mn_invalidate_range_start,
+            invalidate_range_end=self._mn_invalidate_range_end,
+        )
+        self.notifier = MmuNotifier(ops)
+
+    # --- the fault path --------------------------------------------------------------
+
+    def gfn_to_pfn(self, hva: Hva, write_fault: bool) -> tuple[Pfn, bool]:
+        """Pin the page behind hva; return (pfn, may the spte be writable)."""
+        mm = self.mm
+        if self.profile.kvm_gup_always_write:
+            return mm.get_user_pages(hva, write=True), True
+        if write_fault:
+            return mm.get_user_pages(hva, write=True), True
+        pfn = mm.get_user_pages(hva, write=False)
+        # hva_to_pfn_slow(): "map read fault as writable if possible".
+        wpfn = mm.get_user_pages_fast_only(hva, write=True)
+        if wpfn is not None:
+            mm.put_page(pfn)
+            return wpfn, True
+        return pfn, False
+
+    def mmu_notifier_retry(self, mmu_seq: int) -> bool:
+        if self.ignore_mmu_notifier_retry:
+            return False
+        return self.mmu_notifier_count != 0 or self.mmu_notifier_seq != mmu_seq
+
+    def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultResult:
+        slot = self.vm.memslots.gfn_to_memslot(gfn)
+        if slot is None:
+            return FaultResult.MMIO
+        mmu_seq = self.mmu_notifier_seq
+        hva = slot.gfn_to_hva(gfn)
+        pfn, writable = self.gfn_to_pfn(hva, write_fault)
+        if self.race_points:
+            point = self.race_points.get("after_gfn_to_pfn")
+            if point is not None:
+                point(self, gfn, hva)
+        # spin_lock(&kvm->mmu_lock)
+        if self.mmu_notifier_retry(mmu_seq):
+            self.mm.put_page(pfn)
+            vcpu.stats.pf_retry += 1
+            return FaultResult.RETRY
+        spte = make_spte(pfn, writable)
+        if write_fault:
+            spte |= SPTE_DIRTY
+        # Upgrading a present read-only spte needs no flush: a stale read-only TLB entry
+        # only makes the next write walk again.
+        self.sptes[gfn] = spte
+        self.vm.stats.spte_set += 1
+        vcpu.stats.pf_fixed += 1
+        # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
+        self.mm.put_page(pfn)
+        return FaultResult.FIXED
+
+    # --- zapping and rmap walks ----------------------------------------------------------
+
+    def _gfns_of_range(self, start: Hva, end: Hva) -> list[tuple[Gfn, Gfn]]:
+        return [(lo, hi) for _, lo, hi in self.vm.memslots.hva_to_gfns(start, end)]
+
+    def kvm_unmap_hva_range(self, start: Hva, end: Hva) -> bool:
+        """Zap every present spte of [start, end); true if any was (a TLB flush is needed)."""
+        zapped = 0
+        for lo, hi in self._gfns_of_range(start, end):
+            window = self.sptes[lo:hi]
+            present = np.flatnonzero(window)
+            if present.size:
+                window[present] = SPTE_NONPRESENT
+                zapped += int(present.size)
+        self.vm.stats.spte_zapped += zapped
+        if zapped and self.vm.trace is not None:
+            self.vm.trace("kvm_unmap_hva_range", {"start": start, "end": end, "zapped": zapped})
+        return zapped > 0
+
+    def kvm_set_spte_hva(self, hva: Hva, pte: int) -> None:
+        """kvm_set_pte_rmapp(): zap if the new host pte is writable, else re-point read-only."""
+        need_flush = False
+        for lo, _hi in self._gfns_of_range(hva, Hva(hva + PAGE_SIZE)):
+            spte = int(self.sptes[lo])
+            if not is_shadow_present_pte(spte):
+                continue
+            need_flush = True
+            if pte_write(pte):
+                self.sptes[lo] = SPTE_NONPRESENT
+                self.vm.stats.spte_zapped += 1
+            else:
+                self.sptes[lo] = spte_set_pfn_readonly(spte, pte_pfn(pte))
+                self.vm.stats.spte_changed += 1
+        if self.vm.trace is not None:
+            self.vm.trace("kvm_set_spte_hva", {"hva": hva, "pfn": int(pte_pfn(pte)), "changed": need_flush})
+        if need_flush:
+            self.vm.kvm_flush_remote_tlbs()
+
+    def kvm_age_hva(self, hva: Hva) -> bool:
+        young = False
+        for lo, _hi in self._gfns_of_range(hva, Hva(hva + PAGE_SIZE)):
+            spte = int(self.sptes[lo])
+            if is_shadow_present_pte(spte) and is_accessed_spte(spte):
+                young = True
+                self.sptes[lo] = spte_clear_accessed(spte)
+        if self.vm.trace is not None:
+            self.vm.trace("kvm_age_hva", {"hva": hva, "young": young})
+        return young
+
+    def zap_all(self) -> None:
+        """kvm_arch_flush_shadow(): every spte goes, with the table pages that held them."""
+        present = np.flatnonzero(self.sptes)
+        if present.size:
+            # Shadow pages: one 512-entry leaf table per 2 MiB of gfns that had a spte.
+            self.vm.stats.mmu_shadow_zapped += int(np.unique(present >> 9).size)
+            self.vm.stats.spte_zapped += int(present.size)
+            self.sptes[:] = SPTE_NONPRESENT
+            self.vm.kvm_flush_remote_tlbs()
+
+    # --- KVM's mmu_notifier_ops -------------------------------------------------------
+
+    def _mn_invalidate_page(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> None:
+        self.mmu_notifier_seq += 1
+        if self.kvm_unmap_hva_range(address, Hva(address + PAGE_SIZE)):
+            self.vm.kvm_flush_remote_tlbs()
+
+    def _mn_change_pte(self, mn: MmuNotifier, mm: HostMm, address: Hva, pte: int) -> None:
+        self.mmu_notifier_seq += 1
+        self.kvm_set_spte_hva(address, pte)
+
+    def _mn_invalidate_range_start(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
+        self.mmu_notifier_count += 1
+        if self.kvm_unmap_hva_range(start, end):
+            self.vm.kvm_flush_remote_tlbs()
+
+    def _mn_invalidate_range_end(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
+        self.mmu_notifier_seq += 1
+        self.mmu_notifier_count -= 1
+
+    def _mn_clear_flush_young(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> bool:
+        young = self.kvm_age_hva(address)
+        if young:
+            self.vm.kvm_flush_remote_tlbs()
+        return young
+
+    def _mn_release(self, mn: MmuNotifier, mm: HostMm) -> None:
+        self.zap_all()
+
+    # --- queries for reports and invariant checks --------------------------------------
+
+    def gfn_hva(self, gfn: Gfn) -> Hva | None:
+        slot = self.vm.memslots.gfn_to_memslot(gfn)
+        return None if slot is None else slot.gfn_to_hva(gfn)
+
+    def present_gfns(self) -> npt.NDArray[np.intp]:
+        return np.flatnonzero(self.sptes)
+
+
+__all__ = ["PAGE_SHIFT", "FaultResult", "RacePoint", "TdpMmu"]

@@ -1,0 +1,303 @@
+"""The deterministic scheduler: builds the host, the VMs and their vCPUs, and runs them on simulated time.
+
+Simulated time is instructions retired, summed over all vCPUs, as if they shared
+one host CPU round-robin: each runnable vCPU runs for `quantum` instructions in
+turn, and ksmd wakes whenever `sleep_millisecs` of simulated time (at
+`insns_per_ms` instructions per millisecond) has passed since its last wake-up;
+with sleep_millisecs=0 it runs between every two guest time slices.  ksmd's own
+work takes no simulated time.  Same inputs -> same counts, byte for byte.
+"""
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .cpu.unicorn_vcpu import UnicornVcpu
+from .errors import ConfigError
+from .guest import layout, loader
+from .host.frames import FRAME_SLACK, FramePool
+from .host.ksm import Ksm
+from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
+from .kvm.exits import ExitReason
+from .kvm.vcpu import VcpuState
+from .kvm.vm import GUEST_RAM_HVA, Vm
+from .profiles import Profile, get_profile
+from .types import PAGE_SIZE
+
+DEFAULT_QUANTUM = 10_000
+DEFAULT_INSNS_PER_MS = 100_000  # a 100-MIPS CPU: about what Unicorn runs at, so 1 ms ~ 1 ms of wall time
+DEFAULT_MAX_INSNS = 1_000_000_000
+MIN_MEMORY = layout.HEAP_START_GPA
+MAX_VMS = 256
+# Host-side bookkeeping per guest page beyond its frame (ptes, sptes, rmap_items, page flags).
+_BYTES_PER_PAGE_OVERHEAD = 64
+
+GUEST_IMAGES = Path(__file__).resolve().parent.parent / "guest_images"
+
+
+@dataclass(frozen=True)
+class KsmConfig:
+    enabled: bool = False
+    run: int = 1
+    pages_to_scan: int = 100
+    sleep_millisecs: int = 20
+    max_page_sharing: int = 256
+    use_zero_pages: bool = False
+    # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
+    run_at: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    image: str
+    memory: int = 64 << 20
+    cmdline: str = ""
+    vms: int = 1
+    max_insns: int = DEFAULT_MAX_INSNS
+    profile: str = "2.6.32"
+    change_pte: bool = True
+    ksm: KsmConfig = field(default_factory=KsmConfig)
+    quantum: int = DEFAULT_QUANTUM
+    insns_per_ms: int = DEFAULT_INSNS_PER_MS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image, "memory": self.memory, "cmdline": self.cmdline, "vms": self.vms,
+            "max_insns": self.max_insns, "profile": self.profile, "change_pte": self.change_pte,
+            "quantum": self.quantum, "insns_per_ms": self.insns_per_ms,
+            "ksm": {"enabled": self.ksm.enabled, "run": self.ksm.run, "pages_to_scan": self.ksm.pages_to_scan,
+                    "sleep_millisecs": self.ksm.sleep_millisecs, "max_page_sharing": self.ksm.max_page_sharing,
+                    "use_zero_pages": self.ksm.use_zero_pages,
+                    "run_at": [list(x) for x in self.ksm.run_at]},
+        }
+
+
+@dataclass
+class VmResult:
+    id: int
+    image: str
+    state: str
+    exit_status: int | None
+    console: str
+    insns: int
+    exits: dict[str, int]
+    stats: dict[str, int]
+    notifier_calls: dict[str, int]
+    error: str | None = None
+    where: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "id": self.id, "image": self.image, "state": self.state, "exit_status": self.exit_status,
+            "console": self.console, "insns": self.insns, "exits": self.exits, "stats": self.stats,
+            "notifier_calls": self.notifier_calls,
+        }
+        if self.error is not None:
+            d["error"] = self.error
+            d["where"] = self.where
+        return d
+
+
+@dataclass
+class RunResult:
+    config: SimConfig
+    profile: Profile
+    vms: list[VmResult]
+    sim_insns: int
+    ksm: dict[str, int] | None
+    vmstat: dict[str, int]
+    interrupted: bool = False
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"vm{v.id}: {v.error}" for v in self.vms if v.error is not None]
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        exits: Counter[str] = Counter()
+        stats: Counter[str] = Counter()
+        calls: Counter[str] = Counter()
+        for v in self.vms:
+            exits.update(v.exits)
+            stats.update(v.stats)
+            calls.update(v.notifier_calls)
+        return {"exits": dict(exits), "stats": dict(stats), "notifier_calls": dict(calls)}
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "hvsim_version": __version__,
+            "config": self.config.as_dict(),
+            "profile": {"name": self.profile.name, "summary": self.profile.summary},
+            "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms},
+            "vms": [v.as_dict() for v in self.vms],
+            "totals": self.totals(),
+            "vmstat": self.vmstat,
+        }
+        if self.ksm is not None:
+            d["ksm"] = self.ksm
+        if self.interrupted:
+            d["interrupted"] = True
+        return d
+
+
+NOTIFIER_CALLBACKS = ("change_pte", "invalidate_page", "invalidate_range_start", "invalidate_range_end",
+                      "clear_flush_young", "release")
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '65536', '4K' -> bytes (powers of two, as QEMU's -m)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMG":
+        mult = 1 << (10 * ("KMG".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        value = int(t, 0)
+    except ValueError:
+        raise ConfigError(f"--memory {text!r} is not a size: write e.g. 64M, 1G or 16777216.") from None
+    return value * mult
+
+
+def host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 << 30
+
+
+def validate(config: SimConfig) -> None:
+    if config.memory <= 0 or config.memory % PAGE_SIZE:
+        raise ConfigError(f"--memory {config.memory} is not a positive multiple of {PAGE_SIZE} bytes.")
+    if config.memory < MIN_MEMORY:
+        raise ConfigError(f"--memory {config.memory:#x} is too small: guests need at least "
+                          f"{MIN_MEMORY >> 20} MiB (boot area and image below {MIN_MEMORY:#x}).")
+    if config.memory > layout.IDENTITY_MAP_SIZE:
+        raise ConfigError("--memory is larger than the 1 GiB the boot page tables map; give at most 1G.")
+    if not 1 <= config.vms <= MAX_VMS:
+        raise ConfigError(f"--vms {config.vms}: give between 1 and {MAX_VMS} VMs.")
+    if config.max_insns <= 0:
+        raise ConfigError("--max-insns must be a positive number of instructions.")
+    if config.quantum <= 0 or config.insns_per_ms <= 0:
+        raise ConfigError("--quantum and --insns-per-ms must be positive.")
+    k = config.ksm
+    if k.run not in (0, 1, 2) or any(v not in (0, 1, 2) for _, v in k.run_at):
+        raise ConfigError("KSM run takes 0 (stop), 1 (run) or 2 (stop and unmerge everything).")
+    if k.pages_to_scan <= 0 or k.sleep_millisecs < 0 or k.max_page_sharing < 2:
+        raise ConfigError("KSM knobs: pages_to_scan > 0, sleep_millisecs >= 0, max_page_sharing >= 2.")
+    if (k.run_at or k.run != 1 or k.use_zero_pages) and not k.enabled:
+        raise ConfigError("KSM options were given without --ksm: add --ksm to turn KSM on.")
+    need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
+    have = host_memory_bytes()
+    if need > have * 3 // 4:
+        raise ConfigError(f"{config.vms} VMs of {config.memory >> 20} MiB need about {need >> 20} MiB of "
+                          f"host memory if every page is touched; this machine has {have >> 20} MiB. "
+                          "Give fewer or smaller VMs.")
+
+
+class Simulation:
+    def __init__(self, config: SimConfig, trace: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        validate(config)
+        get_profile(config.profile)  # a clear error for an unknown profile, before any work
+        image = loader.read_image(config.image)
+        loader.check_fits(image, config.memory)
+        self.config = config
+        self.profile = get_profile(config.profile, config.change_pte)
+        self.image = image
+        self.trace = trace
+        pages = config.memory // PAGE_SIZE
+        self.frames = FramePool(config.vms * pages + FRAME_SLACK)
+        self.vmstat = Vmstat()
+        self.ksm: Ksm | None = None
+        if config.ksm.enabled:
+            ksm = Ksm(self.frames, self.profile)
+            ksm.pages_to_scan = config.ksm.pages_to_scan
+            ksm.sleep_millisecs = config.ksm.sleep_millisecs
+            ksm.max_page_sharing = config.ksm.max_page_sharing
+            ksm.use_zero_pages = config.ksm.use_zero_pages
+            if trace is not None:
+                ksm.trace = trace
+            self.ksm = ksm
+        self.vms: list[Vm] = []
+        self.backends: list[UnicornVcpu] = []
+        self.insns: list[int] = []
+        for i in range(config.vms):
+            mm = HostMm(self.frames, self.profile, self.vmstat, f"vm{i}", self.ksm)
+            vm = Vm(i, mm, self.profile, config.memory, trace)
+            boot = loader.load(vm, image, config.cmdline, config.vms)
+            if self.ksm is not None:
+                # The VMM marks guest RAM mergeable, as QEMU does with -machine mem-merge=on.
+                mm.madvise(GUEST_RAM_HVA, config.memory, MADV_MERGEABLE)
+            vcpu = vm.create_vcpu()
+            self.backends.append(UnicornVcpu(vcpu, self.frames, boot))
+            self.vms.append(vm)
+            self.insns.append(0)
+        if self.ksm is not None:
+            self.ksm.set_run(config.ksm.run)
+        self.now = 0
+        self.interrupted = False
+        self.on_slice: list[Callable[["Simulation"], None]] = []
+
+    def runnable(self) -> list[int]:
+        return [i for i, vm in enumerate(self.vms) if vm.vcpus[0].state is VcpuState.RUNNABLE]
+
+    def run(self) -> RunResult:
+        cfg = self.config
+        ksm = self.ksm
+        ksm_period = cfg.ksm.sleep_millisecs * cfg.insns_per_ms
+        next_ksm = ksm_period
+        run_at = sorted(cfg.ksm.run_at)
+        while not self.interrupted:
+            order = self.runnable()
+            if not order:
+                break
+            for i in order:
+                vcpu = self.vms[i].vcpus[0]
+                budget = min(cfg.quantum, cfg.max_insns - self.insns[i])
+                if budget <= 0:
+                    vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions")
+                    continue
+                retired = self.backends[i].run(budget)
+                self.insns[i] += retired
+                self.now += retired
+                vcpu.insns = self.insns[i]
+                if ksm is not None:
+                    while run_at and run_at[0][0] * cfg.insns_per_ms <= self.now:
+                        ksm.set_run(run_at.pop(0)[1])
+                    if ksm_period == 0:
+                        ksm.ksmd_wakeup()
+                    else:
+                        while next_ksm <= self.now:
+                            ksm.ksmd_wakeup()
+                            next_ksm += ksm_period
+                for hook in self.on_slice:
+                    hook(self)
+                if self.interrupted:
+                    break
+        return self.result()
+
+    def result(self) -> RunResult:
+        out = []
+        for i, vm in enumerate(self.vms):
+            vcpu = vm.vcpus[0]
+            exits = {r.name: n for r, n in sorted(vcpu.stats.exit_reasons.items())}
+            stats = {**vcpu.stats.as_dict(), **vm.stats.as_dict()}
+            calls = {name: vm.mmu.notifier.calls.get(name, 0) for name in NOTIFIER_CALLBACKS}
+            error = where = None
+            if vcpu.state in (VcpuState.SHUTDOWN, VcpuState.FAILED):
+                error = vcpu.failure
+                where = self.backends[i].describe_rip()
+                if vcpu.state is VcpuState.SHUTDOWN:
+                    error = f"TRIPLE_FAULT: {error}"
+            out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
+                                vcpu.console.decode("utf-8", "replace"), self.insns[i], exits, stats, calls,
+                                error, where))
+        return RunResult(self.config, self.profile, out, self.now,
+                         self.ksm.counters() if self.ksm is not None else None,
+                         dict(self.vmstat.counters), self.interrupted)
+
+
+def exit_reason_names() -> list[str]:
+    return [r.name for r in ExitReason]
