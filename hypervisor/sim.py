@@ -238,7 +238,7 @@ class Simulation:
             self.ksm.set_run(config.ksm.run)
         self.now = 0
         self.interrupted = False
-        self.on_slice: list[Callable[["Simulation"], None]] = []
+        self.on_slice: list[Callable[[Simulation], None]] = []
 
     def runnable(self) -> list[int]:
         return [i for i, vm in enumerate(self.vms) if vm.vcpus[0].state is VcpuState.RUNNABLE]

@@ -17,6 +17,8 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 """
 
 import ctypes
+from typing import Any
+
 from unicorn import (
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
@@ -32,7 +34,6 @@ from unicorn import (
     UC_PROT_ALL,
     UC_PROT_EXEC,
     UC_PROT_READ,
-    UC_PROT_WRITE,
     UC_TLB_VIRTUAL,
     Uc,
     UcError,
@@ -180,7 +181,7 @@ class UnicornVcpu:
 
     # --- the MMU: guest page walk + EPT ----------------------------------------------------
 
-    def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: ctypes.Structure, _ud: object) -> bool:
+    def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
         write = access == UC_MEM_WRITE
         try:
             gpa, guest_writable = self._walk(vaddr, write)
@@ -188,8 +189,8 @@ class UnicornVcpu:
             spte = self._ept(gfn, write)
         except _GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
-                entry.paddr = 0  # type: ignore[attr-defined]
-                entry.perms = UC_PROT_READ | UC_PROT_EXEC  # type: ignore[attr-defined]
+                entry.paddr = 0
+                entry.perms = UC_PROT_READ | UC_PROT_EXEC
                 return True
             self._stop_note = f"{fault} at gva {vaddr:#x}"
             return False
@@ -198,11 +199,11 @@ class UnicornVcpu:
                            f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
             return False
         pfn = (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
-        entry.paddr = pfn << PAGE_SHIFT  # type: ignore[attr-defined]
+        entry.paddr = pfn << PAGE_SHIFT
         if spte & SPTE_WRITABLE and guest_writable:
-            entry.perms = UC_PROT_ALL  # type: ignore[attr-defined]
+            entry.perms = UC_PROT_ALL
         else:
-            entry.perms = UC_PROT_READ | UC_PROT_EXEC  # type: ignore[attr-defined]
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC
         if access == UC_MEM_FETCH:
             self._exec_seen[pfn] = True
         return True

@@ -76,7 +76,8 @@ def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.
     """A 64-bit content hash per frame, vectorised (the trees' key)."""
     with np.errstate(over="ignore"):
         q = frames.qwords[pfns] ^ _HASH_SALT
-        return (q * _HASH_MULT).sum(axis=1, dtype=np.uint64)
+        out: npt.NDArray[np.uint64] = (q * _HASH_MULT).sum(axis=1, dtype=np.uint64)
+        return out
 
 
 def checksum_of_hash(h: int) -> int:
@@ -260,9 +261,8 @@ class Ksm:
                 break
             items, idx, pfn = got
             self.pages_scanned += 1
-            if not self.profile.ksm_merge_allocates_kpage:
-                self.cmp_and_merge_page(items, idx, pfn)
-            elif not self.frames.page_ksm(pfn) or not items.flags[idx] & STABLE_FLAG:
+            in_stable = bool(items.flags[idx] & STABLE_FLAG)
+            if not self.profile.ksm_merge_allocates_kpage or not self.frames.page_ksm(pfn) or not in_stable:
                 self.cmp_and_merge_page(items, idx, pfn)
             elif int(self.frames.mapcount[pfn]) == 1:
                 # 2.6.32: a KSM page no longer shared is unmerged, its checksum restarted.
@@ -619,8 +619,8 @@ class Ksm:
         slot = next((s for s in self.slots if s.mm is mm), None)
         items = slot.items_of(vma) if slot is not None else None
         if items is not None:
-            for idx in np.flatnonzero(items.has_item):
-                self._free_item(items, int(idx))
+            for item in np.flatnonzero(items.has_item):
+                self._free_item(items, int(item))
 
     def unmerge_and_remove_all_rmap_items(self) -> None:
         for slot in self.slots:

@@ -1,0 +1,94 @@
+"""The run report: text tables in the layout of the tools users know, and the JSON document.
+
+The exit table follows `kvm_stat` (`Event  Total  %Total  CurAvg/s`, rows such as
+`kvm_exit(EPT_VIOLATION)`), with CurAvg/s over simulated time; KSM counters are
+listed as the files of /sys/kernel/mm/ksm/.
+"""
+
+import json
+from typing import Any
+
+from .kvm.stats import HVSIM_ONLY
+from .sim import RunResult, VmResult
+
+KSM_SYSFS_ORDER = (
+    "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "pages_shared",
+    "pages_sharing", "pages_unshared", "pages_volatile", "full_scans", "stable_node_chains",
+    "stable_node_dups", "ksm_zero_pages", "general_profit",
+)
+
+
+def kvm_stat_table(exits: dict[str, int], sim_seconds: float) -> list[str]:
+    total = sum(exits.values())
+    lines = [f" {'Event':<40} {'Total':>10} {'%Total':>7} {'CurAvg/s':>10}"]
+    for name, n in sorted(exits.items(), key=lambda kv: (-kv[1], kv[0])):
+        pct = 100.0 * n / total if total else 0.0
+        rate = n / sim_seconds if sim_seconds > 0 else 0.0
+        lines.append(f" {'kvm_exit(' + name + ')':<40} {n:>10} {pct:>7.1f} {rate:>10.0f}")
+    lines.append(f" {'Total':<40} {total:>10}")
+    return lines
+
+
+def stats_lines(stats: dict[str, int], calls: dict[str, int]) -> list[str]:
+    kernel = [f"{k} {v}" for k, v in stats.items() if k not in HVSIM_ONLY and k != "exits" and v]
+    ours = [f"{k} {v}" for k, v in stats.items() if k in HVSIM_ONLY and v]
+    lines = [" kvm stats:  " + ("  ".join(kernel) if kernel else "(all zero)")]
+    if ours:
+        lines.append(" hvsim:      " + "  ".join(ours))
+    called = [f"{k} {v}" for k, v in calls.items() if v]
+    lines.append(" mmu_notifier calls received by KVM:  " + ("  ".join(called) if called else "none"))
+    return lines
+
+
+def ksm_lines(counters: dict[str, int], vmstat: dict[str, int]) -> list[str]:
+    lines = [" /sys/kernel/mm/ksm/"]
+    for name in KSM_SYSFS_ORDER:
+        lines.append(f"   {name:<20} {counters.get(name, 0)}")
+    lines.append(f" /proc/vmstat cow_ksm  {vmstat.get('cow_ksm', 0)}")
+    return lines
+
+
+def _vm_block(v: VmResult, sim_seconds: float) -> list[str]:
+    lines = [f"== vm{v.id}: {v.image} =="]
+    if v.console:
+        lines.append(" console:")
+        lines += ["   " + line for line in v.console.rstrip("\n").split("\n")]
+    ending = {"halted": "halted (HLT)", "exited": "exited (port 0xf4)", "runnable": "still runnable",
+              "shutdown": "shut down (TRIPLE_FAULT)", "failed": "stopped by the VMM"}[v.state]
+    status = "" if v.exit_status is None else f" with status {v.exit_status}"
+    lines.append(f" {ending}{status} after {v.insns} instructions")
+    if v.error:
+        lines.append(f" error: {v.error}")
+        if v.where:
+            lines.append(f"        at {v.where}")
+    lines += kvm_stat_table(v.exits, sim_seconds)
+    lines += stats_lines(v.stats, v.notifier_calls)
+    return lines
+
+
+def render_run(result: RunResult) -> str:
+    cfg = result.config
+    sim_seconds = result.sim_insns / cfg.insns_per_ms / 1000.0
+    head = (f"hvsim run: {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, profile {result.profile.name}, "
+            f"KSM {'on' if result.ksm is not None else 'off'}; simulated time {result.sim_insns} instructions "
+            f"= {sim_seconds * 1000:.1f} ms")
+    lines = [head]
+    if result.interrupted:
+        lines.append("INTERRUPTED: the counts below are what the run had reached.")
+    for v in result.vms:
+        lines.append("")
+        lines += _vm_block(v, sim_seconds)
+    if cfg.vms > 1:
+        totals = result.totals()
+        lines.append("")
+        lines.append("== all VMs ==")
+        lines += kvm_stat_table(totals["exits"], sim_seconds)
+        lines += stats_lines(totals["stats"], totals["notifier_calls"])
+    if result.ksm is not None:
+        lines.append("")
+        lines += ksm_lines(result.ksm, result.vmstat)
+    return "\n".join(lines) + "\n"
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
