@@ -6,11 +6,11 @@
 #   pattern=B    fill byte (only the low 8 bits are used)     (default 0x5a)
 #   passes=K     read passes                                  (default 20)
 #   spin=S       delay-loop iterations before each pass       (default 20000)
-#   write_at=W   1-based pass that starts with the writes     (default 10;
+#   write_at=W   1-based pass that writes, after its spin      (default 10;
 #                0 or W > K means never write)
 #
 # Fills all 4096 bytes of N pages at heap_start with byte B.  Then K passes.
-# At the start of pass W (before its spin) it writes one byte into every page i
+# In pass W, after its spin and before its reads, it writes one byte into every page i
 # (0-based) at offset 8: (i + 1 + 16*vm_index) & 0xff, so the byte differs per
 # page and per VM.  Each pass spins S iterations of a register-only delay loop,
 # then sums qword 0 and qword 1 of every page mod 2^64.
@@ -18,7 +18,7 @@
 # Console output (H16 = exactly 16 lowercase hex digits):
 #   cowstorm: pass 1 checksum H16\n           (one line per pass, 1..K)
 #   ...
-#   cowstorm: wrote N pages\n                 (at the start of pass W, before
+#   cowstorm: wrote N pages\n                 (in pass W, after the spin, before
 #                                              that pass's checksum line)
 #   cowstorm: pass W checksum H16\n
 #   ...
@@ -73,6 +73,8 @@ main:
 .Lpass:
     cmp %r13, %rbp
     ja .Lfinish
+    mov %r14, %rdi
+    call spin
     cmp 0(%rsp), %rbp
     jne .Lno_write
     mov BP_OFF_VM_INDEX(%r15), %rax
@@ -96,8 +98,6 @@ main:
     lea msg_pages(%rip), %rdi
     call puts
 .Lno_write:
-    mov %r14, %rdi
-    call spin
     xor %eax, %eax                 # rax = this pass's sum
     mov %rbx, %rdi
     mov %r12, %rcx
