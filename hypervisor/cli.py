@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .compare import render_compare, run_compare
-from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError
+from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .profiles import DEFAULT_PROFILE, PROFILES
 from .report import render_run, to_json
 from .sim import (
@@ -49,6 +49,11 @@ def _workload_options(f: F) -> F:
         click.option("--insns-per-ms", default=DEFAULT_INSNS_PER_MS, show_default=True, type=int,
                      help="Simulated CPU speed: guest instructions per simulated millisecond."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables."),
+        click.option("--check", is_flag=True,
+                     help="Verify the coherence invariants after every exit, notifier call and ksmd step."),
+        click.option("--inject", multiple=True, metavar="POINT:EVENT[@N]",
+                     help="Fire a host event at a named point of the fault path or ksmd (repeatable), "
+                          "e.g. after_gfn_to_pfn:cow@1; see README, Correctness."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -88,11 +93,13 @@ def _parse_run_at(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
 
 
 def _config(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-            insns_per_ms: int, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
+            insns_per_ms: int, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True,
+            inject: tuple[str, ...] = ()) -> SimConfig:
     if image is None:
         raise ConfigError("no guest image given: name one, e.g. guest_images/hello.bin (see `hvsim images`).")
     return SimConfig(image=image, memory=parse_size(memory), cmdline=cmdline, vms=vms, max_insns=max_insns,
-                     profile=profile, change_pte=change_pte, ksm=ksm, quantum=quantum, insns_per_ms=insns_per_ms)
+                     profile=profile, change_pte=change_pte, ksm=ksm, quantum=quantum, insns_per_ms=insns_per_ms,
+                     inject=inject)
 
 
 @contextmanager
@@ -120,6 +127,8 @@ def _fail(err: HvsimError) -> None:
 def _run_exit_code(result: RunResult, signum: int | None) -> int:
     if signum is not None:
         return EXIT_INTERRUPTED.get(signal.Signals(signum), 130)
+    if result.violation is not None:
+        return InvariantViolation.exit_code
     if any(v.error and "--max-insns" in v.error for v in result.vms):
         return GuestTimeout.exit_code
     if result.errors:
@@ -167,7 +176,8 @@ def main() -> None:
 @click.option("--ksm", "ksm_on", is_flag=True, help="Mark guest RAM MADV_MERGEABLE and run ksmd.")
 @_ksm_options
 def run(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-        insns_per_ms: int, as_json: bool, profile: str, no_change_pte: bool, ksm_on: bool, pages_to_scan: int,
+        insns_per_ms: int, as_json: bool, check: bool, inject: tuple[str, ...], profile: str,
+        no_change_pte: bool, ksm_on: bool, pages_to_scan: int,
         sleep_ms: int, use_zero_pages: bool, max_page_sharing: int, ksm_run: int, run_at: tuple[str, ...]) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
 
@@ -184,13 +194,14 @@ def run(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, 
         if image is None:
             return _compare(str(DEMO_IMAGE), memory, DEMO_CMDLINE, DEMO_VMS, max_insns, quantum, insns_per_ms,
                             as_json, KsmConfig(enabled=True, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
-                                               max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages))
+                                               max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages),
+                            check, inject)
         ksm = KsmConfig(enabled=ksm_on, run=ksm_run, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
                         max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
                         run_at=_parse_run_at(run_at))
         cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, ksm, profile,
-                      not no_change_pte)
-        sim = Simulation(cfg)
+                      not no_change_pte, inject)
+        sim = Simulation(cfg, check=check)
         got: list[int] = []
 
         def stop(signum: int) -> None:
@@ -210,9 +221,9 @@ def run(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, 
 
 
 def _compare(image: str, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int, insns_per_ms: int,
-             as_json: bool, ksm: KsmConfig) -> int:
-    cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, ksm)
-    result = run_compare(cfg)
+             as_json: bool, ksm: KsmConfig, check: bool = False, inject: tuple[str, ...] = ()) -> int:
+    cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, ksm, inject=inject)
+    result = run_compare(cfg, check=check)
     click.echo(to_json(result.as_dict()) if as_json else render_compare(result), nl=False)
     errors = [e for row in result.rows for e in row.result.errors]
     for e in errors:
@@ -229,7 +240,8 @@ def _compare(image: str, memory: str, cmdline: str, vms: int, max_insns: int, qu
 @_workload_options
 @_ksm_options
 def compare(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-            insns_per_ms: int, as_json: bool, pages_to_scan: int, sleep_ms: int, use_zero_pages: bool,
+            insns_per_ms: int, as_json: bool, check: bool, inject: tuple[str, ...], pages_to_scan: int,
+            sleep_ms: int, use_zero_pages: bool,
             max_page_sharing: int, ksm_run: int, run_at: tuple[str, ...]) -> None:
     """Run IMAGE under KSM off, 2.6.32 with and without change_pte, 3.7 and 6.10, and tabulate.
 
@@ -243,7 +255,7 @@ def compare(image: str | None, memory: str, cmdline: str, vms: int, max_insns: i
                         max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
                         run_at=_parse_run_at(run_at))
         return _compare(image or str(DEMO_IMAGE), memory, cmdline if image else (cmdline or DEMO_CMDLINE),
-                        vms, max_insns, quantum, insns_per_ms, as_json, ksm)
+                        vms, max_insns, quantum, insns_per_ms, as_json, ksm, check, inject)
 
     _guarded(go)
 
@@ -254,7 +266,8 @@ def compare(image: str | None, memory: str, cmdline: str, vms: int, max_insns: i
               help="Kernel era to model.")
 @_ksm_options
 def ksm(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-        insns_per_ms: int, as_json: bool, profile: str, pages_to_scan: int, sleep_ms: int, use_zero_pages: bool,
+        insns_per_ms: int, as_json: bool, check: bool, inject: tuple[str, ...], profile: str,
+        pages_to_scan: int, sleep_ms: int, use_zero_pages: bool,
         max_page_sharing: int, ksm_run: int, run_at: tuple[str, ...]) -> None:
     """Run IMAGE with KSM on and show /sys/kernel/mm/ksm as the run left it.
 
@@ -270,8 +283,8 @@ def ksm(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, 
         kcfg = KsmConfig(enabled=True, run=ksm_run, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
                          max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
                          run_at=_parse_run_at(run_at))
-        cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, kcfg, profile)
-        result = Simulation(cfg).run()
+        cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, kcfg, profile, inject=inject)
+        result = Simulation(cfg, check=check).run()
         if as_json:
             click.echo(to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict()}), nl=False)
         else:

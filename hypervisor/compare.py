@@ -96,7 +96,7 @@ class CompareResult:
 
 
 def run_compare(base: SimConfig, progress: Callable[[str], None] | None = None,
-                trace_for: Callable[[str], Any] | None = None) -> CompareResult:
+                trace_for: Callable[[str], Any] | None = None, check: bool = False) -> CompareResult:
     rows = []
     for spec in COMPARE_RUNS:
         if progress is not None:
@@ -104,7 +104,7 @@ def run_compare(base: SimConfig, progress: Callable[[str], None] | None = None,
         ksm = replace(base.ksm, enabled=spec.ksm) if spec.ksm else KsmConfig()
         cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm)
         trace = trace_for(spec.label) if trace_for is not None else None
-        rows.append(CompareRow(spec, Simulation(cfg, trace=trace).run()))
+        rows.append(CompareRow(spec, Simulation(cfg, trace=trace, check=check).run()))
     return CompareResult(base, rows)
 
 

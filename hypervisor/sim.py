@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .check import CoherenceChecker
 from .cpu.unicorn_vcpu import UnicornVcpu
-from .errors import ConfigError
+from .errors import ConfigError, HvsimError, InvariantViolation
 from .guest import layout, loader
 from .host.frames import FRAME_SLACK, FramePool
 from .host.ksm import Ksm
 from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
+from .host.mmu_notifier import NotifierEventSink
 from .kvm.exits import ExitReason
 from .kvm.vcpu import VcpuState
 from .kvm.vm import GUEST_RAM_HVA, Vm
 from .profiles import Profile, get_profile
-from .types import PAGE_SIZE
+from .races import RaceInjector, RaceSpec
+from .types import PAGE_SIZE, Hva
 
 DEFAULT_QUANTUM = 10_000
 DEFAULT_INSNS_PER_MS = 100_000  # a 100-MIPS CPU: about what Unicorn runs at, so 1 ms ~ 1 ms of wall time
@@ -63,9 +66,11 @@ class SimConfig:
     ksm: KsmConfig = field(default_factory=KsmConfig)
     quantum: int = DEFAULT_QUANTUM
     insns_per_ms: int = DEFAULT_INSNS_PER_MS
+    # hypervisor/races.py specs: host events fired at named points (POINT:EVENT[@N])
+    inject: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        return {"inject": list(self.inject),
             "image": self.image, "memory": self.memory, "cmdline": self.cmdline, "vms": self.vms,
             "max_insns": self.max_insns, "profile": self.profile, "change_pte": self.change_pte,
             "quantum": self.quantum, "insns_per_ms": self.insns_per_ms,
@@ -111,10 +116,17 @@ class RunResult:
     ksm: dict[str, int] | None
     vmstat: dict[str, int]
     interrupted: bool = False
+    # --check: the violated invariant that ended the run, and how many checks passed
+    violation: str | None = None
+    checks: int | None = None
+    injected: dict[str, int] | None = None
 
     @property
     def errors(self) -> list[str]:
-        return [f"vm{v.id}: {v.error}" for v in self.vms if v.error is not None]
+        out = [f"vm{v.id}: {v.error}" for v in self.vms if v.error is not None]
+        if self.violation is not None:
+            out.append(self.violation)
+        return out
 
     def totals(self) -> dict[str, dict[str, int]]:
         exits: Counter[str] = Counter()
@@ -140,6 +152,10 @@ class RunResult:
             d["ksm"] = self.ksm
         if self.interrupted:
             d["interrupted"] = True
+        if self.checks is not None:
+            d["check"] = {"checks_passed": self.checks, "violation": self.violation}
+        if self.injected is not None:
+            d["injected"] = self.injected
         return d
 
 
@@ -187,6 +203,8 @@ def validate(config: SimConfig) -> None:
         raise ConfigError("KSM run takes 0 (stop), 1 (run) or 2 (stop and unmerge everything).")
     if k.pages_to_scan <= 0 or k.sleep_millisecs < 0 or k.max_page_sharing < 2:
         raise ConfigError("KSM knobs: pages_to_scan > 0, sleep_millisecs >= 0, max_page_sharing >= 2.")
+    for spec in config.inject:
+        RaceSpec.parse(spec)
     if (k.run_at or k.run != 1 or k.use_zero_pages) and not k.enabled:
         raise ConfigError("KSM options were given without --ksm: add --ksm to turn KSM on.")
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
@@ -197,8 +215,16 @@ def validate(config: SimConfig) -> None:
                           "Give fewer or smaller VMs.")
 
 
+def notifier_events_to(trace: Callable[[str, dict[str, Any]], None], vm_id: int) -> NotifierEventSink:
+    def sink(callback: str, mm: HostMm, start: Hva, end: Hva) -> None:
+        trace(f"mmu_notifier_{callback}", {"vm": vm_id, "start": start, "end": end})
+
+    return sink
+
+
 class Simulation:
-    def __init__(self, config: SimConfig, trace: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, config: SimConfig, trace: Callable[[str, dict[str, Any]], None] | None = None,
+                 check: bool = False) -> None:
         validate(config)
         get_profile(config.profile)  # a clear error for an unknown profile, before any work
         image = loader.read_image(config.image)
@@ -206,7 +232,11 @@ class Simulation:
         self.config = config
         self.profile = get_profile(config.profile, config.change_pte)
         self.image = image
+        self.checker = CoherenceChecker(trace) if check else None
+        if self.checker is not None:
+            trace = self.checker.trace
         self.trace = trace
+        self.failure: HvsimError | None = None
         pages = config.memory // PAGE_SIZE
         self.frames = FramePool(config.vms * pages + FRAME_SLACK)
         self.vmstat = Vmstat()
@@ -225,6 +255,8 @@ class Simulation:
         self.insns: list[int] = []
         for i in range(config.vms):
             mm = HostMm(self.frames, self.profile, self.vmstat, f"vm{i}", self.ksm)
+            if trace is not None:
+                mm.notifier_event_sink = notifier_events_to(trace, i)
             vm = Vm(i, mm, self.profile, config.memory, trace)
             boot = loader.load(vm, image, config.cmdline, config.vms)
             if self.ksm is not None:
@@ -234,6 +266,9 @@ class Simulation:
             self.backends.append(UnicornVcpu(vcpu, self.frames, boot))
             self.vms.append(vm)
             self.insns.append(0)
+        if self.checker is not None:
+            self.checker.attach(self)
+        self.injector = RaceInjector(self, [RaceSpec.parse(t) for t in config.inject]) if config.inject else None
         if self.ksm is not None:
             self.ksm.set_run(config.ksm.run)
         self.now = 0
@@ -244,6 +279,14 @@ class Simulation:
         return [i for i, vm in enumerate(self.vms) if vm.vcpus[0].state is VcpuState.RUNNABLE]
 
     def run(self) -> RunResult:
+        """Run to the end (or to an interruption); a violated invariant ends the run, reported in the result."""
+        try:
+            self._run()
+        except InvariantViolation as err:
+            self.failure = err
+        return self.result()
+
+    def _run(self) -> None:
         cfg = self.config
         ksm = self.ksm
         ksm_period = cfg.ksm.sleep_millisecs * cfg.insns_per_ms
@@ -272,11 +315,12 @@ class Simulation:
                         while next_ksm <= self.now:
                             ksm.ksmd_wakeup()
                             next_ksm += ksm_period
+                if self.checker is not None:
+                    self.checker.end_of_slice()
                 for hook in self.on_slice:
                     hook(self)
                 if self.interrupted:
                     break
-        return self.result()
 
     def result(self) -> RunResult:
         out = []
@@ -296,7 +340,10 @@ class Simulation:
                                 error, where))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
-                         dict(self.vmstat.counters), self.interrupted)
+                         dict(self.vmstat.counters), self.interrupted,
+                         str(self.failure) if self.failure is not None else None,
+                         self.checker.checks if self.checker is not None else None,
+                         dict(self.injector.fired) if self.injector is not None else None)
 
 
 def exit_reason_names() -> list[str]:

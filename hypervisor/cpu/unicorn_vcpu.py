@@ -160,6 +160,12 @@ class UnicornVcpu:
             error = exc
         retired = int(ic.counter)
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
+        raised = self.uc._hook_exception
+        if raised is not None:
+            # An exception in one of our hooks (an invariant violation, a bug): Unicorn
+            # reports it as a failed run; the exception is what happened.
+            self.uc._hook_exception = None
+            raise raised
         if vcpu.state is not VcpuState.RUNNABLE:
             return retired
         if error is not None:

@@ -138,6 +138,7 @@ class KsmCursor:
 
 ItemRef = tuple[VmaItems, int]
 KsmTrace = Callable[[str, dict[str, Any]], None]
+KsmRacePoint = Callable[["HostMm", Hva], None]
 
 
 class Ksm:
@@ -166,6 +167,8 @@ class Ksm:
         self.pages_scanned = 0
         self.zero_hash = int(page_hash(frames, np.array([ZERO_PFN]))[0])
         self.trace: KsmTrace | None = None
+        # Named points where tests fire host events (races); see hypervisor/races.py.
+        self.race_points: dict[str, KsmRacePoint] = {}
 
     # --- registration (ksm_madvise / __ksm_enter / exit) ---------------------------------
 
@@ -549,6 +552,8 @@ class Ksm:
         if kpfn is None:
             self.frames.stable_node[pfn] = 0  # set_page_stable_node(page, NULL): PageKsm
             return True
+        if self.race_points:
+            self._race("ksm_before_replace_page", mm, hva)
         if not self.frames.pages_identical(pfn, kpfn):
             return False
         return self.replace_page(mm, hva, pfn, kpfn, orig_pte)
@@ -591,12 +596,19 @@ class Ksm:
             mm.ptep_clear_flush(hva)
             set_pte_at_notify(mm, hva, new)
             self.frames.page_remove_rmap(pfn)
+            if self.race_points:
+                self._race("ksm_after_replace_page", mm, hva)
             if self.trace is not None:
                 self.trace("ksm_merge_one_page", {"mm": mm.name, "hva": hva, "pfn": int(pfn), "kpfn": int(kpfn)})
             return True
         finally:
             if wrap:
                 mmu_notifier_invalidate_range_end(mm, hva, end)
+
+    def _race(self, point: str, mm: "HostMm", hva: Hva) -> None:
+        fire = self.race_points.get(point)
+        if fire is not None:
+            fire(mm, hva)
 
     def break_cow(self, mm: "HostMm", hva: Hva) -> None:
         """break_ksm(): a write fault on a KSM page gives the mm its own copy again."""

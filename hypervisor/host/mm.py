@@ -52,6 +52,7 @@ VM_READ = 1 << 0
 VM_WRITE = 1 << 1
 VM_MERGEABLE = 1 << 31
 
+MADV_DONTNEED = 4
 MADV_MERGEABLE = 12
 MADV_UNMERGEABLE = 13
 
@@ -181,6 +182,13 @@ class HostMm:
 
     def madvise(self, addr: Hva, length: int, advice: int) -> None:
         end = addr + length
+        if advice == MADV_DONTNEED:
+            # Drop the pages (a balloon, or a guest's discard): the next touch faults in a fresh one.
+            for vma in self.vmas:
+                lo, hi = max(addr, vma.start), min(end, vma.end)
+                if lo < hi:
+                    self.zap_page_range(vma, Hva(lo), Hva(hi))
+            return
         for vma in self.vmas:
             if vma.start < end and addr < vma.end:
                 if vma.start < addr or vma.end > end:

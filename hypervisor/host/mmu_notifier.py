@@ -62,27 +62,28 @@ def mmu_notifier_unregister(mn: MmuNotifier, mm: "HostMm") -> None:
 
 
 def _emit(mm: "HostMm", callback: str, start: Hva, end: Hva) -> None:
+    """Announce a completed notifier call (after every callback ran: the state is coherent again)."""
     if mm.notifier_event_sink is not None:
         mm.notifier_event_sink(callback, mm, start, end)
 
 
 def mmu_notifier_release(mm: "HostMm") -> None:
     """__mmu_notifier_release(): the mm is going away; each notifier is called once, then unhooked."""
-    _emit(mm, "release", Hva(0), Hva(0))
     while mm.mmu_notifiers:
         mn = mm.mmu_notifiers.pop(0)
         if mn.ops.release is not None:
             mn.calls["release"] += 1
             mn.ops.release(mn, mm)
+    _emit(mm, "release", Hva(0), Hva(0))
 
 
 def mmu_notifier_clear_flush_young(mm: "HostMm", address: Hva) -> bool:
     young = False
-    _emit(mm, "clear_flush_young", address, Hva(address + PAGE_SIZE))
     for mn in list(mm.mmu_notifiers):
         if mn.ops.clear_flush_young is not None:
             mn.calls["clear_flush_young"] += 1
             young |= mn.ops.clear_flush_young(mn, mm, address)
+    _emit(mm, "clear_flush_young", address, Hva(address + PAGE_SIZE))
     return young
 
 
@@ -92,7 +93,6 @@ def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
     The fallback went with the range bracket in 3.7: a notifier without ->change_pte
     is then covered by the invalidate_range_start/end around the call site.
     """
-    _emit(mm, "change_pte", address, Hva(address + PAGE_SIZE))
     fallback = not mm.profile.wrap_pte_updates_in_range
     for mn in list(mm.mmu_notifiers):
         if mn.ops.change_pte is not None:
@@ -101,14 +101,15 @@ def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
         elif fallback and mn.ops.invalidate_page is not None:
             mn.calls["invalidate_page"] += 1
             mn.ops.invalidate_page(mn, mm, address)
+    _emit(mm, "change_pte", address, Hva(address + PAGE_SIZE))
 
 
 def mmu_notifier_invalidate_page(mm: "HostMm", address: Hva) -> None:
-    _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
     for mn in list(mm.mmu_notifiers):
         if mn.ops.invalidate_page is not None:
             mn.calls["invalidate_page"] += 1
             mn.ops.invalidate_page(mn, mm, address)
+    _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
 
 
 def mmu_notifier_invalidate_page_if_available(mm: "HostMm", address: Hva) -> None:
@@ -117,19 +118,19 @@ def mmu_notifier_invalidate_page_if_available(mm: "HostMm", address: Hva) -> Non
 
 
 def mmu_notifier_invalidate_range_start(mm: "HostMm", start: Hva, end: Hva) -> None:
-    _emit(mm, "invalidate_range_start", start, end)
     for mn in list(mm.mmu_notifiers):
         if mn.ops.invalidate_range_start is not None:
             mn.calls["invalidate_range_start"] += 1
             mn.ops.invalidate_range_start(mn, mm, start, end)
+    _emit(mm, "invalidate_range_start", start, end)
 
 
 def mmu_notifier_invalidate_range_end(mm: "HostMm", start: Hva, end: Hva) -> None:
-    _emit(mm, "invalidate_range_end", start, end)
     for mn in list(mm.mmu_notifiers):
         if mn.ops.invalidate_range_end is not None:
             mn.calls["invalidate_range_end"] += 1
             mn.ops.invalidate_range_end(mn, mm, start, end)
+    _emit(mm, "invalidate_range_end", start, end)
 
 
 # --- the helpers mm code uses to change a pte a secondary MMU may cache -----------------

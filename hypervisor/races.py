@@ -1,0 +1,105 @@
+"""Injected races: host events fired, deterministically, at named points of KVM's fault path and of ksmd.
+
+The kernel's mmu_notifier_seq/mmu_notifier_count retry exists because the host can
+change a pte while a KVM fault is between resolving the pfn (gfn_to_pfn) and
+installing the spte.  A spec `POINT:EVENT[@N]` fires EVENT on the page involved the
+N-th time (default: first; `@all`: every time) execution reaches POINT.
+
+Points:
+  after_gfn_to_pfn         KVM fault path: the pfn is pinned, mmu_lock not yet taken
+  ksm_before_replace_page  ksmd: the page is write-protected, not yet replaced
+  ksm_after_replace_page   ksmd: the pte now maps the KSM page
+Events:
+  cow               the VMM writes the page (a host write fault: do_wp_page if read-only)
+  invalidate_range  MADV_DONTNEED of the page (zap_page_range in invalidate_range_start/end)
+  age               one page-reclaim aging step (ptep_clear_flush_young_notify)
+  ksm_scan          one ksmd wake-up (pages_to_scan pages); only at after_gfn_to_pfn
+"""
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+from .host.mm import MADV_DONTNEED, HostMm
+from .types import PAGE_SIZE, Gfn, Hva
+
+if TYPE_CHECKING:
+    from .kvm.mmu import TdpMmu
+    from .sim import Simulation
+
+FAULT_POINTS = ("after_gfn_to_pfn",)
+KSM_POINTS = ("ksm_before_replace_page", "ksm_after_replace_page")
+EVENTS = ("cow", "invalidate_range", "age", "ksm_scan")
+
+
+@dataclass(frozen=True)
+class RaceSpec:
+    point: str
+    event: str
+    nth: int | None  # None: every time
+
+    @classmethod
+    def parse(cls, text: str) -> "RaceSpec":
+        try:
+            where, _, when = text.partition("@")
+            point, event = where.split(":")
+            nth = None if when == "all" else int(when or "1")
+        except ValueError:
+            raise ConfigError(f"--inject {text!r}: write POINT:EVENT[@N|@all], e.g. after_gfn_to_pfn:cow@3.") from None
+        if point not in FAULT_POINTS + KSM_POINTS:
+            raise ConfigError(f"--inject {text!r}: unknown point {point!r}; points: "
+                              f"{', '.join(FAULT_POINTS + KSM_POINTS)}.")
+        if event not in EVENTS:
+            raise ConfigError(f"--inject {text!r}: unknown event {event!r}; events: {', '.join(EVENTS)}.")
+        if event == "ksm_scan" and point in KSM_POINTS:
+            raise ConfigError(f"--inject {text!r}: ksmd cannot be woken from inside ksmd.")
+        if nth is not None and nth < 1:
+            raise ConfigError(f"--inject {text!r}: N counts from 1.")
+        return cls(point, event, nth)
+
+    def __str__(self) -> str:
+        return f"{self.point}:{self.event}@{'all' if self.nth is None else self.nth}"
+
+
+class RaceInjector:
+    def __init__(self, sim: "Simulation", specs: list[RaceSpec]) -> None:
+        self.sim = sim
+        self.specs = specs
+        self.arrivals: Counter[str] = Counter()
+        self.fired: Counter[str] = Counter()
+        if any(s.point in KSM_POINTS for s in specs) and sim.ksm is None:
+            raise ConfigError("--inject at a ksm_* point needs --ksm.")
+        for vm in sim.vms:
+            vm.mmu.race_points["after_gfn_to_pfn"] = self._at_fault
+        if sim.ksm is not None:
+            for point in KSM_POINTS:
+                sim.ksm.race_points[point] = self._ksm_point(point)
+
+    def _at_fault(self, mmu: "TdpMmu", gfn: Gfn, hva: Hva) -> None:
+        self._arrive("after_gfn_to_pfn", mmu.mm, hva)
+
+    def _ksm_point(self, point: str) -> Callable[[HostMm, Hva], None]:
+        def fire(mm: HostMm, hva: Hva) -> None:
+            self._arrive(point, mm, hva)
+
+        return fire
+
+    def _arrive(self, point: str, mm: HostMm, hva: Hva) -> None:
+        self.arrivals[point] += 1
+        n = self.arrivals[point]
+        for spec in self.specs:
+            if spec.point == point and (spec.nth is None or spec.nth == n):
+                self.fired[str(spec)] += 1
+                self._fire(spec.event, mm, hva)
+
+    def _fire(self, event: str, mm: HostMm, hva: Hva) -> None:
+        if event == "cow":
+            mm.handle_mm_fault(hva, write=True)
+        elif event == "invalidate_range":
+            mm.madvise(hva, PAGE_SIZE, MADV_DONTNEED)
+        elif event == "age":
+            mm.page_referenced(hva)
+        elif event == "ksm_scan" and self.sim.ksm is not None:
+            self.sim.ksm.ksm_do_scan(self.sim.ksm.pages_to_scan)
