@@ -1,0 +1,5 @@
+"""`python -m hypervisor` is the `hvsim` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""Bad input, systematically: every case gets a one-paragraph message, a documented exit code,
+no traceback, and whatever was measured before the failure."""
+
+import contextlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hypervisor.cli import main
+from hypervisor.errors import HvsimError
+from hypervisor.sim import GUEST_IMAGES, SimConfig, Simulation
+
+HELLO = str(GUEST_IMAGES / "hello.bin")
+HELLO_ELF = (GUEST_IMAGES / "hello.elf").read_bytes()
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_paragraph(err: str) -> None:
+    assert "Traceback" not in err
+    assert err.startswith("hvsim: ")
+    assert "\n\n" not in err.strip()
+
+
+def elf(entry: int = 0x100000, paddr: int = 0x100000, phoff: int = 64, phnum: int = 1, filesz: int = 2,
+        memsz: int = 2, offset: int = 120, machine: int = 62, code: bytes = b"\xf4\xf4") -> bytes:
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, entry, phoff, 0, 0, 64, 56, phnum, 0, 0, 0)
+    ph = struct.pack("<IIQQQQQQ", 1, 5, offset, paddr, paddr, filesz, memsz, 0x1000)
+    return header + ph + code
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> str:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+IMAGES = [
+    ("empty", b"", "is empty"),
+    ("short_elf", b"\x7fELF\x02\x01", "shorter than an ELF64 header"),
+    ("elf32", b"\x7fELF\x01\x01" + bytes(58), "not a little-endian ELF64"),
+    ("arm_elf", elf(machine=183), "not x86-64"),
+    ("phdrs_outside", elf(phoff=10_000), "program headers lie outside the file"),
+    ("no_phdrs", elf(phnum=0), "no program headers"),
+    ("segment_bytes_outside", elf(offset=5_000), "outside the file"),
+    ("filesz_gt_memsz", elf(filesz=8, memsz=2), "larger than p_memsz"),
+    ("segment_in_boot_area", elf(paddr=0x1000, entry=0x1000), "overlaps the boot area"),
+    ("segment_beyond_memory", elf(paddr=0x7F00000, entry=0x7F00000), "give a larger --memory"),
+    ("entry_outside", elf(entry=0x300000), "entry point 0x300000 is not inside any loaded segment"),
+    ("flat_too_big", b"\x90" * (0x100000 + 1), "must end below 0x200000"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "why"), IMAGES, ids=[i[0] for i in IMAGES])
+def test_bad_image_is_refused_with_exit_3(tmp_path: Path, name: str, data: bytes, why: str) -> None:
+    code, _, err = invoke("run", write(tmp_path, name, data))
+    assert code == 3, err
+    assert why in err
+    assert_one_paragraph(err)
+
+
+def test_huge_image_is_refused_before_reading_it(tmp_path: Path) -> None:
+    p = tmp_path / "huge.bin"
+    with p.open("wb") as f:
+        f.truncate(300 << 20)  # sparse: no disk used, but 300 MiB to stat
+    code, _, err = invoke("run", str(p))
+    assert code == 3 and "at most 256 MiB" in err
+
+
+def test_a_directory_is_not_an_image(tmp_path: Path) -> None:
+    code, _, err = invoke("run", str(tmp_path))
+    assert code in (2, 3) and "Traceback" not in err
+
+
+OPTIONS = [
+    (["--memory", "0"], 2, "positive multiple"),
+    (["--memory", "-4K"], 2, "positive multiple"),
+    (["--memory", "4097"], 2, "positive multiple"),
+    (["--vms", "0"], 2, "--vms 0"),
+    (["--vms", "-1"], 2, "--vms -1"),
+    (["--max-insns", "0"], 2, "--max-insns"),
+    (["--quantum", "0"], 2, "--quantum"),
+    (["--profile", "2.4"], 2, "2.4"),
+    (["--ksm-run", "3"], 2, "3"),
+    (["--ksm", "--ksm-pages-to-scan", "0"], 2, "pages_to_scan"),
+    (["--ksm-use-zero-pages"], 2, "without --ksm"),
+    (["--ksm", "--ksm-run-at", "soon"], 2, "MS:VALUE"),
+    (["--inject", "nowhere:cow"], 2, "unknown point"),
+    (["--inject", "after_gfn_to_pfn:explode"], 2, "unknown event"),
+    (["--inject", "ksm_before_replace_page:cow"], 2, "needs --ksm"),
+    (["--vms", "200", "--memory", "1G"], 2, "host memory"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "why"), OPTIONS, ids=[" ".join(o[0]) for o in OPTIONS])
+def test_bad_options_are_refused_with_exit_2(args: list[str], code: int, why: str) -> None:
+    got, _, err = invoke("run", HELLO, *args)
+    assert got == code, err
+    assert why in err
+    assert "Traceback" not in err
+
+
+GUESTS = [
+    ("triple_fault_ud2", b"\x0f\x0b", 4, "TRIPLE_FAULT: #UD"),
+    ("divide_error", bytes.fromhex("31c9f7f1"), 4, "#DE divide error"),
+    ("jump_unmapped", bytes.fromhex("48b80000000040000000ffe0"), 4, "#PF page not present"),
+    ("outside_memslots", bytes.fromhex("488b042500000030f4"), 4, "outside every memslot"),
+    ("endless_loop", b"\xeb\xfe", 5, "--max-insns"),
+    ("syscall", b"\x0f\x05", 4, "#UD syscall"),
+    ("noncanonical", bytes.fromhex("48b8000000000000ff7f488b00"), 4, "non-canonical"),
+]
+
+
+@pytest.mark.parametrize(("name", "code_bytes", "exit_code", "why"), GUESTS, ids=[g[0] for g in GUESTS])
+def test_misbehaving_guests_end_with_a_report_and_their_counts(tmp_path: Path, name: str, code_bytes: bytes,
+                                                               exit_code: int, why: str) -> None:
+    code, out, err = invoke("run", write(tmp_path, name, code_bytes), "--max-insns", "20000", "--json")
+    assert code == exit_code, err
+    assert why in err
+    assert_one_paragraph(err)
+    doc = json.loads(out)  # the counts up to the failure are still reported
+    vm = doc["vms"][0]
+    assert vm["insns"] > 0 and vm["exits"]["EPT_VIOLATION"] >= 1 and why in vm["error"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(code=st.binary(min_size=1, max_size=256))
+def test_fuzz_random_images_never_make_hvsim_raise(tmp_path: Path, code: bytes) -> None:
+    path = write(tmp_path, "fuzz", code)
+    try:
+        result = Simulation(SimConfig(image=path, memory=4 << 20, max_insns=3000, quantum=1000)).run()
+    except HvsimError:
+        return
+    vm = result.vms[0]
+    assert vm.state in ("halted", "exited", "shutdown", "failed")
+    assert vm.insns <= 3000
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=64, max_size=400), entry=st.integers(0, 2**64 - 1))
+def test_fuzz_elf_headers_never_make_hvsim_raise(tmp_path: Path, data: bytes, entry: int) -> None:
+    blob = bytearray(HELLO_ELF[:64]) + bytearray(data)
+    blob[24:32] = struct.pack("<Q", entry)
+    path = write(tmp_path, "fuzz.elf", bytes(blob))
+    with contextlib.suppress(HvsimError):
+        Simulation(SimConfig(image=path, memory=4 << 20, max_insns=3000)).run()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_prints_its_report_so_far_marked_interrupted(sig: signal.Signals, code: int) -> None:
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hypervisor", "run", str(GUEST_IMAGES / "samepage.bin"), "--json",
+         "--cmdline", "pages=64 passes=1000000 spin=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    doc = json.loads(out)
+    assert doc["interrupted"] is True
+    assert doc["vms"][0]["insns"] > 0 and "samepage: pass 1" in doc["vms"][0]["console"]
+    assert "interrupted" in err and "Traceback" not in err
