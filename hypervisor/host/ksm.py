@@ -131,9 +131,12 @@ class MmSlot:
 
 @dataclass
 class KsmCursor:
+    """ksm_scan: the mm_slot being scanned and the next address in it, as the kernel keeps it
+    (an address, not a position, so VMAs and mms may come and go under it)."""
+
     slot: int = 0
-    vma: int = 0
-    idx: int = 0
+    address: int = 0
+    in_pass: bool = False
 
 
 ItemRef = tuple[VmaItems, int]
@@ -176,28 +179,30 @@ class Ksm:
         slot = next((s for s in self.slots if s.mm is mm), None)
         if slot is None:
             slot = MmSlot(mm)
-            # __ksm_enter adds the mm just behind the cursor: scanned on this pass's tail.
-            self.slots.append(slot)
+            # __ksm_enter: list_add_tail just behind the cursor's mm_slot, so a pass in
+            # progress does not reach the new mm; it is first scanned on the next pass.
+            if self.cursor.in_pass and self.cursor.slot < len(self.slots):
+                self.slots.insert(self.cursor.slot, slot)
+                self.cursor.slot += 1
+            else:
+                self.slots.append(slot)
         for vma in mm.vmas:
             if vma.mergeable and slot.items_of(vma) is None:
                 slot.vmas.append(VmaItems(mm, vma))
         slot.vmas.sort(key=lambda v: v.vma.start)
 
-    def vma_removed(self, mm: "HostMm", vma: "Vma") -> None:
-        """munmap of a mergeable VMA: its rmap_items go (remove_trailing_rmap_items)."""
+    def _drop_vma_items(self, mm: "HostMm", vma: "Vma") -> None:
         slot = next((s for s in self.slots if s.mm is mm), None)
-        if slot is None:
-            return
-        items = slot.items_of(vma)
-        if items is None:
+        items = slot.items_of(vma) if slot is not None else None
+        if slot is None or items is None:
             return
         for idx in np.flatnonzero(items.has_item):
             self._free_item(items, int(idx))
-        pos = slot.vmas.index(items)
         slot.vmas.remove(items)
-        if self.slots.index(slot) == self.cursor.slot and self.cursor.vma >= pos:
-            self.cursor.vma = max(0, self.cursor.vma - 1)
-            self.cursor.idx = 0
+
+    def vma_removed(self, mm: "HostMm", vma: "Vma") -> None:
+        """munmap of a mergeable VMA: its rmap_items go (remove_trailing_rmap_items)."""
+        self._drop_vma_items(mm, vma)
 
     # --- counters ----------------------------------------------------------------------
 
@@ -294,41 +299,38 @@ class Ksm:
         cur = self.cursor
         if not self.slots:
             return None
-        if cur.slot == 0 and cur.vma == 0 and cur.idx == 0:
+        if not cur.in_pass:
             # A new full scan: the unstable tree is rebuilt from scratch.
             self.unstable_tree.clear()
+            cur.in_pass = True
+            cur.slot, cur.address = 0, 0
         while True:
             if cur.slot >= len(self.slots):
-                cur.slot = cur.vma = cur.idx = 0
+                cur.slot, cur.address, cur.in_pass = 0, 0, False
                 self.seqnr += 1
                 return None
             slot = self.slots[cur.slot]
-            if cur.vma >= len(slot.vmas):
+            items = next((v for v in slot.vmas if v.vma.end > cur.address and v.vma.mergeable), None)
+            if items is None:
                 cur.slot += 1
-                cur.vma = cur.idx = 0
+                cur.address = 0
                 continue
-            items = slot.vmas[cur.vma]
-            ptes = items.vma.ptes
+            vma = items.vma
+            ptes = vma.ptes
             n = ptes.shape[0]
-            if cur.idx >= n:
-                cur.vma += 1
-                cur.idx = 0
-                continue
-            window = ptes[cur.idx :]
+            start = max(0, (cur.address - vma.start) >> PAGE_SHIFT)
+            window = ptes[start:]
             # present (bit 0) and not special (bit 9): an anonymous page with a struct page
             anon = np.flatnonzero((window & 1).astype(bool) & ~((window >> 9) & 1).astype(bool))
-            start = cur.idx
             stop = n if anon.size == 0 else start + int(anon[0])
             # get_next_rmap_item(): items for pages passed over are removed and freed.
-            stale = np.flatnonzero(items.has_item[start:stop])
-            for off in stale:
+            for off in np.flatnonzero(items.has_item[start:stop]):
                 self._free_item(items, start + int(off))
             if anon.size == 0:
-                cur.vma += 1
-                cur.idx = 0
+                cur.address = vma.end
                 continue
             idx = stop
-            cur.idx = idx + 1
+            cur.address = vma.start + ((idx + 1) << PAGE_SHIFT)
             if not items.has_item[idx]:
                 items.has_item[idx] = True
                 items.flags[idx] = 0
@@ -628,16 +630,16 @@ class Ksm:
         """MADV_UNMERGEABLE / run=2 on one VMA: break every KSM mapping, drop the rmap_items."""
         for idx in range(vma.nr_pages):
             self.break_cow(mm, Hva(vma.start + (idx << PAGE_SHIFT)))
-        slot = next((s for s in self.slots if s.mm is mm), None)
-        items = slot.items_of(vma) if slot is not None else None
-        if items is not None:
-            for item in np.flatnonzero(items.has_item):
-                self._free_item(items, int(item))
+        self._drop_vma_items(mm, vma)
 
     def unmerge_and_remove_all_rmap_items(self) -> None:
         for slot in self.slots:
-            for items in slot.vmas:
-                self.unmerge_vma(slot.mm, items.vma)
+            for items in list(slot.vmas):
+                vma = items.vma
+                for idx in range(vma.nr_pages):
+                    self.break_cow(slot.mm, Hva(vma.start + (idx << PAGE_SHIFT)))
+                for item in np.flatnonzero(items.has_item):
+                    self._free_item(items, int(item))
         for node in list(self.nodes.values()):
             self._erase_node(node)
         self.unstable_tree.clear()

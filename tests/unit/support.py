@@ -1,0 +1,186 @@
+"""Builders shared by the unit tests: real hvsim objects, no Unicorn.
+
+Every helper builds the objects the way hvsim itself wires them (FramePool,
+Vmstat, Ksm, HostMm, Vm), so a test reads as a small scenario: make a host,
+map or write some pages, poke an event, look at ptes, sptes and counters.
+"""
+
+from dataclasses import dataclass, field
+
+from hypervisor.host.frames import FramePool
+from hypervisor.host.ksm import Ksm
+from hypervisor.host.mm import MADV_MERGEABLE, HostMm, Vmstat, pte_pfn, pte_present, pte_special, pte_write
+from hypervisor.host.mmu_notifier import MmuNotifier, MmuNotifierOps, mmu_notifier_register
+from hypervisor.kvm.mmu import FaultResult
+from hypervisor.kvm.vcpu import Vcpu
+from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
+from hypervisor.profiles import Profile, get_profile
+from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
+
+ERAS = ("2.6.32", "3.7", "6.10")
+# A mapping the tests use when they drive HostMm without a Vm.
+AREA = Hva(0x1000_0000)
+
+
+@dataclass
+class Host:
+    """One simulated host: its frames, /proc/vmstat, KSM and one VMM process (mm)."""
+
+    profile: Profile
+    frames: FramePool
+    vmstat: Vmstat
+    ksm: Ksm
+    mm: HostMm
+
+    def new_mm(self, name: str) -> HostMm:
+        return HostMm(self.frames, self.profile, self.vmstat, name, self.ksm)
+
+
+def make_host(era: str = "3.7", change_pte: bool = True, nr_frames: int = 256) -> Host:
+    profile = get_profile(era, change_pte)
+    frames = FramePool(nr_frames)
+    vmstat = Vmstat()
+    ksm = Ksm(frames, profile)
+    mm = HostMm(frames, profile, vmstat, "qemu", ksm)
+    return Host(profile, frames, vmstat, ksm, mm)
+
+
+@dataclass
+class Guest:
+    """A host plus one VM on its mm, with one vCPU (no-op backend)."""
+
+    host: Host
+    vm: Vm
+    vcpu: Vcpu
+
+    @property
+    def mm(self) -> HostMm:
+        return self.host.mm
+
+    @property
+    def frames(self) -> FramePool:
+        return self.host.frames
+
+    def hva(self, gfn: int) -> Hva:
+        return Hva(GUEST_RAM_HVA + gfn * PAGE_SIZE)
+
+    def spte(self, gfn: int) -> int:
+        return int(self.vm.mmu.sptes[gfn])
+
+    def host_pfn(self, gfn: int) -> Pfn:
+        return pte_pfn(self.mm.pte(self.hva(gfn)))
+
+    def fault(self, gfn: int, write: bool) -> FaultResult:
+        """One run of the TDP fault path (no exit counted: see vcpu.handle_ept_violation)."""
+        return self.vm.mmu.tdp_page_fault(self.vcpu, Gfn(gfn), write)
+
+
+def make_guest(era: str = "3.7", change_pte: bool = True, pages: int = 16, nr_frames: int = 256) -> Guest:
+    host = make_host(era, change_pte, nr_frames)
+    vm = Vm(0, host.mm, host.profile, pages * PAGE_SIZE)
+    return Guest(host, vm, vm.create_vcpu())
+
+
+def page_of(fill: int) -> bytes:
+    return bytes([fill]) * PAGE_SIZE
+
+
+def mergeable_area(mm: HostMm, pages: int, addr: Hva = AREA) -> Hva:
+    """mmap an anonymous area and mark it MADV_MERGEABLE (registers the mm with KSM)."""
+    mm.mmap(addr, pages * PAGE_SIZE)
+    mm.madvise(addr, pages * PAGE_SIZE, MADV_MERGEABLE)
+    return addr
+
+
+def page_hva(base: Hva, idx: int) -> Hva:
+    return Hva(base + idx * PAGE_SIZE)
+
+
+def full_scan(ksm: Ksm) -> None:
+    """Run ksmd until full_scans goes up by one: one whole pass over every mergeable page."""
+    before = ksm.seqnr
+    for _ in range(8):
+        ksm.ksm_do_scan(1 << 20)
+        if ksm.seqnr != before:
+            return
+    raise AssertionError("ksmd never completed a pass (no mm registered?)")
+
+
+def shared_and_sharing(ksm: Ksm) -> tuple[int, int]:
+    c = ksm.counters()
+    return c["pages_shared"], c["pages_sharing"]
+
+
+def mapped_pfns(mm: HostMm, base: Hva, pages: int) -> list[Pfn]:
+    return [pte_pfn(mm.pte(page_hva(base, i))) for i in range(pages)]
+
+
+def is_mapped_writable(mm: HostMm, hva: Hva) -> bool:
+    pte = mm.pte(hva)
+    return pte_present(pte) and pte_write(pte)
+
+
+def maps_zero_page(mm: HostMm, hva: Hva) -> bool:
+    pte = mm.pte(hva)
+    return pte_present(pte) and pte_special(pte) and pte_pfn(pte) == 0
+
+
+@dataclass
+class NotifierLog:
+    """Builds recording notifiers; every callback lands in one shared, ordered log.
+
+    Entries are (notifier name, callback, args); `young` is what clear_flush_young reports.
+    """
+
+    entries: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
+
+    def notifier(
+        self,
+        name: str,
+        *,
+        change_pte: bool = True,
+        invalidate_page: bool = True,
+        young: bool = False,
+    ) -> MmuNotifier:
+        log = self.entries
+
+        def on_release(mn: MmuNotifier, mm: HostMm) -> None:
+            log.append((name, "release", ()))
+
+        def on_young(mn: MmuNotifier, mm: HostMm, addr: Hva) -> bool:
+            log.append((name, "clear_flush_young", (addr,)))
+            return young
+
+        def on_change_pte(mn: MmuNotifier, mm: HostMm, addr: Hva, pte: int) -> None:
+            log.append((name, "change_pte", (addr, pte)))
+
+        def on_invalidate_page(mn: MmuNotifier, mm: HostMm, addr: Hva) -> None:
+            log.append((name, "invalidate_page", (addr,)))
+
+        def on_start(mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
+            log.append((name, "invalidate_range_start", (start, end)))
+
+        def on_end(mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
+            log.append((name, "invalidate_range_end", (start, end)))
+
+        ops = MmuNotifierOps(
+            release=on_release,
+            clear_flush_young=on_young,
+            change_pte=on_change_pte if change_pte else None,
+            invalidate_page=on_invalidate_page if invalidate_page else None,
+            invalidate_range_start=on_start,
+            invalidate_range_end=on_end,
+        )
+        return MmuNotifier(ops)
+
+    def register(self, mm: HostMm, name: str = "rec", **kwargs: bool) -> MmuNotifier:
+        mn = self.notifier(name, **kwargs)
+        mmu_notifier_register(mn, mm)
+        return mn
+
+    def callbacks(self, name: str | None = None) -> list[str]:
+        return [cb for who, cb, _ in self.entries if name is None or who == name]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
