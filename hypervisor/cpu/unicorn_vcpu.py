@@ -192,7 +192,7 @@ class UnicornVcpu:
         try:
             gpa, guest_writable = self._walk(vaddr, write)
             gfn = gpa >> PAGE_SHIFT
-            spte = self._ept(gfn, write)
+            spte = self._ept(gfn, write, access == UC_MEM_FETCH)
         except _GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
                 entry.paddr = 0
@@ -214,14 +214,14 @@ class UnicornVcpu:
             self._exec_seen[pfn] = True
         return True
 
-    def _ept(self, gfn: int, write: bool) -> int:
+    def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
         """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access."""
         sptes = self._sptes
         if gfn >= sptes.shape[0]:
             raise _Mmio(gfn << PAGE_SHIFT)
         spte = int(sptes[gfn])
         while not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
-            result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace())
+            result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             if result is FaultResult.MMIO:
                 raise _Mmio(gfn << PAGE_SHIFT)
             spte = int(sptes[gfn])

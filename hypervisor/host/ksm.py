@@ -465,6 +465,8 @@ class Ksm:
         if node.id not in self.nodes:
             return
         del self.nodes[node.id]
+        if self.trace is not None:
+            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
         if node.nr_items:
             for slot in self.slots:
                 for items in slot.vmas:

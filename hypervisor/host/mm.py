@@ -13,8 +13,9 @@ numpy array per VMA.  There is no host TLB: ptep_clear_flush only clears.
 
 import bisect
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -150,6 +151,10 @@ class HostMm:
         self._vma_starts: list[int] = []
         self.mmu_notifiers: list[MmuNotifier] = []
         self.notifier_event_sink: NotifierEventSink | None = None
+        self.trace: Callable[[str, dict[str, Any]], None] | None = None
+        # Page faults handled and pages copied on write (for per-exit accounting and traces).
+        self.nr_faults = 0
+        self.nr_cows = 0
 
     # --- VMAs ------------------------------------------------------------------------
 
@@ -267,6 +272,7 @@ class HostMm:
     # --- faults ----------------------------------------------------------------------
 
     def handle_mm_fault(self, hva: Hva, write: bool) -> None:
+        self.nr_faults += 1
         vma = self._vma_or_segv(hva)
         pte = int(vma.ptes[vma.index(hva)])
         if not pte_present(pte):
@@ -306,8 +312,11 @@ class HostMm:
             new_pfn = frames.alloc_page(zero=False)
             frames.copy_page(new_pfn, old_pfn)
         frames.mapcount[new_pfn] = 1
+        self.nr_cows += 1
         if is_ksm:
             self.vmstat.count("cow_ksm")
+            if self.trace is not None:
+                self.trace("cow_ksm", {"hva": hva, "ksm_pfn": int(old_pfn), "pfn": int(new_pfn)})
         self.ptep_clear_flush(hva)
         set_pte_at_notify(self, hva, mk_pte(new_pfn, writable=True, dirty=True))
         self._drop_pte_mapping(orig_pte)

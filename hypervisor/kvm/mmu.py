@@ -119,6 +119,8 @@ class TdpMmu:
         self.sptes[gfn] = spte
         self.vm.stats.spte_set += 1
         vcpu.stats.pf_fixed += 1
+        if self.vm.trace is not None:
+            self.vm.trace("kvm_mmu_set_spte", {"gfn": gfn, "spte": spte, "level": 1})
         # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
         self.mm.put_page(pfn)
         return FaultResult.FIXED

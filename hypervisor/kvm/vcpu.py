@@ -6,13 +6,23 @@ these handlers on every exit it takes; this module decides what each exit means
 exits KVM passes to userspace: port I/O for the console and the exit port).
 """
 
+from collections import Counter
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from ..guest.layout import COM1_PORT, EXIT_PORT
-from ..types import Gfn
-from .exits import ExitReason
+from ..types import PAGE_SHIFT, Gfn
+from .exits import (
+    EPT_VIOLATION_ACC_INSTR,
+    EPT_VIOLATION_ACC_READ,
+    EPT_VIOLATION_ACC_WRITE,
+    EPT_VIOLATION_EXECUTABLE,
+    EPT_VIOLATION_READABLE,
+    EPT_VIOLATION_WRITABLE,
+    ExitReason,
+)
 from .mmu import FaultResult
+from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import VcpuStats
 
 if TYPE_CHECKING:
@@ -23,6 +33,19 @@ LSR_THR_EMPTY = 0x60  # transmitter idle: a guest that polls before writing may 
 # The hypervisor CPUID leaf KVM reports (KVM_CPUID_SIGNATURE): "KVMKVMKVM\0\0\0".
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_SIGNATURE_REGS = (0x4B4D564B, 0x564B4D56, 0x0000004D)
+
+
+def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
+    """EXIT_QUALIFICATION of an EPT violation: the access, and what the spte allowed (SDM 27-7)."""
+    access = EPT_VIOLATION_ACC_WRITE if write else EPT_VIOLATION_ACC_READ
+    qual = EPT_VIOLATION_ACC_INSTR if fetch else access
+    if spte & SPTE_READABLE:
+        qual |= EPT_VIOLATION_READABLE
+    if spte & SPTE_WRITABLE:
+        qual |= EPT_VIOLATION_WRITABLE
+    if spte & SPTE_EXECUTABLE:
+        qual |= EPT_VIOLATION_EXECUTABLE
+    return qual
 
 
 class VcpuBackend(Protocol):
@@ -49,34 +72,57 @@ class Vcpu:
         self.console = bytearray()
         self.failure: str | None = None
         self.arch: VcpuBackend = _NoBackend()
-        # Simulated time stamp (instructions retired in the whole simulation) of the
-        # exit being handled; set by the backend so traces can be stamped.
+        # Instructions this vCPU retired, updated by the scheduler after each time slice.
         self.insns = 0
+        # (exit reason, what the host did for it) -> count; see handle_ept_violation.
+        self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
 
     def _count_exit(self, reason: ExitReason) -> None:
         self.stats.exits += 1
         self.stats.exit_reasons[reason] += 1
 
-    def handle_ept_violation(self, gfn: Gfn, write: bool, rip: int) -> FaultResult:
-        """One EPT_VIOLATION exit: run the fault path once; RETRY means the guest faults again."""
-        self._count_exit(ExitReason.EPT_VIOLATION)
+    def _trace_exit(self, reason: ExitReason, rip: int, info1: int = 0, info2: int = 0) -> None:
         trace = self.vm.trace
         if trace is not None:
-            trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": "EPT_VIOLATION", "rip": rip,
-                               "gpa": gfn << 12, "write": write})
-        result = self.vm.mmu.tdp_page_fault(self, gfn, write)
+            trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": reason.name, "rip": rip, "info1": info1,
+                               "info2": info2})
+
+    def handle_ept_violation(self, gfn: Gfn, write: bool, rip: int, fetch: bool = False) -> FaultResult:
+        """One EPT_VIOLATION exit: run the fault path once; RETRY means the guest faults again."""
+        self._count_exit(ExitReason.EPT_VIOLATION)
+        mmu = self.vm.mmu
+        trace = self.vm.trace
+        if trace is not None:
+            spte = int(mmu.sptes[gfn]) if gfn < mmu.sptes.shape[0] else 0
+            qual = ept_exit_qualification(write, fetch, spte)
+            self._trace_exit(ExitReason.EPT_VIOLATION, rip, qual, gfn << PAGE_SHIFT)
+            trace("kvm_page_fault", {"vcpu": self.vcpu_id, "address": gfn << PAGE_SHIFT, "error_code": qual})
+        mm = self.vm.mm
+        faults, cows = mm.nr_faults, mm.nr_cows
+        result = mmu.tdp_page_fault(self, gfn, write)
         if result is FaultResult.MMIO:
             self.stats.mmio_exits += 1
+        # What the host had to do for this exit, for the perf-kvm-stat cost model.
+        if result is FaultResult.RETRY:
+            work = "retry"
+        elif mm.nr_cows != cows:
+            work = "cow"
+        elif mm.nr_faults != faults:
+            work = "host_fault"
+        else:
+            work = "map"
+        self.exit_work[(ExitReason.EPT_VIOLATION, work)] += 1
         return result
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
         """IO_INSTRUCTION: KVM exits to userspace, where the VMM emulates the device."""
         self._count_exit(ExitReason.IO_INSTRUCTION)
         self.stats.io_exits += 1
-        trace = self.vm.trace
-        if trace is not None:
-            trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": "IO_INSTRUCTION", "rip": rip,
-                               "port": port, "out": is_out})
+        self.exit_work[(ExitReason.IO_INSTRUCTION, "userspace")] += 1
+        if self.vm.trace is not None:
+            # Exit qualification of an I/O instruction: size - 1, direction, port (SDM 27-5).
+            qual = (size - 1) | ((0 if is_out else 1) << 3) | (port << 16)
+            self._trace_exit(ExitReason.IO_INSTRUCTION, rip, qual)
         if is_out:
             if port == COM1_PORT:
                 self.console.append(value & 0xFF)
@@ -92,16 +138,16 @@ class Vcpu:
         """HLT with interrupts disabled can never wake up: the VMM ends the VM with status 0."""
         self._count_exit(ExitReason.HLT)
         self.stats.halt_exits += 1
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": "HLT", "rip": rip})
+        self.exit_work[(ExitReason.HLT, "")] += 1
+        self._trace_exit(ExitReason.HLT, rip)
         self.state = VcpuState.HALTED
         self.exit_status = 0
 
     def handle_cpuid(self, leaf: int, subleaf: int, rip: int) -> tuple[int, int, int, int] | None:
         """CPUID always exits under VMX; KVM answers from its table.  None: use the CPU's model."""
         self._count_exit(ExitReason.CPUID)
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": "CPUID", "rip": rip, "leaf": leaf})
+        self.exit_work[(ExitReason.CPUID, "")] += 1
+        self._trace_exit(ExitReason.CPUID, rip, leaf, subleaf)
         if leaf == KVM_CPUID_SIGNATURE:
             ebx, ecx, edx = KVM_SIGNATURE_REGS
             return (KVM_CPUID_SIGNATURE + 1, ebx, ecx, edx)
@@ -111,13 +157,13 @@ class Vcpu:
         """VMCALL: a hypercall; hvsim implements none, so it returns -KVM_ENOSYS like KVM."""
         self._count_exit(ExitReason.VMCALL)
         self.stats.hypercalls += 1
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": "VMCALL", "rip": rip})
+        self.exit_work[(ExitReason.VMCALL, "")] += 1
+        self._trace_exit(ExitReason.VMCALL, rip)
 
     def handle_triple_fault(self, why: str, rip: int) -> None:
         self._count_exit(ExitReason.TRIPLE_FAULT)
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": "TRIPLE_FAULT", "rip": rip})
+        self.exit_work[(ExitReason.TRIPLE_FAULT, "")] += 1
+        self._trace_exit(ExitReason.TRIPLE_FAULT, rip)
         self.state = VcpuState.SHUTDOWN
         self.failure = why
 
