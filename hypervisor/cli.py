@@ -3,18 +3,24 @@
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
 from .compare import render_compare, run_compare
+from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
+from .guest.catalog import bundled_guests
+from .plot import write_plot
 from .profiles import DEFAULT_PROFILE, PROFILES
-from .report import render_run, to_json
+from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
+from .series import TimeSeries
 from .sim import (
     DEFAULT_INSNS_PER_MS,
     DEFAULT_MAX_INSNS,
@@ -26,6 +32,7 @@ from .sim import (
     Simulation,
     parse_size,
 )
+from .trace import TraceWriter
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 DEMO_VMS = 4
@@ -36,70 +43,173 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _workload_options(f: F) -> F:
-    options = [
-        click.argument("image", required=False, type=click.Path(dir_okay=False)),
-        click.option("--memory", default="64M", show_default=True, help="Guest RAM per VM (e.g. 64M, 1G)."),
-        click.option("--cmdline", default="", help="The guest's command line (see `hvsim images`)."),
-        click.option("--vms", default=1, show_default=True, type=int, help="Number of VMs, one vCPU each."),
-        click.option("--max-insns", default=DEFAULT_MAX_INSNS, show_default=True, type=int,
-                     help="Per-VM instruction budget; a guest still running then is reported as runaway."),
-        click.option("--quantum", default=DEFAULT_QUANTUM, show_default=True, type=int,
-                     help="Instructions per vCPU time slice."),
-        click.option("--insns-per-ms", default=DEFAULT_INSNS_PER_MS, show_default=True, type=int,
-                     help="Simulated CPU speed: guest instructions per simulated millisecond."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables."),
-        click.option("--check", is_flag=True,
-                     help="Verify the coherence invariants after every exit, notifier call and ksmd step."),
-        click.option("--inject", multiple=True, metavar="POINT:EVENT[@N]",
-                     help="Fire a host event at a named point of the fault path or ksmd (repeatable), "
-                          "e.g. after_gfn_to_pfn:cow@1; see README, Correctness."),
-    ]
-    for opt in reversed(options):
-        f = opt(f)
-    return f
+def _options(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def apply(f: F) -> F:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return apply
 
 
-def _ksm_options(f: F) -> F:
-    options = [
-        click.option("--ksm-pages-to-scan", "pages_to_scan", default=100, show_default=True, type=int,
-                     help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
-        click.option("--ksm-sleep-ms", "sleep_ms", default=20, show_default=True, type=int,
-                     help="/sys/kernel/mm/ksm/sleep_millisecs (simulated); 0 runs ksmd between every two "
-                          "guest time slices."),
-        click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
-                     help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
-        click.option("--ksm-max-page-sharing", "max_page_sharing", default=256, show_default=True, type=int,
-                     help="/sys/kernel/mm/ksm/max_page_sharing: mappings per KSM page before a duplicate."),
-        click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
-                     help="/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all."),
-        click.option("--ksm-run-at", "run_at", multiple=True, metavar="MS:VALUE",
-                     help="Write VALUE to /sys/kernel/mm/ksm/run at simulated millisecond MS (repeatable)."),
-    ]
-    for opt in reversed(options):
-        f = opt(f)
-    return f
+_workload_options = _options([
+    click.argument("image", required=False, type=click.Path(dir_okay=False)),
+    click.option("--memory", default="64M", show_default=True, help="Guest RAM per VM (e.g. 64M, 1G)."),
+    click.option("--cmdline", default="", help="The guest's command line (see `hvsim images`)."),
+    click.option("--vms", default=1, show_default=True, type=int, help="Number of VMs, one vCPU each."),
+    click.option("--max-insns", default=DEFAULT_MAX_INSNS, show_default=True, type=int,
+                 help="Per-VM instruction budget; a guest still running then is reported as runaway."),
+    click.option("--quantum", default=DEFAULT_QUANTUM, show_default=True, type=int,
+                 help="Instructions per vCPU time slice."),
+    click.option("--insns-per-ms", default=DEFAULT_INSNS_PER_MS, show_default=True, type=int,
+                 help="Simulated CPU speed: guest instructions per simulated millisecond."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables."),
+    click.option("--check", is_flag=True,
+                 help="Verify the coherence invariants after every exit, notifier call and ksmd step."),
+    click.option("--inject", multiple=True, metavar="POINT:EVENT[@N]",
+                 help="Fire a host event at a named point of the fault path or ksmd (repeatable), "
+                      "e.g. after_gfn_to_pfn:cow@1; see README, Correctness."),
+    click.option("--trace", "trace_path", metavar="FILE",
+                 help="Write every event with its tracepoint name; FILE.json is Chrome trace JSON for Perfetto, "
+                      "any other name trace-cmd-style text."),
+    click.option("--trace-events", metavar="GLOB[,GLOB]", help="Only trace matching events, e.g. 'kvm_exit,ksm_*'."),
+    click.option("--plot", "plot_path", metavar="FILE.png",
+                 help="Plot EPT_VIOLATION exits per simulated ms and KSM sharing (needs matplotlib)."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr."),
+])
+
+_ksm_options = _options([
+    click.option("--ksm-pages-to-scan", "pages_to_scan", default=100, show_default=True, type=int,
+                 help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
+    click.option("--ksm-sleep-ms", "sleep_ms", default=20, show_default=True, type=int,
+                 help="/sys/kernel/mm/ksm/sleep_millisecs (simulated); 0 runs ksmd between every two guest "
+                      "time slices."),
+    click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
+                 help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
+    click.option("--ksm-max-page-sharing", "max_page_sharing", default=256, show_default=True, type=int,
+                 help="/sys/kernel/mm/ksm/max_page_sharing: mappings per KSM page before a duplicate."),
+    click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
+                 help="/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all."),
+    click.option("--ksm-run-at", "run_at", multiple=True, metavar="MS:VALUE",
+                 help="Write VALUE to /sys/kernel/mm/ksm/run at simulated millisecond MS (repeatable)."),
+])
 
 
-def _parse_run_at(values: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for v in values:
-        try:
-            ms, run = v.split(":")
-            out.append((int(ms), int(run)))
-        except ValueError:
-            raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
-    return tuple(out)
+@dataclass
+class Options:
+    """Everything the three commands share, parsed once."""
+
+    image: str | None
+    memory: str
+    cmdline: str
+    vms: int
+    max_insns: int
+    quantum: int
+    insns_per_ms: int
+    as_json: bool
+    check: bool
+    inject: tuple[str, ...]
+    trace_path: str | None
+    trace_events: str | None
+    plot_path: str | None
+    quiet: bool
+    pages_to_scan: int = 100
+    sleep_ms: int = 20
+    use_zero_pages: bool = False
+    max_page_sharing: int = 256
+    ksm_run: int = 1
+    run_at: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ksm(self, enabled: bool) -> KsmConfig:
+        out = []
+        for v in self.run_at:
+            try:
+                ms, run = v.split(":")
+                out.append((int(ms), int(run)))
+            except ValueError:
+                raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
+        return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
+                         sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
+                         use_zero_pages=self.use_zero_pages, run_at=tuple(out))
+
+    def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
+        if self.image is None:
+            raise ConfigError("no guest image given: name one, e.g. guest_images/hello.bin (see `hvsim images`).")
+        return SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
+                         max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
+                         quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
 
 
-def _config(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-            insns_per_ms: int, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True,
-            inject: tuple[str, ...] = ()) -> SimConfig:
-    if image is None:
-        raise ConfigError("no guest image given: name one, e.g. guest_images/hello.bin (see `hvsim images`).")
-    return SimConfig(image=image, memory=parse_size(memory), cmdline=cmdline, vms=vms, max_insns=max_insns,
-                     profile=profile, change_pte=change_pte, ksm=ksm, quantum=quantum, insns_per_ms=insns_per_ms,
-                     inject=inject)
+class Progress:
+    """A one-line progress bar on stderr: simulated time, instructions against the budget, exits."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.label = ""
+        self._last = 0.0
+
+    def observe(self, label: str, sim: Simulation) -> None:
+        if self.enabled:
+            self.label = label
+            sim.on_slice.append(self._update)
+
+    def _update(self, sim: Simulation) -> None:
+        wall = time.monotonic()  # the display is throttled on wall time; the simulation never reads it
+        if wall - self._last < 0.2:
+            return
+        self._last = wall
+        budget = sim.config.max_insns * len(sim.vms)
+        exits = sum(vm.vcpus[0].stats.exits for vm in sim.vms)
+        done = min(1.0, sim.now / budget)
+        bar = "#" * int(20 * done)
+        prefix = f"{self.label}: " if self.label else ""
+        sys.stderr.write(f"\r{prefix}[{bar:<20}] sim {sim.now / sim.config.insns_per_ms:10.1f} ms  "
+                         f"{sim.now:>13,} insns  {exits:>9,} exits ")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self._last:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+class Observers:
+    """The optional watchers of a run: trace file, plot series, progress bar, signals."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.trace = TraceWriter(opts.trace_path, opts.trace_events) if opts.trace_path else None
+        self.series: list[TimeSeries] = []
+        self.progress = Progress(not opts.quiet and not opts.as_json and sys.stderr.isatty())
+        self.signals: list[int] = []
+        self.sims: list[Simulation] = []
+
+    @property
+    def trace_fn(self) -> Callable[[str, dict[str, Any]], None] | None:
+        return self.trace.event if self.trace is not None else None
+
+    def observe(self, label: str, sim: Simulation) -> None:
+        self.sims.append(sim)
+        if self.trace is not None:
+            self.trace.bind(sim, label)
+        if self.opts.plot_path:
+            self.series.append(TimeSeries.attach(sim, label or self.opts.image or ""))
+        self.progress.observe(label, sim)
+        if self.signals:
+            sim.interrupted = True
+
+    def stop(self, signum: int) -> None:
+        self.signals.append(signum)
+        for sim in self.sims:
+            sim.interrupted = True
+
+    def finish(self, title: str) -> None:
+        self.progress.finish()
+        if self.trace is not None:
+            self.trace.close()
+        if self.opts.plot_path:
+            write_plot(self.opts.plot_path, self.series, title)
 
 
 @contextmanager
@@ -119,14 +229,9 @@ def _interruptible(stop: Callable[[int], None]) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _fail(err: HvsimError) -> None:
-    click.echo(f"hvsim: {err}", err=True)
-    sys.exit(err.exit_code)
-
-
-def _run_exit_code(result: RunResult, signum: int | None) -> int:
-    if signum is not None:
-        return EXIT_INTERRUPTED.get(signal.Signals(signum), 130)
+def _run_exit_code(result: RunResult, signals: list[int]) -> int:
+    if signals:
+        return EXIT_INTERRUPTED.get(signal.Signals(signals[0]), 130)
     if result.violation is not None:
         return InvariantViolation.exit_code
     if any(v.error and "--max-insns" in v.error for v in result.vms):
@@ -141,9 +246,8 @@ def _guarded(fn: Callable[[], int]) -> None:
     try:
         code = fn()
     except HvsimError as err:
-        _fail(err)
-    except click.exceptions.Exit:
-        raise
+        click.echo(f"hvsim: {err}", err=True)
+        sys.exit(err.exit_code)
     except Exception as exc:  # a bug in hvsim: still no traceback unless asked for
         if os.environ.get("HVSIM_DEBUG"):
             traceback.print_exc()
@@ -151,6 +255,47 @@ def _guarded(fn: Callable[[], int]) -> None:
                    "rerun with HVSIM_DEBUG=1 for the traceback and report it.", err=True)
         sys.exit(70)
     sys.exit(code)
+
+
+def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
+             render_json: Callable[[RunResult], str] | None = None) -> int:
+    obs = Observers(opts)
+    sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
+    obs.observe("", sim)
+    with _interruptible(obs.stop):
+        result = sim.run()
+    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), profile {result.profile.name}")
+    if opts.as_json:
+        click.echo(render_json(result) if render_json else to_json(result.as_dict()), nl=False)
+    else:
+        click.echo(render(result), nl=False)
+    for line in result.errors:
+        click.echo(f"hvsim: {line}", err=True)
+    if obs.signals:
+        click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
+    return _run_exit_code(result, obs.signals)
+
+
+def _compare(opts: Options, cfg: SimConfig) -> int:
+    obs = Observers(opts)
+    with _interruptible(obs.stop):
+        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
+    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
+    click.echo(to_json(result.as_dict()) if opts.as_json else render_compare(result), nl=False)
+    errors = [e for row in result.rows for e in row.result.errors]
+    for e in errors:
+        click.echo(f"hvsim: {e}", err=True)
+    if obs.signals:
+        click.echo("hvsim: interrupted; the table above is what the runs had reached.", err=True)
+        return EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
+    mismatches = result.console_mismatches()
+    if mismatches:
+        click.echo("hvsim: " + "; ".join(mismatches) + ". The guest's own computation must not depend on "
+                   "the kernel era: this is a bug in hvsim.", err=True)
+        return ConsoleMismatch.exit_code
+    if any(row.result.violation for row in result.rows):
+        return InvariantViolation.exit_code
+    return GuestError.exit_code if errors else 0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,6 +309,9 @@ def main() -> None:
       hvsim run guest_images/hello.bin
       hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32
       hvsim compare guest_images/samepage.bin --vms 4
+      hvsim images
+
+    Shell completion (click): eval "$(_HVSIM_COMPLETE=bash_source hvsim)"
     """
 
 
@@ -175,10 +323,13 @@ def main() -> None:
               help="KVM registers its notifier without ->change_pte (it gets ->invalidate_page instead).")
 @click.option("--ksm", "ksm_on", is_flag=True, help="Mark guest RAM MADV_MERGEABLE and run ksmd.")
 @_ksm_options
-def run(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-        insns_per_ms: int, as_json: bool, check: bool, inject: tuple[str, ...], profile: str,
-        no_change_pte: bool, ksm_on: bool, pages_to_scan: int,
-        sleep_ms: int, use_zero_pages: bool, max_page_sharing: int, ksm_run: int, run_at: tuple[str, ...]) -> None:
+@click.option("--perf-kvm-stat", is_flag=True,
+              help="Print exits in `perf kvm stat report`'s layout, timed by a documented cost model.")
+@click.option("--exit-cost", multiple=True, metavar="NAME=CYCLES",
+              help="Override a cost-model entry, e.g. EPT_VIOLATION.cow=8000 (see hypervisor/costs.py).")
+@click.option("--cpu-mhz", default=2000, show_default=True, type=int, help="Clock of the cost model.")
+def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, exit_cost: tuple[str, ...],
+        cpu_mhz: int, **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
 
     Without IMAGE, runs the bundled demo: `hvsim compare` of the samepage guest in 4 VMs.
@@ -188,74 +339,45 @@ def run(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, 
       hvsim run guest_images/hello.bin
       hvsim run guest_images/memtouch.bin --memory 64M --cmdline "pages=4096 passes=3" --json
       hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32 --no-change-pte
+      hvsim run guest_images/samepage.bin --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
+    opts = Options(**kw)
 
     def go() -> int:
-        if image is None:
-            return _compare(str(DEMO_IMAGE), memory, DEMO_CMDLINE, DEMO_VMS, max_insns, quantum, insns_per_ms,
-                            as_json, KsmConfig(enabled=True, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
-                                               max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages),
-                            check, inject)
-        ksm = KsmConfig(enabled=ksm_on, run=ksm_run, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
-                        max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
-                        run_at=_parse_run_at(run_at))
-        cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, ksm, profile,
-                      not no_change_pte, inject)
-        sim = Simulation(cfg, check=check)
-        got: list[int] = []
-
-        def stop(signum: int) -> None:
-            got.append(signum)
-            sim.interrupted = True
-
-        with _interruptible(stop):
-            result = sim.run()
-        click.echo(to_json(result.as_dict()) if as_json else render_run(result), nl=False)
-        for line in result.errors:
-            click.echo(f"hvsim: {line}", err=True)
-        if got:
-            click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-        return _run_exit_code(result, got[0] if got else None)
+        if opts.image is None:
+            opts.image, opts.cmdline, opts.vms = str(DEMO_IMAGE), DEMO_CMDLINE, DEMO_VMS
+            return _compare(opts, opts.config(opts.ksm(True)))
+        cfg = opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+        render: Callable[[RunResult], str] = render_run
+        if perf_kvm_stat:
+            model = CostModel(cpu_mhz=cpu_mhz)
+            model.override(exit_cost)
+            if cpu_mhz <= 0:
+                raise ConfigError("--cpu-mhz must be positive.")
+            render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
+        return _run_one(opts, cfg, render)
 
     _guarded(go)
-
-
-def _compare(image: str, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int, insns_per_ms: int,
-             as_json: bool, ksm: KsmConfig, check: bool = False, inject: tuple[str, ...] = ()) -> int:
-    cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, ksm, inject=inject)
-    result = run_compare(cfg, check=check)
-    click.echo(to_json(result.as_dict()) if as_json else render_compare(result), nl=False)
-    errors = [e for row in result.rows for e in row.result.errors]
-    for e in errors:
-        click.echo(f"hvsim: {e}", err=True)
-    mismatches = result.console_mismatches()
-    if mismatches:
-        click.echo("hvsim: " + "; ".join(mismatches) + ". The guest's own computation must not depend on "
-                   "the kernel era: this is a bug in hvsim.", err=True)
-        return ConsoleMismatch.exit_code
-    return GuestError.exit_code if errors else 0
 
 
 @main.command()
 @_workload_options
 @_ksm_options
-def compare(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-            insns_per_ms: int, as_json: bool, check: bool, inject: tuple[str, ...], pages_to_scan: int,
-            sleep_ms: int, use_zero_pages: bool,
-            max_page_sharing: int, ksm_run: int, run_at: tuple[str, ...]) -> None:
+def compare(**kw: Any) -> None:
     """Run IMAGE under KSM off, 2.6.32 with and without change_pte, 3.7 and 6.10, and tabulate.
 
     \b
-    Example:
+    Examples:
       hvsim compare guest_images/samepage.bin --vms 4 --cmdline "pages=64 passes=40 spin=100000"
+      hvsim compare guest_images/samepage.bin --vms 4 --plot eras.png --trace eras.json
     """
+    opts = Options(**kw)
 
     def go() -> int:
-        ksm = KsmConfig(enabled=True, run=ksm_run, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
-                        max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
-                        run_at=_parse_run_at(run_at))
-        return _compare(image or str(DEMO_IMAGE), memory, cmdline if image else (cmdline or DEMO_CMDLINE),
-                        vms, max_insns, quantum, insns_per_ms, as_json, ksm, check, inject)
+        if opts.image is None:
+            opts.image = str(DEMO_IMAGE)
+            opts.cmdline = opts.cmdline or DEMO_CMDLINE
+        return _compare(opts, opts.config(opts.ksm(True)))
 
     _guarded(go)
 
@@ -265,10 +387,7 @@ def compare(image: str | None, memory: str, cmdline: str, vms: int, max_insns: i
 @click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
               help="Kernel era to model.")
 @_ksm_options
-def ksm(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, quantum: int,
-        insns_per_ms: int, as_json: bool, check: bool, inject: tuple[str, ...], profile: str,
-        pages_to_scan: int, sleep_ms: int, use_zero_pages: bool,
-        max_page_sharing: int, ksm_run: int, run_at: tuple[str, ...]) -> None:
+def ksm(profile: str, **kw: Any) -> None:
     """Run IMAGE with KSM on and show /sys/kernel/mm/ksm as the run left it.
 
     The knobs are named after the files in /sys/kernel/mm/ksm/ (run, pages_to_scan,
@@ -276,23 +395,35 @@ def ksm(image: str | None, memory: str, cmdline: str, vms: int, max_insns: int, 
 
     \b
     Example:
-      hvsim ksm guest_images/samepage.bin --cmdline "pages=10 passes=20" --ksm-sleep-ms 0
+      hvsim ksm guest_images/samepage.bin --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
+    opts = Options(**kw)
 
     def go() -> int:
-        kcfg = KsmConfig(enabled=True, run=ksm_run, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
-                         max_page_sharing=max_page_sharing, use_zero_pages=use_zero_pages,
-                         run_at=_parse_run_at(run_at))
-        cfg = _config(image, memory, cmdline, vms, max_insns, quantum, insns_per_ms, kcfg, profile, inject=inject)
-        result = Simulation(cfg, check=check).run()
-        if as_json:
-            click.echo(to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict()}), nl=False)
-        else:
-            from .report import ksm_lines
+        cfg = opts.config(opts.ksm(True), profile)
 
-            click.echo("\n".join(ksm_lines(result.ksm or {}, result.vmstat)))
-        for line in result.errors:
-            click.echo(f"hvsim: {line}", err=True)
-        return _run_exit_code(result, None)
+        def render(result: RunResult) -> str:
+            return "\n".join(ksm_lines(result.ksm or {}, result.vmstat)) + "\n"
+
+        def render_json(result: RunResult) -> str:
+            return to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict()})
+
+        return _run_one(opts, cfg, render, render_json)
 
     _guarded(go)
+
+
+@main.command()
+def images() -> None:
+    """List the bundled guest images and their --cmdline parameters.
+
+    \b
+    Example:
+      hvsim images
+      hvsim run guest_images/memtouch.bin --cmdline "pages=4096 passes=3"
+    """
+    for guest in bundled_guests(GUEST_IMAGES):
+        params = " ".join(f"{name}={default}" for name, default, _ in guest.params) or "(no parameters)"
+        click.echo(f"{guest.name:<10} {guest.summary}")
+        click.echo(f"{'':<10} {params}")
+        click.echo(f"{'':<10} {guest.image}")

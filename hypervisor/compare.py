@@ -69,11 +69,19 @@ class CompareResult:
     base: SimConfig
     rows: list[CompareRow]
 
+    @property
+    def interrupted(self) -> bool:
+        return any(r.result.interrupted for r in self.rows)
+
     def avoided_exits(self) -> dict[str, int]:
-        ref = next(r for r in self.rows if r.run.label == REFERENCE).ept_violations
-        return {r.run.label: ref - r.ept_violations for r in self.rows if r.run.ksm}
+        ref = next((r for r in self.rows if r.run.label == REFERENCE), None)
+        if ref is None:
+            return {}
+        return {r.run.label: ref.ept_violations - r.ept_violations for r in self.rows if r.run.ksm}
 
     def console_mismatches(self) -> list[str]:
+        if self.interrupted:
+            return []
         out = []
         first = self.rows[0]
         for row in self.rows[1:]:
@@ -91,20 +99,28 @@ class CompareResult:
             s["avoided_exits"] = avoided.get(row.run.label)
             s["report"] = row.result.as_dict()
             runs.append(s)
-        return {"hvsim_version": __version__, "config": self.base.as_dict(), "reference": REFERENCE,
-                "runs": runs, "avoided_exits": avoided}
+        doc: dict[str, Any] = {"hvsim_version": __version__, "config": self.base.as_dict(), "reference": REFERENCE,
+               "runs": runs, "avoided_exits": avoided}
+        if self.interrupted:
+            doc["interrupted"] = True
+        return doc
 
 
-def run_compare(base: SimConfig, progress: Callable[[str], None] | None = None,
-                trace_for: Callable[[str], Any] | None = None, check: bool = False) -> CompareResult:
+def run_compare(base: SimConfig, check: bool = False,
+                trace: Callable[[str, dict[str, Any]], None] | None = None,
+                observe: Callable[[str, Simulation], None] | None = None) -> CompareResult:
+    """Run every era; `observe(label, sim)` sees each Simulation before it runs (traces, plots)."""
     rows = []
     for spec in COMPARE_RUNS:
-        if progress is not None:
-            progress(spec.label)
         ksm = replace(base.ksm, enabled=spec.ksm) if spec.ksm else KsmConfig()
         cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm)
-        trace = trace_for(spec.label) if trace_for is not None else None
-        rows.append(CompareRow(spec, Simulation(cfg, trace=trace, check=check).run()))
+        sim = Simulation(cfg, trace=trace, check=check)
+        if observe is not None:
+            observe(spec.label, sim)
+        result = sim.run()
+        rows.append(CompareRow(spec, result))
+        if sim.interrupted:
+            break
     return CompareResult(base, rows)
 
 
@@ -133,7 +149,11 @@ def render_compare(result: CompareResult) -> str:
         fmt.format(*("-" * w for w in widths)),
     ]
     lines += [fmt.format(*r) for r in rows]
-    same = "every run printed the same console output" if not result.console_mismatches() else (
-        "CONSOLE OUTPUT DIFFERED between runs")
+    if result.interrupted:
+        same = "INTERRUPTED: the runs above are what was reached"
+    elif result.console_mismatches():
+        same = "CONSOLE OUTPUT DIFFERED between runs"
+    else:
+        same = "every run printed the same console output"
     lines.append(f"exits avoided = EPT_VIOLATION of {REFERENCE!r} minus the run's own; {same}.")
     return "\n".join(lines) + "\n"

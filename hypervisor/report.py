@@ -6,8 +6,10 @@ listed as the files of /sys/kernel/mm/ksm/.
 """
 
 import json
+import math
 from typing import Any
 
+from .costs import CostModel
 from .kvm.stats import HVSIM_ONLY
 from .sim import RunResult, VmResult
 
@@ -92,3 +94,38 @@ def render_run(result: RunResult) -> str:
 
 def to_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+def render_perf_kvm_stat(result: RunResult, model: CostModel) -> str:
+    """`perf kvm stat report` layout, timed by the cost model (hypervisor/costs.py)."""
+    samples: dict[str, dict[str, int]] = {}
+    for vm in result.vms:
+        for reason, kinds in vm.exit_work.items():
+            for kind, n in kinds.items():
+                samples.setdefault(reason, {}).setdefault(kind, 0)
+                samples[reason][kind] += n
+    rows = []
+    for reason, kinds in samples.items():
+        n = sum(kinds.values())
+        costs = {k: model.microseconds(model.exit_cycles(reason, k)) for k in kinds}
+        total = sum(costs[k] * c for k, c in kinds.items())
+        mean = total / n
+        var = sum(c * (costs[k] - mean) ** 2 for k, c in kinds.items()) / n
+        rel = 100.0 * math.sqrt(var / n) / mean if mean else 0.0
+        rows.append((reason, n, total, min(costs.values()), max(costs.values()), mean, rel))
+    rows.sort(key=lambda r: (-r[1], r[0]))
+    all_samples = sum(r[1] for r in rows)
+    all_time = sum(r[2] for r in rows)
+    lines = [
+        "Analyze events for all VMs, all VCPUs:",
+        "",
+        f"{'VM-EXIT':>20} {'Samples':>10} {'Samples%':>9} {'Time%':>9} {'Min Time':>11} {'Max Time':>11} "
+        f"{'Avg time':>16}",
+        "",
+    ]
+    for reason, n, total, lo, hi, mean, rel in rows:
+        lines.append(f"{reason:>20} {n:>10} {100.0 * n / all_samples:>8.2f}% {100.0 * total / all_time:>8.2f}% "
+                     f"{lo:>9.2f}us {hi:>9.2f}us {mean:>11.2f}us ( +- {rel:6.2f}% )")
+    lines += ["", f"Total Samples:{all_samples}, Total events handled time:{all_time:.2f}us.",
+              f"(times from hvsim's cost model at {model.cpu_mhz} MHz, not measured: see hypervisor/costs.py)"]
+    return "\n".join(lines) + "\n"

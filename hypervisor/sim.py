@@ -94,12 +94,14 @@ class VmResult:
     notifier_calls: dict[str, int]
     error: str | None = None
     where: str | None = None
+    # exit reason -> what the host did for it -> count (for perf-kvm-stat's cost model)
+    exit_work: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "id": self.id, "image": self.image, "state": self.state, "exit_status": self.exit_status,
             "console": self.console, "insns": self.insns, "exits": self.exits, "stats": self.stats,
-            "notifier_calls": self.notifier_calls,
+            "notifier_calls": self.notifier_calls, "exit_work": self.exit_work,
         }
         if self.error is not None:
             d["error"] = self.error
@@ -215,6 +217,13 @@ def validate(config: SimConfig) -> None:
                           "Give fewer or smaller VMs.")
 
 
+def events_of_vm(trace: Callable[[str, dict[str, Any]], None], vm_id: int) -> Callable[[str, dict[str, Any]], None]:
+    def emit(event: str, fields: dict[str, Any]) -> None:
+        trace(event, {"vm": vm_id, **fields})
+
+    return emit
+
+
 def notifier_events_to(trace: Callable[[str, dict[str, Any]], None], vm_id: int) -> NotifierEventSink:
     def sink(callback: str, mm: HostMm, start: Hva, end: Hva) -> None:
         trace(f"mmu_notifier_{callback}", {"vm": vm_id, "start": start, "end": end})
@@ -255,9 +264,11 @@ class Simulation:
         self.insns: list[int] = []
         for i in range(config.vms):
             mm = HostMm(self.frames, self.profile, self.vmstat, f"vm{i}", self.ksm)
+            vm_trace = None
             if trace is not None:
                 mm.notifier_event_sink = notifier_events_to(trace, i)
-            vm = Vm(i, mm, self.profile, config.memory, trace)
+                vm_trace = mm.trace = events_of_vm(trace, i)
+            vm = Vm(i, mm, self.profile, config.memory, vm_trace)
             boot = loader.load(vm, image, config.cmdline, config.vms)
             if self.ksm is not None:
                 # The VMM marks guest RAM mergeable, as QEMU does with -machine mem-merge=on.
@@ -272,8 +283,16 @@ class Simulation:
         if self.ksm is not None:
             self.ksm.set_run(config.ksm.run)
         self.now = 0
+        # Who runs now, for trace attribution: ("vcpu", vm index) or ("ksmd", 0).
+        self.context: tuple[str, int] = ("vmm", 0)
+        self._running: UnicornVcpu | None = None
         self.interrupted = False
         self.on_slice: list[Callable[[Simulation], None]] = []
+
+    def clock(self) -> int:
+        """Simulated time now, in instructions retired, exact inside a time slice too."""
+        running = self._running
+        return self.now + (running.retired_in_slice if running is not None else 0)
 
     def runnable(self) -> list[int]:
         return [i for i, vm in enumerate(self.vms) if vm.vcpus[0].state is VcpuState.RUNNABLE]
@@ -302,11 +321,14 @@ class Simulation:
                 if budget <= 0:
                     vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions")
                     continue
+                self.context, self._running = ("vcpu", i), self.backends[i]
                 retired = self.backends[i].run(budget)
+                self._running = None
                 self.insns[i] += retired
                 self.now += retired
                 vcpu.insns = self.insns[i]
                 if ksm is not None:
+                    self.context = ("ksmd", 0)
                     while run_at and run_at[0][0] * cfg.insns_per_ms <= self.now:
                         ksm.set_run(run_at.pop(0)[1])
                     if ksm_period == 0:
@@ -315,6 +337,7 @@ class Simulation:
                         while next_ksm <= self.now:
                             ksm.ksmd_wakeup()
                             next_ksm += ksm_period
+                self.context = ("vmm", 0)
                 if self.checker is not None:
                     self.checker.end_of_slice()
                 for hook in self.on_slice:
@@ -335,9 +358,12 @@ class Simulation:
                 where = self.backends[i].describe_rip()
                 if vcpu.state is VcpuState.SHUTDOWN:
                     error = f"TRIPLE_FAULT: {error}"
+            work: dict[str, dict[str, int]] = {}
+            for (reason, kind), n in sorted(vcpu.exit_work.items()):
+                work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
                                 vcpu.console.decode("utf-8", "replace"), self.insns[i], exits, stats, calls,
-                                error, where))
+                                error, where, work))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,

@@ -332,6 +332,14 @@ class UnicornVcpu:
                 break
         return bytes(out)
 
+    @property
+    def retired_in_slice(self) -> int:
+        return int(self._icount.counter)
+
+    def instruction_at(self, rip: int) -> str:
+        code = self.peek_code(rip, 16)
+        return disassemble_one(code, rip) if code else "(not mapped)"
+
     def describe_rip(self) -> str:
         code = self.peek_code(self.rip, 16)
         insn = disassemble_one(code, self.rip) if code else "(not mapped)"

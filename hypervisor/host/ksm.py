@@ -374,6 +374,9 @@ class Ksm:
             return
         node = self.stable_tree_search(pfn, h)
         if node is not None:
+            if self.trace is not None:
+                self.trace("ksm_merge_with_ksm_page", {"mm": items.mm.name, "hva": items.hva(idx),
+                                                       "ksm_pfn": int(node.kpfn), "pfn": int(pfn)})
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, node.kpfn):
                 self._stable_tree_append(items, idx, node)
             return
@@ -397,8 +400,6 @@ class Ksm:
         new = self.stable_tree_insert(kpfn, h)
         self._stable_tree_append(tree_items, tree_idx, new)
         self._stable_tree_append(items, idx, new)
-        if self.trace is not None:
-            self.trace("ksm_merge_with_ksm_page", {"kpfn": int(kpfn), "pfn": int(pfn), "new_node": new.id})
 
     # --- stable tree ---------------------------------------------------------------------
 
@@ -603,7 +604,7 @@ class Ksm:
             if self.race_points:
                 self._race("ksm_after_replace_page", mm, hva)
             if self.trace is not None:
-                self.trace("ksm_merge_one_page", {"mm": mm.name, "hva": hva, "pfn": int(pfn), "kpfn": int(kpfn)})
+                self.trace("ksm_merge_one_page", {"mm": mm.name, "hva": hva, "ksm_pfn": int(kpfn), "pfn": int(pfn)})
             return True
         finally:
             if wrap:

@@ -1,0 +1,119 @@
+"""The two Unicorn baselines, with no hvsim logic in them.
+
+* `RawUnicorn`: what Unicorn itself does with the guest code: all guest memory
+  mapped up front with `mem_map` (Unicorn's own MMU, no Python hooks), time sliced
+  with Unicorn's own `count=` at the same quantum as hvsim.  Target 1's baseline.
+* `BareTlbUnicorn`: the same virtual-TLB setup hvsim uses (one `mem_map_ptr` over
+  a FramePool-sized buffer allocated as hvsim allocates its frames), whose
+  UC_HOOK_TLB_FILL callback in Python only fills the entry (identity, all
+  permissions): no page walk, no sptes, no KVM.  The floor of this design for
+  target 2 and for refills of mapped pages.
+"""
+
+from typing import Any
+
+import numpy as np
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_INSN,
+    UC_HOOK_TLB_FILL,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_TLB_VIRTUAL,
+    Uc,
+)
+from unicorn import x86_const as x86
+
+from hypervisor.host.frames import FramePool
+from hypervisor.types import PAGE_SIZE
+
+from .guests import IMAGE_BASE, STACK_TOP
+
+# Never reached by the guests: the same end address hvsim passes to emu_start.
+UNTIL = 0xFFFF_FFFF_FFFF_F000
+EXIT_PORT = 0xF4
+
+
+class BenchmarkError(RuntimeError):
+    """A workload did not do what the benchmark relies on (a guest failed, a phase ended early)."""
+
+
+class RawUnicorn:
+    """The guest code on plain Unicorn: memory pre-mapped, `count=` time slices."""
+
+    def __init__(self, image: bytes, memory: int) -> None:
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.mem_map(0, memory)
+        uc.mem_write(IMAGE_BASE, image)
+        uc.reg_write(x86.UC_X86_REG_RSP, STACK_TOP)
+        self.uc = uc
+        self.rip = IMAGE_BASE
+
+    def run(self, insns: int, quantum: int) -> None:
+        """Exactly `insns` instructions, in slices of `quantum` (the guest must not stop)."""
+        uc = self.uc
+        left = insns
+        while left > 0:
+            n = min(quantum, left)
+            uc.emu_start(self.rip, UNTIL, count=n)
+            self.rip = uc.reg_read(x86.UC_X86_REG_RIP)
+            left -= n
+
+
+class BareTlbUnicorn:
+    """Virtual-TLB Unicorn whose Python TLB-fill hook does nothing but fill (identity map)."""
+
+    def __init__(self, image: bytes, memory: int) -> None:
+        # Allocated as hvsim allocates host memory, so both see the same host page-fault costs.
+        self.frames = FramePool(memory // PAGE_SIZE)
+        self.frames.data[IMAGE_BASE : IMAGE_BASE + len(image)] = np.frombuffer(image, dtype=np.uint8)
+        self.memory = memory
+        self.fills = 0
+        self.exited = False
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.mem_map_ptr(0, memory, UC_PROT_ALL, self.frames.data.ctypes.data)
+        uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
+        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.reg_write(x86.UC_X86_REG_RSP, STACK_TOP)
+        self.uc = uc
+        self.rip = IMAGE_BASE
+
+    def _fill(self, uc: Any, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
+        self.fills += 1
+        if vaddr < self.memory:
+            entry.paddr = vaddr & ~(PAGE_SIZE - 1)
+            entry.perms = UC_PROT_ALL
+        else:  # the page of `until - 1`, which Unicorn translates when a run ends
+            entry.paddr = 0
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC
+        return True
+
+    def _out(self, uc: Any, port: int, size: int, value: int, _ud: object) -> None:
+        if port == EXIT_PORT:
+            self.exited = True
+            uc.emu_stop()
+
+    def run(self, insns: int, quantum: int) -> None:
+        """Exactly `insns` instructions in `count=` slices (the guest must not exit meanwhile)."""
+        uc = self.uc
+        left = insns
+        while left > 0:
+            n = min(quantum, left)
+            uc.emu_start(self.rip, UNTIL, count=n)
+            self.rip = uc.reg_read(x86.UC_X86_REG_RIP)
+            left -= n
+            if self.exited:
+                raise BenchmarkError("the guest exited before the phase ended")
+
+    def run_to_exit(self, quantum: int, limit: int) -> None:
+        uc = self.uc
+        done = 0
+        while not self.exited:
+            if done >= limit:
+                raise BenchmarkError(f"the guest did not exit within {limit} instructions")
+            uc.emu_start(self.rip, UNTIL, count=quantum)
+            self.rip = uc.reg_read(x86.UC_X86_REG_RIP)
+            done += quantum

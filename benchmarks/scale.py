@@ -1,0 +1,156 @@
+"""Target 4: many VMs of the identical-kernels guest, run until KSM has converged.
+
+Runs in a child process of its own (`python -m benchmarks.scale PARAMS_JSON`) so
+that its peak RSS (getrusage ru_maxrss) is this experiment's alone.  The guest is
+the bundled `kernels` image with the kernel filling all of guest memory but its
+private and untouched pages; ksmd runs from the start.  The run is interrupted at
+convergence: the end of a full scan that left pages_shared and pages_sharing as
+the previous full scan left them, with every kernel page merged
+(pages_sharing >= kernel pages x (VMs - 1)).
+
+Reported: wall time (setup, run, and the part of the run spent in ksmd), peak
+RSS against the guest memory actually touched, and the simulator's metadata per
+guest page counted on the live objects after the run (benchmarks/memory.py).
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+from hypervisor.guest.layout import HEAP_START_GPA
+from hypervisor.sim import GUEST_IMAGES, KsmConfig, SimConfig, Simulation
+from hypervisor.types import PAGE_SIZE
+
+from .baselines import BenchmarkError
+from .common import REPO_ROOT, Figure, Target, at_most, ratio
+from .memory import count_metadata
+
+PRIVATE_PAGES = 16
+UNTOUCHED_PAGES = 8  # the kernels guest leaves these at the end of its heap
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int, spin: int,
+             wall_budget: float) -> dict[str, Any]:
+    """The experiment itself (in this process)."""
+    rss_start = _max_rss_bytes()
+    memory = memory_mib << 20
+    guest_pages = memory // PAGE_SIZE
+    kernel = guest_pages - HEAP_START_GPA // PAGE_SIZE - PRIVATE_PAGES - UNTOUCHED_PAGES
+    cfg = SimConfig(
+        image=str(GUEST_IMAGES / "kernels.bin"), memory=memory, vms=vms,
+        cmdline=f"kernel={kernel} private={PRIVATE_PAGES} passes=1000000000 spin={spin}",
+        max_insns=1 << 62,
+        ksm=KsmConfig(enabled=True, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_millisecs),
+    )
+    t0 = time.perf_counter()
+    sim = Simulation(cfg)
+    t_setup = time.perf_counter() - t0
+    ksm = sim.ksm
+    assert ksm is not None
+    expected_sharing = kernel * (vms - 1)
+    state: dict[str, Any] = {"ksmd_seconds": 0.0, "wakeups": 0, "max_allocated": 0, "last": None,
+                             "converged": False, "scans_seen": ksm.seqnr}
+    real_wakeup = ksm.ksmd_wakeup
+
+    def timed_wakeup() -> None:  # the scheduler calls ksm.ksmd_wakeup(); time what ksmd does
+        w0 = time.perf_counter()
+        real_wakeup()
+        state["ksmd_seconds"] += time.perf_counter() - w0
+        state["wakeups"] += 1
+
+    ksm.ksmd_wakeup = timed_wakeup  # type: ignore[method-assign]
+    run_start = time.perf_counter()
+
+    def on_slice(s: Simulation) -> None:
+        state["max_allocated"] = max(state["max_allocated"], s.frames.allocated)
+        if ksm.seqnr != state["scans_seen"]:
+            state["scans_seen"] = ksm.seqnr
+            c = ksm.counters()
+            key = (c["pages_shared"], c["pages_sharing"])
+            if key == state["last"] and c["pages_sharing"] >= expected_sharing:
+                state["converged"] = True
+                s.interrupted = True
+            state["last"] = key
+        if time.perf_counter() - run_start > wall_budget:
+            s.interrupted = True
+
+    sim.on_slice.append(on_slice)
+    result = sim.run()
+    t_run = time.perf_counter() - run_start
+    if result.errors:
+        raise BenchmarkError(f"kernels guests failed: {result.errors}")
+    rss_peak = _max_rss_bytes()
+    meta = count_metadata(sim, sim.frames.data).per_page(vms * guest_pages)
+    counters = result.ksm or {}
+    touched = state["max_allocated"] * PAGE_SIZE
+    return {
+        "vms": vms, "memory_mib": memory_mib, "guest_pages": vms * guest_pages, "kernel_pages_per_vm": kernel,
+        "pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_millisecs, "spin": spin,
+        "converged": state["converged"], "wall_budget_s": wall_budget,
+        "setup_s": t_setup, "run_s": t_run, "wall_s": t_setup + t_run, "ksmd_s": state["ksmd_seconds"],
+        "ksmd_wakeups": state["wakeups"], "sim_insns": result.sim_insns,
+        "sim_ms": result.sim_insns / cfg.insns_per_ms, "full_scans": counters.get("full_scans"),
+        "expected_pages_sharing": expected_sharing, "ksm": counters,
+        "rss_at_start_bytes": rss_start, "rss_peak_bytes": rss_peak, "rss_now_bytes": _current_rss_bytes(),
+        "frames_peak_allocated": state["max_allocated"], "guest_memory_touched_bytes": touched,
+        "metadata": meta,
+    }
+
+
+def run_child(params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run the experiment in a fresh interpreter; its JSON result comes back on stdout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", json.dumps(params)], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise BenchmarkError(f"scale child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def figures(d: dict[str, Any]) -> list[Figure]:
+    vms, mib = d["vms"], d["memory_mib"]
+    name = f"{vms} VMs x {mib} MiB kernels, to KSM convergence"
+    conv = "converged" if d["converged"] else f"NOT converged within {d['wall_budget_s']:.0f} s"
+    wall = Figure("scale_wall", "4a", f"scale: {name}: wall time", d["wall_s"], "s", None, "", None,
+                  [Target("KSM converged", d["converged"])], {k: v for k, v in d.items() if k != "metadata"},
+                  f"{conv}; setup {d['setup_s']:.1f} s, ksmd {d['ksmd_s']:.1f} s of the run, "
+                  f"{d['full_scans']} full scans, {d['sim_ms']:.0f} simulated ms")
+    peak_mib = d["rss_peak_bytes"] / 2**20
+    touched_mib = d["guest_memory_touched_bytes"] / 2**20
+    rss = Figure("scale_rss", "4b", "scale: peak RSS (baseline: guest memory touched)", peak_mib, "MiB",
+                 touched_mib, "frames touched", ratio(peak_mib, touched_mib), [],
+                 {"rss_at_start_mib": d["rss_at_start_bytes"] / 2**20}, "information")
+    meta = d["metadata"]
+    per_page = meta["arrays_bytes_per_page"]
+    md = Figure("scale_metadata", "4c", "scale: metadata per guest page (numpy arrays)", per_page, "B/page",
+                64.0, "Linux rmap_item", ratio(per_page, 64.0), [at_most(per_page, 64, "<= 64 B/page")], meta,
+                f"plus {meta['python_bytes_per_page']:.1f} B/page of Python objects")
+    return [wall, rss, md]
+
+
+def main(argv: list[str]) -> int:
+    params = json.loads(argv[0])
+    print(json.dumps(run_here(**params)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,42 @@
+"""The bundled guests and their --cmdline parameters, read from the header comments of their sources."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_PARAM = re.compile(r"^#\s+(\w+)=(\S+)\s+(.*?)\s*\(default ([^);]*)")
+_TITLE = re.compile(r"^#\s*(\w+)\s+-\s+(.*)$")
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    name: str
+    image: Path
+    summary: str
+    params: tuple[tuple[str, str, str], ...]  # (name, default, description)
+
+
+def bundled_guests(directory: Path) -> list[GuestInfo]:
+    out = []
+    for source in sorted(directory.glob("*.S")):
+        if source.name == "lib.S":
+            continue
+        lines = source.read_text().splitlines()
+        summary = ""
+        params = []
+        in_title = False
+        for line in lines:
+            if not line.startswith("#"):
+                break
+            title = _TITLE.match(line)
+            if title and not summary:
+                summary, in_title = title.group(2), True
+            elif in_title and line.strip() != "#":
+                summary += " " + line[1:].strip()
+            else:
+                in_title = False
+            param = _PARAM.match(line)
+            if param:
+                params.append((param.group(1), param.group(4).strip(), param.group(3)))
+        out.append(GuestInfo(source.stem, source.with_suffix(".bin"), summary, tuple(params)))
+    return out
