@@ -29,6 +29,7 @@ from .errors import InvariantViolation
 from .host.frames import ZERO_PFN
 from .host.ksm import page_hash
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
+from .trace import format_fields
 from .types import PAGE_SHIFT, Gfn
 
 if TYPE_CHECKING:
@@ -66,10 +67,9 @@ class CoherenceChecker:
         self.check(strict_refcount=True)
 
     def _record(self, event: str, fields: dict[str, Any]) -> None:
-        now = self.sim.now if self.sim is not None else 0
-        text = " ".join(f"{k}={v:#x}" if isinstance(v, int) and k in ("hva", "gpa", "start", "end") else f"{k}={v}"
-                        for k, v in fields.items())
-        self.ring.append(f"[{now}] {event} {text}".rstrip())
+        now = self.sim.clock() if self.sim is not None else 0
+        who = f"vm{fields['vm']} " if "vm" in fields and not event.startswith("mmu_notifier_") else ""
+        self.ring.append(f"[insn {now}] {who}{event}: {format_fields(event, fields)}".rstrip())
 
     # --- the invariants --------------------------------------------------------------------
 
