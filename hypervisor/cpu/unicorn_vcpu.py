@@ -61,6 +61,8 @@ _PTE_PS = 1 << 7
 _PTE_ADDR = 0x000F_FFFF_FFFF_F000
 _SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
 _LEVEL_SHIFTS = (39, 30, 21, 12)
+_SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
+_SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
 _CR0_PE = 1 << 0
 _CR0_WP = 1 << 16
@@ -104,6 +106,9 @@ class UnicornVcpu:
         self._exec_seen = frames.exec_seen
         self._code_epoch = frames.code_epoch
         self._stop_note: str | None = None
+        # Paging-structure cache: 2 MiB region of gva -> (base gpa, large page, writable).
+        self._pscache: dict[int, tuple[int, bool, bool]] = {}
+        self._guest_writable = True
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
@@ -137,7 +142,9 @@ class UnicornVcpu:
     # --- VcpuBackend -----------------------------------------------------------------
 
     def flush_tlb(self) -> None:
+        """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._pscache.clear()
 
     # --- running ---------------------------------------------------------------------
 
@@ -152,7 +159,11 @@ class UnicornVcpu:
         ic.counter = 0
         ic.limit = max_insns
         self._stop_note = None
-        self._cr3 = self.uc.reg_read(x86.UC_X86_REG_CR3)
+        cr3 = self.uc.reg_read(x86.UC_X86_REG_CR3)
+        if cr3 != self._cr3:
+            # The guest loaded CR3 (seen at slice granularity): its cached walks are stale.
+            self._cr3 = cr3
+            self._pscache.clear()
         error: UcError | None = None
         try:
             self.uc.emu_start(self.rip, UNTIL)
@@ -190,9 +201,14 @@ class UnicornVcpu:
     def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
         write = access == UC_MEM_WRITE
         try:
-            gpa, guest_writable = self._walk(vaddr, write)
+            gpa = self._walk(vaddr, write)
             gfn = gpa >> PAGE_SHIFT
-            spte = self._ept(gfn, write, access == UC_MEM_FETCH)
+            sptes = self._sptes
+            spte = int(sptes[gfn]) if gfn < sptes.shape[0] else 0
+            # Fast path: a present spte that permits the access, with its A (and D) bits set.
+            wanted = _SPTE_RA | (_SPTE_WD if write else 0)
+            if spte & wanted != wanted:
+                spte = self._ept(gfn, write, access == UC_MEM_FETCH)
         except _GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
                 entry.paddr = 0
@@ -206,7 +222,7 @@ class UnicornVcpu:
             return False
         pfn = (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
-        if spte & SPTE_WRITABLE and guest_writable:
+        if spte & SPTE_WRITABLE and self._guest_writable:
             entry.perms = UC_PROT_ALL
         else:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
@@ -232,27 +248,52 @@ class UnicornVcpu:
             sptes[gfn] = spte
         return spte
 
-    def _walk(self, gva: int, write: bool) -> tuple[int, bool]:
-        """gva -> (gpa, writable by the guest's tables); page-table reads go through the EPT."""
+    def _walk(self, gva: int, write: bool) -> int:
+        """gva -> gpa through the guest's 4-level tables; sets _guest_writable.
+
+        The upper levels (PML4E, PDPTE, PDE) of each 2 MiB region are cached, as the
+        hardware's paging-structure caches do, until the next TLB flush or CR3 change;
+        every read of a guest page-table page that is not cached goes through the EPT.
+        """
+        upper = self._pscache.get(gva >> 21)
+        if upper is None:
+            upper = self._pscache[gva >> 21] = self._walk_upper(gva)
+        table, large, writable = upper
+        if large:
+            gpa = table | (gva & 0x1F_FFFF)
+        else:
+            pte_gpa = table + (((gva >> 12) & 511) << 3)
+            spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
+            pte = int(self._qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
+            if not pte & _PTE_P:
+                raise _GuestFault("#PF page not present")
+            writable = writable and bool(pte & _PTE_RW)
+            gpa = (pte & _PTE_ADDR) | (gva & (PAGE_SIZE - 1))
+        if write and not writable:
+            raise _GuestFault("#PF write to a read-only page")
+        self._guest_writable = writable
+        return gpa
+
+    def _walk_upper(self, gva: int) -> tuple[int, bool, bool]:
+        """PML4E -> PDPTE -> PDE: (base gpa of the 2 MiB region or of its page table, large, writable)."""
         if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
             raise _GuestFault("#GP non-canonical address")
         table = self._cr3 & _PTE_ADDR
         writable = True
         qwords = self._qwords
-        for shift in _LEVEL_SHIFTS:
+        for shift in (39, 30, 21):
             pte_gpa = table + (((gva >> shift) & 511) << 3)
             spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
             pte = int(qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
             if not pte & _PTE_P:
                 raise _GuestFault("#PF page not present")
             writable = writable and bool(pte & _PTE_RW)
-            if shift in (30, 21) and pte & _PTE_PS:
+            if shift != 39 and pte & _PTE_PS:
                 size_mask = (1 << shift) - 1
-                return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask), writable
+                base = (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask & ~0x1F_FFFF)
+                return base, True, writable
             table = pte & _PTE_ADDR
-        if write and not writable:
-            raise _GuestFault("#PF write to a read-only page")
-        return table | (gva & (PAGE_SIZE - 1)), writable
+        return table, False, writable
 
     def _rip_for_trace(self) -> int:
         if self.vcpu.vm.trace is None:

@@ -40,6 +40,8 @@ class FramePool:
         # frame (reuse, copy) must invalidate translated code, announced by code_epoch.
         self.exec_seen = np.zeros(nr_frames, dtype=np.bool_)
         self.code_epoch = 0
+        # calloc'd frames are zero until first used: only a reused frame needs clearing.
+        self.ever_used = np.zeros(nr_frames, dtype=np.bool_)
         # Deterministic allocation: a LIFO free list, lowest pfns handed out first.
         self._free = list(range(nr_frames - 1, 0, -1))
         self.allocated = 0
@@ -58,8 +60,9 @@ class FramePool:
         pfn = Pfn(self._free.pop())
         self.refcount[pfn] = 1
         self.allocated += 1
-        if zero:
+        if zero and self.ever_used[pfn]:
             self.frames[pfn].fill(0)
+        self.ever_used[pfn] = True
         self.note_content_change(pfn)
         return pfn
 

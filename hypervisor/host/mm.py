@@ -272,26 +272,30 @@ class HostMm:
     # --- faults ----------------------------------------------------------------------
 
     def handle_mm_fault(self, hva: Hva, write: bool) -> None:
-        self.nr_faults += 1
         vma = self._vma_or_segv(hva)
-        pte = int(vma.ptes[vma.index(hva)])
+        self._handle_mm_fault(vma, vma.index(hva), hva, write)
+
+    def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool) -> None:
+        self.nr_faults += 1
+        pte = int(vma.ptes[idx])
         if not pte_present(pte):
             self.do_anonymous_page(vma, hva, write)
         elif write and not pte_write(pte):
             self.do_wp_page(vma, hva, pte)
         else:
             # The fault raced with another that already fixed the pte, or a young bit.
-            vma.ptes[vma.index(hva)] = pte | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+            vma.ptes[idx] = pte | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
 
     def do_anonymous_page(self, vma: Vma, hva: Hva, write: bool) -> None:
         """A fresh pte from none needs no notification: no secondary MMU can map it yet."""
+        idx = vma.index(hva)
         if not write:
-            self.set_pte_at(hva, mk_pte(ZERO_PFN, writable=False, special=True))
+            vma.ptes[idx] = mk_pte(ZERO_PFN, writable=False, special=True)
             return
         pfn = self.frames.alloc_page()
         # The allocation reference becomes the mapping's reference.
         self.frames.mapcount[pfn] = 1
-        self.set_pte_at(hva, mk_pte(pfn, writable=True, dirty=True))
+        vma.ptes[idx] = mk_pte(pfn, writable=True, dirty=True)
 
     def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> None:
         """Write fault on a present read-only pte: reuse the page if we own it, else copy it."""
@@ -334,11 +338,12 @@ class HostMm:
         vma = self._vma_or_segv(hva)
         idx = vma.index(hva)
         pte = int(vma.ptes[idx])
-        if not pte_present(pte) or (write and not pte_write(pte)):
-            self.handle_mm_fault(hva, write)
+        if not pte & _PAGE_PRESENT or (write and not pte & _PAGE_RW):
+            self._handle_mm_fault(vma, idx, hva, write)
             pte = int(vma.ptes[idx])
-        pfn = pte_pfn(pte)
-        self.frames.get_page(pfn)
+        pfn = Pfn(pte >> PAGE_SHIFT)
+        if pfn != ZERO_PFN:
+            self.frames.refcount[pfn] += 1
         return pfn
 
     def get_user_pages_fast_only(self, hva: Hva, write: bool) -> Pfn | None:
