@@ -261,41 +261,61 @@ class Ksm:
             self.ksm_do_scan(self.pages_to_scan)
 
     def ksm_do_scan(self, scan_npages: int) -> None:
+        """Scan up to scan_npages pages, in cursor order, in batches of consecutive present pages.
+
+        A batch is vectorised where the kernel does nothing per page (a page already
+        merged into the KSM page its rmap_item names) and its content hashes are taken
+        in one numpy pass; every other page goes through cmp_and_merge_page one at a
+        time, in address order, exactly as the per-page loop would.
+        """
         if self.trace is not None:
             self.trace("ksm_start_scan", {"seq": self.seqnr, "rmap_items": self.rmap_items})
-        for _ in range(scan_npages):
-            got = self.scan_get_next_rmap_item()
-            if got is None:
+        budget = scan_npages
+        while budget > 0:
+            batch = self._next_batch(budget)
+            if batch is None:
                 break
-            items, idx, pfn = got
-            self.pages_scanned += 1
-            in_stable = bool(items.flags[idx] & STABLE_FLAG)
-            if not self.profile.ksm_merge_allocates_kpage or not self.frames.page_ksm(pfn) or not in_stable:
-                self.cmp_and_merge_page(items, idx, pfn)
-            elif int(self.frames.mapcount[pfn]) == 1:
-                # 2.6.32: a KSM page no longer shared is unmerged, its checksum restarted.
-                hva = items.hva(idx)
-                self.break_cow(items.mm, hva)
-                self.remove_rmap_item_from_tree(items, idx)
-                pte_pfn_now = self._follow_page(items.mm, hva)
-                if pte_pfn_now is not None:
-                    items.oldchecksum[idx] = checksum_of_hash(
-                        int(page_hash(self.frames, np.array([pte_pfn_now]))[0]))
+            items, idxs, pfns = batch
+            budget -= idxs.size
+            self.pages_scanned += int(idxs.size)
+            self._scan_batch(items, idxs, pfns)
         if self.trace is not None:
             self.trace("ksm_stop_scan", {"seq": self.seqnr, "rmap_items": self.rmap_items})
 
-    def _follow_page(self, mm: "HostMm", hva: Hva) -> Pfn | None:
-        """follow_page() of an anonymous page: None for no pte or the zero page."""
-        vma = mm.find_vma(hva)
-        if vma is None:
-            return None
-        pte = int(vma.ptes[vma.index(hva)])
-        if not pte_present(pte) or pte_special(pte):
-            return None
-        return pte_pfn(pte)
+    def _scan_batch(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
+        frames = self.frames
+        flags = items.flags[idxs]
+        in_stable = (flags & STABLE_FLAG) != 0
+        page_node = frames.stable_node[pfns]
+        if self.profile.ksm_merge_allocates_kpage:
+            # 2.6.32's ksm_do_scan: a KSM page in the stable tree is left alone unless it is
+            # mapped only once, and then it is unmerged.
+            settled = in_stable & (page_node >= 0)
+            single = settled & (frames.mapcount[pfns] == 1)
+            work = np.flatnonzero(~settled | single)
+        else:
+            single = np.zeros(idxs.size, dtype=np.bool_)
+            work = np.flatnonzero(~(in_stable & (page_node > 0) & (items.node[idxs] == page_node)))
+        if work.size == 0:
+            return
+        hashes = page_hash(frames, pfns[work])
+        for pos, h in zip(work.tolist(), hashes.tolist(), strict=True):
+            idx, pfn = int(idxs[pos]), Pfn(int(pfns[pos]))
+            if single[pos]:
+                hva = items.hva(idx)
+                self.break_cow(items.mm, hva)
+                self.remove_rmap_item_from_tree(items, idx)
+                items.oldchecksum[idx] = checksum_of_hash(h)  # the content did not change
+            else:
+                self.cmp_and_merge_page(items, idx, pfn, h)
 
-    def scan_get_next_rmap_item(self) -> tuple[VmaItems, int, Pfn] | None:
-        """Advance the cursor to the next present anonymous page and return its rmap_item."""
+    def _next_batch(self, budget: int) -> tuple[VmaItems, npt.NDArray[np.intp], npt.NDArray[np.int64]] | None:
+        """scan_get_next_rmap_item() for up to `budget` consecutive pages of one VMA.
+
+        Items of pages the cursor passes over (no longer present, or the zero page) are
+        freed on the way, as get_next_rmap_item does; a batch stops before such an item
+        so that its removal keeps its place in the order of events.
+        """
         cur = self.cursor
         if not self.slots:
             return None
@@ -316,31 +336,51 @@ class Ksm:
                 cur.address = 0
                 continue
             vma = items.vma
-            ptes = vma.ptes
-            n = ptes.shape[0]
             start = max(0, (cur.address - vma.start) >> PAGE_SHIFT)
-            window = ptes[start:]
+            window = vma.ptes[start:]
             # present (bit 0) and not special (bit 9): an anonymous page with a struct page
-            anon = np.flatnonzero((window & 1).astype(bool) & ~((window >> 9) & 1).astype(bool))
-            stop = n if anon.size == 0 else start + int(anon[0])
-            # get_next_rmap_item(): items for pages passed over are removed and freed.
-            for off in np.flatnonzero(items.has_item[start:stop]):
-                self._free_item(items, start + int(off))
-            if anon.size == 0:
-                cur.address = vma.end
-                continue
-            idx = stop
-            cur.address = vma.start + ((idx + 1) << PAGE_SHIFT)
-            if not items.has_item[idx]:
-                items.has_item[idx] = True
-                items.flags[idx] = 0
-                items.oldchecksum[idx] = 0
-                self.rmap_items += 1
-            elif items.flags[idx] & UNSTABLE_FLAG:
+            anon = ((window & 1) != 0) & ((window & (1 << 9)) == 0)
+            stale = items.has_item[start:] & ~anon
+            first = np.flatnonzero(anon)
+            first_stale = np.flatnonzero(stale)
+            if first.size == 0 or (first_stale.size and first_stale[0] < first[0]):
+                # Free the items passed over up to the next present page (or the VMA's end).
+                stop = window.shape[0] if first.size == 0 else int(first[0])
+                for off in first_stale[first_stale < stop].tolist():
+                    self._free_item(items, start + off)
+                if first.size == 0:
+                    cur.address = vma.end
+                    continue
+            begin = int(first[0])
+            later_stale = first_stale[first_stale > begin]
+            limit = int(later_stale[0]) if later_stale.size else window.shape[0]
+            offs = first[first < limit][:budget]
+            idxs = start + offs
+            cur.address = vma.start + ((int(idxs[-1]) + 1) << PAGE_SHIFT)
+            fresh = ~items.has_item[idxs]
+            if fresh.any():
+                new = idxs[fresh]
+                items.has_item[new] = True
+                items.flags[new] = 0
+                items.oldchecksum[new] = 0
+                self.rmap_items += int(new.size)
+            unstable = (items.flags[idxs] & UNSTABLE_FLAG) != 0
+            if unstable.any():
                 # Unstable membership is per pass: drop it (the tree itself was reset).
-                items.flags[idx] = int(items.flags[idx]) & STABLE_FLAG
-                self.unshared -= 1
-            return items, idx, Pfn(int(ptes[idx]) >> PAGE_SHIFT)
+                seen = idxs[unstable]
+                items.flags[seen] &= np.uint8(STABLE_FLAG)
+                self.unshared -= int(seen.size)
+            return items, idxs, window[offs] >> PAGE_SHIFT
+
+    def _follow_page(self, mm: "HostMm", hva: Hva) -> Pfn | None:
+        """follow_page() of an anonymous page: None for no pte or the zero page."""
+        vma = mm.find_vma(hva)
+        if vma is None:
+            return None
+        pte = int(vma.ptes[vma.index(hva)])
+        if not pte_present(pte) or pte_special(pte):
+            return None
+        return pte_pfn(pte)
 
     def _free_item(self, items: VmaItems, idx: int) -> None:
         self.remove_rmap_item_from_tree(items, idx)
@@ -361,13 +401,13 @@ class Ksm:
 
     # --- cmp_and_merge_page ------------------------------------------------------------
 
-    def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn) -> None:
+    def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn, h: int) -> None:
+        """`h` is the page's content hash (taken by the caller, batched)."""
         frames = self.frames
         node_id = int(frames.stable_node[pfn]) if pfn != ZERO_PFN else -1
         if node_id > 0 and items.flags[idx] & STABLE_FLAG and int(items.node[idx]) == node_id:
             return  # already merged into this KSM page: nothing to do
         self.remove_rmap_item_from_tree(items, idx)
-        h = int(page_hash(frames, np.array([pfn]))[0])
         if node_id > 0 and node_id in self.nodes:
             # A KSM page that lost its rmap_item (e.g. a forked mapping): re-append.
             self._stable_tree_append(items, idx, self.nodes[node_id])
