@@ -24,7 +24,6 @@ from .host.frames import FRAME_SLACK, FramePool
 from .host.ksm import Ksm
 from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
 from .host.mmu_notifier import NotifierEventSink
-from .kvm.exits import ExitReason
 from .kvm.vcpu import VcpuState
 from .kvm.vm import GUEST_RAM_HVA, Vm
 from .profiles import Profile, get_profile
@@ -371,6 +370,3 @@ class Simulation:
                          self.checker.checks if self.checker is not None else None,
                          dict(self.injector.fired) if self.injector is not None else None)
 
-
-def exit_reason_names() -> list[str]:
-    return [r.name for r in ExitReason]

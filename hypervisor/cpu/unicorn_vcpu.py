@@ -386,9 +386,5 @@ class UnicornVcpu:
         insn = disassemble_one(code, self.rip) if code else "(not mapped)"
         return f"RIP {self.rip:#x}: {insn}"
 
-    def registers(self) -> dict[str, int]:
-        names = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RSP", "RBP", "RIP")
-        return {n.lower(): int(self.uc.reg_read(getattr(x86, f"UC_X86_REG_{n}"))) for n in names}
-
 
 __all__ = ["UnicornVcpu"]

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from ..host.mm import HostMm, pte_pfn, pte_write
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
-from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva, Pfn
+from ..types import PAGE_SIZE, Gfn, Hva, Pfn
 from .spte import (
     SPTE_DIRTY,
     SPTE_NONPRESENT,
@@ -213,14 +213,5 @@ class TdpMmu:
     def _mn_release(self, mn: MmuNotifier, mm: HostMm) -> None:
         self.zap_all()
 
-    # --- queries for reports and invariant checks --------------------------------------
 
-    def gfn_hva(self, gfn: Gfn) -> Hva | None:
-        slot = self.vm.memslots.gfn_to_memslot(gfn)
-        return None if slot is None else slot.gfn_to_hva(gfn)
-
-    def present_gfns(self) -> npt.NDArray[np.intp]:
-        return np.flatnonzero(self.sptes)
-
-
-__all__ = ["PAGE_SHIFT", "FaultResult", "RacePoint", "TdpMmu"]
+__all__ = ["FaultResult", "RacePoint", "TdpMmu"]
