@@ -13,6 +13,7 @@ pass reloads CR3, so every page is one TLB fill on a present spte, no exit.  It
 isolates the TLB-fill hook (walk + EPT lookup) from the fault path.
 """
 
+import cProfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,19 @@ def memory_for(pages: int) -> int:
     return max(4 << 20, HEAP + pages * 4096)
 
 
-def hvsim_storm(workdir: Path, n_pages: int, quantum: int) -> dict[str, float]:
+def hvsim_storm(workdir: Path, n_pages: int, quantum: int, profiler: cProfile.Profile | None = None
+                ) -> dict[str, float]:
     """Simulation.run() of the touch guest; EPT_VIOLATION exits per second, everything included."""
     vms, per_vm = vm_split(n_pages)
     image = write_image(workdir, "touch", per_vm)
     sim = Simulation(SimConfig(image=str(image), memory=memory_for(per_vm), vms=vms, quantum=quantum))
+    if profiler is not None:
+        profiler.enable()
     t0 = time.perf_counter()
     result = sim.run()
     seconds = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
     bad = [v for v in result.vms if v.exit_status != 0]
     if bad or result.errors:
         raise BenchmarkError(f"touch guest failed: {result.errors or [v.state for v in bad]}")
@@ -78,7 +84,8 @@ def _run_exact(backend: UnicornVcpu, insns: int, quantum: int) -> None:
         left -= n
 
 
-def hvsim_refill(workdir: Path, n_pages: int, passes: int, quantum: int) -> dict[str, float]:
+def hvsim_refill(workdir: Path, n_pages: int, passes: int, quantum: int, profiler: cProfile.Profile | None = None
+                 ) -> dict[str, float]:
     """TLB fills per second on present sptes: the read passes, driven slice by slice on the vCPU backend."""
     image = write_image(workdir, "touch", n_pages, passes)
     sim = Simulation(SimConfig(image=str(image), memory=memory_for(n_pages), quantum=quantum))
@@ -87,9 +94,13 @@ def hvsim_refill(workdir: Path, n_pages: int, passes: int, quantum: int) -> dict
     if backend.rip != TOUCH_LABEL_2:
         raise BenchmarkError(f"write phase ended at {backend.rip:#x}, not {TOUCH_LABEL_2:#x}")
     exits0 = sim.vms[0].vcpus[0].stats.exits
+    if profiler is not None:
+        profiler.enable()
     t0 = time.perf_counter()
     _run_exact(backend, passes * touch_read_pass_insns(n_pages), quantum)
     seconds = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
     extra = sim.vms[0].vcpus[0].stats.exits - exits0
     fills = passes * n_pages
     return {"fills": fills, "seconds": seconds, "rate": fills / seconds, "exits_during_refill": extra}

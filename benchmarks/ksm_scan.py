@@ -9,11 +9,12 @@ With pages_to_scan covering every page, one ksm_do_scan is one full pass:
 * pass 2, "merging": checksums unchanged, pairs meet in the unstable tree and merge;
 * pass 3+, "merged": nothing changed, every page is already in the stable tree.
 
-The limit is numpy's throughput computing hvsim's own page hash (host/ksm.py
-page_hash) over the same frames, in batches (the best of a few batch sizes): a
-scan that must read every page cannot beat it.
+The limit is numpy's best throughput computing the same page hash as
+host/ksm.py's page_hash over the same frames (see numpy_limit): a scan that must
+read every page cannot beat it.
 """
 
+import cProfile
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hypervisor.host.frames import FRAME_SLACK, FramePool
-from hypervisor.host.ksm import Ksm, page_hash
+from hypervisor.host.ksm import _HASH_MULT, _HASH_SALT, Ksm, page_hash
 from hypervisor.host.mm import MADV_MERGEABLE, HostMm, Vmstat
 from hypervisor.profiles import get_profile
 from hypervisor.types import PAGE_SHIFT, PAGE_SIZE, Hva
@@ -33,16 +34,17 @@ MAX_PAGES_PER_MM = 65_536
 AREA = Hva(0x7F00_0000_0000)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
-LIMIT_BATCHES = (16, 32, 64)
+LIMIT_BATCHES = (32, 64, 128)
 
 
 def content(classes: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
     """Page contents, a deterministic function of the content class (splitmix-like, one row per page)."""
-    with np.errstate(over="ignore"):
-        x = (classes.astype(np.uint64)[:, None] * np.uint64(512) + np.arange(1, 513, dtype=np.uint64)) * _GOLDEN
-        x ^= x >> np.uint64(29)
-        x *= _MIX
-        x ^= x >> np.uint64(32)
+    first = classes.astype(np.uint64)[:, None] << np.uint64(9)
+    x: npt.NDArray[np.uint64] = np.add(first, np.arange(1, 513, dtype=np.uint64), dtype=np.uint64)
+    x *= _GOLDEN
+    x ^= x >> np.uint64(29)
+    x *= _MIX
+    x ^= x >> np.uint64(32)
     return x
 
 
@@ -75,14 +77,18 @@ class KsmWorkload:
             self.mms.append(mm)
         self.ksm.set_run(1)
 
-    def full_pass(self) -> tuple[int, float]:
+    def full_pass(self, profiler: cProfile.Profile | None = None) -> tuple[int, float]:
         """One full scan (ksm_do_scan until the pass wraps); (pages scanned, seconds)."""
         ksm = self.ksm
         seq, scanned = ksm.seqnr, ksm.pages_scanned
+        if profiler is not None:
+            profiler.enable()
         t0 = time.perf_counter()
         while ksm.seqnr == seq:
             ksm.ksm_do_scan(ksm.pages_to_scan)
         seconds = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.disable()
         return ksm.pages_scanned - scanned, seconds
 
     def mapped_pfns(self) -> npt.NDArray[np.int64]:
@@ -92,14 +98,28 @@ class KsmWorkload:
 
 
 def numpy_limit(frames: FramePool, pfns: npt.NDArray[np.int64]) -> tuple[float, int]:
-    """(pages per second, batch size) of page_hash over pfns, the best of LIMIT_BATCHES."""
-    best = (0.0, 0)
+    """(pages per second, batch size): numpy's best throughput computing KSM's page hash over pfns.
+
+    The same function as host/ksm.py page_hash (its multipliers and salt; checked
+    against it on the first pages), written for speed rather than taken from hvsim,
+    so that the limit does not move when hvsim's implementation does: a batch
+    gathered with fancy indexing, XORed in place, and multiplied-and-summed as one
+    uint64 matrix-vector product (exact mod 2**64); the best of LIMIT_BATCHES.
+    """
     n = int(pfns.shape[0])
+    best = (0.0, 0)
+    qwords = frames.qwords
     for batch in LIMIT_BATCHES:
+        out = np.empty(n, dtype=np.uint64)
         t0 = time.perf_counter()
         for lo in range(0, n, batch):
-            page_hash(frames, pfns[lo : lo + batch])
+            part = qwords[pfns[lo : lo + batch]]
+            part ^= _HASH_SALT
+            out[lo : lo + batch] = part @ _HASH_MULT
         rate = n / (time.perf_counter() - t0)
+        check = min(n, 8)
+        if not np.array_equal(out[:check], page_hash(frames, pfns[:check])):
+            raise BenchmarkError("the numpy limit no longer computes host/ksm.py's page_hash: update ksm_scan.py")
         best = max(best, (rate, batch))
     return best
 

@@ -1,9 +1,11 @@
 """Target 4: many VMs of the identical-kernels guest, run until KSM has converged.
 
 Runs in a child process of its own (`python -m benchmarks.scale PARAMS_JSON`) so
-that its peak RSS (getrusage ru_maxrss) is this experiment's alone.  The guest is
-the bundled `kernels` image with the kernel filling all of guest memory but its
-private and untouched pages; ksmd runs from the start.  The run is interrupted at
+that its peak RSS (VmHWM) is this experiment's alone.  The guest is the bundled
+`kernels` image with the kernel filling all of guest memory but its private and
+untouched pages, and a long spin between its read passes (an idle guest).  ksmd
+is switched on (run=1) once every guest has loaded its kernel, as an
+administrator would after booting the VMs; the run is interrupted at
 convergence: the end of a full scan that left pages_shared and pages_sharing as
 the previous full scan left them, with every kernel page merged
 (pages_sharing >= kernel pages x (VMs - 1)).
@@ -33,22 +35,29 @@ PRIVATE_PAGES = 16
 UNTOUCHED_PAGES = 8  # the kernels guest leaves these at the end of its heap
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_rss_bytes() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (VmHWM: this process's peak RSS; VmRSS: its RSS now)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
+        pass
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    # VmHWM belongs to this process's own address space; getrusage's ru_maxrss would also
+    # count the parent's RSS at fork time (Linux keeps the high-water mark across exec).
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int, spin: int,
              wall_budget: float) -> dict[str, Any]:
     """The experiment itself (in this process)."""
-    rss_start = _max_rss_bytes()
+    rss_start = _status_bytes("VmRSS") or 0
     memory = memory_mib << 20
     guest_pages = memory // PAGE_SIZE
     kernel = guest_pages - HEAP_START_GPA // PAGE_SIZE - PRIVATE_PAGES - UNTOUCHED_PAGES
@@ -56,7 +65,7 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
         image=str(GUEST_IMAGES / "kernels.bin"), memory=memory, vms=vms,
         cmdline=f"kernel={kernel} private={PRIVATE_PAGES} passes=1000000000 spin={spin}",
         max_insns=1 << 62,
-        ksm=KsmConfig(enabled=True, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_millisecs),
+        ksm=KsmConfig(enabled=True, run=0, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_millisecs),
     )
     t0 = time.perf_counter()
     sim = Simulation(cfg)
@@ -65,7 +74,7 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
     assert ksm is not None
     expected_sharing = kernel * (vms - 1)
     state: dict[str, Any] = {"ksmd_seconds": 0.0, "wakeups": 0, "max_allocated": 0, "last": None,
-                             "converged": False, "scans_seen": ksm.seqnr}
+                             "converged": False, "scans_seen": ksm.seqnr, "ksm_started_ms": None}
     real_wakeup = ksm.ksmd_wakeup
 
     def timed_wakeup() -> None:  # the scheduler calls ksm.ksmd_wakeup(); time what ksmd does
@@ -79,6 +88,15 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
 
     def on_slice(s: Simulation) -> None:
         state["max_allocated"] = max(state["max_allocated"], s.frames.allocated)
+        if time.perf_counter() - run_start > wall_budget:
+            s.interrupted = True
+        if state["ksm_started_ms"] is None:
+            # echo 1 > /sys/kernel/mm/ksm/run once every guest has loaded its kernel
+            if all(b"kernels: pass 1 " in vm.vcpus[0].console for vm in s.vms):
+                ksm.set_run(1)
+                state["ksm_started_ms"] = s.now / s.config.insns_per_ms
+                state["ksm_started_s"] = time.perf_counter() - run_start
+            return
         if ksm.seqnr != state["scans_seen"]:
             state["scans_seen"] = ksm.seqnr
             c = ksm.counters()
@@ -87,15 +105,13 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
                 state["converged"] = True
                 s.interrupted = True
             state["last"] = key
-        if time.perf_counter() - run_start > wall_budget:
-            s.interrupted = True
 
     sim.on_slice.append(on_slice)
     result = sim.run()
     t_run = time.perf_counter() - run_start
     if result.errors:
         raise BenchmarkError(f"kernels guests failed: {result.errors}")
-    rss_peak = _max_rss_bytes()
+    rss_peak = _peak_rss_bytes()
     meta = count_metadata(sim, sim.frames.data).per_page(vms * guest_pages)
     counters = result.ksm or {}
     touched = state["max_allocated"] * PAGE_SIZE
@@ -106,8 +122,9 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
         "setup_s": t_setup, "run_s": t_run, "wall_s": t_setup + t_run, "ksmd_s": state["ksmd_seconds"],
         "ksmd_wakeups": state["wakeups"], "sim_insns": result.sim_insns,
         "sim_ms": result.sim_insns / cfg.insns_per_ms, "full_scans": counters.get("full_scans"),
+        "ksm_started_sim_ms": state["ksm_started_ms"], "ksm_started_wall_s": state.get("ksm_started_s"),
         "expected_pages_sharing": expected_sharing, "ksm": counters,
-        "rss_at_start_bytes": rss_start, "rss_peak_bytes": rss_peak, "rss_now_bytes": _current_rss_bytes(),
+        "rss_at_start_bytes": rss_start, "rss_peak_bytes": rss_peak, "rss_now_bytes": _status_bytes("VmRSS"),
         "frames_peak_allocated": state["max_allocated"], "guest_memory_touched_bytes": touched,
         "metadata": meta,
     }

@@ -39,7 +39,7 @@ from unicorn import (
     UcError,
 )
 from unicorn import x86_const as x86
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
@@ -79,6 +79,19 @@ _EXCEPTION_NAMES = {0: "#DE divide error", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR
                     8: "#DF", 13: "#GP general protection", 14: "#PF page fault", 16: "#MF", 17: "#AC"}
 
 
+_TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                                   ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
+
+
+def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
+    """uc_hook_add() with a C callback pointer, over the whole address range."""
+    handle = ctypes.c_size_t()
+    err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), htype, callback, user_data, ctypes.c_uint64(1),
+                            ctypes.c_uint64(0))
+    if err != 0:
+        raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
+
+
 class _ICount(ctypes.Structure):
     _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
 
@@ -102,8 +115,10 @@ class UnicornVcpu:
         self.frames = frames
         self.mmu = vcpu.vm.mmu
         self._sptes = self.mmu.sptes
+        self._sptes_mv = self.mmu.sptes_view
+        self._nr_gfns = self._sptes.shape[0]
         self._qwords = frames.qwords
-        self._exec_seen = frames.exec_seen
+        self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
         self._stop_note: str | None = None
         # Paging-structure cache: 2 MiB region of gva -> (base gpa, large page, writable).
@@ -112,7 +127,9 @@ class UnicornVcpu:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
-        uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
+        self._tlb_cb = _TLB_FILL_CFUNC(self._make_raw_tlb_fill(uc))
+        _raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._tlb_cb, ctypes.c_void_p), None)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
@@ -120,13 +137,8 @@ class UnicornVcpu:
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
         self._icount = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
-        handle = ctypes.c_size_t()
-        err = uclib.uc_hook_add(
-            uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
-            ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p), ctypes.c_uint64(1), ctypes.c_uint64(0),
-        )
-        if err != 0:
-            raise RuntimeError(f"unicorn refused the instruction-count hook (error {err})")
+        _raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
+                      ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
         self.uc = uc
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
@@ -198,13 +210,26 @@ class UnicornVcpu:
 
     # --- the MMU: guest page walk + EPT ----------------------------------------------------
 
+    def _make_raw_tlb_fill(self, uc: Uc) -> Any:
+        fill = self._tlb_fill
+
+        def raw(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
+            try:
+                return fill(uc, vaddr, access, entry.contents, None)
+            except BaseException as exc:  # as the binding's own wrapper: record, stop
+                if uc._hook_exception is None:
+                    uc._hook_exception = exc
+                uc.emu_stop()
+                return False
+
+        return raw
+
     def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
         write = access == UC_MEM_WRITE
         try:
             gpa = self._walk(vaddr, write)
             gfn = gpa >> PAGE_SHIFT
-            sptes = self._sptes
-            spte = int(sptes[gfn]) if gfn < sptes.shape[0] else 0
+            spte = self._sptes_mv[gfn] if gfn < self._nr_gfns else 0
             # Fast path: a present spte that permits the access, with its A (and D) bits set.
             wanted = _SPTE_RA | (_SPTE_WD if write else 0)
             if spte & wanted != wanted:
@@ -232,15 +257,15 @@ class UnicornVcpu:
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
         """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access."""
-        sptes = self._sptes
-        if gfn >= sptes.shape[0]:
+        sptes = self._sptes_mv
+        if gfn >= self._nr_gfns:
             raise _Mmio(gfn << PAGE_SHIFT)
-        spte = int(sptes[gfn])
+        spte = sptes[gfn]
         while not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
             result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             if result is FaultResult.MMIO:
                 raise _Mmio(gfn << PAGE_SHIFT)
-            spte = int(sptes[gfn])
+            spte = sptes[gfn]
         # The EPT walk sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
         wanted = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
         if spte & wanted != wanted:

@@ -40,50 +40,60 @@ class FramePool:
         # frame (reuse, copy) must invalidate translated code, announced by code_epoch.
         self.exec_seen = np.zeros(nr_frames, dtype=np.bool_)
         self.code_epoch = 0
-        # calloc'd frames are zero until first used: only a reused frame needs clearing.
-        self.ever_used = np.zeros(nr_frames, dtype=np.bool_)
-        # Deterministic allocation: a LIFO free list, lowest pfns handed out first.
-        self._free = list(range(nr_frames - 1, 0, -1))
+        # Scalar views of the same memory for the hot paths (no numpy scalar boxing); the
+        # arrays are never replaced.
+        self.refcount_view = self.refcount.data
+        self.mapcount_view = self.mapcount.data
+        self.exec_seen_view = self.exec_seen.data
+        # Deterministic allocation: freed frames first, last freed first; else the lowest
+        # never-used frame.  Never-used frames are still calloc's zeros: no clearing.
+        self._next_fresh = 1
+        self._freed: list[int] = []
         self.allocated = 0
 
     @property
     def nr_free(self) -> int:
-        return len(self._free)
+        return self.nr_frames - self._next_fresh + len(self._freed)
 
     def alloc_page(self, zero: bool = True) -> Pfn:
         """alloc_page(): a frame with refcount 1 (the caller's reference)."""
-        if not self._free:
+        if self._freed:
+            pfn = Pfn(self._freed.pop())
+            if zero:
+                self.frames[pfn].fill(0)
+        elif self._next_fresh < self.nr_frames:
+            pfn = Pfn(self._next_fresh)
+            self._next_fresh += 1
+        else:
             raise HostOutOfMemory(
                 f"the simulated host ran out of memory ({self.nr_frames} frames of {PAGE_SIZE} bytes); "
                 "this is a bug in hvsim's frame accounting, please report it with the command line"
             )
-        pfn = Pfn(self._free.pop())
-        self.refcount[pfn] = 1
+        self.refcount_view[pfn] = 1
         self.allocated += 1
-        if zero and self.ever_used[pfn]:
-            self.frames[pfn].fill(0)
-        self.ever_used[pfn] = True
-        self.note_content_change(pfn)
+        if self.exec_seen_view[pfn]:
+            self.note_content_change(pfn)
         return pfn
 
     def get_page(self, pfn: Pfn) -> None:
         if pfn != ZERO_PFN:
-            self.refcount[pfn] += 1
+            self.refcount_view[pfn] += 1
 
     def put_page(self, pfn: Pfn) -> None:
         """Drop a reference; the frame is freed when the last one goes."""
         if pfn == ZERO_PFN:
             return
-        count = int(self.refcount[pfn]) - 1
+        rc = self.refcount_view
+        count = rc[pfn] - 1
         if count < 0:
             raise AssertionError(f"put_page on free frame {pfn}")
-        self.refcount[pfn] = count
+        rc[pfn] = count
         if count == 0:
-            if self.mapcount[pfn] != 0:
+            if self.mapcount_view[pfn] != 0:
                 raise AssertionError(f"frame {pfn} freed while {self.mapcount[pfn]} ptes map it")
             self.stable_node[pfn] = -1
             self.allocated -= 1
-            self._free.append(pfn)
+            self._freed.append(pfn)
 
     def page_add_rmap(self, pfn: Pfn) -> None:
         """A pte now maps the frame: the mapping holds a reference (get_page + page_add_*_rmap)."""
@@ -112,7 +122,7 @@ class FramePool:
 
     def pages_identical(self, a: Pfn, b: Pfn) -> bool:
         """memcmp() of two whole frames: KSM's final word on equality."""
-        return bool(np.array_equal(self.qwords[a], self.qwords[b]))
+        return bool(self.frames[a].tobytes() == self.frames[b].tobytes())
 
     def is_free(self, pfn: Pfn) -> bool:
         return pfn != ZERO_PFN and int(self.refcount[pfn]) == 0

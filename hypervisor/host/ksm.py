@@ -72,12 +72,19 @@ _HASH_MULT = np.random.default_rng(0x4B534D).integers(1, 2**63, size=PAGE_SIZE /
 _HASH_SALT = np.uint64(0x9E3779B97F4A7C15)
 
 
+_HASH_CHUNK = 64  # pages per step: small temporaries (malloc, cache) instead of one huge gather
+
+
 def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
     """A 64-bit content hash per frame, vectorised (the trees' key)."""
-    with np.errstate(over="ignore"):
-        q = frames.qwords[pfns] ^ _HASH_SALT
-        out: npt.NDArray[np.uint64] = (q * _HASH_MULT).sum(axis=1, dtype=np.uint64)
-        return out
+    n = int(pfns.shape[0])
+    out: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
+    qwords = frames.qwords
+    for lo in range(0, n, _HASH_CHUNK):
+        part = qwords[pfns[lo : lo + _HASH_CHUNK]]
+        part ^= _HASH_SALT
+        out[lo : lo + _HASH_CHUNK] = part @ _HASH_MULT  # sum of products, exact mod 2**64
+    return out
 
 
 def checksum_of_hash(h: int) -> int:
@@ -299,6 +306,21 @@ class Ksm:
         if work.size == 0:
             return
         hashes = page_hash(frames, pfns[work])
+        # Pages whose only effect would be "checksum changed: remember it" (not in any tree,
+        # not a KSM page, no stable key with their hash, and no page of the batch that takes
+        # the slow path, which could create one, has their hash): settled in one step.
+        widx = idxs[work]
+        checksums = ((hashes ^ (hashes >> np.uint64(32))) & np.uint64(0xFFFF_FFFF)).astype(np.uint32)
+        quick = (flags[work] == 0) & (page_node[work] < 0) & (checksums != items.oldchecksum[widx])
+        if self.stable_tree:
+            keys = np.fromiter(self.stable_tree.keys(), dtype=np.uint64, count=len(self.stable_tree))
+            quick &= ~np.isin(hashes, keys)
+        if quick.any():
+            if not quick.all():
+                quick &= ~np.isin(hashes, hashes[~quick])
+            items.oldchecksum[widx[quick]] = checksums[quick]
+            slow = ~quick
+            work, hashes = work[slow], hashes[slow]
         for pos, h in zip(work.tolist(), hashes.tolist(), strict=True):
             idx, pfn = int(idxs[pos]), Pfn(int(pfns[pos]))
             if single[pos]:

@@ -118,6 +118,9 @@ class Vma:
     def mergeable(self) -> bool:
         return bool(self.flags & VM_MERGEABLE)
 
+    def __post_init__(self) -> None:
+        self.ptes_view = self.ptes.data
+
     def index(self, hva: Hva) -> int:
         return (hva - self.start) >> PAGE_SHIFT
 
@@ -277,7 +280,7 @@ class HostMm:
 
     def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool) -> None:
         self.nr_faults += 1
-        pte = int(vma.ptes[idx])
+        pte = vma.ptes_view[idx]
         if not pte_present(pte):
             self.do_anonymous_page(vma, hva, write)
         elif write and not pte_write(pte):
@@ -292,10 +295,11 @@ class HostMm:
         if not write:
             vma.ptes[idx] = mk_pte(ZERO_PFN, writable=False, special=True)
             return
-        pfn = self.frames.alloc_page()
+        frames = self.frames
+        pfn = frames.alloc_page()
         # The allocation reference becomes the mapping's reference.
-        self.frames.mapcount[pfn] = 1
-        vma.ptes[idx] = mk_pte(pfn, writable=True, dirty=True)
+        frames.mapcount_view[pfn] = 1
+        vma.ptes_view[idx] = (pfn << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_ACCESSED | _PAGE_RW | _PAGE_DIRTY
 
     def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> None:
         """Write fault on a present read-only pte: reuse the page if we own it, else copy it."""
@@ -336,14 +340,15 @@ class HostMm:
     def get_user_pages(self, hva: Hva, write: bool) -> Pfn:
         """get_user_pages_fast(addr, 1, write): fault the page in as needed and pin it."""
         vma = self._vma_or_segv(hva)
-        idx = vma.index(hva)
-        pte = int(vma.ptes[idx])
+        idx = (hva - vma.start) >> PAGE_SHIFT
+        ptes = vma.ptes_view
+        pte = ptes[idx]
         if not pte & _PAGE_PRESENT or (write and not pte & _PAGE_RW):
             self._handle_mm_fault(vma, idx, hva, write)
-            pte = int(vma.ptes[idx])
+            pte = ptes[idx]
         pfn = Pfn(pte >> PAGE_SHIFT)
         if pfn != ZERO_PFN:
-            self.frames.refcount[pfn] += 1
+            self.frames.refcount_view[pfn] += 1
         return pfn
 
     def get_user_pages_fast_only(self, hva: Hva, write: bool) -> Pfn | None:

@@ -26,13 +26,18 @@ import numpy.typing as npt
 
 from ..host.mm import HostMm, pte_pfn, pte_write
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
-from ..types import PAGE_SIZE, Gfn, Hva, Pfn
+from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva, Pfn
+from .memslot import Memslot
 from .spte import (
+    SPTE_ACCESSED,
     SPTE_DIRTY,
+    SPTE_EXECUTABLE,
+    SPTE_HOST_WRITEABLE,
     SPTE_NONPRESENT,
+    SPTE_READABLE,
+    SPTE_WRITABLE,
     is_accessed_spte,
     is_shadow_present_pte,
-    make_spte,
     spte_clear_accessed,
     spte_set_pfn_readonly,
 )
@@ -40,6 +45,10 @@ from .spte import (
 if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import Vm
+
+
+_SPTE_BASE = SPTE_READABLE | SPTE_EXECUTABLE | SPTE_ACCESSED
+_SPTE_W = SPTE_WRITABLE | SPTE_HOST_WRITEABLE
 
 
 class FaultResult(Enum):
@@ -58,6 +67,9 @@ class TdpMmu:
         self.profile = vm.profile
         self.mm: HostMm = vm.mm
         self.sptes: npt.NDArray[np.int64] = np.zeros(int(vm.memslots.max_gfn), dtype=np.int64)
+        # Scalar access without numpy boxing on the fault path; the array is never replaced.
+        self.sptes_view = self.sptes.data
+        self._last_slot: Memslot | None = None
         self.mmu_notifier_seq = 0
         self.mmu_notifier_count = 0
         self.race_points: dict[str, RacePoint] = {}
@@ -96,11 +108,13 @@ class TdpMmu:
         return self.mmu_notifier_count != 0 or self.mmu_notifier_seq != mmu_seq
 
     def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultResult:
-        slot = self.vm.memslots.gfn_to_memslot(gfn)
-        if slot is None:
-            return FaultResult.MMIO
+        slot = self._last_slot
+        if slot is None or not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+            slot = self._last_slot = self.vm.memslots.gfn_to_memslot(gfn)
+            if slot is None:
+                return FaultResult.MMIO
         mmu_seq = self.mmu_notifier_seq
-        hva = slot.gfn_to_hva(gfn)
+        hva = Hva(slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT))
         pfn, writable = self.gfn_to_pfn(hva, write_fault)
         if self.race_points:
             point = self.race_points.get("after_gfn_to_pfn")
@@ -111,12 +125,14 @@ class TdpMmu:
             self.mm.put_page(pfn)
             vcpu.stats.pf_retry += 1
             return FaultResult.RETRY
-        spte = make_spte(pfn, writable)
+        spte = (pfn << PAGE_SHIFT) | _SPTE_BASE
+        if writable:
+            spte |= _SPTE_W
         if write_fault:
             spte |= SPTE_DIRTY
         # Upgrading a present read-only spte needs no flush: a stale read-only TLB entry
         # only makes the next write walk again.
-        self.sptes[gfn] = spte
+        self.sptes_view[gfn] = spte
         self.vm.stats.spte_set += 1
         vcpu.stats.pf_fixed += 1
         if self.vm.trace is not None:

@@ -1,0 +1,52 @@
+"""The benchmark suite runs (tiny sizes); its numbers are not checked here, only that every figure is produced."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import guests, suite
+from benchmarks.memory import count_metadata
+from hypervisor.sim import GUEST_IMAGES, SimConfig, Simulation
+
+EXPECTED = {"guest_speed", "fault_storm", "tlb_refill", "ksm_scan_fresh", "ksm_scan_merged", "scale_wall",
+            "scale_rss", "scale_metadata", "growth_fault_storm", "growth_ksm_fresh", "growth_ksm_merged"}
+
+
+def test_quick_suite_runs_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert suite.main(["--quick", "--reps", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["errors"] == []
+    figures = {f["key"]: f for f in data["figures"]}
+    assert set(figures) == EXPECTED
+    for key in EXPECTED - {"scale_wall"}:
+        assert figures[key]["value"] > 0 and figures[key]["baseline"] > 0, key
+    assert figures["scale_wall"]["details"]["converged"] is True
+    assert [s["pages"] for s in data["series"]] == [list(suite.QUICK.growth_sizes)] * 3
+    printed = capsys.readouterr().out
+    assert "fault storm" in printed and "targets met" in printed
+
+
+def test_profile_option_reports_the_hot_paths(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert suite.main(["--quick", "--only", "guest_speed", "--profile", "--top", "3", "--json", str(out)]) == 0
+    profiles = json.loads(out.read_text())["profiles"]
+    assert set(profiles) == {"tlb_fill", "fault_path", "ksmd_fresh", "ksmd_merged"}
+    assert all(len(p["top"]) == 3 and p["events"] > 0 for p in profiles.values())
+
+
+@pytest.mark.skipif(not guests.binutils_available(), reason="GNU binutils not installed")
+def test_embedded_guest_bytes_match_their_sources() -> None:
+    for name, source in guests.SOURCES.items():
+        assert guests.assemble(source) == guests.IMAGES[name], name
+
+
+def test_metadata_walk_finds_the_per_page_arrays() -> None:
+    sim = Simulation(SimConfig(image=str(GUEST_IMAGES / "hello.bin"), memory=4 << 20))
+    sim.run()
+    count = count_metadata(sim, sim.frames.data)
+    assert {"TdpMmu.sptes", "Vma.ptes", "FramePool.refcount"} <= set(count.arrays)
+    assert count.frame_bytes == sim.frames.data.nbytes
+    # sptes and host ptes alone are 16 bytes per guest page
+    assert count.array_bytes >= 16 * (4 << 20) // 4096
