@@ -234,11 +234,10 @@ class Simulation:
     def __init__(self, config: SimConfig, trace: Callable[[str, dict[str, Any]], None] | None = None,
                  check: bool = False) -> None:
         validate(config)
-        get_profile(config.profile)  # a clear error for an unknown profile, before any work
+        self.profile = get_profile(config.profile, config.change_pte)
         image = loader.read_image(config.image)
         loader.check_fits(image, config.memory)
         self.config = config
-        self.profile = get_profile(config.profile, config.change_pte)
         self.image = image
         self.checker = CoherenceChecker(trace) if check else None
         if self.checker is not None:
