@@ -30,44 +30,17 @@
     .include "lib.S"
 
 main:
-    sub $16, %rsp                  # 0(%rsp) = W
-    lea key_pages(%rip), %rdi
-    mov $64, %esi
-    call cmdline_get
-    mov %rax, %r12                 # r12 = N
-    lea key_passes(%rip), %rdi
-    mov $20, %esi
-    call cmdline_get
-    mov %rax, %r13                 # r13 = K
-    lea key_spin(%rip), %rdi
-    mov $20000, %esi
-    call cmdline_get
-    mov %rax, %r14                 # r14 = S
-    lea key_write_at(%rip), %rdi
-    mov $10, %esi
-    call cmdline_get
-    mov %rax, 0(%rsp)              # W
-
-    call heap_pages
-    cmp %rax, %r12
-    jbe .Lmem_ok
-    lea msg_nomem(%rip), %rdi
-    call puts
-    mov $2, %edi
-    call exit
-.Lmem_ok:
-    mov BP_OFF_HEAP_START(%r15), %rbx   # rbx = heap_start
-
-    lea key_pattern(%rip), %rdi
-    mov $0x5a, %esi
-    call cmdline_get
-    movzbl %al, %eax
-    mov $0x0101010101010101, %rcx
-    imul %rcx, %rax                # rax = B in every byte
-    mov %rbx, %rdi
-    mov %r12, %rcx
-    shl $9, %rcx                   # N * 512 qwords
-    rep stosq
+    sub $32, %rsp                  # the values of params, in table order
+    lea params(%rip), %rdi
+    mov %rsp, %rsi
+    call cmdline_params
+    pop %r12                       # r12 = N
+    pop %r13                       # r13 = K
+    pop %r14                       # r14 = S; now 0(%rsp) = W
+    mov %r12, %rdi
+    lea name(%rip), %rsi
+    call heap_fill_pattern
+    mov %rax, %rbx                 # rbx = heap_start
 
     mov $1, %ebp                   # rbp = pass number
 .Lpass:
@@ -98,29 +71,15 @@ main:
     lea msg_pages(%rip), %rdi
     call puts
 .Lno_write:
-    xor %eax, %eax                 # rax = this pass's sum
-    mov %rbx, %rdi
-    mov %r12, %rcx
-    test %rcx, %rcx
-    jz .Lread_done
-.Lread_page:
-    add (%rdi), %rax
-    add 8(%rdi), %rax
-    add $PAGE_SIZE, %rdi
-    dec %rcx
-    jnz .Lread_page
-.Lread_done:
-    push %rax
-    lea msg_pass(%rip), %rdi
-    call puts
-    mov %rbp, %rdi
-    call put_dec
-    lea msg_checksum(%rip), %rdi
-    call puts
-    pop %rdi
-    call put_hex64
-    mov $'\n', %edi
-    call putc
+    mov %rbx, %rdi                 # sum qwords 0 and 1 of every page
+    mov %r12, %rsi
+    mov $2, %edx
+    mov $8, %ecx
+    call sum_pages
+    lea name(%rip), %rdi
+    mov %rbp, %rsi
+    mov %rax, %rdx
+    call put_pass_checksum
     inc %rbp
     jmp .Lpass
 
@@ -128,13 +87,12 @@ main:
     xor %edi, %edi
     call exit
 
-key_pages:     .asciz "pages"
-key_pattern:   .asciz "pattern"
-key_passes:    .asciz "passes"
-key_spin:      .asciz "spin"
-key_write_at:  .asciz "write_at"
-msg_nomem:     .asciz "cowstorm: not enough memory\n"
-msg_pass:      .asciz "cowstorm: pass "
-msg_checksum:  .asciz " checksum "
+params:
+    param pages, 64
+    param passes, 20
+    param spin, 20000
+    param write_at, 10
+    .byte 0
+name:          .asciz "cowstorm"
 msg_wrote:     .asciz "cowstorm: wrote "
 msg_pages:     .asciz " pages\n"

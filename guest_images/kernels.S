@@ -33,41 +33,25 @@
     .set KERNEL_SEED, 0x2545F4914F6CDD1D
 
 main:
-    sub $16, %rsp                  # 0(%rsp) = K, 8(%rsp) = private sum
-    lea key_kernel(%rip), %rdi
-    mov $1024, %esi
-    call cmdline_get
-    mov %rax, %r12                 # r12 = M
-    lea key_private(%rip), %rdi
-    mov $16, %esi
-    call cmdline_get
-    mov %rax, %r13                 # r13 = P
-    lea key_passes(%rip), %rdi
-    mov $10, %esi
-    call cmdline_get
-    mov %rax, 0(%rsp)              # K
-    lea key_spin(%rip), %rdi
-    mov $20000, %esi
-    call cmdline_get
-    mov %rax, %r14                 # r14 = S
+    sub $32, %rsp                  # the values of params, in table order
+    lea params(%rip), %rdi
+    mov %rsp, %rsi
+    call cmdline_params
+    pop %r12                       # r12 = M
+    pop %r13                       # r13 = P; now 0(%rsp) = K, 8(%rsp) = S
+    mov 8(%rsp), %r14              # r14 = S; 8(%rsp) is the private sum from here
 
-    call heap_pages
-    # need M + P + 8 <= available, without wrapping on huge M or P
-    cmp %rax, %r12
-    ja .Lnomem
-    sub %r12, %rax
-    cmp %rax, %r13
-    ja .Lnomem
-    sub %r13, %rax
-    cmp $UNTOUCHED_PAGES, %rax
-    jae .Lmem_ok
-.Lnomem:
-    lea msg_nomem(%rip), %rdi
-    call puts
-    mov $2, %edi
-    call exit
-.Lmem_ok:
-    mov BP_OFF_HEAP_START(%r15), %rbx   # rbx = kernel pages
+    # need M + P + 8 pages: add with saturation, so huge M or P cannot wrap
+    mov %r12, %rdi
+    add %r13, %rdi
+    sbb %rax, %rax
+    or %rax, %rdi
+    add $UNTOUCHED_PAGES, %rdi
+    sbb %rax, %rax
+    or %rax, %rdi
+    lea name(%rip), %rsi
+    call heap_check
+    mov %rax, %rbx                      # rbx = kernel pages
     mov %r12, %rbp
     shl $12, %rbp
     add %rbx, %rbp                      # rbp = private pages
@@ -94,17 +78,11 @@ main:
     ja .Lfinish
     mov %r14, %rdi
     call spin
-    xor %eax, %eax                 # rax = kernel sum
-    mov %rbx, %rdi
-    mov %r12, %rcx
-    test %rcx, %rcx
-    jz .Lkernel_done
-.Lkernel_page:
-    add (%rdi), %rax
-    add $PAGE_SIZE, %rdi
-    dec %rcx
-    jnz .Lkernel_page
-.Lkernel_done:
+    mov %rbx, %rdi                 # rax = kernel sum: qword 0 of every kernel page
+    mov %r12, %rsi
+    mov $1, %edx
+    xor %ecx, %ecx
+    call sum_pages
     xor %edx, %edx                 # rdx = private sum
     mov %rbp, %rdi
     mov %r13, %rcx
@@ -121,10 +99,9 @@ main:
 .Lprivate_done:
     mov %rdx, 16(%rsp)
     push %rax                      # kernel sum; pass now at 8(%rsp)
-    lea msg_pass(%rip), %rdi
-    call puts
-    mov 8(%rsp), %rdi
-    call put_dec
+    lea name(%rip), %rdi
+    mov 8(%rsp), %rsi
+    call put_pass
     lea msg_kernel(%rip), %rdi
     call puts
     pop %rdi
@@ -164,11 +141,12 @@ xorshift_fill:
 .Lxs_done:
     ret
 
-key_kernel:    .asciz "kernel"
-key_private:   .asciz "private"
-key_passes:    .asciz "passes"
-key_spin:      .asciz "spin"
-msg_nomem:     .asciz "kernels: not enough memory\n"
-msg_pass:      .asciz "kernels: pass "
+params:
+    param kernel, 1024
+    param private, 16
+    param passes, 10
+    param spin, 20000
+    .byte 0
+name:          .asciz "kernels"
 msg_kernel:    .asciz " kernel "
 msg_private:   .asciz " private "

@@ -7,7 +7,7 @@
 # heap_start and above, scratch space on the stack.
 #
 # Calling convention (System V-like, plus one reserved register):
-#   * arguments in RDI, RSI; result in RAX;
+#   * arguments in RDI, RSI, RDX, RCX (in that order); result in RAX;
 #   * RAX, RCX, RDX, RSI, RDI, R8-R11 and the flags are clobbered by every routine;
 #   * RBX, RBP, R12, R13, R14 and RSP are preserved;
 #   * R15 holds the boot-parameters pointer for the whole run: each guest's entry
@@ -41,6 +41,35 @@
 #   spin(RDI: iterations)            register-only delay loop (no memory access)
 #   exit(RDI: status)                write the low byte of RDI to port 0xF4, then
 #                                    `hlt` forever; does not return
+#
+# Routines for the workload guests.  NAME is the guest's name, a NUL-terminated
+# string (e.g. "samepage"), which starts each line they print:
+#   cmdline_params(RDI: table, RSI: u64 *values)
+#                                    cmdline_get each entry of table, in table
+#                                    order, storing the results to values[0],
+#                                    values[1], ...  The table is a list of
+#                                    `param KEY, DEFAULT` entries (macro below)
+#                                    ended by `.byte 0`.
+#   heap_check(RDI: pages, RSI: char *name) -> RAX
+#                                    if pages <= heap_pages() return heap_start;
+#                                    otherwise write "NAME: not enough memory\n"
+#                                    and exit(2)
+#   heap_fill_pattern(RDI: pages, RSI: char *name) -> RAX
+#                                    heap_check(pages, name), then read the
+#                                    parameter `pattern` (default 0x5a) and fill
+#                                    every byte of those pages at heap_start with
+#                                    its low 8 bits (rep stosq, in address order);
+#                                    returns heap_start
+#   sum_pages(RDI: first page, RSI: pages, RDX: qwords per page (>= 1),
+#             RCX: bytes between them) -> RAX
+#                                    sum mod 2^64 of the qwords at
+#                                    first + i*4096 + j*RCX for page i = 0..pages-1
+#                                    and j = 0..RDX-1, read in that order (i outer)
+#   put_pass(RDI: char *name, RSI: pass)
+#                                    write "NAME: pass K" (K = pass in decimal)
+#   put_checksum(RDI: value)         write " checksum H16\n" (H16 = put_hex64)
+#   put_pass_checksum(RDI: char *name, RSI: pass, RDX: checksum)
+#                                    write "NAME: pass K checksum H16\n"
 
     .set COM1_PORT, 0x3f8
     .set EXIT_PORT, 0xf4
@@ -54,6 +83,13 @@
     .set IDENTITY_MAP_SIZE, 0x40000000
     .set PAGE_SIZE, 4096
     .set GOLDEN64, 0x9E3779B97F4A7C15
+
+# One cmdline_params table entry: the key (NUL-terminated), then its default
+# value as an unaligned little-endian qword.
+    .macro param key, value
+    .asciz "\key"
+    .quad \value
+    .endm
 
     .code64
     .text
@@ -261,6 +297,125 @@ exit:
 .Lexit_hlt:
     hlt
     jmp .Lexit_hlt
+
+# cmdline_params(RDI: table, RSI: u64 *values)
+#   rbx table cursor, rbp next value slot
+cmdline_params:
+    push %rbx
+    push %rbp
+    mov %rdi, %rbx
+    mov %rsi, %rbp
+.Lcp_entry:
+    cmpb $0, (%rbx)
+    je .Lcp_done                   # an empty key ends the table
+    mov %rbx, %rdi                 # rdi = key
+.Lcp_key:
+    inc %rbx
+    cmpb $0, -1(%rbx)
+    jne .Lcp_key                   # rbx = just past the key's NUL
+    mov (%rbx), %rsi               # rsi = default
+    add $8, %rbx
+    call cmdline_get
+    mov %rax, (%rbp)
+    add $8, %rbp
+    jmp .Lcp_entry
+.Lcp_done:
+    pop %rbp
+    pop %rbx
+    ret
+
+# heap_check(RDI: pages, RSI: char *name) -> RAX: heap_start, or exit(2)
+heap_check:
+    push %rbx
+    push %rbp
+    mov %rdi, %rbx
+    mov %rsi, %rbp
+    call heap_pages
+    cmp %rax, %rbx
+    ja .Lhc_nomem
+    mov BP_OFF_HEAP_START(%r15), %rax
+    pop %rbp
+    pop %rbx
+    ret
+.Lhc_nomem:
+    mov %rbp, %rdi
+    call puts
+    lea str_nomem(%rip), %rdi
+    call puts
+    mov $2, %edi
+    call exit
+
+# heap_fill_pattern(RDI: pages, RSI: char *name) -> RAX: heap_start
+heap_fill_pattern:
+    push %rbx
+    push %rbp
+    mov %rdi, %rbp                 # rbp = pages
+    call heap_check
+    mov %rax, %rbx                 # rbx = heap_start
+    lea str_key_pattern(%rip), %rdi
+    mov $0x5a, %esi
+    call cmdline_get
+    movzbl %al, %eax
+    mov $0x0101010101010101, %rcx
+    imul %rcx, %rax                # rax = the byte in every byte
+    mov %rbx, %rdi
+    mov %rbp, %rcx
+    shl $9, %rcx                   # pages * 512 qwords
+    rep stosq
+    mov %rbx, %rax
+    pop %rbp
+    pop %rbx
+    ret
+
+# sum_pages(RDI: first page, RSI: pages, RDX: qwords per page, RCX: their spacing) -> RAX
+#   r8 offset in the page, r9 qwords left in the page
+sum_pages:
+    xor %eax, %eax
+    test %rsi, %rsi
+    jz .Lsp_done
+.Lsp_page:
+    xor %r8d, %r8d
+    mov %rdx, %r9
+.Lsp_qword:
+    add (%rdi,%r8), %rax
+    add %rcx, %r8
+    dec %r9
+    jnz .Lsp_qword
+    add $PAGE_SIZE, %rdi
+    dec %rsi
+    jnz .Lsp_page
+.Lsp_done:
+    ret
+
+# put_pass(RDI: char *name, RSI: pass): "NAME: pass K"
+put_pass:
+    push %rsi
+    call puts
+    lea str_pass(%rip), %rdi
+    call puts
+    pop %rdi
+    jmp put_dec
+
+# put_pass_checksum(RDI: char *name, RSI: pass, RDX: checksum): "NAME: pass K checksum H16\n"
+put_pass_checksum:
+    push %rdx
+    call put_pass
+    pop %rdi
+    # fall through
+# put_checksum(RDI: value): " checksum H16\n"
+put_checksum:
+    push %rdi
+    lea str_checksum(%rip), %rdi
+    call puts
+    pop %rdi
+    call put_hex64
+    mov $'\n', %edi
+    jmp putc
+
+str_key_pattern: .asciz "pattern"
+str_nomem:       .asciz ": not enough memory\n"
+str_pass:        .asciz ": pass "
+str_checksum:    .asciz " checksum "
 
     .section .note.GNU-stack, "", @progbits
     .text

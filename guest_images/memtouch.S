@@ -23,24 +23,16 @@
     .include "lib.S"
 
 main:
-    lea key_pages(%rip), %rdi
-    mov $256, %esi
-    call cmdline_get
-    mov %rax, %r12                 # r12 = P
-    lea key_passes(%rip), %rdi
-    mov $3, %esi
-    call cmdline_get
-    mov %rax, %r13                 # r13 = K
-
-    call heap_pages
-    cmp %rax, %r12
-    jbe .Lmem_ok
-    lea msg_nomem(%rip), %rdi
-    call puts
-    mov $2, %edi
-    call exit
-.Lmem_ok:
-    mov BP_OFF_HEAP_START(%r15), %rbx   # rbx = heap_start
+    sub $16, %rsp                  # the values of params, in table order
+    lea params(%rip), %rdi
+    mov %rsp, %rsi
+    call cmdline_params
+    pop %r12                       # r12 = P
+    pop %r13                       # r13 = K
+    mov %r12, %rdi
+    lea name(%rip), %rsi
+    call heap_check
+    mov %rax, %rbx                 # rbx = heap_start
 
     # write pass
     mov %rbx, %rdi                 # rdi = current page
@@ -70,34 +62,16 @@ main:
 .Lpass:
     cmp %r13, %rbp
     ja .Lfinish
-    xor %eax, %eax                 # rax = this pass's sum
-    mov %rbx, %rdi
-    mov %r12, %rcx
-    test %rcx, %rcx
-    jz .Lread_done
-.Lread_page:
-    xor %edx, %edx
-.Lread_qword:
-    add (%rdi,%rdx,8), %rax
-    add $8, %edx
-    cmp $512, %edx
-    jb .Lread_qword
-    add $PAGE_SIZE, %rdi
-    dec %rcx
-    jnz .Lread_page
-.Lread_done:
+    mov %rbx, %rdi                 # sum every 8th qword of every page
+    mov %r12, %rsi
+    mov $64, %edx
+    mov $64, %ecx
+    call sum_pages
     add %rax, %r14
-    push %rax
-    lea msg_pass(%rip), %rdi
-    call puts
-    mov %rbp, %rdi
-    call put_dec
-    lea msg_checksum(%rip), %rdi
-    call puts
-    pop %rdi
-    call put_hex64
-    mov $'\n', %edi
-    call putc
+    lea name(%rip), %rdi
+    mov %rbp, %rsi
+    mov %rax, %rdx
+    call put_pass_checksum
     inc %rbp
     jmp .Lpass
 
@@ -110,19 +84,15 @@ main:
     call puts
     mov %r13, %rdi
     call put_dec
-    lea msg_checksum(%rip), %rdi
-    call puts
     mov %r14, %rdi
-    call put_hex64
-    mov $'\n', %edi
-    call putc
+    call put_checksum
     xor %edi, %edi
     call exit
 
-key_pages:        .asciz "pages"
-key_passes:       .asciz "passes"
-msg_nomem:        .asciz "memtouch: not enough memory\n"
-msg_pass:         .asciz "memtouch: pass "
-msg_checksum:     .asciz " checksum "
+params:
+    param pages, 256
+    param passes, 3
+    .byte 0
+name:             .asciz "memtouch"
 msg_done_pages:   .asciz "memtouch: done pages="
 msg_done_passes:  .asciz " passes="
