@@ -26,14 +26,24 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
+from hypervisor.cpu.unicorn_vcpu import UNTIL
 from hypervisor.host.frames import FramePool
 from hypervisor.types import PAGE_SIZE
 
 from .guests import IMAGE_BASE, STACK_TOP
 
-# Never reached by the guests: the same end address hvsim passes to emu_start.
-UNTIL = 0xFFFF_FFFF_FFFF_F000
 EXIT_PORT = 0xF4
+
+
+def run_in_slices(uc: Any, rip: int, insns: int, quantum: int) -> int:
+    """Unicorn's own deterministic slicing: `count=` runs of `quantum`; returns the next RIP."""
+    left = insns
+    while left > 0:
+        n = min(quantum, left)
+        uc.emu_start(rip, UNTIL, count=n)
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        left -= n
+    return rip
 
 
 class BenchmarkError(RuntimeError):
@@ -53,13 +63,7 @@ class RawUnicorn:
 
     def run(self, insns: int, quantum: int) -> None:
         """Exactly `insns` instructions, in slices of `quantum` (the guest must not stop)."""
-        uc = self.uc
-        left = insns
-        while left > 0:
-            n = min(quantum, left)
-            uc.emu_start(self.rip, UNTIL, count=n)
-            self.rip = uc.reg_read(x86.UC_X86_REG_RIP)
-            left -= n
+        self.rip = run_in_slices(self.uc, self.rip, insns, quantum)
 
 
 class BareTlbUnicorn:
@@ -98,15 +102,9 @@ class BareTlbUnicorn:
 
     def run(self, insns: int, quantum: int) -> None:
         """Exactly `insns` instructions in `count=` slices (the guest must not exit meanwhile)."""
-        uc = self.uc
-        left = insns
-        while left > 0:
-            n = min(quantum, left)
-            uc.emu_start(self.rip, UNTIL, count=n)
-            self.rip = uc.reg_read(x86.UC_X86_REG_RIP)
-            left -= n
-            if self.exited:
-                raise BenchmarkError("the guest exited before the phase ended")
+        self.rip = run_in_slices(self.uc, self.rip, insns, quantum)
+        if self.exited:
+            raise BenchmarkError("the guest exited before the phase ended")
 
     def run_to_exit(self, quantum: int, limit: int) -> None:
         uc = self.uc
