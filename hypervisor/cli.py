@@ -3,11 +3,9 @@
 import os
 import signal
 import sys
-import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -17,10 +15,9 @@ from .compare import render_compare, run_compare
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
-from .plot import write_plot
+from .observers import EXIT_INTERRUPTED, Observers, interruptible
 from .profiles import DEFAULT_PROFILE, PROFILES
 from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
-from .series import TimeSeries
 from .sim import (
     DEFAULT_INSNS_PER_MS,
     DEFAULT_MAX_INSNS,
@@ -32,13 +29,10 @@ from .sim import (
     Simulation,
     parse_size,
 )
-from .trace import TraceWriter
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 DEMO_VMS = 4
 DEMO_CMDLINE = "pages=64 passes=40 spin=100000"
-
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -119,7 +113,6 @@ class Options:
     max_page_sharing: int = 256
     ksm_run: int = 1
     run_at: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def ksm(self, enabled: bool) -> KsmConfig:
         out = []
@@ -139,94 +132,6 @@ class Options:
         return SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
                          max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
                          quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
-
-
-class Progress:
-    """A one-line progress bar on stderr: simulated time, instructions against the budget, exits."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.label = ""
-        self._last = 0.0
-
-    def observe(self, label: str, sim: Simulation) -> None:
-        if self.enabled:
-            self.label = label
-            sim.on_slice.append(self._update)
-
-    def _update(self, sim: Simulation) -> None:
-        wall = time.monotonic()  # the display is throttled on wall time; the simulation never reads it
-        if wall - self._last < 0.2:
-            return
-        self._last = wall
-        budget = sim.config.max_insns * len(sim.vms)
-        exits = sum(vm.vcpus[0].stats.exits for vm in sim.vms)
-        done = min(1.0, sim.now / budget)
-        bar = "#" * int(20 * done)
-        prefix = f"{self.label}: " if self.label else ""
-        sys.stderr.write(f"\r{prefix}[{bar:<20}] sim {sim.now / sim.config.insns_per_ms:10.1f} ms  "
-                         f"{sim.now:>13,} insns  {exits:>9,} exits ")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self._last:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
-
-
-class Observers:
-    """The optional watchers of a run: trace file, plot series, progress bar, signals."""
-
-    def __init__(self, opts: Options) -> None:
-        self.opts = opts
-        self.trace = TraceWriter(opts.trace_path, opts.trace_events) if opts.trace_path else None
-        self.series: list[TimeSeries] = []
-        self.progress = Progress(not opts.quiet and not opts.as_json and sys.stderr.isatty())
-        self.signals: list[int] = []
-        self.sims: list[Simulation] = []
-
-    @property
-    def trace_fn(self) -> Callable[[str, dict[str, Any]], None] | None:
-        return self.trace.event if self.trace is not None else None
-
-    def observe(self, label: str, sim: Simulation) -> None:
-        self.sims.append(sim)
-        if self.trace is not None:
-            self.trace.bind(sim, label)
-        if self.opts.plot_path:
-            self.series.append(TimeSeries.attach(sim, label or self.opts.image or ""))
-        self.progress.observe(label, sim)
-        if self.signals:
-            sim.interrupted = True
-
-    def stop(self, signum: int) -> None:
-        self.signals.append(signum)
-        for sim in self.sims:
-            sim.interrupted = True
-
-    def finish(self, title: str) -> None:
-        self.progress.finish()
-        if self.trace is not None:
-            self.trace.close()
-        if self.opts.plot_path:
-            write_plot(self.opts.plot_path, self.series, title)
-
-
-@contextmanager
-def _interruptible(stop: Callable[[int], None]) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the simulation to stop after the current time slice."""
-    previous = {s: signal.getsignal(s) for s in EXIT_INTERRUPTED}
-
-    def handler(signum: int, _frame: object) -> None:
-        stop(signum)
-
-    for s in EXIT_INTERRUPTED:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _run_exit_code(result: RunResult, signals: list[int]) -> int:
@@ -259,10 +164,10 @@ def _guarded(fn: Callable[[], int]) -> None:
 
 def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
              render_json: Callable[[RunResult], str] | None = None) -> int:
-    obs = Observers(opts)
+    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
     sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
     obs.observe("", sim)
-    with _interruptible(obs.stop):
+    with interruptible(obs.stop):
         result = sim.run()
     obs.finish(f"{cfg.image}: {cfg.vms} VM(s), profile {result.profile.name}")
     if opts.as_json:
@@ -277,8 +182,8 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
 
 
 def _compare(opts: Options, cfg: SimConfig) -> int:
-    obs = Observers(opts)
-    with _interruptible(obs.stop):
+    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
+    with interruptible(obs.stop):
         result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
     obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
     click.echo(to_json(result.as_dict()) if opts.as_json else render_compare(result), nl=False)
