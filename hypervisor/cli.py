@@ -80,6 +80,8 @@ _ksm_options = _options([
                       "time slices."),
     click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
                  help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
+    click.option("--ksm-smart-scan", "smart_scan", is_flag=True,
+                 help="/sys/kernel/mm/ksm/smart_scan (6.7+): skip pages that keep failing to merge."),
     click.option("--ksm-max-page-sharing", "max_page_sharing", default=256, show_default=True, type=int,
                  help="/sys/kernel/mm/ksm/max_page_sharing: mappings per KSM page before a duplicate."),
     click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
@@ -110,6 +112,7 @@ class Options:
     pages_to_scan: int = 100
     sleep_ms: int = 20
     use_zero_pages: bool = False
+    smart_scan: bool = False
     max_page_sharing: int = 256
     ksm_run: int = 1
     run_at: tuple[str, ...] = ()
@@ -124,7 +127,7 @@ class Options:
                 raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
         return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
                          sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
-                         use_zero_pages=self.use_zero_pages, run_at=tuple(out))
+                         use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan, run_at=tuple(out))
 
     def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
         if self.image is None:
@@ -296,7 +299,7 @@ def ksm(profile: str, **kw: Any) -> None:
     """Run IMAGE with KSM on and show /sys/kernel/mm/ksm as the run left it.
 
     The knobs are named after the files in /sys/kernel/mm/ksm/ (run, pages_to_scan,
-    sleep_millisecs, max_page_sharing, use_zero_pages).
+    sleep_millisecs, max_page_sharing, use_zero_pages, smart_scan).
 
     \b
     Example:

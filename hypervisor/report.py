@@ -14,9 +14,9 @@ from .kvm.stats import HVSIM_ONLY
 from .sim import RunResult, VmResult
 
 KSM_SYSFS_ORDER = (
-    "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "pages_shared",
-    "pages_sharing", "pages_unshared", "pages_volatile", "full_scans", "stable_node_chains",
-    "stable_node_dups", "ksm_zero_pages", "general_profit",
+    "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "smart_scan", "pages_shared",
+    "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned", "pages_skipped", "full_scans",
+    "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit",
 )
 
 

@@ -49,6 +49,7 @@ class KsmConfig:
     sleep_millisecs: int = 20
     max_page_sharing: int = 256
     use_zero_pages: bool = False
+    smart_scan: bool = False
     # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
     run_at: tuple[tuple[int, int], ...] = ()
 
@@ -75,7 +76,7 @@ class SimConfig:
             "quantum": self.quantum, "insns_per_ms": self.insns_per_ms,
             "ksm": {"enabled": self.ksm.enabled, "run": self.ksm.run, "pages_to_scan": self.ksm.pages_to_scan,
                     "sleep_millisecs": self.ksm.sleep_millisecs, "max_page_sharing": self.ksm.max_page_sharing,
-                    "use_zero_pages": self.ksm.use_zero_pages,
+                    "use_zero_pages": self.ksm.use_zero_pages, "smart_scan": self.ksm.smart_scan,
                     "run_at": [list(x) for x in self.ksm.run_at]},
         }
 
@@ -206,7 +207,7 @@ def validate(config: SimConfig) -> None:
         raise ConfigError("KSM knobs: pages_to_scan > 0, sleep_millisecs >= 0, max_page_sharing >= 2.")
     for spec in config.inject:
         RaceSpec.parse(spec)
-    if (k.run_at or k.run != 1 or k.use_zero_pages) and not k.enabled:
+    if (k.run_at or k.run != 1 or k.use_zero_pages or k.smart_scan) and not k.enabled:
         raise ConfigError("KSM options were given without --ksm: add --ksm to turn KSM on.")
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
@@ -254,6 +255,7 @@ class Simulation:
             ksm.sleep_millisecs = config.ksm.sleep_millisecs
             ksm.max_page_sharing = config.ksm.max_page_sharing
             ksm.use_zero_pages = config.ksm.use_zero_pages
+            ksm.smart_scan = config.ksm.smart_scan
             if trace is not None:
                 ksm.trace = trace
             self.ksm = ksm

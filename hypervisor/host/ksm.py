@@ -28,7 +28,7 @@ tables keyed by a 64-bit content hash, each hit confirmed by a whole-page memcmp
 instead of rbtrees ordered by memcmp (same merges for pages that hold still; the
 kernel's unstable tree may also find a page whose content changed since insertion);
 chains are pruned on every search rather than every
-stable_node_chains_prune_millisecs; 6.7's smart_scan is not modelled.
+stable_node_chains_prune_millisecs; 6.7's smart_scan is a knob that is off unless set.
 """
 
 from collections.abc import Callable
@@ -103,6 +103,9 @@ class VmaItems:
         self.flags = np.zeros(n, dtype=np.uint8)
         self.oldchecksum = np.zeros(n, dtype=np.uint32)
         self.node = np.zeros(n, dtype=np.int32)  # stable node id when STABLE_FLAG
+        # smart_scan (6.7+): visits without a merge, and skips left before the next visit
+        self.age = np.zeros(n, dtype=np.uint8)
+        self.remaining_skips = np.zeros(n, dtype=np.uint8)
 
     def hva(self, idx: int) -> Hva:
         return Hva(self.vma.start + (idx << PAGE_SHIFT))
@@ -163,6 +166,8 @@ class Ksm:
         self.sleep_millisecs = 20
         self.max_page_sharing = 256
         self.use_zero_pages = False
+        # 6.7 made smart_scan=1 the default; hvsim leaves it off unless asked (README, fidelity).
+        self.smart_scan = False
         # state
         self.slots: list[MmSlot] = []
         self.cursor = KsmCursor()
@@ -175,6 +180,7 @@ class Ksm:
         self.unshared = 0
         self.ksm_zero_pages = 0
         self.pages_scanned = 0
+        self.pages_skipped = 0
         self.zero_hash = int(page_hash(frames, np.array([ZERO_PFN]))[0])
         self.trace: KsmTrace | None = None
         # Named points where tests fire host events (races); see hypervisor/races.py.
@@ -236,6 +242,7 @@ class Ksm:
             "sleep_millisecs": self.sleep_millisecs,
             "max_page_sharing": self.max_page_sharing,
             "use_zero_pages": int(self.use_zero_pages),
+            "smart_scan": int(self.smart_scan),
             "pages_shared": shared,
             "pages_sharing": sharing,
             "pages_unshared": self.unshared,
@@ -246,6 +253,7 @@ class Ksm:
             "ksm_zero_pages": self.ksm_zero_pages,
             "general_profit": profit,
             "pages_scanned": self.pages_scanned,
+            "pages_skipped": self.pages_skipped,
         }
 
     def ksm_zero_page_unmapped(self) -> None:
@@ -376,7 +384,9 @@ class Ksm:
             begin = int(first[0])
             later_stale = first_stale[first_stale > begin]
             limit = int(later_stale[0]) if later_stale.size else window.shape[0]
-            offs = first[first < limit][:budget]
+            offs = first[first < limit]
+            skip = self._smart_scan_skips(items, start + offs, window[offs] >> PAGE_SHIFT, budget)
+            offs = offs[: budget if skip is None else skip.size]
             idxs = start + offs
             cur.address = vma.start + ((int(idxs[-1]) + 1) << PAGE_SHIFT)
             fresh = ~items.has_item[idxs]
@@ -385,6 +395,8 @@ class Ksm:
                 items.has_item[new] = True
                 items.flags[new] = 0
                 items.oldchecksum[new] = 0
+                items.age[new] = 0
+                items.remaining_skips[new] = 0
                 self.rmap_items += int(new.size)
             unstable = (items.flags[idxs] & UNSTABLE_FLAG) != 0
             if unstable.any():
@@ -392,7 +404,46 @@ class Ksm:
                 seen = idxs[unstable]
                 items.flags[seen] &= np.uint8(STABLE_FLAG)
                 self.unshared -= int(seen.size)
+            if skip is not None:
+                self._age_items(items, idxs, window[offs] >> PAGE_SHIFT, skip)
+                keep = ~skip
+                if not keep.any():
+                    continue  # every page reached was skipped: they cost no pages_to_scan
+                idxs, offs = idxs[keep], offs[keep]
             return items, idxs, window[offs] >> PAGE_SHIFT
+
+    def _smart_scan_skips(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64],
+                          budget: int) -> npt.NDArray[np.bool_] | None:
+        """should_skip_rmap_item() (6.7+) over the candidate pages, up to the budget-th page not skipped.
+
+        A page that is not a KSM page and whose rmap_item has been visited three times or
+        more without merging is skipped on 1, 2, 4 or 8 of every following visits as it
+        ages; a skipped page costs no pages_to_scan.  None when smart_scan is off.
+        """
+        if not self.smart_scan:
+            return None
+        known = items.has_item[idxs]
+        age = np.where(known, items.age[idxs], 0)
+        remaining = np.where(known, items.remaining_skips[idxs], 0)
+        skip = (self.frames.stable_node[pfns] < 0) & (age >= 3) & (remaining > 0)
+        kept = np.flatnonzero(~skip)
+        reach = int(kept[budget - 1]) + 1 if kept.size >= budget else idxs.size
+        out: npt.NDArray[np.bool_] = skip[:reach]
+        return out
+
+    def _age_items(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64],
+                   skip: npt.NDArray[np.bool_]) -> None:
+        not_ksm = self.frames.stable_node[pfns] < 0
+        age = items.age[idxs].astype(np.int32)
+        remaining = items.remaining_skips[idxs].astype(np.int32)
+        items.age[idxs] = np.where(not_ksm, np.minimum(age + 1, 255), age)
+        # An old page allowed no more skips is scanned now and earns skip_age(age) skips.
+        renew = not_ksm & (age >= 3) & (remaining == 0)
+        earned = np.select([age <= 3, age <= 5, age <= 8], [1, 2, 4], 8)
+        items.remaining_skips[idxs] = np.where(renew, earned, np.where(skip, remaining - 1, remaining))
+        self.pages_skipped += int(skip.sum())
+        for idx in idxs[skip & ((items.flags[idxs] & STABLE_FLAG) != 0)].tolist():
+            self.remove_rmap_item_from_tree(items, int(idx))
 
     def _follow_page(self, mm: "HostMm", hva: Hva) -> Pfn | None:
         """follow_page() of an anonymous page: None for no pte or the zero page."""

@@ -134,6 +134,11 @@ class CoherenceMachine(RuleBasedStateMachine):
         self.world.vms[vm].mm.page_referenced(Hva(GUEST_RAM_HVA + gfn * PAGE_SIZE))
         seen("age")
 
+    @rule(on=st.booleans())
+    def smart_scan(self, on: bool) -> None:
+        self.world.ksm.smart_scan = on
+        seen("smart_scan_on" if on else "smart_scan_off")
+
     @rule(value=st.sampled_from([1, 2, 0]))
     def ksm_run(self, value: int) -> None:
         self.world.ksm.set_run(value)
@@ -182,7 +187,7 @@ Test_6_10 = SETTINGS(machine_for("6.10", True)).TestCase
 def test_zz_the_property_tests_explored_every_event_kind() -> None:
     """Runs after the machines (file order): every rule fired, and faults lost the retry race."""
     for event in ("guest_read", "guest_write", "ksmd", "ksmd_left_pages_merged", "fault_retry", "host_cow",
-                  "madvise_dontneed", "madvise_mergeable",
+                  "madvise_dontneed", "madvise_mergeable", "smart_scan_on",
                   "madvise_unmergeable", "age", "ksm_run_2", "mmap", "munmap"):
         assert EVENTS_SEEN.get(event, 0) > 0, (event, EVENTS_SEEN)
 

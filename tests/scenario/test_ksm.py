@@ -209,3 +209,13 @@ def test_compare_tells_the_2009_2012_2024_story_with_identical_guest_output() ->
     assert rows["3.7"].result.totals()["exits"] == rows["6.10"].result.totals()["exits"]
     assert rows["3.7"].result.ksm == rows["6.10"].result.ksm
     assert result.avoided_exits()["2.6.32"] == no_cp["EPT_VIOLATION"] - base
+
+
+def test_smart_scan_skips_pages_that_never_merge_without_changing_what_merges() -> None:
+    # Long enough for unique pages (code, stack, boot params) to age past three visits.
+    cmd = "pages=16 passes=30 spin=20000"
+    plain = _ksm_run(image("samepage.bin"), cmd, vms=2, profile="6.10")
+    smart = _ksm_run(image("samepage.bin"), cmd, vms=2, profile="6.10",
+                     ksm=KsmConfig(enabled=True, pages_to_scan=ALL_SCANS, sleep_millisecs=0, smart_scan=True))
+    assert plain["pages_skipped"] == 0 and smart["pages_skipped"] > 0
+    assert (smart["pages_shared"], smart["pages_sharing"]) == (plain["pages_shared"], plain["pages_sharing"])
