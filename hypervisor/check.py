@@ -95,8 +95,14 @@ class CoherenceChecker:
             mm = vm.mm
             for vma in mm.vmas:
                 ptes = vma.ptes
-                normal = (ptes & _PTE_PRESENT).astype(bool) & ~(ptes & _PTE_SPECIAL).astype(bool)
-                np.add.at(mapped, ptes[normal] >> PAGE_SHIFT, 1)
+                normal = np.flatnonzero((ptes & _PTE_PRESENT).astype(bool) & ~(ptes & _PTE_SPECIAL).astype(bool))
+                pfns = ptes[normal] >> PAGE_SHIFT
+                np.add.at(mapped, pfns, 1)
+                ksm_writable = np.flatnonzero((frames.stable_node[pfns] >= 0) & (ptes[normal] & _PTE_RW).astype(bool))
+                if ksm_writable.size:
+                    hva = vma.start + (int(normal[ksm_writable[0]]) << PAGE_SHIFT)
+                    self._fail("ksm-page-stable", f"vm{vm.vm_id} hva {hva:#x} maps KSM page pfn "
+                               f"{int(pfns[ksm_writable[0]]):#x} writable")
             sptes = vm.mmu.sptes
             for slot in vm.memslots:
                 window = sptes[slot.base_gfn : slot.end_gfn]
@@ -162,19 +168,3 @@ class CoherenceChecker:
                     if int(h) != node.key:
                         self._fail("ksm-page-stable", f"KSM page pfn {node.kpfn:#x} (stable node {node.id}) "
                                    "changed content after it was merged")
-            self._check_ksm_not_writable(sim)
-
-    def _check_ksm_not_writable(self, sim: "Simulation") -> None:
-        frames = sim.frames
-        for vm in sim.vms:
-            for vma in vm.mm.vmas:
-                ptes = vma.ptes
-                present = np.flatnonzero((ptes & _PTE_PRESENT).astype(bool) & ~(ptes & _PTE_SPECIAL).astype(bool))
-                pfns = ptes[present] >> PAGE_SHIFT
-                ksm_pages = frames.stable_node[pfns] >= 0
-                writable = (ptes[present] & _PTE_RW).astype(bool)
-                bad = np.flatnonzero(ksm_pages & writable)
-                if bad.size:
-                    hva = vma.start + (int(present[bad[0]]) << PAGE_SHIFT)
-                    self._fail("ksm-page-stable", f"vm{vm.vm_id} hva {hva:#x} maps KSM page pfn "
-                               f"{int(pfns[bad[0]]):#x} writable")

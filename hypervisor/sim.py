@@ -326,7 +326,6 @@ class Simulation:
                 self._running = None
                 self.insns[i] += retired
                 self.now += retired
-                vcpu.insns = self.insns[i]
                 if ksm is not None:
                     self.context = ("ksmd", 0)
                     while run_at and run_at[0][0] * cfg.insns_per_ms <= self.now:

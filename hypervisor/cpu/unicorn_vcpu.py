@@ -17,6 +17,7 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 """
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 from unicorn import (
@@ -60,7 +61,9 @@ _PTE_RW = 1 << 1
 _PTE_PS = 1 << 7
 _PTE_ADDR = 0x000F_FFFF_FFFF_F000
 _SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
-_LEVEL_SHIFTS = (39, 30, 21, 12)
+_UPPER_SHIFTS = (39, 30, 21)
+_LEAF_SHIFT = (12,)
+_LARGE_OFFSET = (1 << 21) - 1  # a large page is cached and handed out per 2 MiB region
 _SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
 _SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
@@ -81,6 +84,30 @@ _EXCEPTION_NAMES = {0: "#DE divide error", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR
 
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                    ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
+
+
+def _walk_levels(table: int, gva: int, shifts: tuple[int, ...],
+                 read_pte: Callable[[int], int]) -> tuple[int, bool, bool]:
+    """Walk the guest's paging levels `shifts` from `table`.
+
+    Returns (base, large, writable): the next table or 4 KiB frame after the last
+    level, or, when a PDPTE/PDE maps a large page, the base of the 2 MiB region of
+    `gva` inside it (large); writable is the AND of the R/W bits on the way.
+    """
+    if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
+        raise _GuestFault("#GP non-canonical address")
+    table &= _PTE_ADDR
+    writable = True
+    for shift in shifts:
+        pte = read_pte(table + (((gva >> shift) & 511) << 3))
+        if not pte & _PTE_P:
+            raise _GuestFault("#PF page not present")
+        writable = writable and bool(pte & _PTE_RW)
+        if shift in (30, 21) and pte & _PTE_PS:
+            size_mask = (1 << shift) - 1
+            return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask & ~_LARGE_OFFSET), True, writable
+        table = pte & _PTE_ADDR
+    return table, False, writable
 
 
 def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
@@ -282,43 +309,23 @@ class UnicornVcpu:
         """
         upper = self._pscache.get(gva >> 21)
         if upper is None:
-            upper = self._pscache[gva >> 21] = self._walk_upper(gva)
-        table, large, writable = upper
+            upper = self._pscache[gva >> 21] = _walk_levels(self._cr3, gva, _UPPER_SHIFTS, self._read_pte)
+        base, large, writable = upper
         if large:
-            gpa = table | (gva & 0x1F_FFFF)
+            gpa = base | (gva & _LARGE_OFFSET)
         else:
-            pte_gpa = table + (((gva >> 12) & 511) << 3)
-            spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
-            pte = int(self._qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
-            if not pte & _PTE_P:
-                raise _GuestFault("#PF page not present")
-            writable = writable and bool(pte & _PTE_RW)
-            gpa = (pte & _PTE_ADDR) | (gva & (PAGE_SIZE - 1))
+            frame, _, leaf_writable = _walk_levels(base, gva, _LEAF_SHIFT, self._read_pte)
+            writable = writable and leaf_writable
+            gpa = frame | (gva & (PAGE_SIZE - 1))
         if write and not writable:
             raise _GuestFault("#PF write to a read-only page")
         self._guest_writable = writable
         return gpa
 
-    def _walk_upper(self, gva: int) -> tuple[int, bool, bool]:
-        """PML4E -> PDPTE -> PDE: (base gpa of the 2 MiB region or of its page table, large, writable)."""
-        if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
-            raise _GuestFault("#GP non-canonical address")
-        table = self._cr3 & _PTE_ADDR
-        writable = True
-        qwords = self._qwords
-        for shift in (39, 30, 21):
-            pte_gpa = table + (((gva >> shift) & 511) << 3)
-            spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
-            pte = int(qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
-            if not pte & _PTE_P:
-                raise _GuestFault("#PF page not present")
-            writable = writable and bool(pte & _PTE_RW)
-            if shift != 39 and pte & _PTE_PS:
-                size_mask = (1 << shift) - 1
-                base = (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask & ~0x1F_FFFF)
-                return base, True, writable
-            table = pte & _PTE_ADDR
-        return table, False, writable
+    def _read_pte(self, pte_gpa: int) -> int:
+        """A guest page-table entry, read through the EPT as the hardware walker does."""
+        spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
+        return int(self._qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
 
     def _rip_for_trace(self) -> int:
         if self.vcpu.vm.trace is None:
@@ -371,20 +378,18 @@ class UnicornVcpu:
     def translate_peek(self, gva: int) -> int | None:
         """gva -> gpa through the guest tables as the VMM reads them (no exits, no faults)."""
         vm = self.vcpu.vm
-        table = self._cr3 & _PTE_ADDR
-        for shift in _LEVEL_SHIFTS:
-            pte_gpa = table + (((gva >> shift) & 511) << 3)
+
+        def read_pte(pte_gpa: int) -> int:
             try:
-                pte = int.from_bytes(vm.read_guest(Gpa(pte_gpa), 8), "little")
+                return int.from_bytes(vm.read_guest(Gpa(pte_gpa), 8), "little")
             except ValueError:
-                return None
-            if not pte & _PTE_P:
-                return None
-            if shift in (30, 21) and pte & _PTE_PS:
-                size_mask = (1 << shift) - 1
-                return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask)
-            table = pte & _PTE_ADDR
-        return table | (gva & (PAGE_SIZE - 1))
+                raise _GuestFault("page table outside guest memory") from None
+
+        try:
+            base, large, _ = _walk_levels(self._cr3, gva, _UPPER_SHIFTS + _LEAF_SHIFT, read_pte)
+        except _GuestFault:
+            return None
+        return base | (gva & (_LARGE_OFFSET if large else PAGE_SIZE - 1))
 
     def peek_code(self, gva: int, length: int) -> bytes:
         out = bytearray()
@@ -407,9 +412,7 @@ class UnicornVcpu:
         return disassemble_one(code, rip) if code else "(not mapped)"
 
     def describe_rip(self) -> str:
-        code = self.peek_code(self.rip, 16)
-        insn = disassemble_one(code, self.rip) if code else "(not mapped)"
-        return f"RIP {self.rip:#x}: {insn}"
+        return f"RIP {self.rip:#x}: {self.instruction_at(self.rip)}"
 
 
 __all__ = ["UnicornVcpu"]

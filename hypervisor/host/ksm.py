@@ -92,6 +92,12 @@ def checksum_of_hash(h: int) -> int:
     return (h ^ (h >> 32)) & 0xFFFF_FFFF
 
 
+def checksums_of_hashes(h: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint32]:
+    """checksum_of_hash() over an array."""
+    out: npt.NDArray[np.uint32] = ((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFF_FFFF)).astype(np.uint32)
+    return out
+
+
 class VmaItems:
     """The rmap_items of one mergeable VMA, as arrays indexed by page."""
 
@@ -318,7 +324,7 @@ class Ksm:
         # not a KSM page, no stable key with their hash, and no page of the batch that takes
         # the slow path, which could create one, has their hash): settled in one step.
         widx = idxs[work]
-        checksums = ((hashes ^ (hashes >> np.uint64(32))) & np.uint64(0xFFFF_FFFF)).astype(np.uint32)
+        checksums = checksums_of_hashes(hashes)
         quick = (flags[work] == 0) & (page_node[work] < 0) & (checksums != items.oldchecksum[widx])
         if self.stable_tree:
             keys = np.fromiter(self.stable_tree.keys(), dtype=np.uint64, count=len(self.stable_tree))
@@ -476,10 +482,10 @@ class Ksm:
 
     def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn, h: int) -> None:
         """`h` is the page's content hash (taken by the caller, batched)."""
+        # A page already merged into the KSM page its rmap_item names never gets here: the
+        # batch filter in _scan_batch is the kernel's "rmap_item->head == stable_node" return.
         frames = self.frames
         node_id = int(frames.stable_node[pfn]) if pfn != ZERO_PFN else -1
-        if node_id > 0 and items.flags[idx] & STABLE_FLAG and int(items.node[idx]) == node_id:
-            return  # already merged into this KSM page: nothing to do
         self.remove_rmap_item_from_tree(items, idx)
         if node_id > 0 and node_id in self.nodes:
             # A KSM page that lost its rmap_item (e.g. a forked mapping): re-append.

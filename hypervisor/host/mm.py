@@ -299,7 +299,7 @@ class HostMm:
         pfn = frames.alloc_page()
         # The allocation reference becomes the mapping's reference.
         frames.mapcount_view[pfn] = 1
-        vma.ptes_view[idx] = (pfn << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_ACCESSED | _PAGE_RW | _PAGE_DIRTY
+        vma.ptes_view[idx] = mk_pte(pfn, writable=True, dirty=True)
 
     def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> None:
         """Write fault on a present read-only pte: reuse the page if we own it, else copy it."""

@@ -26,18 +26,14 @@ import numpy.typing as npt
 
 from ..host.mm import HostMm, pte_pfn, pte_write
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
-from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Hva, Pfn
+from ..types import PAGE_SIZE, Gfn, Hva, Pfn
 from .memslot import Memslot
 from .spte import (
-    SPTE_ACCESSED,
     SPTE_DIRTY,
-    SPTE_EXECUTABLE,
-    SPTE_HOST_WRITEABLE,
     SPTE_NONPRESENT,
-    SPTE_READABLE,
-    SPTE_WRITABLE,
     is_accessed_spte,
     is_shadow_present_pte,
+    make_spte,
     spte_clear_accessed,
     spte_set_pfn_readonly,
 )
@@ -45,10 +41,6 @@ from .spte import (
 if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import Vm
-
-
-_SPTE_BASE = SPTE_READABLE | SPTE_EXECUTABLE | SPTE_ACCESSED
-_SPTE_W = SPTE_WRITABLE | SPTE_HOST_WRITEABLE
 
 
 class FaultResult(Enum):
@@ -109,12 +101,12 @@ class TdpMmu:
 
     def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultResult:
         slot = self._last_slot
-        if slot is None or not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+        if slot is None or not slot.contains_gfn(gfn):
             slot = self._last_slot = self.vm.memslots.gfn_to_memslot(gfn)
             if slot is None:
                 return FaultResult.MMIO
         mmu_seq = self.mmu_notifier_seq
-        hva = Hva(slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT))
+        hva = slot.gfn_to_hva(gfn)
         pfn, writable = self.gfn_to_pfn(hva, write_fault)
         if self.race_points:
             point = self.race_points.get("after_gfn_to_pfn")
@@ -125,9 +117,7 @@ class TdpMmu:
             self.mm.put_page(pfn)
             vcpu.stats.pf_retry += 1
             return FaultResult.RETRY
-        spte = (pfn << PAGE_SHIFT) | _SPTE_BASE
-        if writable:
-            spte |= _SPTE_W
+        spte = make_spte(pfn, writable)
         if write_fault:
             spte |= SPTE_DIRTY
         # Upgrading a present read-only spte needs no flush: a stale read-only TLB entry

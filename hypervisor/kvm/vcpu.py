@@ -72,8 +72,6 @@ class Vcpu:
         self.console = bytearray()
         self.failure: str | None = None
         self.arch: VcpuBackend = _NoBackend()
-        # Instructions this vCPU retired, updated by the scheduler after each time slice.
-        self.insns = 0
         # (exit reason, what the host did for it) -> count; see handle_ept_violation.
         self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
 
