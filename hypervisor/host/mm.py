@@ -340,15 +340,14 @@ class HostMm:
     def get_user_pages(self, hva: Hva, write: bool) -> Pfn:
         """get_user_pages_fast(addr, 1, write): fault the page in as needed and pin it."""
         vma = self._vma_or_segv(hva)
-        idx = (hva - vma.start) >> PAGE_SHIFT
+        idx = vma.index(hva)
         ptes = vma.ptes_view
         pte = ptes[idx]
-        if not pte & _PAGE_PRESENT or (write and not pte & _PAGE_RW):
+        if not pte_present(pte) or (write and not pte_write(pte)):
             self._handle_mm_fault(vma, idx, hva, write)
             pte = ptes[idx]
-        pfn = Pfn(pte >> PAGE_SHIFT)
-        if pfn != ZERO_PFN:
-            self.frames.refcount_view[pfn] += 1
+        pfn = pte_pfn(pte)
+        self.frames.get_page(pfn)
         return pfn
 
     def get_user_pages_fast_only(self, hva: Hva, write: bool) -> Pfn | None:
