@@ -38,7 +38,8 @@ MAX_VMS = 256
 # Host-side bookkeeping per guest page beyond its frame (ptes, sptes, rmap_items, page flags).
 _BYTES_PER_PAGE_OVERHEAD = 64
 
-GUEST_IMAGES = Path(__file__).resolve().parent.parent / "guest_images"
+# The bundled guests ship inside the package (package data); ./guest_images in a checkout links here.
+GUEST_IMAGES = Path(__file__).resolve().parent / "guest_images"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-GUEST_DIR = REPO_ROOT / "guest_images"
+GUEST_DIR = REPO_ROOT / "hypervisor" / "guest_images"
 LIB_SOURCE = "lib.S"
 # Guests that are also kept as ELF64 executables (for the ELF loader tests).
 ELF_GUESTS = ("hello",)
