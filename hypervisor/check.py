@@ -16,7 +16,9 @@ Invariants:
   it, checked exactly at the end of every time slice (no fault in flight, no pte being
   replaced) and as lower bounds in between;
 * ksm-page-stable: a KSM page's content never changes (it is byte-equal to every page merged
-  into it) and nothing maps it writable.
+  into it) and nothing maps it writable;
+* free-frame-clean: a free frame keeps no page state (not PageKsm, no mapcount), so that
+  whatever allocates it next gets an ordinary page (2.6.32 free_pages_check()).
 """
 
 from collections import deque
@@ -138,6 +140,13 @@ class CoherenceChecker:
                     self._fail("frame-mapped-not-free", f"vm{vm.vm_id} gfn {gfn:#x}: the spte maps pfn "
                                f"{int(spte_pfn[freed[0]]):#x}, which is free")
         mapped[ZERO_PFN] = 0
+        free = frames.refcount <= 0
+        free[ZERO_PFN] = False
+        stale = np.flatnonzero(free & ((frames.stable_node >= 0) | (frames.mapcount != 0)))
+        if stale.size:
+            pfn = int(stale[0])
+            self._fail("free-frame-clean", f"pfn {pfn:#x} is free but keeps stable_node "
+                       f"{int(frames.stable_node[pfn])}, mapcount {int(frames.mapcount[pfn])}")
         mapcount = frames.mapcount.astype(np.int64)
         # Inside an operation that replaces a pte (replace_page, do_wp_page) the old page's
         # mapcount drops only after the new pte is announced, as in the kernel.
