@@ -18,10 +18,13 @@ Invariants:
 * ksm-page-stable: a KSM page's content never changes (it is byte-equal to every page merged
   into it) and nothing maps it writable;
 * free-frame-clean: a free frame keeps no page state (not PageKsm, no mapcount), so that
-  whatever allocates it next gets an ordinary page (2.6.32 free_pages_check()).
+  whatever allocates it next gets an ordinary page (2.6.32 free_pages_check());
+* ksm-rmap-items: every stable node counts exactly the live rmap_items that name it, and the
+  unstable tree holds only live rmap_items marked unstable (a freed one left there would be
+  merged later and counted forever).
 """
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +32,13 @@ import numpy as np
 
 from .errors import InvariantViolation
 from .host.frames import ZERO_PFN
-from .host.ksm import page_hash
+from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from .trace import format_fields
 from .types import PAGE_SHIFT, Gfn
 
 if TYPE_CHECKING:
+    from .host.ksm import Ksm
     from .sim import Simulation
 
 RING_SIZE = 24
@@ -168,6 +172,8 @@ class CoherenceChecker:
                 self._fail("refcount-equals-mappings", f"pfn {pfn:#x} has refcount {int(refcount[pfn])} but "
                            f"{int(mapped[pfn])} mappings and no fault in flight (a leaked pin)")
         ksm = sim.ksm
+        if ksm is not None:
+            self._check_rmap_items(ksm)
         if ksm is not None and ksm.nodes:
             nodes = [n for n in ksm.nodes.values() if int(frames.stable_node[n.kpfn]) == n.id]
             if nodes:
@@ -177,3 +183,24 @@ class CoherenceChecker:
                     if int(h) != node.key:
                         self._fail("ksm-page-stable", f"KSM page pfn {node.kpfn:#x} (stable node {node.id}) "
                                    "changed content after it was merged")
+
+    def _check_rmap_items(self, ksm: "Ksm") -> None:
+        counted: Counter[int] = Counter()
+        live: set[int] = set()
+        for slot in ksm.slots:
+            for items in slot.vmas:
+                live.add(id(items))
+                stable = np.flatnonzero(items.has_item & ((items.flags & STABLE_FLAG) != 0))
+                counted.update(int(n) for n in items.node[stable])
+        for node in ksm.nodes.values():
+            naming = counted.pop(node.id, 0)
+            if naming != node.nr_items:
+                self._fail("ksm-rmap-items", f"stable node {node.id} (KSM page pfn {node.kpfn:#x}) counts "
+                           f"{node.nr_items} rmap_items but {naming} live ones name it")
+        if counted:
+            self._fail("ksm-rmap-items", f"rmap_items name stable node {min(counted)}, which is gone")
+        for entries in ksm.unstable_tree.values():
+            for items, idx in entries:
+                if id(items) not in live or not items.has_item[idx] or not items.flags[idx] & UNSTABLE_FLAG:
+                    self._fail("ksm-rmap-items", f"the unstable tree holds the freed rmap_item of "
+                               f"{items.mm.name} hva {items.hva(idx):#x}")

@@ -180,6 +180,9 @@ class Ksm:
         self.seqnr = 0  # full_scans
         self.stable_tree: dict[int, list[StableNode | StableNodeChain]] = {}
         self.unstable_tree: dict[int, list[ItemRef]] = {}
+        # Where each rmap_item inserted by this pass sits in the unstable tree (its bucket's
+        # key), so that freeing it takes it out, as remove_rmap_item_from_tree's rb_erase does.
+        self.unstable_key: dict[ItemRef, int] = {}
         self.nodes: dict[int, StableNode] = {}
         self._next_node_id = 1
         self.rmap_items = 0
@@ -358,6 +361,7 @@ class Ksm:
         if not cur.in_pass:
             # A new full scan: the unstable tree is rebuilt from scratch.
             self.unstable_tree.clear()
+            self.unstable_key.clear()
             cur.in_pass = True
             cur.slot, cur.address = 0, 0
         while True:
@@ -475,6 +479,10 @@ class Ksm:
                 if node.nr_items == 0 and self.frames.stable_node[node.kpfn] != node.id:
                     self._erase_node(node)
         if flags & UNSTABLE_FLAG:
+            # 2.6.32/3.7 remove_rmap_item_from_tree(): an item inserted by this scan is
+            # rb_erase()d ("be careful when an mm is exiting"); left in the tree, a freed item
+            # would be merged later and counted in its stable node forever.
+            self._unstable_erase(items, idx)
             self.unshared -= 1
         items.flags[idx] = 0
 
@@ -515,7 +523,7 @@ class Ksm:
         if kpfn is None:
             return
         # The tree item leaves the unstable tree; both join the new stable node.
-        self._unstable_remove(tree_items, tree_idx, h)
+        self._unstable_remove(tree_items, tree_idx)
         new = self.stable_tree_insert(kpfn, h)
         self._stable_tree_append(tree_items, tree_idx, new)
         self._stable_tree_append(items, idx, new)
@@ -633,16 +641,21 @@ class Ksm:
             if self.frames.pages_identical(pfn, tree_pfn):
                 return tree_items, tree_idx, tree_pfn
         bucket.append((items, idx))
+        self.unstable_key[(items, idx)] = h
         items.flags[idx] = UNSTABLE_FLAG
         self.unshared += 1
         return None
 
-    def _unstable_remove(self, items: VmaItems, idx: int, h: int) -> None:
-        bucket = self.unstable_tree.get(h, [])
+    def _unstable_erase(self, items: VmaItems, idx: int) -> None:
+        h = self.unstable_key.pop((items, idx), None)
+        bucket = self.unstable_tree.get(h, []) if h is not None else []
         for pos, (it, i) in enumerate(bucket):
             if it is items and i == idx:
                 del bucket[pos]
                 break
+
+    def _unstable_remove(self, items: VmaItems, idx: int) -> None:
+        self._unstable_erase(items, idx)
         if items.flags[idx] & UNSTABLE_FLAG:
             items.flags[idx] = int(items.flags[idx]) & STABLE_FLAG
             self.unshared -= 1
@@ -792,6 +805,7 @@ class Ksm:
         for node in list(self.nodes.values()):
             self._erase_node(node)
         self.unstable_tree.clear()
+        self.unstable_key.clear()
         self.cursor = KsmCursor()
         self.seqnr = 0
 

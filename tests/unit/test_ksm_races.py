@@ -166,3 +166,97 @@ def test_a_stable_node_is_only_ever_set_on_a_held_frame() -> None:
     host.frames.put_page(pfn)
     with pytest.raises(AssertionError, match="free frame"):
         host.ksm.stable_tree_insert(Pfn(pfn), 0)
+
+
+# --- a freed rmap_item keeps no place in the trees ---------------------------------------------
+
+
+@pytest.mark.parametrize("era", list(PROFILES))
+def test_an_rmap_item_freed_mid_pass_leaves_the_unstable_tree_and_is_never_merged(era: str) -> None:
+    """munmap frees the rmap_items of an area; one inserted into the unstable tree by the current
+    pass must leave it (remove_rmap_item_from_tree's rb_erase, 2.6.32 and 3.7 mm/ksm.c), or a page
+    later mapped at its address is merged through the dead item and counted in the stable node
+    forever."""
+    host = make_host(era)
+    a, b = Hva(0x1000_0000), Hva(0x2000_0000)
+    for addr in (a, b):
+        mergeable_area(host.mm, 1, addr)
+        host.mm.write_bytes(addr, page_of(0x42))
+    host.ksm.set_run(1)
+    full_scan(host.ksm)
+    host.ksm.ksm_do_scan(1)  # a's page goes into the unstable tree
+    host.mm.munmap(a, PAGE_SIZE)
+    assert host.ksm.unstable_tree == {} or all(not v for v in host.ksm.unstable_tree.values())
+    mergeable_area(host.mm, 1, a)  # a new area at the same address, with the same content
+    host.mm.write_bytes(a, page_of(0x42))
+    host.ksm.ksm_do_scan(1)  # b: nothing live in the unstable tree to merge with
+    assert host.ksm.counters()["pages_sharing"] == 0
+    for _ in range(3):  # the rest of this pass; the new page's first checksum; the merge
+        full_scan(host.ksm)
+    assert (host.ksm.counters()["pages_shared"], host.ksm.counters()["pages_sharing"]) == (1, 1)
+    assert [n.nr_items for n in host.ksm.nodes.values()] == [2]
+    host.mm.munmap(a, PAGE_SIZE)
+    host.mm.munmap(b, PAGE_SIZE)
+    assert host.ksm.rmap_items == 0
+    assert (host.ksm.counters()["pages_shared"], host.ksm.counters()["pages_sharing"]) == (0, 0)
+
+
+def test_the_checker_reports_a_freed_rmap_item_left_in_the_unstable_tree() -> None:
+    g = make_guest("3.7", pages=2)
+    g.mm.madvise(GUEST_RAM_HVA, 2 * PAGE_SIZE, MADV_MERGEABLE)
+    g.mm.write_bytes(g.hva(0), page_of(0x42))
+    ksm = g.host.ksm
+    ksm.set_run(1)
+    full_scan(ksm)
+    ksm.ksm_do_scan(1)
+    items = ksm.slots[0].vmas[0]
+    items.has_item[0] = False  # freed behind the tree's back
+    with pytest.raises(InvariantViolation, match=r"ksm-rmap-items.*unstable tree holds the freed rmap_item"):
+        checker_of(g).check(strict_refcount=False)
+
+
+def test_the_checker_reports_a_stable_node_that_counts_a_dead_rmap_item() -> None:
+    host = racing_host("3.7", "ksm_after_replace_page", age)
+    host.ksm.race_points.clear()
+    full_scan(host.ksm)
+    full_scan(host.ksm)
+    (node,) = host.ksm.nodes.values()
+    node.nr_items += 1
+    g = make_guest("3.7", pages=1)
+    checker = CoherenceChecker()
+    checker.attach(Machine(host.frames, [g.vm], host.ksm))  # type: ignore[arg-type]
+    with pytest.raises(InvariantViolation, match=r"ksm-rmap-items.*counts 3 rmap_items but 2"):
+        checker.check(strict_refcount=False)
+
+
+# --- other state a freed frame could keep ---------------------------------------------------------
+
+
+def test_a_freed_frame_that_held_guest_code_drops_its_translations_when_reused() -> None:
+    """exec_seen is the one thing a free frame keeps, on purpose: its next user's content must
+    invalidate the translated code Unicorn may still hold for that physical page."""
+    pool = FramePool(4)
+    pfn = pool.alloc_page()
+    pool.exec_seen[pfn] = True
+    pool.put_page(pfn)
+    assert pool.alloc_page() == pfn
+    assert pool.code_epoch == 1 and not pool.exec_seen[pfn]
+
+
+def test_a_stale_stable_node_is_dropped_and_names_no_frame_once_its_frame_is_reused() -> None:
+    host = racing_host("2.6.32", "ksm_after_replace_page", invalidate)
+    full_scan(host.ksm)
+    full_scan(host.ksm)
+    (stale,) = host.ksm.nodes.values()
+    assert host.frames.is_free(stale.kpfn)
+    host.ksm.race_points.clear()
+    for i in range(2):
+        host.mm.write_bytes(page_hva(AREA, i), page_of(0x42))
+    assert not host.frames.is_free(stale.kpfn)  # reused: first as an ordinary page
+    full_scan(host.ksm)
+    full_scan(host.ksm)
+    assert stale.id not in host.ksm.nodes
+    assert not (host.frames.stable_node == stale.id).any()
+    (node,) = host.ksm.nodes.values()
+    kpfn = pte_pfn(host.mm.pte(page_hva(AREA, 0)))
+    assert node.kpfn == kpfn and int(host.frames.stable_node[kpfn]) == node.id and node.nr_items == 2
