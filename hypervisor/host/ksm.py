@@ -472,6 +472,7 @@ class Ksm:
 
     def remove_rmap_item_from_tree(self, items: VmaItems, idx: int) -> None:
         flags = int(items.flags[idx])
+        items.flags[idx] = 0  # first: erasing the node below emits an event the checker reads
         if flags & STABLE_FLAG:
             node = self.nodes.get(int(items.node[idx]))
             if node is not None:
@@ -484,7 +485,6 @@ class Ksm:
             # would be merged later and counted in its stable node forever.
             self._unstable_erase(items, idx)
             self.unshared -= 1
-        items.flags[idx] = 0
 
     # --- cmp_and_merge_page ------------------------------------------------------------
 
@@ -600,8 +600,6 @@ class Ksm:
         if node.id not in self.nodes:
             return
         del self.nodes[node.id]
-        if self.trace is not None:
-            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
         if node.nr_items:
             for slot in self.slots:
                 for items in slot.vmas:
@@ -625,6 +623,8 @@ class Ksm:
             self.stable_tree.pop(node.key, None)
         if int(self.frames.stable_node[node.kpfn]) == node.id:
             self.frames.stable_node[node.kpfn] = 0
+        if self.trace is not None:  # once the node is gone (the checker runs on events)
+            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
 
     # --- unstable tree ---------------------------------------------------------------------
 
