@@ -108,6 +108,10 @@ class FramePool:
     def page_add_rmap(self, pfn: Pfn) -> None:
         """A pte now maps the frame: the mapping holds a reference (get_page + page_add_*_rmap)."""
         if pfn != ZERO_PFN:
+            if self.refcount_view[pfn] <= 0:
+                # The caller must hold a reference to the page it maps (the kernel's
+                # get_page() on a free page is VM_BUG_ON): mapping a free frame is a bug.
+                raise AssertionError(f"a pte maps free frame {pfn:#x}")
             self.refcount[pfn] += 1
             self.mapcount[pfn] += 1
 

@@ -260,3 +260,12 @@ def test_a_stale_stable_node_is_dropped_and_names_no_frame_once_its_frame_is_reu
     (node,) = host.ksm.nodes.values()
     kpfn = pte_pfn(host.mm.pte(page_hva(AREA, 0)))
     assert node.kpfn == kpfn and int(host.frames.stable_node[kpfn]) == node.id and node.nr_items == 2
+
+
+def test_mapping_a_free_frame_is_an_accounting_error() -> None:
+    """The path issue #9 took after the stale stable node: a merge mapped the free frame."""
+    pool = FramePool(4)
+    pfn = pool.alloc_page()
+    pool.put_page(pfn)
+    with pytest.raises(AssertionError, match="maps free frame"):
+        pool.page_add_rmap(pfn)
