@@ -11,6 +11,10 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   KVM's fault path (kvm/vcpu.py); a retried fault is another exit.  The guest
   instruction then completes against the frame the spte maps.
 * Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it.
+* A guest exception (from the walk or from the CPU model) is delivered through the
+  guest's IDT by cpu/exceptions.py at the end of the slice; with no IDT it is a
+  triple fault.  CR3 is read on every TLB fill, so an address-space switch drops the
+  cached walks at once.
 * Time slices are exact: a C code hook (_icount.c) counts instructions and stops
   Unicorn when the slice is used up, so instructions retired are exact even when a
   slice ends early.
@@ -42,6 +46,7 @@ from unicorn import (
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
+from ..guest import layout
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
@@ -50,6 +55,16 @@ from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Gpa
 from . import _icount
 from .disasm import disassemble_one
+from .exceptions import (
+    EXCEPTION_NAMES,
+    PF_ERR_PRESENT,
+    PF_ERR_WRITE,
+    PF_VECTOR,
+    DeliveryFailed,
+    PendingException,
+    deliver,
+    reset_old_exception,
+)
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
 # address (it is above the canonical guest's identity map), so it is given the zero page.
@@ -78,8 +93,8 @@ _EFER_LMA = 1 << 10
 _VMCALL = b"\x0f\x01\xc1"
 _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
-_EXCEPTION_NAMES = {0: "#DE divide error", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD invalid opcode",
-                    8: "#DF", 13: "#GP general protection", 14: "#PF page fault", 16: "#MF", 17: "#AC"}
+_UD_VECTOR = 6
+_GP_VECTOR = 13
 
 
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
@@ -95,13 +110,13 @@ def _walk_levels(table: int, gva: int, shifts: tuple[int, ...],
     `gva` inside it (large); writable is the AND of the R/W bits on the way.
     """
     if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
-        raise _GuestFault("#GP non-canonical address")
+        raise _GuestFault("#GP non-canonical address", _GP_VECTOR)
     table &= _PTE_ADDR
     writable = True
     for shift in shifts:
         pte = read_pte(table + (((gva >> shift) & 511) << 3))
         if not pte & _PTE_P:
-            raise _GuestFault("#PF page not present")
+            raise _GuestFault("#PF page not present", PF_VECTOR)
         writable = writable and bool(pte & _PTE_RW)
         if shift in (30, 21) and pte & _PTE_PS:
             size_mask = (1 << shift) - 1
@@ -124,7 +139,12 @@ class _ICount(ctypes.Structure):
 
 
 class _GuestFault(Exception):
-    """The walk hit a fault the guest cannot take (it has no IDT): a triple fault."""
+    """The walk hit a fault: delivered to the guest's IDT, or a triple fault without one."""
+
+    def __init__(self, what: str, vector: int, error_code: int = 0) -> None:
+        super().__init__(what)
+        self.vector = vector
+        self.error_code = error_code
 
 
 class _Mmio(Exception):
@@ -151,6 +171,7 @@ class UnicornVcpu:
         # Paging-structure cache: 2 MiB region of gva -> (base gpa, large page, writable).
         self._pscache: dict[int, tuple[int, bool, bool]] = {}
         self._guest_writable = True
+        self._pending: PendingException | None = None
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
@@ -168,6 +189,7 @@ class UnicornVcpu:
                       ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
         self.uc = uc
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
+        uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
         uc.msr_write(_EFER_MSR, _EFER_LME | _EFER_LMA)
@@ -198,11 +220,6 @@ class UnicornVcpu:
         ic.counter = 0
         ic.limit = max_insns
         self._stop_note = None
-        cr3 = self.uc.reg_read(x86.UC_X86_REG_CR3)
-        if cr3 != self._cr3:
-            # The guest loaded CR3 (seen at slice granularity): its cached walks are stale.
-            self._cr3 = cr3
-            self._pscache.clear()
         error: UcError | None = None
         try:
             self.uc.emu_start(self.rip, UNTIL)
@@ -218,7 +235,10 @@ class UnicornVcpu:
             raise raised
         if vcpu.state is not VcpuState.RUNNABLE:
             return retired
-        if error is not None:
+        pending, self._pending = self._pending, None
+        if pending is not None and (error is not None or pending.vector != PF_VECTOR):
+            self._take_exception(pending)
+        elif error is not None:
             vcpu.handle_triple_fault(self._stop_note or f"the CPU model stopped: {error}", self.rip)
         elif retired < max_insns:
             if self.rip == UNTIL:
@@ -227,6 +247,48 @@ class UnicornVcpu:
                 # Unicorn returns early only for HLT (our own stops set a state above).
                 vcpu.handle_hlt(self.rip - 1)
         return retired
+
+    def _take_exception(self, exc: PendingException) -> None:
+        """Deliver exc through the guest's IDT (cpu/exceptions.py), or end the VM with a triple fault."""
+        uc = self.uc
+        if exc.rip < 0:
+            exc.rip = self.rip
+        idtr = uc.reg_read(x86.UC_X86_REG_IDTR)
+
+        def read_qword(gva: int) -> int:
+            return int(self._qwords[self._frame_of(gva, False), (gva & (PAGE_SIZE - 1)) >> 3])
+
+        def write_qword(gva: int, value: int) -> None:
+            self._qwords[self._frame_of(gva, True), (gva & (PAGE_SIZE - 1)) >> 3] = value
+
+        cs = int(uc.reg_read(x86.UC_X86_REG_CS)) or layout.GDT_CODE64_SELECTOR  # Unicorn boots with a null CS
+        try:
+            entry = deliver(exc, (int(idtr[1]), int(idtr[2])), int(uc.reg_read(x86.UC_X86_REG_RSP)),
+                            int(uc.reg_read(x86.UC_X86_REG_EFLAGS)), cs, int(uc.reg_read(x86.UC_X86_REG_SS)),
+                            read_qword, write_qword)
+        except DeliveryFailed as why:
+            self.vcpu.handle_triple_fault(f"{exc.note} {why}", exc.rip)
+            return
+        if exc.cr2 is not None:
+            uc.reg_write(x86.UC_X86_REG_CR2, exc.cr2)
+        if int(uc.reg_read(x86.UC_X86_REG_CS)) != entry.cs:
+            uc.reg_write(x86.UC_X86_REG_CS, entry.cs)
+        uc.reg_write(x86.UC_X86_REG_RSP, entry.rsp)
+        uc.reg_write(x86.UC_X86_REG_EFLAGS, entry.rflags)
+        self.rip = entry.rip
+        if exc.vector != PF_VECTOR:
+            reset_old_exception(uc)  # the CPU model raised it: undo QEMU's double-fault bookkeeping
+
+    def _frame_of(self, gva: int, write: bool) -> int:
+        """The pfn behind gva for an access made while delivering an exception (exits as the CPU's would)."""
+        try:
+            gpa = self._walk(gva, write)
+            spte = self._ept(gpa >> PAGE_SHIFT, write)
+        except _GuestFault as fault:
+            raise DeliveryFailed(f"and pushing its frame faulted ({fault} at gva {gva:#x})") from None
+        except _Mmio as mmio:
+            raise DeliveryFailed(f"and pushing its frame reached gpa {mmio.gpa:#x}, outside every memslot") from None
+        return (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
 
     def _stop_now(self, note: str | None = None) -> None:
         """Stop before the next instruction (the C hook sees the limit reached)."""
@@ -239,9 +301,18 @@ class UnicornVcpu:
 
     def _make_raw_tlb_fill(self, uc: Uc) -> Any:
         fill = self._tlb_fill
+        # CR3 is read on every fill (a raw call, ~0.4 us): a guest's mov to CR3 flushes Unicorn's TLB but
+        # raises no event, and the cached upper levels of the walks must go with it.
+        reg_read, uch, cr3_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_CR3
+        cr3_buf = ctypes.c_uint64()
+        cr3_ref = ctypes.byref(cr3_buf)
 
         def raw(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
             try:
+                reg_read(uch, cr3_id, cr3_ref)
+                if cr3_buf.value != self._cr3:
+                    self._cr3 = cr3_buf.value
+                    self._pscache.clear()
                 return fill(uc, vaddr, access, entry.contents, None)
             except BaseException as exc:  # as the binding's own wrapper: record, stop
                 if uc._hook_exception is None:
@@ -266,7 +337,10 @@ class UnicornVcpu:
                 entry.paddr = 0
                 entry.perms = UC_PROT_READ | UC_PROT_EXEC
                 return True
-            self._stop_note = f"{fault} at gva {vaddr:#x}"
+            self._stop_note = note = f"{fault} at gva {vaddr:#x}"
+            error_code = fault.error_code | (PF_ERR_WRITE if write else 0)
+            self._pending = PendingException(fault.vector, error_code if fault.vector == PF_VECTOR else 0, -1,
+                                             note, vaddr if fault.vector == PF_VECTOR else None)
             return False
         except _Mmio as mmio:
             self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
@@ -318,7 +392,7 @@ class UnicornVcpu:
             writable = writable and leaf_writable
             gpa = frame | (gva & (PAGE_SIZE - 1))
         if write and not writable:
-            raise _GuestFault("#PF write to a read-only page")
+            raise _GuestFault("#PF write to a read-only page", PF_VECTOR, PF_ERR_PRESENT)
         self._guest_writable = writable
         return gpa
 
@@ -354,9 +428,10 @@ class UnicornVcpu:
         return 1
 
     def _syscall(self, uc: Uc, _ud: object) -> None:
-        # EFER.SCE is clear in the boot state: SYSCALL raises #UD, and the guest has no IDT.
-        self._stop_now("#UD syscall with EFER.SCE clear")
-        self.vcpu.handle_triple_fault(self._stop_note or "", int(uc.reg_read(x86.UC_X86_REG_RIP)))
+        # EFER.SCE is clear in the boot state: SYSCALL raises #UD.
+        rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
+        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD syscall with EFER.SCE clear")
+        self._stop_now()
 
     def _invalid_insn(self, uc: Uc, _ud: object) -> bool:
         rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
@@ -365,13 +440,14 @@ class UnicornVcpu:
             uc.reg_write(x86.UC_X86_REG_RAX, _KVM_ENOSYS)
             uc.reg_write(x86.UC_X86_REG_RIP, rip + 3)
             return True
-        self._stop_note = "#UD invalid opcode"
+        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD invalid opcode")
         return False
 
     def _interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
-        name = _EXCEPTION_NAMES.get(intno, f"exception vector {intno}")
-        self._stop_now(f"{name} with no IDT")
-        self.vcpu.handle_triple_fault(self._stop_note or "", int(uc.reg_read(x86.UC_X86_REG_RIP)))
+        # Unicorn hands the exception to this hook instead of the guest's IDT: hvsim delivers it (run()).
+        name = EXCEPTION_NAMES.get(intno, f"exception vector {intno}")
+        self._pending = PendingException(intno, 0, int(uc.reg_read(x86.UC_X86_REG_RIP)), name)
+        self._stop_now()
 
     # --- inspection without exits (reports) ----------------------------------------------
 
