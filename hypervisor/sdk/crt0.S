@@ -8,6 +8,7 @@
  * where the CPU pushes none, then the vector, and hv_isr_common saves the registers
  * and CR2 as a struct hv_frame and calls hv_dispatch(frame).
  */
+    .file "crt0.S"
     .section .text.start, "ax"
     .globl _start
 _start:

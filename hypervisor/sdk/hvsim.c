@@ -66,17 +66,22 @@ unsigned long hv_rdtsc(void)
     return ((unsigned long)hi << 32) | lo;
 }
 
+/* memset and memcpy move qwords (rep stosq/movsq) and then the remaining bytes. */
 void *memset(void *dst, int c, unsigned long n)
 {
     void *d = dst;
-    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
+    unsigned long q = n >> 3, r = n & 7, v = (unsigned char)c * 0x0101010101010101UL;
+    __asm__ volatile("rep stosq" : "+D"(d), "+c"(q) : "a"(v) : "memory");
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(r) : "a"(v) : "memory");
     return dst;
 }
 
 void *memcpy(void *dst, const void *src, unsigned long n)
 {
     void *d = dst;
-    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
+    unsigned long q = n >> 3, r = n & 7;
+    __asm__ volatile("rep movsq" : "+D"(d), "+S"(src), "+c"(q) : : "memory");
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(r) : : "memory");
     return dst;
 }
 
