@@ -50,8 +50,8 @@ def c_guest_sources(src_dir: Path) -> list[Path]:
 def build_c_guest(source: Path, out_dir: Path) -> Path:
     """Build one C guest with the SDK, as `hvsim build-guest` does."""
     sys.path.insert(0, str(REPO_ROOT))
-    from hypervisor.guest.build import build_guest as sdk_build
     from hypervisor.guest.build import GuestBuildError
+    from hypervisor.guest.build import build_guest as sdk_build
 
     out = out_dir / f"{source.stem}.elf"
     try:

@@ -16,6 +16,7 @@ fault), and a #PF's CR2 is the page address of the access, because Unicorn's TLB
 fill hook sees only the page.
 """
 
+import contextlib
 import ctypes
 import struct
 from collections.abc import Callable
@@ -153,10 +154,8 @@ def probe_old_exception() -> tuple[bytes, bytes]:
     uc.reg_write(x86.UC_X86_REG_RSP, 0x8000)
     before = context_bytes(uc)
     uc.hook_add(UC_HOOK_INTR, lambda u, _n, _d: u.emu_stop())
-    try:
+    with contextlib.suppress(UcError):
         uc.emu_start(0x1000, 0x2000)
-    except UcError:
-        pass
     return before, context_bytes(uc)
 
 

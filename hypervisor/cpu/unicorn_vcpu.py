@@ -21,7 +21,6 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 """
 
 import ctypes
-from collections.abc import Callable
 from typing import Any
 
 from unicorn import (
@@ -65,20 +64,14 @@ from .exceptions import (
     deliver,
     reset_old_exception,
 )
+from .walk import _LARGE_OFFSET, _LEAF_SHIFT, _UPPER_SHIFTS, _GuestFault, _walk_levels
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
 # address (it is above the canonical guest's identity map), so it is given the zero page.
 UNTIL = 0xFFFF_FFFF_FFFF_F000
 _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 
-_PTE_P = 1 << 0
-_PTE_RW = 1 << 1
-_PTE_PS = 1 << 7
-_PTE_ADDR = 0x000F_FFFF_FFFF_F000
 _SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
-_UPPER_SHIFTS = (39, 30, 21)
-_LEAF_SHIFT = (12,)
-_LARGE_OFFSET = (1 << 21) - 1  # a large page is cached and handed out per 2 MiB region
 _SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
 _SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
@@ -94,35 +87,10 @@ _VMCALL = b"\x0f\x01\xc1"
 _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
 _UD_VECTOR = 6
-_GP_VECTOR = 13
 
 
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                    ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
-
-
-def _walk_levels(table: int, gva: int, shifts: tuple[int, ...],
-                 read_pte: Callable[[int], int]) -> tuple[int, bool, bool]:
-    """Walk the guest's paging levels `shifts` from `table`.
-
-    Returns (base, large, writable): the next table or 4 KiB frame after the last
-    level, or, when a PDPTE/PDE maps a large page, the base of the 2 MiB region of
-    `gva` inside it (large); writable is the AND of the R/W bits on the way.
-    """
-    if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
-        raise _GuestFault("#GP non-canonical address", _GP_VECTOR)
-    table &= _PTE_ADDR
-    writable = True
-    for shift in shifts:
-        pte = read_pte(table + (((gva >> shift) & 511) << 3))
-        if not pte & _PTE_P:
-            raise _GuestFault("#PF page not present", PF_VECTOR)
-        writable = writable and bool(pte & _PTE_RW)
-        if shift in (30, 21) and pte & _PTE_PS:
-            size_mask = (1 << shift) - 1
-            return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask & ~_LARGE_OFFSET), True, writable
-        table = pte & _PTE_ADDR
-    return table, False, writable
 
 
 def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
@@ -136,15 +104,6 @@ def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctyp
 
 class _ICount(ctypes.Structure):
     _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
-
-
-class _GuestFault(Exception):
-    """The walk hit a fault: delivered to the guest's IDT, or a triple fault without one."""
-
-    def __init__(self, what: str, vector: int, error_code: int = 0) -> None:
-        super().__init__(what)
-        self.vector = vector
-        self.error_code = error_code
 
 
 class _Mmio(Exception):
@@ -459,7 +418,7 @@ class UnicornVcpu:
             try:
                 return int.from_bytes(vm.read_guest(Gpa(pte_gpa), 8), "little")
             except ValueError:
-                raise _GuestFault("page table outside guest memory") from None
+                raise _GuestFault("page table outside guest memory", PF_VECTOR) from None
 
         try:
             base, large, _ = _walk_levels(self._cr3, gva, _UPPER_SHIFTS + _LEAF_SHIFT, read_pte)

@@ -51,7 +51,7 @@ def bundled_guests(directory: Path) -> list[GuestInfo]:
 
 def _c_header(lines: list[str]) -> list[str]:
     """The opening /* ... */ comment of a C source, as `#` lines."""
-    out = []
+    out: list[str] = []
     for line in lines:
         stripped = line.strip()
         if stripped.startswith("*/") or (out and not stripped.startswith("*")):

@@ -1,0 +1,48 @@
+"""The guest's 4-level page walk (gva -> gpa), as the hardware walker does it; pure logic over a pte reader."""
+
+from collections.abc import Callable
+
+from .exceptions import PF_VECTOR
+
+_PTE_P = 1 << 0
+_PTE_RW = 1 << 1
+_PTE_PS = 1 << 7
+_PTE_ADDR = 0x000F_FFFF_FFFF_F000
+_UPPER_SHIFTS = (39, 30, 21)
+_LEAF_SHIFT = (12,)
+_LARGE_OFFSET = (1 << 21) - 1  # a large page is cached and handed out per 2 MiB region
+_GP_VECTOR = 13
+
+
+class _GuestFault(Exception):
+    """The walk hit a fault: delivered to the guest's IDT, or a triple fault without one."""
+
+    def __init__(self, what: str, vector: int, error_code: int = 0) -> None:
+        super().__init__(what)
+        self.vector = vector
+        self.error_code = error_code
+
+
+
+def _walk_levels(table: int, gva: int, shifts: tuple[int, ...],
+                 read_pte: Callable[[int], int]) -> tuple[int, bool, bool]:
+    """Walk the guest's paging levels `shifts` from `table`.
+
+    Returns (base, large, writable): the next table or 4 KiB frame after the last
+    level, or, when a PDPTE/PDE maps a large page, the base of the 2 MiB region of
+    `gva` inside it (large); writable is the AND of the R/W bits on the way.
+    """
+    if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
+        raise _GuestFault("#GP non-canonical address", _GP_VECTOR)
+    table &= _PTE_ADDR
+    writable = True
+    for shift in shifts:
+        pte = read_pte(table + (((gva >> shift) & 511) << 3))
+        if not pte & _PTE_P:
+            raise _GuestFault("#PF page not present", PF_VECTOR)
+        writable = writable and bool(pte & _PTE_RW)
+        if shift in (30, 21) and pte & _PTE_PS:
+            size_mask = (1 << shift) - 1
+            return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask & ~_LARGE_OFFSET), True, writable
+        table = pte & _PTE_ADDR
+    return table, False, writable
