@@ -4,8 +4,8 @@
  * Command-line parameters:
  *   image=M      pages of "image" loaded at boot, identical in every VM   (default 256)
  *   diverge=D    pages each VM rewrites with its own data per pass        (default 4)
- *   passes=K     passes                                                   (default 20)
- *   spin=S       delay-loop iterations before each pass                   (default 100000)
+ *   passes=K     passes                                                   (default 40)
+ *   spin=S       delay-loop iterations before each pass                   (default 200000)
  *
  * Boot: fills M pages with a xorshift64 stream seeded 0x2545F4914F6CDD1D (the same in every
  * VM; the "image").  Then K passes of: spin S, rewrite qword 1 of D pages chosen by a PRNG
@@ -33,7 +33,7 @@ static unsigned long xorshift64(unsigned long *x)
 int main(void)
 {
     unsigned long pages = hv_param("image", 256), diverge = hv_param("diverge", 4);
-    unsigned long passes = hv_param("passes", 20), delay = hv_param("spin", 100000);
+    unsigned long passes = hv_param("passes", 40), delay = hv_param("spin", 200000);
     /* one byte per page marks the pages this VM has rewritten; it lives after the image */
     unsigned long marks_pages = (pages + HV_PAGE_SIZE - 1) / HV_PAGE_SIZE;
     if (pages == 0 || pages + marks_pages > hv_heap_size() / HV_PAGE_SIZE) {
