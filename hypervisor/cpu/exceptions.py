@@ -113,6 +113,29 @@ def deliver(exc: PendingException, idtr: tuple[int, int], rsp: int, rflags: int,
     return EntryState(rip=gate.offset, rsp=sp, rflags=new_flags, cs=gate.selector)
 
 
+def enter_handler(uc: Any, exc: PendingException, read_qword: Callable[[int], int],
+                  write_qword: Callable[[int, int], None]) -> int:
+    """Deliver exc on the Unicorn CPU uc: push the frame, load the handler's state; return its RIP."""
+    from unicorn import x86_const as x86
+
+    from ..guest.layout import GDT_CODE64_SELECTOR
+
+    idtr = uc.reg_read(x86.UC_X86_REG_IDTR)
+    cs = int(uc.reg_read(x86.UC_X86_REG_CS)) or GDT_CODE64_SELECTOR  # Unicorn boots with a null CS selector
+    entry = deliver(exc, (int(idtr[1]), int(idtr[2])), int(uc.reg_read(x86.UC_X86_REG_RSP)),
+                    int(uc.reg_read(x86.UC_X86_REG_EFLAGS)), cs, int(uc.reg_read(x86.UC_X86_REG_SS)),
+                    read_qword, write_qword)
+    if exc.cr2 is not None:
+        uc.reg_write(x86.UC_X86_REG_CR2, exc.cr2)
+    if int(uc.reg_read(x86.UC_X86_REG_CS)) != entry.cs:
+        uc.reg_write(x86.UC_X86_REG_CS, entry.cs)
+    uc.reg_write(x86.UC_X86_REG_RSP, entry.rsp)
+    uc.reg_write(x86.UC_X86_REG_EFLAGS, entry.rflags)
+    if exc.vector != PF_VECTOR:
+        reset_old_exception(uc)  # the CPU model raised it: undo QEMU's double-fault bookkeeping
+    return entry.rip
+
+
 class OldExceptionReset:
     """Clears QEMU's `env->old_exception` after hvsim delivered an exception raised by the CPU model.
 

@@ -45,13 +45,12 @@ from unicorn import (
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
-from ..guest import layout
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
-from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Gpa
+from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from . import _icount
 from .disasm import disassemble_one
 from .exceptions import (
@@ -61,10 +60,9 @@ from .exceptions import (
     PF_VECTOR,
     DeliveryFailed,
     PendingException,
-    deliver,
-    reset_old_exception,
+    enter_handler,
 )
-from .walk import _LARGE_OFFSET, _LEAF_SHIFT, _UPPER_SHIFTS, _GuestFault, _walk_levels
+from .walk import LARGE_OFFSET, LEAF_SHIFT, UPPER_SHIFTS, GuestFault, peek_bytes, translate_peek, walk_levels
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
 # address (it is above the canonical guest's identity map), so it is given the zero page.
@@ -209,10 +207,8 @@ class UnicornVcpu:
 
     def _take_exception(self, exc: PendingException) -> None:
         """Deliver exc through the guest's IDT (cpu/exceptions.py), or end the VM with a triple fault."""
-        uc = self.uc
         if exc.rip < 0:
             exc.rip = self.rip
-        idtr = uc.reg_read(x86.UC_X86_REG_IDTR)
 
         def read_qword(gva: int) -> int:
             return int(self._qwords[self._frame_of(gva, False), (gva & (PAGE_SIZE - 1)) >> 3])
@@ -220,30 +216,17 @@ class UnicornVcpu:
         def write_qword(gva: int, value: int) -> None:
             self._qwords[self._frame_of(gva, True), (gva & (PAGE_SIZE - 1)) >> 3] = value
 
-        cs = int(uc.reg_read(x86.UC_X86_REG_CS)) or layout.GDT_CODE64_SELECTOR  # Unicorn boots with a null CS
         try:
-            entry = deliver(exc, (int(idtr[1]), int(idtr[2])), int(uc.reg_read(x86.UC_X86_REG_RSP)),
-                            int(uc.reg_read(x86.UC_X86_REG_EFLAGS)), cs, int(uc.reg_read(x86.UC_X86_REG_SS)),
-                            read_qword, write_qword)
+            self.rip = enter_handler(self.uc, exc, read_qword, write_qword)
         except DeliveryFailed as why:
             self.vcpu.handle_triple_fault(f"{exc.note} {why}", exc.rip)
-            return
-        if exc.cr2 is not None:
-            uc.reg_write(x86.UC_X86_REG_CR2, exc.cr2)
-        if int(uc.reg_read(x86.UC_X86_REG_CS)) != entry.cs:
-            uc.reg_write(x86.UC_X86_REG_CS, entry.cs)
-        uc.reg_write(x86.UC_X86_REG_RSP, entry.rsp)
-        uc.reg_write(x86.UC_X86_REG_EFLAGS, entry.rflags)
-        self.rip = entry.rip
-        if exc.vector != PF_VECTOR:
-            reset_old_exception(uc)  # the CPU model raised it: undo QEMU's double-fault bookkeeping
 
     def _frame_of(self, gva: int, write: bool) -> int:
         """The pfn behind gva for an access made while delivering an exception (exits as the CPU's would)."""
         try:
             gpa = self._walk(gva, write)
             spte = self._ept(gpa >> PAGE_SHIFT, write)
-        except _GuestFault as fault:
+        except GuestFault as fault:
             raise DeliveryFailed(f"and pushing its frame faulted ({fault} at gva {gva:#x})") from None
         except _Mmio as mmio:
             raise DeliveryFailed(f"and pushing its frame reached gpa {mmio.gpa:#x}, outside every memslot") from None
@@ -291,7 +274,7 @@ class UnicornVcpu:
             wanted = _SPTE_RA | (_SPTE_WD if write else 0)
             if spte & wanted != wanted:
                 spte = self._ept(gfn, write, access == UC_MEM_FETCH)
-        except _GuestFault as fault:
+        except GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
                 entry.paddr = 0
                 entry.perms = UC_PROT_READ | UC_PROT_EXEC
@@ -342,16 +325,16 @@ class UnicornVcpu:
         """
         upper = self._pscache.get(gva >> 21)
         if upper is None:
-            upper = self._pscache[gva >> 21] = _walk_levels(self._cr3, gva, _UPPER_SHIFTS, self._read_pte)
+            upper = self._pscache[gva >> 21] = walk_levels(self._cr3, gva, UPPER_SHIFTS, self._read_pte)
         base, large, writable = upper
         if large:
-            gpa = base | (gva & _LARGE_OFFSET)
+            gpa = base | (gva & LARGE_OFFSET)
         else:
-            frame, _, leaf_writable = _walk_levels(base, gva, _LEAF_SHIFT, self._read_pte)
+            frame, _, leaf_writable = walk_levels(base, gva, LEAF_SHIFT, self._read_pte)
             writable = writable and leaf_writable
             gpa = frame | (gva & (PAGE_SIZE - 1))
         if write and not writable:
-            raise _GuestFault("#PF write to a read-only page", PF_VECTOR, PF_ERR_PRESENT)
+            raise GuestFault("#PF write to a read-only page", PF_VECTOR, PF_ERR_PRESENT)
         self._guest_writable = writable
         return gpa
 
@@ -412,31 +395,10 @@ class UnicornVcpu:
 
     def translate_peek(self, gva: int) -> int | None:
         """gva -> gpa through the guest tables as the VMM reads them (no exits, no faults)."""
-        vm = self.vcpu.vm
-
-        def read_pte(pte_gpa: int) -> int:
-            try:
-                return int.from_bytes(vm.read_guest(Gpa(pte_gpa), 8), "little")
-            except ValueError:
-                raise _GuestFault("page table outside guest memory", PF_VECTOR) from None
-
-        try:
-            base, large, _ = _walk_levels(self._cr3, gva, _UPPER_SHIFTS + _LEAF_SHIFT, read_pte)
-        except _GuestFault:
-            return None
-        return base | (gva & (_LARGE_OFFSET if large else PAGE_SIZE - 1))
+        return translate_peek(self._cr3, gva, self.vcpu.vm.read_guest)
 
     def peek_code(self, gva: int, length: int) -> bytes:
-        out = bytearray()
-        for addr in range(gva, gva + length):
-            gpa = self.translate_peek(addr)
-            if gpa is None:
-                break
-            try:
-                out += self.vcpu.vm.read_guest(Gpa(gpa), 1)
-            except ValueError:
-                break
-        return bytes(out)
+        return peek_bytes(self._cr3, gva, length, self.vcpu.vm.read_guest)
 
     @property
     def retired_in_slice(self) -> int:
