@@ -13,8 +13,8 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 * Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it.
 * A guest exception (from the walk or from the CPU model) is delivered through the
   guest's IDT by cpu/exceptions.py at the end of the slice; with no IDT it is a
-  triple fault.  CR3 is read on every TLB fill, so an address-space switch drops the
-  cached walks at once.
+  triple fault.  CR3 is read on every instruction-fetch TLB fill (the first fill after any
+  CR3 write is one), so an address-space switch drops the cached walks at once.
 * Time slices are exact: a C code hook (_icount.c) counts instructions and stops
   Unicorn when the slice is used up, so instructions retired are exact even when a
   slice ends early.
@@ -243,18 +243,21 @@ class UnicornVcpu:
 
     def _make_raw_tlb_fill(self, uc: Uc) -> Any:
         fill = self._tlb_fill
-        # CR3 is read on every fill (a raw call, ~0.4 us): a guest's mov to CR3 flushes Unicorn's TLB but
-        # raises no event, and the cached upper levels of the walks must go with it.
+        # A guest's mov to CR3 raises no event, but the cached upper levels of the walks must go with
+        # it.  QEMU ends the translation block after a CR write, and the CR3 write flushed the TLB and
+        # the TB jump cache, so the next fill is always the fetch of the next instruction: reading
+        # CR3 (a raw call, ~0.4 us) on fetch fills only sees every switch before any data access.
         reg_read, uch, cr3_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_CR3
         cr3_buf = ctypes.c_uint64()
         cr3_ref = ctypes.byref(cr3_buf)
 
         def raw(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
             try:
-                reg_read(uch, cr3_id, cr3_ref)
-                if cr3_buf.value != self._cr3:
-                    self._cr3 = cr3_buf.value
-                    self._pscache.clear()
+                if access == UC_MEM_FETCH:
+                    reg_read(uch, cr3_id, cr3_ref)
+                    if cr3_buf.value != self._cr3:
+                        self._cr3 = cr3_buf.value
+                        self._pscache.clear()
                 return fill(uc, vaddr, access, entry.contents, None)
             except BaseException as exc:  # as the binding's own wrapper: record, stop
                 if uc._hook_exception is None:
