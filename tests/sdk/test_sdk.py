@@ -204,3 +204,25 @@ def test_build_guest_works_from_a_non_editable_install_in_another_directory(tmp_
     ran = subprocess.run([*hvsim, "run", "prog.elf", "--json"], cwd=work, env=env, capture_output=True, text=True,
                          check=False)
     assert '"console": "hi 42\\n"' in ran.stdout and '"exit_status": 3' in ran.stdout
+
+
+def test_an_idt_whose_gate_is_not_present_is_a_triple_fault_naming_the_gate(tmp_path: Path) -> None:
+    img = build_program(tmp_path, "gate", """#include <hvsim.h>
+int main(void)
+{
+    struct { unsigned short limit; unsigned long base; } __attribute__((packed)) idtr = {0xfff, 0x300000};
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    return *(volatile int *)0;
+}
+""")
+    vm = run(img).vms[0]
+    assert vm.state == "shutdown" and vm.exits["TRIPLE_FAULT"] == 1
+    assert vm.error is not None and "#PF page not present at gva 0x0 and IDT gate 14 is not present" in vm.error
+
+
+def test_hvsim_images_lists_the_c_workloads_with_their_parameters() -> None:
+    code, out, _ = invoke("images")
+    assert code == 0
+    for line in ("keys=4096 ops=50000 get_pct=90 value_size=64 zipf=1 seed=1", "pages=64 children=4 write_pct=25",
+                 "image=256 diverge=4 passes=40 spin=200000", "kvstore.elf", "samepage_c.elf"):
+        assert line in out
