@@ -226,3 +226,14 @@ def test_hvsim_images_lists_the_c_workloads_with_their_parameters() -> None:
     for line in ("keys=4096 ops=50000 get_pct=90 value_size=64 zipf=1 seed=1", "pages=64 children=4 write_pct=25",
                  "image=256 diverge=4 passes=40 spin=200000", "kvstore.elf", "samepage_c.elf"):
         assert line in out
+
+
+def test_a_guest_can_be_built_from_several_sources(tmp_path: Path) -> None:
+    (tmp_path / "main.c").write_text('#include <hvsim.h>\nunsigned long twice(unsigned long);\n'
+                                     'int main(void) { hv_printf("%lu\\n", twice(hv_param("n", 4))); return 0; }\n')
+    (tmp_path / "twice.c").write_text("unsigned long twice(unsigned long x) { return 2 * x; }\n")
+    code, out, err = invoke("build-guest", str(tmp_path / "main.c"), str(tmp_path / "twice.c"), "-o",
+                            str(tmp_path / "two.elf"))
+    assert code == 0, err
+    assert "wrote" in out
+    assert run(str(tmp_path / "two.elf"), cmdline="n=21").vms[0].console == "42\n"
