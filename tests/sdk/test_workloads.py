@@ -118,3 +118,10 @@ def test_bootstorm_vms_load_the_same_image_then_diverge_and_ksm_merges_them(c_gu
         assert len(vm_lines) == 7
     assert lines[0][1:] != lines[1][1:]  # seeded by the VM index: they diverge
     assert result.ksm is not None and result.ksm["pages_sharing"] > 32
+
+
+def test_guest_exceptions_do_not_depend_on_where_time_slices_end(c_guests: dict[str, str]) -> None:
+    # forkserver takes a #PF per copied page and switches CR3 per child: same counts at any --quantum.
+    runs = [run(c_guests["forkserver"], cmdline="pages=16 children=2 write_pct=50", quantum=q).vms[0]
+            for q in (10_000, 7, 1)]
+    assert len({(vm.console, vm.insns, tuple(sorted(vm.exits.items()))) for vm in runs}) == 1
