@@ -177,6 +177,7 @@ class UnicornVcpu:
         ic.counter = 0
         ic.limit = max_insns
         self._stop_note = None
+        self._pending = None
         error: UcError | None = None
         try:
             self.uc.emu_start(self.rip, UNTIL)
