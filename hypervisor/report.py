@@ -127,5 +127,6 @@ def render_perf_kvm_stat(result: RunResult, model: CostModel) -> str:
         lines.append(f"{reason:>20} {n:>10} {100.0 * n / all_samples:>8.2f}% {100.0 * total / all_time:>8.2f}% "
                      f"{lo:>9.2f}us {hi:>9.2f}us {mean:>11.2f}us ( +- {rel:6.2f}% )")
     lines += ["", f"Total Samples:{all_samples}, Total events handled time:{all_time:.2f}us.",
-              f"(times from hvsim's cost model at {model.cpu_mhz} MHz, not measured: see hypervisor/costs.py)"]
+              f"(times from hvsim's cost model at {model.cpu_mhz} MHz, not measured: "
+              "see --exit-cost in `hvsim run --help`)"]
     return "\n".join(lines) + "\n"

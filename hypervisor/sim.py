@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__
 from .check import CoherenceChecker
 from .cpu.unicorn_vcpu import UnicornVcpu
-from .errors import ConfigError, HvsimError, InvariantViolation
+from .errors import ConfigError, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest import layout, loader
 from .host.frames import FRAME_SLACK, FramePool
 from .host.ksm import Ksm
@@ -97,6 +97,8 @@ class VmResult:
     where: str | None = None
     # exit reason -> what the host did for it -> count (for perf-kvm-stat's cost model)
     exit_work: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the HvsimError class of `error` (GuestTimeout for --max-insns): exit codes come from it, not from the text
+    error_kind: type[GuestError] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -166,18 +168,50 @@ NOTIFIER_CALLBACKS = ("change_pte", "invalidate_page", "invalidate_range_start",
                       "clear_flush_young", "release")
 
 
+_SIZE_SUFFIXES = "KMGTPE"
+
+
 def parse_size(text: str) -> int:
-    """'64M', '1G', '65536', '4K' -> bytes (powers of two, as QEMU's -m)."""
+    """'64M', '1G', '65536', '4K', '10T' -> bytes (powers of two, as QEMU's -m)."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = 1
-    if t and t[-1] in "KMG":
-        mult = 1 << (10 * ("KMG".index(t[-1]) + 1))
+    if t and t[-1] in _SIZE_SUFFIXES:
+        mult = 1 << (10 * (_SIZE_SUFFIXES.index(t[-1]) + 1))
         t = t[:-1]
     try:
         value = int(t, 0)
     except ValueError:
         raise ConfigError(f"--memory {text!r} is not a size: write e.g. 64M, 1G or 16777216.") from None
     return value * mult
+
+
+def format_size(n: int) -> str:
+    """Bytes as a user writes them: 65536 -> '64K', 1 << 30 -> '1G', 4097 -> '4097'."""
+    for shift, suffix in ((60, "E"), (50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{suffix}"
+    return str(n)
+
+
+# The command-line flag of each KSM knob, for messages.
+KSM_FLAGS = {"run": "--ksm-run", "run_at": "--ksm-run-at", "pages_to_scan": "--ksm-pages-to-scan",
+             "sleep_millisecs": "--ksm-sleep-ms", "max_page_sharing": "--ksm-max-page-sharing",
+             "use_zero_pages": "--ksm-use-zero-pages", "smart_scan": "--ksm-smart-scan"}
+
+
+def cmdline_bytes(cmdline: str) -> bytes:
+    """The guest's command line as the boot page holds it: UTF-8, at most CMDLINE_MAX bytes."""
+    try:
+        encoded = cmdline.encode()
+    except UnicodeEncodeError as exc:
+        # Undecodable argv bytes reach Python as lone surrogates U+DC80..U+DCFF (PEP 383).
+        ch = ord(cmdline[exc.start])
+        what = f"byte {ch - 0xDC00:#04x}" if 0xDC80 <= ch <= 0xDCFF else f"character {ch:#x}"
+        raise ConfigError(f"--cmdline is not valid UTF-8 ({what} at offset {exc.start}); "
+                          "guests read their command line as UTF-8 text.") from None
+    if len(encoded) > layout.CMDLINE_MAX:
+        raise ConfigError(f"--cmdline is {len(encoded)} bytes; at most {layout.CMDLINE_MAX} fit the boot page.")
+    return encoded
 
 
 def host_memory_bytes() -> int:
@@ -188,13 +222,16 @@ def host_memory_bytes() -> int:
 
 
 def validate(config: SimConfig) -> None:
+    memory = format_size(config.memory)
     if config.memory <= 0 or config.memory % PAGE_SIZE:
-        raise ConfigError(f"--memory {config.memory} is not a positive multiple of {PAGE_SIZE} bytes.")
+        raise ConfigError(f"--memory {memory} is not a positive multiple of {PAGE_SIZE} bytes.")
     if config.memory < MIN_MEMORY:
-        raise ConfigError(f"--memory {config.memory:#x} is too small: guests need at least "
+        raise ConfigError(f"--memory {memory} is too small: guests need at least "
                           f"{MIN_MEMORY >> 20} MiB (boot area and image below {MIN_MEMORY:#x}).")
     if config.memory > layout.IDENTITY_MAP_SIZE:
-        raise ConfigError("--memory is larger than the 1 GiB the boot page tables map; give at most 1G.")
+        raise ConfigError(f"--memory {memory} is larger than the 1 GiB the boot page tables map; "
+                          "give at most 1G.")
+    cmdline_bytes(config.cmdline)
     if not 1 <= config.vms <= MAX_VMS:
         raise ConfigError(f"--vms {config.vms}: give between 1 and {MAX_VMS} VMs.")
     if config.max_insns <= 0:
@@ -208,8 +245,11 @@ def validate(config: SimConfig) -> None:
         raise ConfigError("KSM knobs: pages_to_scan > 0, sleep_millisecs >= 0, max_page_sharing >= 2.")
     for spec in config.inject:
         RaceSpec.parse(spec)
-    if (k.run_at or k.run != 1 or k.use_zero_pages or k.smart_scan) and not k.enabled:
-        raise ConfigError("KSM options were given without --ksm: add --ksm to turn KSM on.")
+    if not k.enabled:
+        default = KsmConfig()
+        changed = [flag for name, flag in KSM_FLAGS.items() if getattr(k, name) != getattr(default, name)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} given without --ksm: add --ksm to turn KSM on.")
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
     if need > have * 3 // 4:
@@ -320,7 +360,7 @@ class Simulation:
                 vcpu = self.vms[i].vcpus[0]
                 budget = min(cfg.quantum, cfg.max_insns - self.insns[i])
                 if budget <= 0:
-                    vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions")
+                    vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions", GuestTimeout)
                     continue
                 self.context, self._running = ("vcpu", i), self.backends[i]
                 retired = self.backends[i].run(budget)
@@ -353,8 +393,9 @@ class Simulation:
             stats = {**vcpu.stats.as_dict(), **vm.stats.as_dict()}
             calls = {name: vm.mmu.notifier.calls.get(name, 0) for name in NOTIFIER_CALLBACKS}
             error = where = None
+            error_kind: type[GuestError] | None = None
             if vcpu.state in (VcpuState.SHUTDOWN, VcpuState.FAILED):
-                error = vcpu.failure
+                error, error_kind = vcpu.failure, vcpu.failure_kind or GuestError
                 where = self.backends[i].describe_rip()
                 if vcpu.state is VcpuState.SHUTDOWN:
                     error = f"TRIPLE_FAULT: {error}"
@@ -363,7 +404,7 @@ class Simulation:
                 work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
                                 vcpu.console.decode("utf-8", "replace"), self.insns[i], exits, stats, calls,
-                                error, where, work))
+                                error, where, work, error_kind))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,

@@ -36,9 +36,9 @@ def assert_one_paragraph(err: str) -> None:
 
 
 def elf(entry: int = 0x100000, paddr: int = 0x100000, phoff: int = 64, phnum: int = 1, filesz: int = 2,
-        memsz: int = 2, offset: int = 120, machine: int = 62, code: bytes = b"\xf4\xf4") -> bytes:
+        memsz: int = 2, offset: int = 120, machine: int = 62, code: bytes = b"\xf4\xf4", phentsize: int = 56) -> bytes:
     header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    header += struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, entry, phoff, 0, 0, 64, 56, phnum, 0, 0, 0)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, entry, phoff, 0, 0, 64, phentsize, phnum, 0, 0, 0)
     ph = struct.pack("<IIQQQQQQ", 1, 5, offset, paddr, paddr, filesz, memsz, 0x1000)
     return header + ph + code
 
@@ -54,7 +54,9 @@ IMAGES = [
     ("short_elf", b"\x7fELF\x02\x01", "shorter than an ELF64 header"),
     ("elf32", b"\x7fELF\x01\x01" + bytes(58), "not a little-endian ELF64"),
     ("arm_elf", elf(machine=183), "not x86-64"),
-    ("phdrs_outside", elf(phoff=10_000), "program headers lie outside the file"),
+    ("phdrs_outside", elf(phoff=10_000), "program headers (1 at offset 0x2710) lie outside the file (122 bytes)"),
+    ("bad_phentsize", elf(phentsize=32), "e_phentsize is 32, but an ELF64 program header is 56 bytes"),
+    ("large_phentsize", elf(phentsize=64), "e_phentsize is 64, but an ELF64 program header is 56 bytes"),
     ("no_phdrs", elf(phnum=0), "no program headers"),
     ("segment_bytes_outside", elf(offset=5_000), "outside the file"),
     ("filesz_gt_memsz", elf(filesz=8, memsz=2), "larger than p_memsz"),
