@@ -6,6 +6,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -217,7 +218,8 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
     obs.observe("", sim)
     with interruptible(obs.stop):
         result = sim.run()
-    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), profile {result.profile.name}")
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), profile {result.profile.name}"
+               f"{', KSM on' if cfg.ksm.enabled else ''}")
     emit(render_json(result) if opts.as_json and render_json else
          to_json(result.as_dict()) if opts.as_json else render(result))
     for line in result.errors:
@@ -232,7 +234,7 @@ def _compare(opts: Options, cfg: SimConfig) -> int:
                     len(COMPARE_RUNS))
     with interruptible(obs.stop):
         result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
-    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
     emit(to_json(result.as_dict()) if opts.as_json else render_compare(result))
     results = [row.result for row in result.rows]
     errors = [e for r in results for e in r.errors]
@@ -318,7 +320,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
         if not ksm_on:
             refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
         if not perf_kvm_stat:
-            refuse_given(ctx, ("exit_cost", "cpu_mhz"), "only time the --perf-kvm-stat report: add --perf-kvm-stat.")
+            refuse_given(ctx, ("exit_cost", "cpu_mhz"), "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
         elif opts.as_json:
             raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
         render: Callable[[RunResult], str] = render_run

@@ -87,15 +87,18 @@ def write_plot(path: str, runs: list[TimeSeries], title: str) -> list[str]:
     width = bin_ms(runs)
     duration = max((s.t_ms[-1] for s in runs if s.t_ms), default=0.0)
     samples = max((len(s.t_ms) for s in runs), default=0)
-    warnings = []
     if samples < 2 or duration / width < 2:
         note = (f"The run is too short to plot: {duration:.4f} simulated ms in {samples} time slice(s).\n"
                 "A rate needs several time slices: run longer (more passes) or with a smaller --quantum.")
         for ax in (top, bottom):
             if ax is not None:
                 ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, fontsize=10)
-        warnings.append(f"--plot {path!r}: the run is too short to plot ({duration:.4f} simulated ms in "
-                        f"{samples} time slice(s)); the figure says so.")
+                ax.set_yticks([])
+        runs = []
+        warnings = [f"--plot {path!r}: the run is too short to plot ({duration:.4f} simulated ms in "
+                    f"{samples} time slice(s)); the figure says so."]
+    else:
+        warnings = []
     lines = []
     for n, series in enumerate(runs):
         x, y = exits_per_ms(series, width)
@@ -112,11 +115,12 @@ def write_plot(path: str, runs: list[TimeSeries], title: str) -> list[str]:
             if len(ksm_runs) == 1:
                 bottom.plot(series.t_ms, series.pages_shared, color=style["color"], linestyle=":",
                             label="pages_shared")
+    if len(lines) > 1:
+        top.legend(handles=lines, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run")
     unit = "ms" if width == 1.0 else f"{width:g} ms bins"
     top.set_ylabel("EPT_VIOLATION exits / ms" + ("" if width == 1.0 else f"\n({unit})"))
     top.set_title(title)
     top.grid(alpha=0.3)
-    top.legend(handles=lines, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run")
     last = bottom if bottom is not None else top
     last.set_xlabel("simulated time (ms)")
     if bottom is not None:
