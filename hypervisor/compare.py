@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import __version__
+from .races import KSM_POINTS, RaceSpec
 from .sim import KsmConfig, RunResult, SimConfig, Simulation
 
 
@@ -113,7 +114,9 @@ def run_compare(base: SimConfig, check: bool = False,
     rows = []
     for spec in COMPARE_RUNS:
         ksm = replace(base.ksm, enabled=spec.ksm) if spec.ksm else KsmConfig()
-        cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm)
+        # Without KSM there is no ksmd to inject into: the ksm_* injections apply to the KSM runs only.
+        inject = base.inject if spec.ksm else tuple(t for t in base.inject if RaceSpec.parse(t).point not in KSM_POINTS)
+        cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm, inject=inject)
         sim = Simulation(cfg, trace=trace, check=check)
         if observe is not None:
             observe(spec.label, sim)
