@@ -270,7 +270,7 @@ def main() -> None:
     \b
     Examples:
       hvsim run                                  # the change_pte demo (a short `compare`)
-      hvsim run guest_images/hello.bin
+      hvsim run hello                            # a bundled guest by name (`hvsim images`)
       hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32
       hvsim compare guest_images/samepage.bin --vms 4
       hvsim images
@@ -320,7 +320,8 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
         if not ksm_on:
             refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
         if not perf_kvm_stat:
-            refuse_given(ctx, ("exit_cost", "cpu_mhz"), "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
+            refuse_given(ctx, ("exit_cost", "cpu_mhz"),
+                         "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
         elif opts.as_json:
             raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
         render: Callable[[RunResult], str] = render_run
@@ -399,8 +400,9 @@ def images() -> None:
     \b
     Example:
       hvsim images
-      hvsim run guest_images/memtouch.bin --cmdline "pages=4096 passes=3"
+      hvsim run memtouch --cmdline "pages=4096 passes=3"
     """
+    click.echo("Run one with `hvsim run NAME` (every command takes a NAME or the path of an image file).\n")
     for guest in bundled_guests(GUEST_IMAGES):
         params = " ".join(f"{name}={default}" for name, default, _ in guest.params) or "(no parameters)"
         click.echo(f"{guest.name:<10} {guest.summary}")

@@ -9,6 +9,7 @@ matplotlib is optional (`pip install "hvsim[plot]"`).
 """
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,20 @@ _MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*")
 
 def write_plot(path: str, runs: list[TimeSeries], title: str) -> list[str]:
     """Write the figure; returns warnings for the user (a run too short to plot)."""
+    import matplotlib.pyplot as plt
+
+    fig, warnings = figure(runs, title, path)
+    try:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    except OSError as exc:
+        raise OutputWriteError(f"--plot {path!r}: cannot write the file: {exc.strerror or exc}.") from None
+    finally:
+        plt.close(fig)
+    return warnings
+
+
+def figure(runs: list[TimeSeries], title: str, path: str = "") -> tuple[Any, list[str]]:
+    """The matplotlib Figure of the runs, and warnings for the user."""
     _matplotlib()
     import matplotlib.pyplot as plt
 
@@ -126,10 +141,4 @@ def write_plot(path: str, runs: list[TimeSeries], title: str) -> list[str]:
     if bottom is not None:
         bottom.set_ylabel("KSM pages_sharing" + (" / pages_shared (dotted)" if len(ksm_runs) == 1 else ""))
         bottom.grid(alpha=0.3)
-    try:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    except OSError as exc:
-        raise OutputWriteError(f"--plot {path!r}: cannot write the file: {exc.strerror or exc}.") from None
-    finally:
-        plt.close(fig)
-    return warnings
+    return fig, warnings
