@@ -137,6 +137,8 @@ class Options:
                 out.append((int(ms), int(run)))
             except ValueError:
                 raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
+            if out[-1][0] < 0:
+                raise ConfigError(f"--ksm-run-at {v!r}: MS is a simulated time, from 0 on.")
         return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
                          sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
                          use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan, run_at=tuple(out))
@@ -262,7 +264,44 @@ def _demo(ctx: click.Context, opts: Options) -> int:
     return _compare(opts, opts.config(opts.ksm(True)))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageLine(click.ClickException):
+    """click's usage errors, shown as one `hvsim:` line (exit 2) like every refusal of hvsim's own."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"hvsim: {self.format_message()}", err=True)
+
+
+def _one_line(err: click.UsageError) -> _UsageLine:
+    where = err.ctx.command_path if err.ctx is not None else "hvsim"
+    message = err.format_message().rstrip()
+    return _UsageLine(f"{message}{'' if message.endswith('.') else '.'} See `{where} --help`.")
+
+
+_HELP_ERRORS = (getattr(click.exceptions, "NoArgsIsHelpError", ()),)  # click >= 8.2: bare `hvsim` shows help
+
+
+class _HvsimGroup(click.Group):
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:
+            if isinstance(err, _HELP_ERRORS):
+                raise
+            raise _one_line(err) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            if isinstance(err, _HELP_ERRORS):
+                raise
+            raise _one_line(err) from None
+
+
+@click.group(cls=_HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hvsim")
 def main() -> None:
     """hvsim: a simulator of Linux/KVM memory virtualization (TDP MMU, mmu_notifier, KSM).

@@ -185,3 +185,18 @@ def test_inject_help_lists_all_points_events_and_at_all() -> None:
     assert "@all" in flat
     for word in FAULT_POINTS + KSM_POINTS + EVENTS:
         assert word in flat
+
+
+@pytest.mark.parametrize("args", [["run", HELLO, "--vms", "abc"], ["run", HELLO, "--profile", "2.4"], ["--bogus"],
+                                  ["nosuch"], ["run", HELLO, "--bogus"], ["run", HELLO, "extra"],
+                                  ["compare", HELLO, "--ksm-run", "7"]])
+def test_click_usage_errors_are_one_hvsim_line_like_every_other_refusal(args: list[str]) -> None:
+    code, out, err = invoke(*args)
+    assert code == 2 and out == ""
+    assert err.startswith("hvsim: ") and err.count("\n") == 1 and "Usage:" not in err
+    assert err.rstrip().endswith("--help`.")
+
+
+def test_ksm_run_at_before_time_zero_is_refused() -> None:
+    code, _, err = invoke("run", HELLO, "--ksm", "--ksm-run-at", "-5:2")
+    assert code == 2 and err == "hvsim: --ksm-run-at '-5:2': MS is a simulated time, from 0 on.\n"
