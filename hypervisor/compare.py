@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .races import KSM_POINTS, RaceSpec
-from .sim import KsmConfig, RunResult, SimConfig, Simulation
+from .sim import KsmConfig, RunResult, SimConfig, Simulation, image_label
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def render_compare(result: CompareResult) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [
-        f"hvsim compare: {cfg.image}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
+        f"hvsim compare: {image_label(cfg.image)}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}",
         fmt.format(*cols),
         fmt.format(*("-" * w for w in widths)),

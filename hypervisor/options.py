@@ -136,8 +136,9 @@ def result_warnings(results: Iterable[RunResult]) -> list[str]:
         longest = max(r.sim_insns for r in ksm_runs)
         for ms, value in cfg.ksm.run_at:
             if ms * cfg.insns_per_ms > longest:
-                out.append(f"--ksm-run-at {ms}:{value} was never applied: the run ended at "
-                           f"{longest / cfg.insns_per_ms:.1f} simulated ms.")
+                end = longest / cfg.insns_per_ms
+                when = f"{end:.1f}" if end >= 1 else f"{end:.4f}"
+                out.append(f"--ksm-run-at {ms}:{value} was never applied: the run ended at {when} simulated ms.")
     if runs and runs[0].config.inject:
         fired: dict[str, int] = {}
         for r in runs:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .costs import CostModel
 from .kvm.stats import HVSIM_ONLY
-from .sim import RunResult, VmResult
+from .sim import RunResult, VmResult, image_label
 
 KSM_SYSFS_ORDER = (
     "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "smart_scan", "pages_shared",
@@ -51,7 +51,7 @@ def ksm_lines(counters: dict[str, int], vmstat: dict[str, int]) -> list[str]:
 
 
 def _vm_block(v: VmResult, sim_seconds: float) -> list[str]:
-    lines = [f"== vm{v.id}: {v.image} =="]
+    lines = [f"== vm{v.id}: {image_label(v.image)} =="]
     if v.console:
         lines.append(" console:")
         lines += ["   " + line for line in v.console.rstrip("\n").split("\n")]

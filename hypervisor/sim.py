@@ -42,6 +42,12 @@ _BYTES_PER_PAGE_OVERHEAD = 64
 GUEST_IMAGES = Path(__file__).resolve().parent / "guest_images"
 
 
+def image_label(path: str) -> str:
+    """How reports name an image: a bundled guest by its file name, any other by the path given."""
+    p = Path(path)
+    return p.name if p.parent.resolve() == GUEST_IMAGES else path
+
+
 @dataclass(frozen=True)
 class KsmConfig:
     enabled: bool = False

@@ -117,7 +117,7 @@ def test_every_traced_event_is_a_known_tracepoint(tmp_path: Path) -> None:
 def test_ksm_run_at_after_the_run_ended_warns() -> None:
     code, _, err = invoke("run", HELLO, "--ksm", "--ksm-run-at", "5000:2")
     assert code == 0
-    assert "warning: --ksm-run-at 5000:2 was never applied: the run ended at 0.0 simulated ms." in err
+    assert "warning: --ksm-run-at 5000:2 was never applied: the run ended at 0.0016 simulated ms." in err
 
 
 def test_ksm_run_at_within_the_run_does_not_warn() -> None:
