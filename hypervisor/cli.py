@@ -14,11 +14,12 @@ import click
 from . import __version__
 from .compare import COMPARE_RUNS, render_compare, run_compare
 from .costs import DEFAULT_CYCLES, CostModel
-from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation, OutputWriteError
+from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
 from .kvm.exits import ExitReason
+from .messages import HvsimGroup, after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
-from .options import OutputFile, check_outputs, given, refuse_given, resolve_image, result_warnings, trace_warnings
+from .options import OutputFile, check_outputs, given, refuse_given, resolve_image, trace_warnings
 from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILES
 from .races import EVENTS, FAULT_POINTS, KSM_POINTS
@@ -32,9 +33,9 @@ from .sim import (
     RunResult,
     SimConfig,
     Simulation,
-    parse_size,
     validate,
 )
+from .sizes import parse_size
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
@@ -161,29 +162,6 @@ class Options:
             warn(line)
 
 
-def warn(line: str) -> None:
-    click.echo(f"hvsim: warning: {line}", err=True)
-
-
-def emit(text: str) -> None:
-    """The report on stdout; a stdout that cannot take it is an output error, not an internal one."""
-    try:
-        click.echo(text, nl=False)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise OutputWriteError(f"cannot write the report to standard output: {exc.strerror or exc}.") from None
-
-
-def _after_run(obs: Observers, results: list[RunResult], code: int) -> int:
-    """Warnings and output-file errors after the report; a write error turns a success into exit 74."""
-    for line in obs.warnings + result_warnings(results):
-        warn(line)
-    for line in obs.write_errors:
-        click.echo(f"hvsim: {line}", err=True)
-    return code or (OutputWriteError.exit_code if obs.write_errors else 0)
-
-
 def _run_exit_code(result: RunResult, signals: list[int]) -> int:
     if signals:
         return EXIT_INTERRUPTED.get(signal.Signals(signals[0]), 130)
@@ -228,7 +206,7 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
         click.echo(f"hvsim: {line}", err=True)
     if obs.signals:
         click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-    return _after_run(obs, [result], _run_exit_code(result, obs.signals))
+    return after_run(obs, [result], _run_exit_code(result, obs.signals))
 
 
 def _compare(opts: Options, cfg: SimConfig) -> int:
@@ -250,7 +228,7 @@ def _compare(opts: Options, cfg: SimConfig) -> int:
         click.echo("hvsim: " + "; ".join(result.console_mismatches()) + ". The guest's own computation must "
                    "not depend on the kernel era: this is a bug in hvsim.", err=True)
         code = ConsoleMismatch.exit_code
-    return _after_run(obs, results, code)
+    return after_run(obs, results, code)
 
 
 def _demo(ctx: click.Context, opts: Options) -> int:
@@ -264,44 +242,7 @@ def _demo(ctx: click.Context, opts: Options) -> int:
     return _compare(opts, opts.config(opts.ksm(True)))
 
 
-class _UsageLine(click.ClickException):
-    """click's usage errors, shown as one `hvsim:` line (exit 2) like every refusal of hvsim's own."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"hvsim: {self.format_message()}", err=True)
-
-
-def _one_line(err: click.UsageError) -> _UsageLine:
-    where = err.ctx.command_path if err.ctx is not None else "hvsim"
-    message = err.format_message().rstrip()
-    return _UsageLine(f"{message}{'' if message.endswith('.') else '.'} See `{where} --help`.")
-
-
-_HELP_ERRORS = (getattr(click.exceptions, "NoArgsIsHelpError", ()),)  # click >= 8.2: bare `hvsim` shows help
-
-
-class _HvsimGroup(click.Group):
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as err:
-            if isinstance(err, _HELP_ERRORS):
-                raise
-            raise _one_line(err) from None
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as err:
-            if isinstance(err, _HELP_ERRORS):
-                raise
-            raise _one_line(err) from None
-
-
-@click.group(cls=_HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hvsim")
 def main() -> None:
     """hvsim: a simulator of Linux/KVM memory virtualization (TDP MMU, mmu_notifier, KSM).

@@ -28,6 +28,7 @@ from .kvm.vcpu import VcpuState
 from .kvm.vm import GUEST_RAM_HVA, Vm
 from .profiles import Profile, get_profile
 from .races import RaceInjector, RaceSpec
+from .sizes import format_size
 from .types import PAGE_SIZE, Hva
 
 DEFAULT_QUANTUM = 10_000
@@ -174,50 +175,10 @@ NOTIFIER_CALLBACKS = ("change_pte", "invalidate_page", "invalidate_range_start",
                       "clear_flush_young", "release")
 
 
-_SIZE_SUFFIXES = "KMGTPE"
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '65536', '4K', '10T' -> bytes (powers of two, as QEMU's -m)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t and t[-1] in _SIZE_SUFFIXES:
-        mult = 1 << (10 * (_SIZE_SUFFIXES.index(t[-1]) + 1))
-        t = t[:-1]
-    try:
-        value = int(t, 0)
-    except ValueError:
-        raise ConfigError(f"--memory {text!r} is not a size: write e.g. 64M, 1G or 16777216.") from None
-    return value * mult
-
-
-def format_size(n: int) -> str:
-    """Bytes as a user writes them: 65536 -> '64K', 1 << 30 -> '1G', 4097 -> '4097'."""
-    for shift, suffix in ((60, "E"), (50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")):
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift}{suffix}"
-    return str(n)
-
-
 # The command-line flag of each KSM knob, for messages.
 KSM_FLAGS = {"run": "--ksm-run", "run_at": "--ksm-run-at", "pages_to_scan": "--ksm-pages-to-scan",
              "sleep_millisecs": "--ksm-sleep-ms", "max_page_sharing": "--ksm-max-page-sharing",
              "use_zero_pages": "--ksm-use-zero-pages", "smart_scan": "--ksm-smart-scan"}
-
-
-def cmdline_bytes(cmdline: str) -> bytes:
-    """The guest's command line as the boot page holds it: UTF-8, at most CMDLINE_MAX bytes."""
-    try:
-        encoded = cmdline.encode()
-    except UnicodeEncodeError as exc:
-        # Undecodable argv bytes reach Python as lone surrogates U+DC80..U+DCFF (PEP 383).
-        ch = ord(cmdline[exc.start])
-        what = f"byte {ch - 0xDC00:#04x}" if 0xDC80 <= ch <= 0xDCFF else f"character {ch:#x}"
-        raise ConfigError(f"--cmdline is not valid UTF-8 ({what} at offset {exc.start}); "
-                          "guests read their command line as UTF-8 text.") from None
-    if len(encoded) > layout.CMDLINE_MAX:
-        raise ConfigError(f"--cmdline is {len(encoded)} bytes; at most {layout.CMDLINE_MAX} fit the boot page.")
-    return encoded
 
 
 def host_memory_bytes() -> int:
@@ -237,7 +198,7 @@ def validate(config: SimConfig) -> None:
     if config.memory > layout.IDENTITY_MAP_SIZE:
         raise ConfigError(f"--memory {memory} is larger than the 1 GiB the boot page tables map; "
                           "give at most 1G.")
-    cmdline_bytes(config.cmdline)
+    loader.cmdline_bytes(config.cmdline)
     if not 1 <= config.vms <= MAX_VMS:
         raise ConfigError(f"--vms {config.vms}: give between 1 and {MAX_VMS} VMs.")
     if config.max_insns <= 0:

@@ -147,11 +147,24 @@ def check_fits(image: GuestImage, memory_size: int) -> None:
         raise ImageError(f"guest image {image.path!r} extends past the 1 GiB the boot page tables map.")
 
 
-def load(vm: Vm, image: GuestImage, cmdline: str, nr_vms: int) -> BootParams:
-    check_fits(image, vm.memory_size)
-    encoded = cmdline.encode()
+def cmdline_bytes(cmdline: str) -> bytes:
+    """The guest's command line as the boot page holds it: UTF-8, at most CMDLINE_MAX bytes."""
+    try:
+        encoded = cmdline.encode()
+    except UnicodeEncodeError as exc:
+        # Undecodable argv bytes reach Python as lone surrogates U+DC80..U+DCFF (PEP 383).
+        ch = ord(cmdline[exc.start])
+        what = f"byte {ch - 0xDC00:#04x}" if 0xDC80 <= ch <= 0xDCFF else f"character {ch:#x}"
+        raise ConfigError(f"--cmdline is not valid UTF-8 ({what} at offset {exc.start}); "
+                          "guests read their command line as UTF-8 text.") from None
     if len(encoded) > layout.CMDLINE_MAX:
         raise ConfigError(f"--cmdline is {len(encoded)} bytes; at most {layout.CMDLINE_MAX} fit the boot page.")
+    return encoded
+
+
+def load(vm: Vm, image: GuestImage, cmdline: str, nr_vms: int) -> BootParams:
+    check_fits(image, vm.memory_size)
+    encoded = cmdline_bytes(cmdline)
     vm.write_guest(Gpa(layout.GDT_GPA), b"".join(struct.pack("<Q", d) for d in _GDT))
     params = bytearray(PAGE_SIZE)
     struct.pack_into("<QQQQQQ", params, 0, layout.BP_MAGIC, vm.memory_size, vm.vm_id, nr_vms, len(encoded),
