@@ -100,7 +100,8 @@ def _parse_elf(path: str, data: bytes) -> GuestImage:
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
     if e_phnum == 0:
         raise bad("it has no program headers")
-    # Linux's load_elf_phdrs() (fs/binfmt_elf.c) likewise refuses any e_phentsize but sizeof(struct elf_phdr).
+    # Linux's exec refuses the same: load_elf_phdrs() in fs/binfmt_elf.c (read in a linux-next tree,
+    # ColinIanKing/linux-next 34480971) fails unless e_phentsize == sizeof(struct elf_phdr).
     if e_phentsize != _ELF64_PHDR_SIZE:
         raise bad(f"its e_phentsize is {e_phentsize}, but an ELF64 program header is {_ELF64_PHDR_SIZE} bytes")
     if e_phoff + e_phnum * e_phentsize > len(data):
