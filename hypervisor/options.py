@@ -81,7 +81,7 @@ class OutputFile(click.types.StringParamType):
 def check_output_path(flag: str, path: str) -> Path:
     """A path hvsim can create or overwrite, or a ConfigError saying why not."""
     p = Path(path)
-    if path == "" or p.is_dir():
+    if path == "" or path.endswith(os.sep) or p.is_dir():
         raise ConfigError(f"{flag} {path!r} is a directory: give a file name, e.g. {flag} {p / 'out'}.")
     parent = p.parent
     if not parent.exists():
