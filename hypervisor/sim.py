@@ -116,6 +116,7 @@ class VmResult:
         if self.error is not None:
             d["error"] = self.error
             d["where"] = self.where
+            d["error_type"] = self.error_kind.__name__ if self.error_kind is not None else None
         return d
 
 

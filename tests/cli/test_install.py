@@ -56,6 +56,10 @@ def test_installed_hvsim_images_lists_the_bundled_guests_from_another_directory(
     for name in ("hello", "memtouch", "samepage", "cowstorm", "kernels"):
         assert any(line.startswith(name) for line in out.splitlines()), out
     assert str(installed.parent) in out  # the images live in the installed package
+    where = run([str(installed / "python"), "-c", "from hypervisor.sim import GUEST_IMAGES; print(GUEST_IMAGES)"],
+                tmp_path).stdout.strip()
+    shipped = {p.name for p in Path(where).iterdir()}
+    assert {"README.md", "lib.S", "samepage.S", "samepage.bin", "hello.elf"} <= shipped
 
 
 def test_installed_hvsim_runs_a_bundled_guest_by_name_from_another_directory(installed: Path,

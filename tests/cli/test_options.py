@@ -137,8 +137,9 @@ def test_max_insns_timeout_is_classified_by_its_error_type_not_its_text(tmp_path
     img.write_bytes(b"\xeb\xfe")
     result = Simulation(SimConfig(image=str(img), max_insns=5000, quantum=1000)).run()
     assert result.vms[0].error_kind is GuestTimeout
-    code, _, _ = invoke("run", str(img), "--max-insns", "5000")
+    code, out, _ = invoke("run", str(img), "--max-insns", "5000", "--json")
     assert code == GuestTimeout.exit_code
+    assert json.loads(out)["vms"][0]["error_type"] == "GuestTimeout"  # for scripts: the type, not the text
     crash = tmp_path / "ud2.bin"
     crash.write_bytes(b"\x0f\x0b")
     result = Simulation(SimConfig(image=str(crash))).run()
