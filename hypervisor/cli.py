@@ -19,7 +19,7 @@ from .guest.catalog import bundled_guests
 from .kvm.exits import ExitReason
 from .messages import HvsimGroup, after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
-from .options import OutputFile, check_outputs, given, refuse_given, resolve_image, trace_warnings
+from .options import OutputFile, check_outputs, cmdline_warnings, given, refuse_given, resolve_image, trace_warnings
 from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILES
 from .races import EVENTS, FAULT_POINTS, KSM_POINTS
@@ -151,15 +151,15 @@ class Options:
                          max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
                          quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
         validate(cfg)
+        for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):
+            warn(line)
         return cfg
 
     def prepare(self, ctx: click.Context) -> None:
-        """Before anything runs: IMAGE by name or path, every output file, warnings about no-op options."""
+        """Before anything runs: IMAGE by name or path, and every output file."""
         if self.image is not None:
             self.image = resolve_image(self.image)
         check_outputs(ctx, [self.image] if self.image else [])
-        for line in trace_warnings(self.trace_path, self.trace_events):
-            warn(line)
 
 
 def _run_exit_code(result: RunResult, signals: list[int]) -> int:

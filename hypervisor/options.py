@@ -126,6 +126,36 @@ def trace_warnings(trace_path: str | None, trace_events: str | None) -> list[str
     return out
 
 
+def _guest_reads(value: str) -> bool:
+    """Whether the bundled guests' cmdline_get (guest_images/lib.S) takes VALUE: decimal, or 0x-prefixed hex."""
+    if value[:2] in ("0x", "0X"):
+        return len(value) > 2 and all(c in "0123456789abcdefABCDEF" for c in value[2:])
+    return value.isascii() and value.isdigit()
+
+
+def cmdline_warnings(image: str, cmdline: str) -> list[str]:
+    """For a bundled guest: --cmdline tokens it would ignore (unknown keys, values it cannot read)."""
+    guest = next((g for g in bundled_guests(GUEST_IMAGES) if g.image == Path(image)), None)
+    if guest is None:
+        return []
+    known = [name for name, _, _ in guest.params]
+    out = []
+    # lib.S's cmdline_get splits on any byte <= 0x20.
+    for token in "".join(" " if ord(c) <= 0x20 else c for c in cmdline).split():
+        key, eq, value = token.partition("=")
+        if not known:
+            out.append(f"--cmdline {token!r}: {guest.name} takes no parameters and ignores it.")
+        elif not eq:
+            out.append(f"--cmdline {token!r} is not KEY=VALUE; {guest.name} ignores it.")
+        elif key not in known:
+            out.append(f"--cmdline {token!r}: {guest.name} has no parameter {key!r} (it has {', '.join(known)}) "
+                       "and ignores it.")
+        elif not _guest_reads(value):
+            out.append(f"--cmdline {token!r}: {guest.name} reads decimal or 0x-hex values only and ignores this "
+                       "one.")
+    return out
+
+
 def result_warnings(results: Iterable[RunResult]) -> list[str]:
     """After the run(s): --ksm-run-at times the run never reached, --inject specs that never fired."""
     out: list[str] = []

@@ -201,3 +201,18 @@ def test_click_usage_errors_are_one_hvsim_line_like_every_other_refusal(args: li
 def test_ksm_run_at_before_time_zero_is_refused() -> None:
     code, _, err = invoke("run", HELLO, "--ksm", "--ksm-run-at", "-5:2")
     assert code == 2 and err == "hvsim: --ksm-run-at '-5:2': MS is a simulated time, from 0 on.\n"
+
+
+def test_cmdline_tokens_a_bundled_guest_would_ignore_warn() -> None:
+    code, _, err = invoke("run", "samepage", "--cmdline", "page=4 pages=4k passes=0x2 spin=2000 junk")
+    assert code == 0
+    assert err.splitlines() == [
+        "hvsim: warning: --cmdline 'page=4': samepage has no parameter 'page' (it has pages, pattern, passes, spin) "
+        "and ignores it.",
+        "hvsim: warning: --cmdline 'pages=4k': samepage reads decimal or 0x-hex values only and ignores this one.",
+        "hvsim: warning: --cmdline 'junk' is not KEY=VALUE; samepage ignores it.",
+    ]
+    code, _, err = invoke("run", "hello", "--cmdline", "x=1")
+    assert "hello takes no parameters and ignores it" in err
+    code, _, err = invoke("run", "samepage", "--cmdline", "pages=4 pattern=0XfF passes=2 spin=2000")
+    assert code == 0 and err == ""
