@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from hypervisor.cli import main
+from hypervisor.options import bundled_names
 from hypervisor.sim import GUEST_IMAGES
 
 SHORT = ["--cmdline", "pages=2 passes=2 spin=2000"]
@@ -48,8 +49,10 @@ def test_a_path_still_works_and_wins_over_a_bundled_name(elsewhere: Path) -> Non
 def test_an_unknown_name_lists_the_bundled_guests(elsewhere: Path) -> None:
     code, out, err = invoke("run", "samepgae")
     assert code == 3 and out == ""
+    names = ", ".join(bundled_names())
+    assert {"hello", "samepage", "cowstorm", "memtouch", "kernels"} <= set(bundled_names())
     assert err == ("hvsim: no guest image 'samepgae': it is not a file, nor the name of a bundled guest "
-                   "(cowstorm, hello, kernels, memtouch, samepage; see `hvsim images`).\n")
+                   f"({names}; see `hvsim images`).\n")
 
 
 def test_a_missing_path_says_why_it_cannot_be_read(elsewhere: Path) -> None:
