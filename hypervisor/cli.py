@@ -252,8 +252,8 @@ def main() -> None:
     Examples:
       hvsim run                                  # the change_pte demo (a short `compare`)
       hvsim run hello                            # a bundled guest by name (`hvsim images`)
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32
-      hvsim compare guest_images/samepage.bin --vms 4
+      hvsim run samepage --vms 4 --ksm --profile 2.6.32
+      hvsim compare samepage --vms 4
       hvsim images
 
     Shell completion (click): eval "$(_HVSIM_COMPLETE=bash_source hvsim)"
@@ -285,10 +285,10 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
 
     \b
     Examples:
-      hvsim run guest_images/hello.bin
-      hvsim run guest_images/memtouch.bin --memory 64M --cmdline "pages=4096 passes=3" --json
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32 --no-change-pte
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --perf-kvm-stat --trace run.json
+      hvsim run hello
+      hvsim run memtouch --memory 64M --cmdline "pages=4096 passes=3" --json
+      hvsim run samepage --vms 4 --ksm --profile 2.6.32 --no-change-pte
+      hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
     ctx = click.get_current_context()
     opts = Options(**kw)
@@ -326,8 +326,8 @@ def compare(**kw: Any) -> None:
 
     \b
     Examples:
-      hvsim compare guest_images/samepage.bin --vms 4 --cmdline "pages=64 passes=40 spin=100000"
-      hvsim compare guest_images/samepage.bin --vms 4 --plot eras.png --trace eras.json
+      hvsim compare samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000"
+      hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
     ctx = click.get_current_context()
     opts = Options(**kw)
@@ -354,7 +354,7 @@ def ksm(profile: str, **kw: Any) -> None:
 
     \b
     Example:
-      hvsim ksm guest_images/samepage.bin --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
+      hvsim ksm samepage --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
     ctx = click.get_current_context()
     opts = Options(**kw)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from hypervisor.cli import main
-from hypervisor.options import bundled_names
+from hypervisor.options import bundled_names, resolve_image
 from hypervisor.sim import GUEST_IMAGES
 
 SHORT = ["--cmdline", "pages=2 passes=2 spin=2000"]
@@ -63,3 +64,26 @@ def test_a_missing_path_says_why_it_cannot_be_read(elsewhere: Path) -> None:
 def test_images_tells_how_to_run_a_guest_by_name() -> None:
     code, out, _ = invoke("images")
     assert code == 0 and "hvsim run NAME" in out
+
+
+def help_examples() -> list[list[str]]:
+    out = []
+    for command in [main, *main.commands.values()]:
+        for line in (command.help or "").splitlines():
+            if not line.strip().startswith("hvsim "):
+                continue
+            words = shlex.split(line.split("  #")[0].split("&&")[0])
+            if len(words) > 2 and words[1] in ("run", "compare", "ksm"):
+                out.append(words[1:])
+    return out
+
+
+def test_every_help_example_names_an_image_that_exists_from_any_directory(elsewhere: Path) -> None:
+    examples = help_examples()
+    assert len(examples) >= 8
+    for words in examples:
+        command = main.commands[words[0]]
+        ctx = command.make_context(words[0], list(words[1:]))  # the options parse
+        image = ctx.params["image"]
+        if image is not None and not image.endswith(".elf"):  # build-guest's own output aside
+            assert Path(resolve_image(image)).is_file(), words
