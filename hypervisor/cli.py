@@ -83,7 +83,7 @@ _workload_options = _options([
     click.option("--trace-events", metavar="GLOB[,GLOB]", help="Only trace matching events, e.g. 'kvm_exit,ksm_*'."),
     click.option("--plot", "plot_path", metavar="FILE.png", type=OutputFile(check_plot_file),
                  help="Plot EPT_VIOLATION exits per simulated ms and KSM sharing (needs matplotlib)."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
 ])
 
 _ksm_options = _options([
