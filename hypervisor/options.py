@@ -59,7 +59,7 @@ def resolve_image(text: str) -> str:
             return str(guest.image)
     if os.sep in text:
         return text  # a path: the loader says why it cannot be read
-    if (GUEST_IMAGES / text).is_file() and not text.endswith((".S", ".md")):
+    if text.endswith((".bin", ".elf")) and (GUEST_IMAGES / text).is_file():
         return str(GUEST_IMAGES / text)
     raise ImageError(f"no guest image {text!r}: it is not a file, nor the name of a bundled guest "
                      f"({', '.join(bundled_names())}; see `hvsim images`).")

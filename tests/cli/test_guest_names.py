@@ -56,6 +56,11 @@ def test_an_unknown_name_lists_the_bundled_guests(elsewhere: Path) -> None:
                    f"({names}; see `hvsim images`).\n")
 
 
+def test_a_bundled_source_file_is_not_an_image(elsewhere: Path) -> None:
+    code, _, err = invoke("run", "samepage.S")
+    assert code == 3 and "no guest image 'samepage.S'" in err
+
+
 def test_a_missing_path_says_why_it_cannot_be_read(elsewhere: Path) -> None:
     code, _, err = invoke("run", "guest_images/nothere.bin")
     assert code == 3 and "cannot read guest image 'guest_images/nothere.bin': No such file or directory" in err
