@@ -52,6 +52,8 @@ def bundled_names() -> list[str]:
 def resolve_image(text: str) -> str:
     """IMAGE as typed -> a path: an existing path as is, else a bundled guest by name ('samepage',
     'samepage.bin'), else an error that lists the bundled guests."""
+    if not text:
+        raise ImageError("IMAGE is empty: name a bundled guest (see `hvsim images`) or an image file.")
     if Path(text).exists():
         return text
     for guest in bundled_guests(GUEST_IMAGES):
@@ -81,7 +83,9 @@ class OutputFile(click.types.StringParamType):
 def check_output_path(flag: str, path: str) -> Path:
     """A path hvsim can create or overwrite, or a ConfigError saying why not."""
     p = Path(path)
-    if path == "" or path.endswith(os.sep) or p.is_dir():
+    if path == "":
+        raise ConfigError(f"{flag} needs a file name.")
+    if path.endswith(os.sep) or p.is_dir():
         raise ConfigError(f"{flag} {path!r} is a directory: give a file name, e.g. {flag} {p / 'out'}.")
     parent = p.parent
     if not parent.exists():

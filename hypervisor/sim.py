@@ -207,10 +207,20 @@ def validate(config: SimConfig) -> None:
     if config.quantum <= 0 or config.insns_per_ms <= 0:
         raise ConfigError("--quantum and --insns-per-ms must be positive.")
     k = config.ksm
-    if k.run not in (0, 1, 2) or any(v not in (0, 1, 2) for _, v in k.run_at):
-        raise ConfigError("KSM run takes 0 (stop), 1 (run) or 2 (stop and unmerge everything).")
-    if k.pages_to_scan <= 0 or k.sleep_millisecs < 0 or k.max_page_sharing < 2:
-        raise ConfigError("KSM knobs: pages_to_scan > 0, sleep_millisecs >= 0, max_page_sharing >= 2.")
+    runs = "takes 0 (stop), 1 (run) or 2 (stop and unmerge everything)"
+    if k.run not in (0, 1, 2):
+        raise ConfigError(f"--ksm-run {k.run}: /sys/kernel/mm/ksm/run {runs}.")
+    for ms, value in k.run_at:
+        if value not in (0, 1, 2):
+            raise ConfigError(f"--ksm-run-at {ms}:{value}: /sys/kernel/mm/ksm/run {runs}.")
+    if k.pages_to_scan <= 0:
+        raise ConfigError(f"--ksm-pages-to-scan {k.pages_to_scan}: give at least 1 page per ksmd wake-up.")
+    if k.sleep_millisecs < 0:
+        raise ConfigError(f"--ksm-sleep-ms {k.sleep_millisecs}: give 0 or more milliseconds.")
+    # mm/ksm.c max_page_sharing_store() (read in a 6.x tree) returns -EINVAL below 2 likewise.
+    if k.max_page_sharing < 2:
+        raise ConfigError(f"--ksm-max-page-sharing {k.max_page_sharing}: give at least 2 (sharing needs two "
+                          "mappings; the kernel refuses less too).")
     for spec in config.inject:
         RaceSpec.parse(spec)
     if not k.enabled:

@@ -56,6 +56,11 @@ def test_an_unknown_name_lists_the_bundled_guests(elsewhere: Path) -> None:
                    f"({names}; see `hvsim images`).\n")
 
 
+def test_an_empty_image_name_is_refused(elsewhere: Path) -> None:
+    code, _, err = invoke("run", "")
+    assert code == 3 and err.startswith("hvsim: IMAGE is empty")
+
+
 def test_a_bundled_source_file_is_not_an_image(elsewhere: Path) -> None:
     code, _, err = invoke("run", "samepage.S")
     assert code == 3 and "no guest image 'samepage.S'" in err

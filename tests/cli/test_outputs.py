@@ -41,10 +41,11 @@ def bad_paths(tmp: Path) -> list[tuple[str, str, str]]:
         ("--plot", "/nonexistent/eras.png", "does not exist"),
         ("--trace", HELLO, "would overwrite the guest image"),
         ("--trace", str(tmp / "newdir") + "/", "is a directory"),
+        ("--plot", "", "needs a file name"),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 @pytest.mark.parametrize("command", ["run", "compare", "ksm"])
 def test_bad_output_paths_are_refused_before_the_run_in_one_line(tmp_path: Path, command: str, case: int) -> None:
     flag, path, why = bad_paths(tmp_path)[case]
