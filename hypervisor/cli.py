@@ -393,10 +393,9 @@ def images() -> None:
 
 @main.command("build-guest")
 @click.argument("sources", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PROG.elf",
-              help="The ELF64 guest image to write.")
+@click.option("-o", "--output", type=OutputFile(), metavar="PROG.elf", help="The ELF64 guest image to write.")
 @click.option("--print-include-dir", is_flag=True, help="Print the directory of hvsim.h (the SDK) and exit.")
-def build_guest_cmd(sources: tuple[Path, ...], output: Path | None, print_include_dir: bool) -> None:
+def build_guest_cmd(sources: tuple[Path, ...], output: str | None, print_include_dir: bool) -> None:
     """Compile C guests against hvsim's guest SDK (hvsim.h) with the system cc.
 
     \b
@@ -412,7 +411,8 @@ def build_guest_cmd(sources: tuple[Path, ...], output: Path | None, print_includ
     def go() -> int:
         if output is None:
             raise ConfigError("no output file: give one with -o, e.g. `hvsim build-guest prog.c -o prog.elf`.")
-        built = build_guest(list(sources), output)
+        check_outputs(click.get_current_context(), [str(s) for s in sources])
+        built = build_guest(list(sources), Path(output))
         if built.warnings:
             click.echo(built.warnings, err=True)
         click.echo(f"hvsim build-guest: wrote {built.path} ({built.size} bytes); run it with `hvsim run {built.path}`")

@@ -102,7 +102,7 @@ def check_output_path(flag: str, path: str) -> Path:
 
 def check_outputs(ctx: click.Context, inputs: Iterable[str] = ()) -> None:
     """Check every OutputFile option given: writable, not a directory, not an input, no two the same."""
-    seen: dict[str, str] = {str(Path(i).resolve()): "the guest image" for i in inputs}
+    seen: dict[str, str] = {str(Path(i).resolve()): f"the input {i!r}" for i in inputs}
     for param in ctx.command.params:
         value = ctx.params.get(param.name or "")
         if not isinstance(param.type, OutputFile) or value is None:

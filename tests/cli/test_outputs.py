@@ -39,7 +39,7 @@ def bad_paths(tmp: Path) -> list[tuple[str, str, str]]:
         ("--plot", str(tmp / "noext"), "a plot is written as one of"),
         ("--plot", str(tmp), "is a directory"),
         ("--plot", "/nonexistent/eras.png", "does not exist"),
-        ("--trace", HELLO, "would overwrite the guest image"),
+        ("--trace", HELLO, f"would overwrite the input {HELLO!r}"),
         ("--trace", str(tmp / "newdir") + "/", "is a directory"),
         ("--plot", "", "needs a file name"),
     ]
@@ -117,3 +117,12 @@ def test_the_guest_failing_and_a_write_failing_keep_the_guests_exit_code(tmp_pat
     proc = hvsim("run", str(loop), "--max-insns", "20000", "--trace", "/dev/full")
     assert proc.returncode == 5
     assert "No space left on device" in proc.stderr and "--max-insns" in proc.stderr
+
+
+def test_build_guest_output_is_checked_like_every_output(tmp_path: Path) -> None:
+    source = tmp_path / "p.c"
+    source.write_text("int main(void) { return 0; }\n")
+    for output, why in [("/nonexistent/p.elf", "does not exist"), (str(tmp_path), "is a directory"),
+                        (str(source), "would overwrite the input")]:
+        code, _, err = invoke("build-guest", str(source), "-o", output)
+        assert code == 2 and err.startswith("hvsim: --output ") and why in err and err.count("\n") == 1
