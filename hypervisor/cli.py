@@ -266,7 +266,8 @@ def main() -> None:
               help="Kernel era whose host mm, mmu_notifier and KVM semantics to model.")
 @click.option("--no-change-pte", is_flag=True,
               help="KVM registers its notifier without ->change_pte (it gets ->invalidate_page instead).")
-@click.option("--ksm", "ksm_on", is_flag=True, help="Mark guest RAM MADV_MERGEABLE and run ksmd.")
+@click.option("--ksm", "ksm_on", is_flag=True,
+              help="Mark guest RAM MADV_MERGEABLE and run ksmd; the --ksm-* knobs need it.")
 @_ksm_options
 @click.option("--perf-kvm-stat", is_flag=True,
               help="Print exits in `perf kvm stat report`'s layout, timed by a documented cost model.")
