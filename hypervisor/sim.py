@@ -204,8 +204,10 @@ def validate(config: SimConfig) -> None:
         raise ConfigError(f"--vms {config.vms}: give between 1 and {MAX_VMS} VMs.")
     if config.max_insns <= 0:
         raise ConfigError("--max-insns must be a positive number of instructions.")
-    if config.quantum <= 0 or config.insns_per_ms <= 0:
-        raise ConfigError("--quantum and --insns-per-ms must be positive.")
+    if config.quantum <= 0:
+        raise ConfigError(f"--quantum {config.quantum}: a time slice is a positive number of instructions.")
+    if config.insns_per_ms <= 0:
+        raise ConfigError(f"--insns-per-ms {config.insns_per_ms}: give a positive simulated CPU speed.")
     k = config.ksm
     runs = "takes 0 (stop), 1 (run) or 2 (stop and unmerge everything)"
     if k.run not in (0, 1, 2):
