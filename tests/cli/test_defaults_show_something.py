@@ -7,11 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from hypervisor.cli import main
-from hypervisor.sim import GUEST_IMAGES
 
-SAMEPAGE = str(GUEST_IMAGES / "samepage.bin")
-COWSTORM = str(GUEST_IMAGES / "cowstorm.bin")
-KERNELS = str(GUEST_IMAGES / "kernels.bin")
+SAMEPAGE = "samepage"  # by name, as the --help examples write it
+COWSTORM = "cowstorm"
+KERNELS = "kernels"
 TOO_SHORT = "passes=2 spin=1000"  # over long before ksmd's first wake-up (20 simulated ms)
 
 
