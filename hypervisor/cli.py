@@ -5,13 +5,15 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
 from .compare import render_compare, run_compare
+from .diff import diff_reports, load_report, render_diff
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
@@ -28,7 +30,10 @@ from .sim import (
     SimConfig,
     Simulation,
     parse_size,
+    validate,
 )
+from .sweep.options import parse_settings
+from .sweep.spec import RunPoint
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 DEMO_VMS = 4
@@ -206,6 +211,11 @@ def _compare(opts: Options, cfg: SimConfig) -> int:
     return GuestError.exit_code if errors else 0
 
 
+def _run_config(opts: Options, profile: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
+    """`hvsim run`'s options -> the SimConfig it runs; `hvsim sweep` builds every point through here too."""
+    return opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hvsim")
 def main() -> None:
@@ -255,7 +265,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
         if opts.image is None:
             opts.image, opts.cmdline, opts.vms = str(DEMO_IMAGE), DEMO_CMDLINE, DEMO_VMS
             return _compare(opts, opts.config(opts.ksm(True)))
-        cfg = opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+        cfg = _run_config(opts, profile, no_change_pte, ksm_on)
         render: Callable[[RunResult], str] = render_run
         if perf_kvm_stat:
             model = CostModel(cpu_mhz=cpu_mhz)
@@ -335,3 +345,98 @@ def images() -> None:
         click.echo(f"{guest.name:<10} {guest.summary}")
         click.echo(f"{'':<10} {params}")
         click.echo(f"{'':<10} {guest.image}")
+
+
+def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
+    """A sweep point's settings through `hvsim run`'s own parser and config path."""
+    p = parse_settings(run, settings, where)
+    opts = Options(**{f.name: p[f.name] for f in fields(Options) if f.name in p})
+    try:
+        cfg = _run_config(opts, p["profile"], p["no_change_pte"], p["ksm_on"])
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return RunPoint(cfg, opts.check)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--results", "results_dir", metavar="RESULTS_DIR",
+              help="Where reports and tables go (default: SPEC without .toml, plus '-results', beside it).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Local worker processes (default: one per core).")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help='Run the points on this Dask distributed scheduler instead (pip install "hvsim[cluster]").')
+@click.option("--plot", is_flag=True, help="Also draw RESULTS_DIR/plots/FIGURE.png (needs matplotlib).")
+@click.option("--figure", "figures", multiple=True, metavar="NAME",
+              help="A figure --plot draws, e.g. ksm.pages_sharing (repeatable; default: [plot] figures of the "
+                   "spec, else the headline exits, merges and notifier calls).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr.")
+def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str | None, plot: bool,
+          figures: tuple[str, ...], quiet: bool) -> None:
+    """Run every point of the sweep SPEC (TOML) that has no report yet, and tabulate them all.
+
+    SPEC has a [run] table (the base run: `hvsim run`'s long options with underscores, plus
+    image), an [axes] table of lists crossed as a grid, and optionally a [zip] table of lists
+    that move together. Re-running a sweep runs only the missing points.
+
+    \b
+    Examples:
+      hvsim sweep examples/change_pte.toml --jobs 2 --plot
+      hvsim sweep examples/vm_count.toml --scheduler tcp://127.0.0.1:8786
+    """
+
+    def go() -> int:
+        from .sweep.execute import run_sweep
+        from .sweep.plot import plot_sweep
+        from .sweep.report import render_summary
+        from .sweep.spec import load_spec
+        from .sweep.table import build_table, table_checksum, write_tables
+
+        if jobs is not None and scheduler:
+            raise ConfigError("--jobs is for the local pool; with --scheduler the Dask cluster's workers run "
+                              "the points. Give one of them.")
+        spec_path = Path(spec)
+        loaded = load_spec(spec_path, _sweep_point)
+        results = Path(results_dir) if results_dir else spec_path.with_name(spec_path.stem + "-results")
+        state = run_sweep(loaded, results, jobs or os.cpu_count() or 1, scheduler, progress=not quiet)
+        table = build_table(loaded, results)
+        _parquet, csv = write_tables(table, results)
+        plots = plot_sweep(table, loaded, list(figures), results / "plots") if plot else []
+        click.echo(render_summary(loaded, table, state, results, table_checksum(csv), plots), nl=False)
+        for point, outcome in state.failures or []:
+            click.echo(f"hvsim: point {point.index} ({point.describe()}): {outcome.error}", err=True)
+        if state.signal is not None:
+            click.echo("hvsim: interrupted; the table holds the points finished so far. Re-run the same command "
+                       "to run the rest.", err=True)
+            return EXIT_INTERRUPTED.get(signal.Signals(state.signal), 130)
+        if state.failures:
+            return state.failures[0][1].exit_code
+        return 0
+
+    _guarded(go)
+
+
+@main.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--fail-on-diff", is_flag=True, help="Exit with status 1 when any figure differs.")
+@click.option("--changed", "changed_only", is_flag=True, help="List only the figures that differ.")
+def diff(a: str, b: str, fail_on_diff: bool, changed_only: bool) -> None:
+    """Two saved run reports (`hvsim run --json`, or a sweep's runs/*.json) side by side.
+
+    Every figure with both values and B - A, exits first; then what differs in the
+    configuration and the guests' consoles.
+
+    \b
+    Examples:
+      hvsim run guest_images/samepage.bin --vms 2 --ksm --json > a.json
+      hvsim run guest_images/samepage.bin --vms 2 --ksm --no-change-pte --json > b.json
+      hvsim diff a.json b.json --changed
+    """
+
+    def go() -> int:
+        result = diff_reports(load_report(a), load_report(b))
+        click.echo(render_diff(result, a, b, changed_only), nl=False)
+        return 1 if fail_on_diff and result.differs else 0
+
+    _guarded(go)
