@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
+from .flows import CausalFlows
 from .kvm.exits import ExitReason
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class TraceWriter:
         self._first_json = True
         self._insn_cache: dict[tuple[int, int], str] = {}
         self._last_counters: dict[int, tuple[int, ...]] = {}
+        # Flow arrows from ksmd's merges and zaps to the exits they caused (hypervisor/flows.py).
+        self.flows = CausalFlows(self._json) if self.json and self.wants("kvm_exit") else None
         if self.json:
             self.file.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
 
@@ -101,6 +104,8 @@ class TraceWriter:
         self.run_index += 1
         self.label = label
         self._insn_cache.clear()
+        if self.flows is not None:
+            self.flows.new_run()
         sim.on_slice.append(self._sample)
         if self.json:
             prefix = f"{label}: " if label else ""
@@ -147,6 +152,8 @@ class TraceWriter:
             else:
                 record.update(ph="i", s="t")
             self._json(record)
+            if self.flows is not None:
+                self.flows.after(sim, event, fields, record)
             return
         seconds = insns / sim.config.insns_per_ms / 1000.0
         comm = "ksmd" if kind == "ksmd" else f"qemu-vm{vm}"

@@ -126,7 +126,7 @@ def _dask(todo: list[Point], address: str, done: Callable[[Point, Outcome], None
         raise ConfigError('--scheduler needs Dask distributed, an optional extra: pip install "hvsim[cluster]".') \
             from None
     try:
-        client = Client(address, timeout="10s", set_as_default=False)
+        client = Client(address, timeout="10s")
     except (OSError, TimeoutError, ValueError) as err:
         raise ConfigError(f"--scheduler {address}: cannot reach a Dask scheduler there ({err}). Start one "
                           "(`dask scheduler`, then `dask worker ADDRESS`) or give its tcp://HOST:PORT.") from None
