@@ -25,6 +25,7 @@ from ..sim import SimConfig, Simulation
 from .spec import Point, SweepSpec
 
 REPORTS = "runs"
+SCHEDULER_TIMEOUT = "10s"  # how long to keep trying to reach --scheduler
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _dask(todo: list[Point], address: str, done: Callable[[Point, Outcome], None
         raise ConfigError('--scheduler needs Dask distributed, an optional extra: pip install "hvsim[cluster]".') \
             from None
     try:
-        client = Client(address, timeout="10s")
+        client = Client(address, timeout=SCHEDULER_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as err:
         raise ConfigError(f"--scheduler {address}: cannot reach a Dask scheduler there ({err}). Start one "
                           "(`dask scheduler`, then `dask worker ADDRESS`) or give its tcp://HOST:PORT.") from None
