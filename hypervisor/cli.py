@@ -13,8 +13,8 @@ import click
 
 from . import __version__
 from .compare import render_compare, run_compare
-from .diff import diff_reports, load_report, render_diff
 from .costs import CostModel
+from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
 from .observers import EXIT_INTERRUPTED, Observers, interruptible

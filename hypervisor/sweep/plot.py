@@ -50,39 +50,40 @@ def plot_sweep(table: pd.DataFrame, spec: SweepSpec, wanted: list[str], director
     if missing:
         raise ConfigError(f"--figure {missing[0]!r} is not a column of the results table; figures are named by "
                           "their path in the JSON report, e.g. totals.exits.EPT_VIOLATION or ksm.pages_sharing.")
-    x_axis, line_axis, panel_axis, *rest = [*spec.axes, None, None]
-    assert x_axis is not None
+    x_axis = spec.axes[0]
+    line_axis = spec.axes[1] if len(spec.axes) > 1 else None
+    panel_axis = spec.axes[2] if len(spec.axes) > 2 else None
+    rest_axes = list(spec.axes[3:])
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    rest_axes = [a for a in rest if a is not None]
     for figure in figures:
         for fixed in itertools.product(*(_steps(table, a) for a in rest_axes)):
             sub = table
             for axis, step in zip(rest_axes, fixed, strict=True):
                 sub = sub[_mask(sub, axis, step)]
-            panels = _steps(sub, panel_axis) if panel_axis else [()]
+            panels = _steps(sub, panel_axis) if panel_axis is not None else [()]
             fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8), sharey=True,
                                      squeeze=False)
             for ax, panel in zip(axes[0], panels, strict=True):
-                data = sub[_mask(sub, panel_axis, panel)] if panel_axis else sub
-                lines = _steps(data, line_axis) if line_axis else [()]
+                data = sub[_mask(sub, panel_axis, panel)] if panel_axis is not None else sub
+                lines = _steps(data, line_axis) if line_axis is not None else [()]
                 xs = _steps(data, x_axis)
                 numeric = all(isinstance(s[0], int | float) and not isinstance(s[0], bool) for s in xs) \
                     and len(x_axis.names) == 1
                 for line in lines:
-                    part = data[_mask(data, line_axis, line)] if line_axis else data
+                    part = data[_mask(data, line_axis, line)] if line_axis is not None else data
                     ys, pos = [], []
                     for i, step in enumerate(xs):
                         hit = part[_mask(part, x_axis, step)][figure]
                         if len(hit) and not pd.isna(hit.iloc[0]):
                             ys.append(float(hit.iloc[0]))
                             pos.append(step[0] if numeric else i)
-                    label = f"{line_axis.label}={line_axis.value_label(line)}" if line_axis else None
+                    label = f"{line_axis.label}={line_axis.value_label(line)}" if line_axis is not None else None
                     ax.plot(pos, ys, marker="o", label=label)
                 if not numeric:
                     ax.set_xticks(range(len(xs)), [x_axis.value_label(s) for s in xs])
                 ax.set_xlabel(x_axis.label)
-                if panel_axis:
+                if panel_axis is not None:
                     ax.set_title(f"{panel_axis.label}={panel_axis.value_label(panel)}", fontsize=10)
                 ax.grid(alpha=0.3)
                 if line_axis:
