@@ -388,7 +388,7 @@ def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str |
     def go() -> int:
         from .sweep.execute import run_sweep
         from .sweep.plot import plot_sweep
-        from .sweep.report import render_summary
+        from .sweep.report import HEADLINE, render_summary
         from .sweep.spec import load_spec
         from .sweep.table import build_table, table_checksum, write_tables
 
@@ -399,7 +399,7 @@ def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str |
         loaded = load_spec(spec_path, _sweep_point)
         results = Path(results_dir) if results_dir else spec_path.with_name(spec_path.stem + "-results")
         state = run_sweep(loaded, results, jobs or os.cpu_count() or 1, scheduler, progress=not quiet)
-        table = build_table(loaded, results)
+        table = build_table(loaded, results, [*HEADLINE, *loaded.figures, *figures])
         _parquet, csv = write_tables(table, results)
         plots = plot_sweep(table, loaded, list(figures), results / "plots") if plot else []
         click.echo(render_summary(loaded, table, state, results, table_checksum(csv), plots), nl=False)

@@ -13,6 +13,9 @@ from ..errors import ConfigError
 from .report import HEADLINE
 from .spec import Axis, SweepSpec
 
+STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D"]
+
 
 def _column_values(table: pd.DataFrame, axis: Axis) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in table[list(axis.names)].itertuples(index=False, name=None)]
@@ -70,7 +73,7 @@ def plot_sweep(table: pd.DataFrame, spec: SweepSpec, wanted: list[str], director
                 xs = _steps(data, x_axis)
                 numeric = all(isinstance(s[0], int | float) and not isinstance(s[0], bool) for s in xs) \
                     and len(x_axis.names) == 1
-                for line in lines:
+                for n, line in enumerate(lines):
                     part = data[_mask(data, line_axis, line)] if line_axis is not None else data
                     ys, pos = [], []
                     for i, step in enumerate(xs):
@@ -79,9 +82,15 @@ def plot_sweep(table: pd.DataFrame, spec: SweepSpec, wanted: list[str], director
                             ys.append(float(hit.iloc[0]))
                             pos.append(step[0] if numeric else i)
                     label = f"{line_axis.label}={line_axis.value_label(line)}" if line_axis is not None else None
-                    ax.plot(pos, ys, marker="o", label=label)
+                    # Lines often coincide (3.7 with and without change_pte): vary the style so none hides another.
+                    ax.plot(pos, ys, label=label, linestyle=STYLES[n % len(STYLES)],
+                            marker=MARKERS[n % len(MARKERS)], linewidth=2.4 - 0.4 * (n % 4), markersize=7 - n % 4)
                 if not numeric:
                     ax.set_xticks(range(len(xs)), [x_axis.value_label(s) for s in xs])
+                elif xs and min(s[0] for s in xs) > 0 and max(s[0] for s in xs) >= 16 * min(s[0] for s in xs):
+                    ax.set_xscale("log", base=2)  # knobs swept by powers, e.g. pages_to_scan 8..512
+                    ax.set_xticks([s[0] for s in xs], [x_axis.value_label(s) for s in xs])
+                    ax.minorticks_off()
                 ax.set_xlabel(x_axis.label)
                 if panel_axis is not None:
                     ax.set_title(f"{panel_axis.label}={panel_axis.value_label(panel)}", fontsize=10)

@@ -8,6 +8,7 @@ RESULTS_DIR/results.parquet (pyarrow) and RESULTS_DIR/results.csv.
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,12 @@ def _axis_column(values: list[Any]) -> pd.Series:
     return pd.Series(values)
 
 
-def build_table(spec: SweepSpec, results: Path) -> pd.DataFrame:
-    """Every point whose report exists, in the spec's order."""
+def build_table(spec: SweepSpec, results: Path, wanted: Sequence[str] = ()) -> pd.DataFrame:
+    """Every point whose report exists, in the spec's order.
+
+    `wanted` figures get a column even when no run had them, as zeros where their table is
+    there (no run had a cow_ksm: `vmstat.cow_ksm` is 0 throughout, and can be plotted).
+    """
     store = ReportStore(results)
     points = [p for p in spec.points if store.has(p)]
     reports = [json.loads(store.path(p).read_text(encoding="utf-8")) for p in points]
@@ -38,6 +43,9 @@ def build_table(spec: SweepSpec, results: Path) -> pd.DataFrame:
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
+    for name in wanted:
+        if name not in names and any(absent_means_zero(r, name) for r in reports):
+            names[name] = None
     columns: dict[str, pd.Series] = {}
     for key in spec.axis_keys:
         columns[key] = _axis_column([p.coords[key] for p in points])
