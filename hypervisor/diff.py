@@ -72,7 +72,16 @@ def _flat(node: Any, path: str = "") -> dict[str, Any]:
 
 def diff_reports(a: dict[str, Any], b: dict[str, Any]) -> ReportDiff:
     fa, fb = figures(a), figures(b)
-    names = list(dict.fromkeys([*fa, *fb]))
+    names = list(fa)
+    at = {n: i for i, n in enumerate(names)}
+    previous = -1
+    for n in fb:  # B's own figures go right after their neighbours in B, not at the end
+        if n in at:
+            previous = at[n]
+            continue
+        names.insert(previous + 1, n)
+        at = {m: i for i, m in enumerate(names)}
+        previous = at[n]
     names.sort(key=_exits_first)  # stable: report order within each group
 
     def value(report: dict[str, Any], flat: dict[str, Figure], name: str) -> Figure | None:
