@@ -403,7 +403,7 @@ def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str |
         _parquet, csv = write_tables(table, results)
         plots = plot_sweep(table, loaded, list(figures), results / "plots") if plot else []
         click.echo(render_summary(loaded, table, state, results, table_checksum(csv), plots), nl=False)
-        for point, outcome in state.failures or []:
+        for point, outcome in state.failures:
             click.echo(f"hvsim: point {point.index} ({point.describe()}): {outcome.error}", err=True)
         if state.signal is not None:
             click.echo("hvsim: interrupted; the table holds the points finished so far. Re-run the same command "

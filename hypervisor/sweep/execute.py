@@ -7,13 +7,14 @@ name and renamed into place, so a killed sweep leaves whole reports and loses at
 points in flight; re-running it skips every point whose report exists.
 """
 
+import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class SweepRun:
 
     ran: int = 0
     reused: int = 0
-    failures: list[tuple[Point, Outcome]] | None = None
+    failures: list[tuple[Point, Outcome]] = field(default_factory=list)
     signal: int | None = None
 
 
@@ -105,7 +106,11 @@ def _stoppable(cancel: Callable[[], None], state: SweepRun) -> Iterator[None]:
 
 
 def _local(todo: list[Point], jobs: int, done: Callable[[Point, Outcome], None], state: SweepRun) -> None:
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_ignore_sigint) as pool:
+    # forkserver, not fork: the calling process may have threads (a test's Dask client, say), and a
+    # fork copies none of them but all their locks; the server imports hvsim once for every worker.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_ignore_sigint) as pool:
         futures: dict[Future[Outcome], Point] = {pool.submit(run_point, p.run.config, p.run.check): p
                                                  for p in todo}
 
@@ -149,7 +154,7 @@ def _dask(todo: list[Point], address: str, done: Callable[[Point, Outcome], None
 
 def run_sweep(spec: SweepSpec, results: Path, jobs: int, scheduler: str | None, progress: bool) -> SweepRun:
     store = ReportStore(results)
-    state = SweepRun(failures=[])
+    state = SweepRun()
     todo = [p for p in spec.points if not store.has(p)]
     state.reused = len(spec.points) - len(todo)
     if not todo:
@@ -161,7 +166,6 @@ def run_sweep(spec: SweepSpec, results: Path, jobs: int, scheduler: str | None, 
 
         def done(point: Point, outcome: Outcome) -> None:
             if outcome.report is None:
-                assert state.failures is not None
                 state.failures.append((point, outcome))
             else:
                 store.write(point, outcome.report)
