@@ -386,32 +386,13 @@ def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str |
     """
 
     def go() -> int:
-        from .sweep.execute import run_sweep
-        from .sweep.plot import plot_sweep
-        from .sweep.report import HEADLINE, render_summary
-        from .sweep.spec import load_spec
-        from .sweep.table import build_table, table_checksum, write_tables
+        from .sweep.command import sweep as run_spec  # pandas and pyarrow load only for sweeps
 
-        if jobs is not None and scheduler:
-            raise ConfigError("--jobs is for the local pool; with --scheduler the Dask cluster's workers run "
-                              "the points. Give one of them.")
-        spec_path = Path(spec)
-        loaded = load_spec(spec_path, _sweep_point)
-        results = Path(results_dir) if results_dir else spec_path.with_name(spec_path.stem + "-results")
-        state = run_sweep(loaded, results, jobs or os.cpu_count() or 1, scheduler, progress=not quiet)
-        table = build_table(loaded, results, [*HEADLINE, *loaded.figures, *figures])
-        _parquet, csv = write_tables(table, results)
-        plots = plot_sweep(table, loaded, list(figures), results / "plots") if plot else []
-        click.echo(render_summary(loaded, table, state, results, table_checksum(csv), plots), nl=False)
-        for point, outcome in state.failures:
-            click.echo(f"hvsim: point {point.index} ({point.describe()}): {outcome.error}", err=True)
-        if state.signal is not None:
-            click.echo("hvsim: interrupted; the table holds the points finished so far. Re-run the same command "
-                       "to run the rest.", err=True)
-            return EXIT_INTERRUPTED.get(signal.Signals(state.signal), 130)
-        if state.failures:
-            return state.failures[0][1].exit_code
-        return 0
+        outcome = run_spec(Path(spec), results_dir, jobs, scheduler, plot, list(figures), not quiet, _sweep_point)
+        click.echo(outcome.summary, nl=False)
+        for line in outcome.errors:
+            click.echo(f"hvsim: {line}", err=True)
+        return outcome.exit_code
 
     _guarded(go)
 
