@@ -228,6 +228,8 @@ def main() -> None:
       hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32
       hvsim compare guest_images/samepage.bin --vms 4
       hvsim images
+      hvsim sweep examples/change_pte.toml --plot   # a grid of runs -> results.parquet/.csv
+      hvsim diff a.json b.json                      # two `run --json` reports side by side
 
     Shell completion (click): eval "$(_HVSIM_COMPLETE=bash_source hvsim)"
     """

@@ -100,6 +100,24 @@ def test_a_killed_sweep_resumes_and_ends_with_the_uninterrupted_table(reference:
     same_results(reference, results)
 
 
+def test_ctrl_c_finishes_the_points_in_flight_and_exits_130(tmp_path: Path) -> None:
+    spec, results = write_spec(tmp_path), tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "hypervisor", "sweep", str(spec), "-o", str(results),
+                             "--jobs", "1", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list((results / "runs").glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "finishing the points in flight" in err and "Re-run the same command" in err
+    done = len(list((results / "runs").glob("*.json")))
+    assert 1 <= done < POINTS and "Traceback" not in err
+    assert f"{done} run now" in out  # the table of what finished is still written
+    assert len(pd.read_csv(results / "results.csv")) == done
+
+
 def test_the_same_sweep_on_a_dask_local_cluster_gives_identical_tables(reference: Path, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     results = tmp_path / "results"
