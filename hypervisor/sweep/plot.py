@@ -71,8 +71,8 @@ def plot_sweep(table: pd.DataFrame, spec: SweepSpec, wanted: list[str], director
                 data = sub[_mask(sub, panel_axis, panel)] if panel_axis is not None else sub
                 lines = _steps(data, line_axis) if line_axis is not None else [()]
                 xs = _steps(data, x_axis)
-                numeric = all(isinstance(s[0], int | float) and not isinstance(s[0], bool) for s in xs) \
-                    and len(x_axis.names) == 1
+                # A numeric axis (or zip group led by a number) is drawn to scale, labelled with every value.
+                numeric = all(isinstance(s[0], int | float) and not isinstance(s[0], bool) for s in xs)
                 for n, line in enumerate(lines):
                     part = data[_mask(data, line_axis, line)] if line_axis is not None else data
                     ys, pos = [], []
@@ -87,8 +87,9 @@ def plot_sweep(table: pd.DataFrame, spec: SweepSpec, wanted: list[str], director
                             marker=MARKERS[n % len(MARKERS)], linewidth=2.4 - 0.4 * (n % 4), markersize=7 - n % 4)
                 if not numeric:
                     ax.set_xticks(range(len(xs)), [x_axis.value_label(s) for s in xs])
-                elif xs and min(s[0] for s in xs) > 0 and max(s[0] for s in xs) >= 16 * min(s[0] for s in xs):
-                    ax.set_xscale("log", base=2)  # knobs swept by powers, e.g. pages_to_scan 8..512
+                else:
+                    if min(s[0] for s in xs) > 0 and max(s[0] for s in xs) >= 16 * min(s[0] for s in xs):
+                        ax.set_xscale("log", base=2)  # knobs swept by powers, e.g. pages_to_scan 8..512
                     ax.set_xticks([s[0] for s in xs], [x_axis.value_label(s) for s in xs])
                     ax.minorticks_off()
                 ax.set_xlabel(x_axis.label)
