@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError
+from ..guest.catalog import bundled_guests
 from ..sim import GUEST_IMAGES, SimConfig
 
 TABLES = ("run", "axes", "zip", "plot")
@@ -124,10 +125,10 @@ def resolve_image(value: str, spec_dir: Path) -> str:
     candidate = path if path.is_absolute() else spec_dir / path
     if candidate.is_file():
         return str(candidate.resolve())
-    bundled = GUEST_IMAGES / f"{value}.bin"
-    if "/" not in value and bundled.is_file():
-        return str(bundled)
-    names = ", ".join(sorted(p.stem for p in GUEST_IMAGES.glob("*.bin")))
+    bundled = {g.name: g.image for g in bundled_guests(GUEST_IMAGES)}
+    if value in bundled and bundled[value].is_file():
+        return str(bundled[value])
+    names = ", ".join(sorted(bundled))
     raise ConfigError(f"image = {value!r}: no such file (relative paths are read from the spec's directory, "
                       f"{spec_dir}) and no bundled guest of that name ({names}).")
 
