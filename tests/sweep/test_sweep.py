@@ -120,12 +120,8 @@ def test_ctrl_c_finishes_the_points_in_flight_and_exits_130(tmp_path: Path) -> N
 
 def test_the_same_sweep_on_a_dask_local_cluster_gives_identical_tables(reference: Path, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
-    import dask
-
     results = tmp_path / "results"
-    # The workers' statistical profiler samples the task thread every 10 ms and about halves the
-    # speed of a simulation (which calls into Unicorn through ctypes all the time): off, as the README says.
-    with dask.config.set({"distributed.worker.profile.enabled": False}), distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   scheduler_port=0, dashboard_address=None, silence_logs=40) as cluster:
         code, out, err = invoke("sweep", str(write_spec(tmp_path)), "-o", str(results),
                                 "--scheduler", cluster.scheduler_address)
