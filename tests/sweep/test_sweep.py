@@ -168,6 +168,19 @@ def test_a_bad_spec_is_a_clear_error(tmp_path: Path, text: str, message: str) ->
     assert code == 2 and message in err, err
 
 
+def test_a_point_that_cannot_run_is_reported_the_others_are_kept_and_a_rerun_retries_it(tmp_path: Path) -> None:
+    (tmp_path / "empty.bin").write_bytes(b"")
+    spec = write_spec(tmp_path, SPEC.replace('image = "samepage"\n', "").replace(
+        'profile = ["2.6.32", "3.7", "6.10"]', 'image = ["samepage", "empty.bin"]'))
+    code, out, err = invoke("sweep", str(spec), "-o", str(tmp_path / "r"), "--jobs", "2")
+    assert code == 3, out + err  # ImageError's exit code
+    assert "2 run now, 0 already done, 2 failed" in out
+    assert "point 2 (image=empty.bin, no_change_pte=false, ksm_pages_to_scan=1000): guest image" in err
+    assert len(pd.read_csv(tmp_path / "r" / "results.csv")) == 2
+    code, out, _ = invoke("sweep", str(spec), "-o", str(tmp_path / "r"), "--jobs", "2")
+    assert code == 3 and "0 run now, 2 already done, 2 failed" in out
+
+
 def test_jobs_and_scheduler_together_are_refused(tmp_path: Path) -> None:
     code, _, err = invoke("sweep", str(write_spec(tmp_path)), "--jobs", "2", "--scheduler", "tcp://127.0.0.1:1")
     assert code == 2 and "Give one of them" in err
