@@ -3,19 +3,21 @@
 When ksmd remaps a page (`ksm_merge_one_page`) or its notifier call zaps sptes
 (`kvm_unmap_hva_range` while ksmd runs), the next EPT_VIOLATION exit a guest takes on that
 page is the cost of that merge: a zapped spte faults on any access, a write-protected one on
-the next write.  The trace links the two with a Chrome trace-event flow: a flow start
-(`"ph": "s"`) written right after the ksmd event and a flow end (`"ph": "f"`, `"bp": "e"`)
-written right after the `kvm_exit`, with one `id` (and the same `name` and `cat`, which
-Perfetto's importer also keys v1 flows on).
+the next write.  The trace links the two with a Chrome trace-event flow (v1): a flow start
+(`"ph": "s"`) written right after the ksmd event and a flow end (`"ph": "f"`) written right
+before the `kvm_exit`, with one `id` (and the same `name` and `cat`, which Perfetto's
+importer also keys v1 flows on).
 
-How Perfetto binds them (read in its trace_processor, json_trace_parser_impl.cc,
-flow_tracker.cc and slice_tracker.cc): a thread-scoped instant event becomes a zero-length
-slice that stays on its thread's slice stack until the next slice starts there; an `s` event
-binds to the topmost slice of its thread's stack, and an `f` with `"bp": "e"` to the
-enclosing (topmost) one.  Since ksmd's work takes no simulated time, many ksmd events share
-a timestamp: the flow events are therefore written immediately after the instant they
-belong to, relying on Perfetto's sort keeping file order among equal timestamps (unverified
-in its source: read the parser and trackers, not the sorter).
+How Perfetto binds them (read in its trace_processor: importers/json/json_trace_parser_impl.cc,
+importers/common/flow_tracker.cc and slice_tracker.cc, as vendored in klzgrad/naiveproxy): a
+thread-scoped instant event becomes a zero-length slice that stays on its thread's slice stack
+until the next slice starts there; an `s` binds to the topmost slice of its thread's stack (the
+ksmd instant just written); an `f` without `"bp": "e"` waits for the next slice to begin on its
+thread (the `kvm_exit` written just after it), which is also the Chrome format's default
+binding.  `"bp": "e"` is left out on purpose: one version of the parser tests it against "b".
+Since ksmd's work takes no simulated time, many events share a timestamp, so the flow events
+are placed next to their instants in the file, relying on Perfetto's sort keeping file order
+among equal timestamps (unverified: the sorter was not read).
 
 A zap over a range wider than one page is linked only when every page of the range had a
 present spte (`zapped` equals its length): otherwise the event does not say which pages it
@@ -63,8 +65,16 @@ class CausalFlows:
             out += pages
         return out
 
+    def before(self, sim: "Simulation", event: str, fields: dict[str, Any], record: dict[str, Any]) -> None:
+        """Called right before `record` (the trace record of `event`) is written: flow ends bind to it."""
+        if event == "kvm_exit" and fields.get("reason") == "EPT_VIOLATION" and "vm" in fields:
+            for flow in self.pending.pop((int(fields["vm"]), int(fields["info2"]) // PAGE_SIZE), []):
+                self.linked += 1
+                self.write({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "f", "id": flow, "ts": record["ts"],
+                            "pid": record["pid"], "tid": record["tid"]})
+
     def after(self, sim: "Simulation", event: str, fields: dict[str, Any], record: dict[str, Any]) -> None:
-        """Called right after `record` (the trace record of `event`) is written."""
+        """Called right after `record` is written: flow starts bind to it."""
         if event in SOURCES and sim.context[0] == "ksmd":
             for page in self._pages(sim, event, fields):
                 flow = self.next_id
@@ -72,8 +82,3 @@ class CausalFlows:
                 self.pending.setdefault(page, []).append(flow)
                 self.write({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "s", "id": flow, "ts": record["ts"],
                             "pid": record["pid"], "tid": record["tid"]})
-        elif event == "kvm_exit" and fields.get("reason") == "EPT_VIOLATION" and "vm" in fields:
-            for flow in self.pending.pop((int(fields["vm"]), int(fields["info2"]) // PAGE_SIZE), []):
-                self.linked += 1
-                self.write({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "f", "bp": "e", "id": flow,
-                            "ts": record["ts"], "pid": record["pid"], "tid": record["tid"]})

@@ -151,6 +151,8 @@ class TraceWriter:
                 record.update(name="ksmd scan", ph="E")
             else:
                 record.update(ph="i", s="t")
+            if self.flows is not None:
+                self.flows.before(sim, event, fields, record)
             self._json(record)
             if self.flows is not None:
                 self.flows.after(sim, event, fields, record)

@@ -33,10 +33,10 @@ def page_of_source(e: dict[str, Any]) -> tuple[int, int]:
     raise AssertionError("zaps carry their vm in the flow's own check")
 
 
-def instant_before(events: list[dict[str, Any]], index: int) -> dict[str, Any]:
-    """The trace event a flow record binds to: the nearest earlier one that is not itself a flow record."""
+def neighbour(events: list[dict[str, Any]], index: int, step: int) -> dict[str, Any]:
+    """The trace event a flow record binds to: the nearest one in direction `step` that is not a flow record."""
     while events[index]["ph"] in ("s", "f"):
-        index -= 1
+        index += step
     return events[index]
 
 
@@ -50,9 +50,10 @@ def test_every_flow_runs_from_a_ksmd_merge_or_zap_to_the_first_exit_on_that_page
     assert set(ends) <= set(starts)
     for flow, end in ends.items():
         s, f = events[starts[flow]], events[end]
-        assert (s["name"], s["cat"]) == (f["name"], f["cat"]) and f["bp"] == "e"
-        # Each flow event sits right after the instant it binds to (Perfetto binds to the topmost slice).
-        source, exit_ = instant_before(events, starts[flow]), instant_before(events, end)
+        assert (s["name"], s["cat"]) == (f["name"], f["cat"]) and "bp" not in f
+        # A flow start sits right after the instant it binds to (Perfetto binds it to the topmost slice),
+        # a flow end right before its exit (it binds to the next slice).
+        source, exit_ = neighbour(events, starts[flow], -1), neighbour(events, end, +1)
         assert source["pid"] == KSMD_PID and source["name"] in ("ksm_merge_one_page", "kvm_unmap_hva_range")
         assert (source["ts"], source["pid"]) == (s["ts"], s["pid"])
         assert exit_["name"] == "kvm_exit" and exit_["args"]["reason"] == "EPT_VIOLATION"
@@ -63,7 +64,7 @@ def test_every_flow_runs_from_a_ksmd_merge_or_zap_to_the_first_exit_on_that_page
         else:
             assert source["args"]["start"] <= GUEST_RAM_HVA + gfn * PAGE < source["args"]["end"]
         # ... and it is the first exit on that page since the merge or zap.
-        between = events[starts[flow]:end]
+        between = events[starts[flow]:events.index(exit_) + 1]
         assert [e for e in between if e["name"] == "kvm_exit" and e["pid"] == f["pid"]
                 and e["args"]["info2"] // PAGE == gfn] == [exit_]
 
