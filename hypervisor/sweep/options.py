@@ -69,11 +69,12 @@ def _scalar(key: str, value: Any, where: str) -> str:
     return str(value)
 
 
-def parse_settings(command: click.Command, settings: dict[str, Any], where: str) -> dict[str, Any]:
-    """The parameters `command` would receive for these settings; bad values are ConfigErrors naming `where`."""
+def parse_settings(command: click.Command, settings: dict[str, Any], where: str) -> click.Context:
+    """The context `command` would run in for these settings (its params, and which were given);
+    bad values are ConfigErrors naming `where`."""
     argv = settings_argv(command, settings, where)
     try:
         with command.make_context(command.name or "run", argv) as ctx:
-            return dict(ctx.params)
+            return ctx
     except click.ClickException as err:
         raise ConfigError(f"{where}: {err.format_message()}") from None

@@ -27,8 +27,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError
-from ..guest.catalog import bundled_guests
-from ..sim import GUEST_IMAGES, SimConfig
+from ..sim import SimConfig
 
 TABLES = ("run", "axes", "zip", "plot")
 
@@ -120,17 +119,11 @@ def _axes(doc: dict[str, Any]) -> tuple[Axis, ...]:
 
 
 def resolve_image(value: str, spec_dir: Path) -> str:
-    """A path relative to the spec (or absolute), else a bundled guest's name."""
+    """A path relative to the spec's directory when there is such a file; else as written, for `hvsim run`'s
+    own lookup (a path, or a bundled guest's name)."""
     path = Path(value).expanduser()
     candidate = path if path.is_absolute() else spec_dir / path
-    if candidate.is_file():
-        return str(candidate.resolve())
-    bundled = {g.name: g.image for g in bundled_guests(GUEST_IMAGES)}
-    if value in bundled and bundled[value].is_file():
-        return str(bundled[value])
-    names = ", ".join(sorted(bundled))
-    raise ConfigError(f"image = {value!r}: no such file (relative paths are read from the spec's directory, "
-                      f"{spec_dir}) and no bundled guest of that name ({names}).")
+    return str(candidate.resolve()) if value and candidate.is_file() else value
 
 
 def _file_digest(path: str) -> str:

@@ -157,7 +157,6 @@ def test_a_bad_point_is_a_clear_error_naming_the_point(tmp_path: Path, change: s
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("[run]\nimage = 'nosuchguest'\n", "no bundled guest of that name"),
     ("[run\n", "not valid TOML"),
     ("[run]\nimage = 'samepage'\n[zip]\nvms = [1, 2]\nmemory = ['4M']\n", "same length"),
     ("[run]\nimage = 'samepage'\nvms = 2\n[axes]\nvms = [1, 2]\n", "both in [run] and an axis"),
@@ -179,6 +178,29 @@ def test_a_point_that_cannot_run_is_reported_the_others_are_kept_and_a_rerun_ret
     assert len(pd.read_csv(tmp_path / "r" / "results.csv")) == 2
     code, out, _ = invoke("sweep", str(spec), "-o", str(tmp_path / "r"), "--jobs", "2")
     assert code == 3 and "0 run now, 2 already done, 2 failed" in out
+
+
+def test_an_unknown_image_is_hvsim_runs_own_error_naming_the_point(tmp_path: Path) -> None:
+    code, _, err = invoke("sweep", str(write_spec(tmp_path, "[run]\nimage = 'nosuchguest'\n")), "-o", str(tmp_path))
+    assert code == 3, err  # ImageError, as `hvsim run nosuchguest`
+    assert "sweep.toml, point 0: no guest image 'nosuchguest'" in err and "samepage" in err
+
+
+def test_an_image_path_is_read_relative_to_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "guests").mkdir()
+    (tmp_path / "guests" / "h.bin").write_bytes((GUEST_IMAGES / "hello.bin").read_bytes())
+    (tmp_path / "specs").mkdir()
+    spec = tmp_path / "specs" / "s.toml"
+    spec.write_text("[run]\nimage = '../guests/h.bin'\nmemory = '4M'\n[axes]\nvms = [1, 2]\n")
+    code, out, err = invoke("sweep", str(spec), "-q")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "specs" / "s-results" / "results.csv")
+    assert list(table["vms"]) == [1, 2] and list(table["totals.exits.HLT"]) == [1, 2]
+
+
+def test_hvsim_runs_own_checks_apply_to_every_point(tmp_path: Path) -> None:
+    code, _, err = invoke("sweep", str(write_spec(tmp_path, SPEC.replace("ksm = true", "ksm = false"))))
+    assert code == 2 and "point 0 (profile=2.6.32" in err and "--ksm-sleep-ms" in err and "without --ksm" in err
 
 
 def test_jobs_and_scheduler_together_are_refused(tmp_path: Path) -> None:
