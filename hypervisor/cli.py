@@ -465,10 +465,9 @@ def diff(a: str, b: str, fail_on_diff: bool, changed_only: bool) -> None:
     configuration and the guests' consoles.
 
     \b
-    Examples:
-      hvsim run guest_images/samepage.bin --vms 2 --ksm --json > a.json
-      hvsim run guest_images/samepage.bin --vms 2 --ksm --no-change-pte --json > b.json
+    Examples (a.json and b.json from `hvsim run samepage --vms 2 --ksm --json`, then with --no-change-pte):
       hvsim diff a.json b.json --changed
+      hvsim diff baseline.json new.json --fail-on-diff     # a regression check
     """
 
     def go() -> int:

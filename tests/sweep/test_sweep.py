@@ -192,7 +192,7 @@ def test_an_image_path_is_read_relative_to_the_spec(tmp_path: Path) -> None:
     (tmp_path / "specs").mkdir()
     spec = tmp_path / "specs" / "s.toml"
     spec.write_text("[run]\nimage = '../guests/h.bin'\nmemory = '4M'\n[axes]\nvms = [1, 2]\n")
-    code, out, err = invoke("sweep", str(spec), "-q")
+    code, _, err = invoke("sweep", str(spec), "-q")
     assert code == 0, err
     table = pd.read_csv(tmp_path / "specs" / "s-results" / "results.csv")
     assert list(table["vms"]) == [1, 2] and list(table["totals.exits.HLT"]) == [1, 2]
