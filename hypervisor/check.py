@@ -185,13 +185,14 @@ class CoherenceChecker:
                                    "changed content after it was merged")
 
     def _check_rmap_items(self, ksm: "Ksm") -> None:
-        counted: Counter[int] = Counter()
         live: set[int] = set()
+        named = [np.zeros(0, dtype=np.int32)]
         for slot in ksm.slots:
             for items in slot.vmas:
                 live.add(id(items))
-                stable = np.flatnonzero(items.has_item & ((items.flags & STABLE_FLAG) != 0))
-                counted.update(int(n) for n in items.node[stable])
+                named.append(items.node[items.has_item & ((items.flags & STABLE_FLAG) != 0)])
+        ids, counts = np.unique(np.concatenate(named), return_counts=True)
+        counted: Counter[int] = Counter(dict(zip(ids.tolist(), counts.tolist(), strict=True)))
         for node in ksm.nodes.values():
             naming = counted.pop(node.id, 0)
             if naming != node.nr_items:
