@@ -88,15 +88,18 @@ def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.
     return out
 
 
+_FOLD_MULT = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
 _MIN_RUN = 8  # consecutive pfns worth a view of their own; shorter runs are gathered
 
 
 def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
     """calc_checksum(): a change detector, the sum of the page's 512 qwords mod 2**64 folded to 32 bits.
 
-    The kernel takes jhash2 over the page (2.6.32 mm/ksm.c calc_checksum) or xxhash
-    (6.x); ksmd only compares it with the previous visit's value, and confirms every
-    merge byte for byte, so any function that changes when the content does will do.
+    The kernel takes `jhash2(addr, PAGE_SIZE / 4, 17)` (2.6.32 mm/ksm.c calc_checksum)
+    or `xxhash(addr, PAGE_SIZE, 0)` kept as a u32 (6.8 mm/ksm.c calc_checksum);
+    cmp_and_merge_page only compares it with rmap_item->oldchecksum after the stable
+    tree missed, and every merge is confirmed by memcmp_pages, so any function that
+    changes when the content does will do.
     The sum is the cheapest one numpy vectorises: over a run of consecutive pfns it is
     one reduction over a view of the frames, no copy (benchmarks/checksums.py measured
     it against the position-weighted hash on the bundled workloads: the same changes
@@ -116,7 +119,9 @@ def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray
     for lo in range(0, scattered.size, _HASH_CHUNK):
         sel = scattered[lo : lo + _HASH_CHUNK]
         sums[sel] = qwords[pfns[sel]].sum(axis=1)
-    folded: npt.NDArray[np.uint32] = (sums ^ (sums >> np.uint64(32))).astype(np.uint32)
+    # The high half of a multiplicative (Fibonacci) hash: an XOR fold of the halves would let a change
+    # at bit i cancel one at bit i + 32 (benchmarks/checksums.py found one in bootstorm).
+    folded: npt.NDArray[np.uint32] = ((sums * _FOLD_MULT) >> np.uint64(32)).astype(np.uint32)
     return folded
 
 
