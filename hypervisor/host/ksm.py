@@ -125,6 +125,12 @@ def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray
     return folded
 
 
+def page_checksum_one(frames: FramePool, pfn: Pfn) -> int:
+    """page_checksum() of one frame, without the batch machinery."""
+    total = int(frames.qwords[pfn].sum(dtype=np.uint64))
+    return ((total * int(_FOLD_MULT)) & 0xFFFF_FFFF_FFFF_FFFF) >> 32
+
+
 class VmaItems:
     """The rmap_items of one mergeable VMA, as arrays indexed by page."""
 
@@ -533,7 +539,7 @@ class Ksm:
                 self._stable_tree_append(items, idx, node)
             return
         if checksum is None:
-            checksum = int(page_checksum(frames, np.array([pfn], dtype=np.int64))[0])
+            checksum = page_checksum_one(frames, pfn)
         if int(items.oldchecksum[idx]) != checksum:
             items.oldchecksum[idx] = checksum
             return
@@ -590,7 +596,7 @@ class Ksm:
 
     def stable_tree_insert(self, kpfn: Pfn, h: int) -> StableNode:
         node = StableNode(self._next_node_id, kpfn, h)
-        node.checksum = int(page_checksum(self.frames, np.array([kpfn], dtype=np.int64))[0])
+        node.checksum = page_checksum_one(self.frames, kpfn)
         self.stable_checksums[node.checksum] += 1
         self._next_node_id += 1
         self.nodes[node.id] = node

@@ -561,3 +561,16 @@ def test_page_checksum_changes_with_one_qword_and_with_changes_32_bits_apart() -
     after = int(page_checksum(frames, pfn)[0])
     frames.qwords[1, 7] ^= 1
     assert len({before, after, int(page_checksum(frames, pfn)[0])}) == 3
+
+
+def test_page_checksum_of_one_frame_equals_the_batched_one() -> None:
+    import numpy as np
+
+    from hypervisor.host.frames import FramePool
+    from hypervisor.host.ksm import page_checksum, page_checksum_one
+    from hypervisor.types import Pfn
+
+    frames = FramePool(8)
+    frames.qwords[:] = np.random.default_rng(3).integers(0, 2**64 - 1, size=frames.qwords.shape, dtype=np.uint64)
+    batched = page_checksum(frames, np.arange(8, dtype=np.int64)).tolist()
+    assert [page_checksum_one(frames, Pfn(p)) for p in range(8)] == batched
