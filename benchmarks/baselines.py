@@ -1,8 +1,5 @@
-"""The two Unicorn baselines, with no hvsim logic in them.
+"""The bare-hook Unicorn baseline, with no hvsim logic in it (hook-free Unicorn is in hookfree.py).
 
-* `RawUnicorn`: what Unicorn itself does with the guest code: all guest memory
-  mapped up front with `mem_map` (Unicorn's own MMU, no Python hooks), time sliced
-  with Unicorn's own `count=` at the same quantum as hvsim.  Target 1's baseline.
 * `BareTlbUnicorn`: the same virtual-TLB setup hvsim uses (one `mem_map_ptr` over
   a FramePool-sized buffer allocated as hvsim allocates its frames), whose
   UC_HOOK_TLB_FILL callback in Python only fills the entry (identity, all
@@ -52,22 +49,6 @@ def run_in_slices(uc: Any, rip: int, insns: int, quantum: int) -> int:
 
 class BenchmarkError(RuntimeError):
     """A workload did not do what the benchmark relies on (a guest failed, a phase ended early)."""
-
-
-class RawUnicorn:
-    """The guest code on plain Unicorn: memory pre-mapped, `count=` time slices."""
-
-    def __init__(self, image: bytes, memory: int) -> None:
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.mem_map(0, memory)
-        uc.mem_write(IMAGE_BASE, image)
-        uc.reg_write(x86.UC_X86_REG_RSP, STACK_TOP)
-        self.uc = uc
-        self.rip = IMAGE_BASE
-
-    def run(self, insns: int, quantum: int) -> None:
-        """Exactly `insns` instructions, in slices of `quantum` (the guest must not stop)."""
-        self.rip = run_in_slices(self.uc, self.rip, insns, quantum)
 
 
 class BareTlbUnicorn:
