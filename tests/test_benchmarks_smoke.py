@@ -53,3 +53,10 @@ def test_metadata_walk_finds_the_per_page_arrays() -> None:
     assert count.frame_bytes == sim.frames.data.nbytes
     # sptes and host ptes alone are 16 bytes per guest page
     assert count.array_bytes >= 16 * (4 << 20) // 4096
+
+
+def test_checksum_study_finds_no_change_the_sum_misses_on_small_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import checksums
+
+    assert checksums.main(["--quick"]) == 0
+    assert "missed_sum" in capsys.readouterr().out
