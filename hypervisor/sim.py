@@ -317,6 +317,31 @@ class Simulation:
         self.interrupted = False
         self.on_slice: list[Callable[[Simulation], None]] = []
 
+    def __enter__(self) -> "Simulation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Tear the run down so that reference counting frees it at once (no full GC needed).
+
+        The model is a graph of back-pointers (vCPU <-> backend, VM <-> MMU, notifiers on the mm,
+        checker and injector -> Simulation); a sweep worker runs many Simulations in one process.
+        """
+        for backend in self.backends:
+            backend.close()
+        for vm in self.vms:
+            vm.destroy()
+            # exit_mmap()'s end of the VMM process: its mm leaves KSM; the traces held the checker.
+            vm.mm.ksm = None
+            vm.mm.trace = vm.mm.notifier_event_sink = None
+        if self.ksm is not None:
+            self.ksm.trace = None
+            self.ksm.race_points.clear()
+        self.on_slice.clear()
+        self.trace = self.checker = self.injector = None
+
     def clock(self) -> int:
         """Simulated time now, in instructions retired, exact inside a time slice too."""
         running = self._running

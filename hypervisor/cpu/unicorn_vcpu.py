@@ -21,6 +21,8 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 """
 
 import ctypes
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from unicorn import (
@@ -49,7 +51,7 @@ from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
-from ..kvm.vcpu import Vcpu, VcpuState
+from ..kvm.vcpu import NO_BACKEND, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from . import _icount
 from .disasm import disassemble_one
@@ -100,6 +102,23 @@ def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctyp
         raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
 
 
+def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, called through a weak reference to its object (so a hook does not keep the vCPU alive)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        return bound(*args) if bound is not None else None
+
+    return call
+
+
+def _code_address(cfunc: Any) -> ctypes.c_void_p:
+    """The C entry point of a ctypes callback, read without ctypes.cast (which makes the callback
+    refer to itself, a cycle that keeps the vCPU alive until a full GC)."""
+    return ctypes.c_void_p(ctypes.c_void_p.from_address(ctypes.addressof(cfunc)).value)
+
+
 class _ICount(ctypes.Structure):
     _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
 
@@ -134,13 +153,14 @@ class UnicornVcpu:
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._tlb_cb = _TLB_FILL_CFUNC(self._make_raw_tlb_fill(uc))
-        _raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._tlb_cb, ctypes.c_void_p), None)
-        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
-        uc.hook_add(UC_HOOK_INTR, self._interrupt)
+        _raw_hook_add(uc, UC_HOOK_TLB_FILL, _code_address(self._tlb_cb), None)
+        # The binding's hook wrappers form reference cycles of their own: they hold this vCPU weakly.
+        uc.hook_add(UC_HOOK_INSN, _weakly(self._out), None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, _weakly(self._in), None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, _weakly(self._cpuid), None, 1, 0, x86.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, _weakly(self._syscall), None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN_INVALID, _weakly(self._invalid_insn))
+        uc.hook_add(UC_HOOK_INTR, _weakly(self._interrupt))
         self._icount = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
         _raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
                       ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
@@ -156,6 +176,20 @@ class UnicornVcpu:
         self.rip = boot.rip
         self._cr3 = boot.cr3
         vcpu.arch = self
+
+    def close(self) -> None:
+        """uc_close() this vCPU's Unicorn and drop the hooks that point back here, so that a finished
+        Simulation is freed by reference counting (the callbacks made cycles through the binding)."""
+        uc = self.uc
+        for handle in list(uc._callbacks):
+            uc.hook_del(handle)
+        # uc_close() now: the binding's own cycles would keep the engine (and its memory) until a full GC.
+        uc._Uc__finalizer()
+        del self.uc
+        # The raw TLB-fill callback goes with the Uc that calls it: its closure holds the Uc.
+        del self._tlb_cb
+        if self.vcpu.arch is self:
+            self.vcpu.arch = NO_BACKEND
 
     # --- VcpuBackend -----------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class Vcpu:
         self.failure: str | None = None
         # Which HvsimError the failure is, so that callers classify it by type, never by its text.
         self.failure_kind: type[GuestError] | None = None
-        self.arch: VcpuBackend = _NoBackend()
+        self.arch: VcpuBackend = NO_BACKEND
         # (exit reason, what the host did for it) -> count; see handle_ept_violation.
         self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
 
@@ -178,3 +178,7 @@ class Vcpu:
 class _NoBackend:
     def flush_tlb(self) -> None:
         pass
+
+
+# A vCPU without an executor (unit tests, and a vCPU whose backend was closed).
+NO_BACKEND: VcpuBackend = _NoBackend()

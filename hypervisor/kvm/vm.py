@@ -43,6 +43,17 @@ class Vm:
         self.vcpus.append(vcpu)
         return vcpu
 
+    def destroy(self) -> None:
+        """Let the VM go once its run is reported: unhook the MMU from the mm and drop the back-pointers
+        (vCPU -> VM, MMU -> VM) that made reference cycles, so that reference counting frees the VM.
+        Counts and traces nothing: this models freeing memory, not kvm_destroy_vm()'s zapping."""
+        if self.mmu.notifier in self.mm.mmu_notifiers:
+            self.mm.mmu_notifiers.remove(self.mmu.notifier)
+        self.vcpus.clear()
+        self.mmu.race_points.clear()
+        del self.mmu.vm, self.mmu.notifier  # the notifier's ops are bound methods of the MMU
+        self.trace = None
+
     def kvm_flush_remote_tlbs(self) -> None:
         self.stats.remote_tlb_flush += 1
         for vcpu in self.vcpus:

@@ -41,7 +41,8 @@ class Outcome:
 def run_point(config: SimConfig, check: bool) -> Outcome:
     """One point, in a worker: the run's JSON report exactly as `hvsim run --json` prints it."""
     try:
-        result = Simulation(config, check=check).run()
+        with Simulation(config, check=check) as sim:  # a worker runs many points: free each one
+            result = sim.run()
     except HvsimError as err:
         return Outcome(None, str(err), err.exit_code)
     return Outcome(to_json(result.as_dict()))
