@@ -13,7 +13,7 @@ import click
 from . import __version__
 from .compare import render_compare, run_compare
 from .costs import CostModel
-from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
+from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation, Livelock
 from .guest.catalog import bundled_guests
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
 from .profiles import DEFAULT_PROFILE, PROFILES
@@ -142,6 +142,8 @@ def _run_exit_code(result: RunResult, signals: list[int]) -> int:
         return EXIT_INTERRUPTED.get(signal.Signals(signals[0]), 130)
     if result.violation is not None:
         return InvariantViolation.exit_code
+    if result.livelock is not None:
+        return Livelock.exit_code
     if any(v.error and "--max-insns" in v.error for v in result.vms):
         return GuestTimeout.exit_code
     if result.errors:
@@ -203,6 +205,8 @@ def _compare(opts: Options, cfg: SimConfig) -> int:
         return ConsoleMismatch.exit_code
     if any(row.result.violation for row in result.rows):
         return InvariantViolation.exit_code
+    if any(row.result.livelock for row in result.rows):
+        return Livelock.exit_code
     return GuestError.exit_code if errors else 0
 
 

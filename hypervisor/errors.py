@@ -49,3 +49,9 @@ class InvariantViolation(HvsimError):
     """`--check`: a coherence invariant does not hold."""
 
     exit_code = 8
+
+
+class Livelock(HvsimError):
+    """A vCPU kept retrying a fault (mmu_notifier_retry) without retiring an instruction."""
+
+    exit_code = 9

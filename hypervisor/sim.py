@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__
 from .check import CoherenceChecker
 from .cpu.unicorn_vcpu import UnicornVcpu
-from .errors import ConfigError, HvsimError, InvariantViolation
+from .errors import ConfigError, HvsimError, InvariantViolation, Livelock
 from .guest import layout, loader
 from .host.frames import FRAME_SLACK, FramePool
 from .host.ksm import Ksm
@@ -123,6 +123,8 @@ class RunResult:
     violation: str | None = None
     checks: int | None = None
     injected: dict[str, int] | None = None
+    # a vCPU livelocked in fault retries: the diagnosis that ended the run
+    livelock: str | None = None
 
     @property
     def errors(self) -> list[str]:
@@ -159,6 +161,8 @@ class RunResult:
             d["check"] = {"checks_passed": self.checks, "violation": self.violation}
         if self.injected is not None:
             d["injected"] = self.injected
+        if self.livelock is not None:
+            d["livelock"] = self.livelock
         return d
 
 
@@ -246,6 +250,7 @@ class Simulation:
             trace = self.checker.trace
         self.trace = trace
         self.failure: HvsimError | None = None
+        self.livelock: Livelock | None = None
         pages = config.memory // PAGE_SIZE
         self.frames = FramePool(config.vms * pages + FRAME_SLACK)
         self.vmstat = Vmstat()
@@ -263,6 +268,8 @@ class Simulation:
         self.vms: list[Vm] = []
         self.backends: list[UnicornVcpu] = []
         self.insns: list[int] = []
+        # Per VM: simulated time spent in retried faults (kvm.vcpu.FAULT_RETRY_COST each).
+        self.stalls: list[int] = []
         for i in range(config.vms):
             mm = HostMm(self.frames, self.profile, self.vmstat, f"vm{i}", self.ksm)
             vm_trace = None
@@ -278,6 +285,7 @@ class Simulation:
             self.backends.append(UnicornVcpu(vcpu, self.frames, boot))
             self.vms.append(vm)
             self.insns.append(0)
+            self.stalls.append(0)
         if self.checker is not None:
             self.checker.attach(self)
         self.injector = RaceInjector(self, [RaceSpec.parse(t) for t in config.inject]) if config.inject else None
@@ -293,7 +301,7 @@ class Simulation:
     def clock(self) -> int:
         """Simulated time now, in instructions retired, exact inside a time slice too."""
         running = self._running
-        return self.now + (running.retired_in_slice if running is not None else 0)
+        return self.now + (running.time_in_slice if running is not None else 0)
 
     def runnable(self) -> list[int]:
         return [i for i, vm in enumerate(self.vms) if vm.vcpus[0].state is VcpuState.RUNNABLE]
@@ -304,6 +312,8 @@ class Simulation:
             self._run()
         except InvariantViolation as err:
             self.failure = err
+        except Livelock as err:
+            self.livelock = err
         return self.result()
 
     def _run(self) -> None:
@@ -318,15 +328,28 @@ class Simulation:
                 break
             for i in order:
                 vcpu = self.vms[i].vcpus[0]
-                budget = min(cfg.quantum, cfg.max_insns - self.insns[i])
+                # Retried faults count against --max-insns at their cost: a livelocked vCPU runs out too.
+                budget = min(cfg.quantum, cfg.max_insns - self.insns[i] - self.stalls[i])
                 if budget <= 0:
                     vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions")
                     continue
-                self.context, self._running = ("vcpu", i), self.backends[i]
-                retired = self.backends[i].run(budget)
-                self._running = None
-                self.insns[i] += retired
-                self.now += retired
+                if ksm is not None:
+                    # A slice ends where ksmd is due (or `run` is written), so that ksmd runs at
+                    # its simulated time and not wherever a quantum happens to end.
+                    if ksm_period:
+                        budget = min(budget, next_ksm - self.now)
+                    if run_at:
+                        budget = min(budget, max(1, run_at[0][0] * cfg.insns_per_ms - self.now))
+                backend = self.backends[i]
+                self.context, self._running = ("vcpu", i), backend
+                try:
+                    backend.run(budget)
+                finally:
+                    # A slice that ended in an error (livelock, violated invariant) still took its time.
+                    self._running = None
+                    self.insns[i] += backend.slice_retired
+                    self.stalls[i] += backend.stall_in_slice
+                    self.now += backend.slice_retired + backend.stall_in_slice
                 if ksm is not None:
                     self.context = ("ksmd", 0)
                     while run_at and run_at[0][0] * cfg.insns_per_ms <= self.now:
@@ -369,5 +392,6 @@ class Simulation:
                          dict(self.vmstat.counters), self.interrupted,
                          str(self.failure) if self.failure is not None else None,
                          self.checker.checks if self.checker is not None else None,
-                         dict(self.injector.fired) if self.injector is not None else None)
+                         dict(self.injector.fired) if self.injector is not None else None,
+                         str(self.livelock) if self.livelock is not None else None)
 

@@ -7,10 +7,15 @@
  * written in C so that it costs what Unicorn's costs, with the counter in a struct
  * that Python reads through ctypes:
  *
- *     struct icount { uint64_t counter; uint64_t limit; uc_err (*stop)(void *uc); };
+ *     struct icount { uint64_t counter; uint64_t limit; uc_err (*stop)(void *uc);
+ *                     uint64_t stopped; uint64_t last_address; };
  *
  * The hook runs before each instruction; when the instruction about to run would
- * exceed `limit`, it asks Unicorn to stop, leaving RIP at that instruction.
+ * exceed `limit`, it asks Unicorn to stop, leaving RIP at that instruction, and
+ * sets `stopped`.  `last_address` is the address of the last instruction counted:
+ * when Unicorn returns on its own (not stopped here), that is the instruction that
+ * ended the run (HLT), which the vCPU then recognises by decoding it, whether or
+ * not it was the last instruction of the slice.
  * `stop` is Unicorn's uc_emu_stop, passed in by address so that this module does
  * not link against libunicorn.
  */
@@ -22,18 +27,21 @@ struct icount {
     uint64_t counter;
     uint64_t limit;
     int (*stop)(void *uc);
+    uint64_t stopped;
+    uint64_t last_address;
 };
 
 static void icount_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct icount *ic = (struct icount *)user_data;
-    (void)address;
     (void)size;
     if (ic->counter >= ic->limit) {
+        ic->stopped = 1;
         ic->stop(uc);
         return;
     }
     ic->counter++;
+    ic->last_address = address;
 }
 
 static PyObject *hook_address(PyObject *self, PyObject *args)

@@ -46,10 +46,11 @@ from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
-from ..kvm.vcpu import Vcpu, VcpuState
+from ..errors import Livelock
+from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Gpa
 from . import _icount
-from .disasm import disassemble_one
+from .disasm import decode_one, disassemble_one
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
 # address (it is above the canonical guest's identity map), so it is given the zero page.
@@ -120,11 +121,16 @@ def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctyp
 
 
 class _ICount(ctypes.Structure):
-    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
+    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
+                ("stopped", ctypes.c_uint64), ("last_address", ctypes.c_uint64))
 
 
 class _GuestFault(Exception):
     """The walk hit a fault the guest cannot take (it has no IDT): a triple fault."""
+
+
+class _SliceEnd(Exception):
+    """A retried fault used up the slice: the access is abandoned and re-taken next slice."""
 
 
 class _Mmio(Exception):
@@ -148,6 +154,18 @@ class UnicornVcpu:
         self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
         self._stop_note: str | None = None
+        # Simulated time spent in retried faults this slice (part of the icount counter).
+        self.stall_in_slice = 0
+        self.slice_retired = 0
+        # The access abandoned by _SliceEnd: "fetch" (no instruction counted yet) or "data".
+        self._abandoned: str | None = None
+        # A TLB fill was refused this run: Unicorn may ask again for the same access (it does
+        # for fetches); the answer stays no, without taking the exit twice.
+        self._refused = False
+        # Instructions retired in earlier slices, and retried faults since one last retired.
+        self._retired_before = 0
+        self._retry_mark = -1
+        self._retries = 0
         # Paging-structure cache: 2 MiB region of gva -> (base gpa, large page, writable).
         self._pscache: dict[int, tuple[int, bool, bool]] = {}
         self._guest_writable = True
@@ -163,7 +181,7 @@ class UnicornVcpu:
         uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
-        self._icount = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
+        self._icount = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0, 0)
         _raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
                       ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
         self.uc = uc
@@ -197,7 +215,11 @@ class UnicornVcpu:
         ic = self._icount
         ic.counter = 0
         ic.limit = max_insns
+        ic.stopped = 0
         self._stop_note = None
+        self.stall_in_slice = 0
+        self._abandoned = None
+        self._refused = False
         cr3 = self.uc.reg_read(x86.UC_X86_REG_CR3)
         if cr3 != self._cr3:
             # The guest loaded CR3 (seen at slice granularity): its cached walks are stale.
@@ -208,7 +230,11 @@ class UnicornVcpu:
             self.uc.emu_start(self.rip, UNTIL)
         except UcError as exc:
             error = exc
-        retired = int(ic.counter)
+        retired = int(ic.counter) - self.stall_in_slice
+        if self._abandoned == "data":
+            retired -= 1  # counted by the code hook, but it did not complete: it runs again next slice
+        self._retired_before += retired
+        self.slice_retired = retired
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
         raised = self.uc._hook_exception
         if raised is not None:
@@ -218,15 +244,28 @@ class UnicornVcpu:
             raise raised
         if vcpu.state is not VcpuState.RUNNABLE:
             return retired
-        if error is not None:
+        if self._abandoned is not None:
+            pass  # the slice ended inside a retried fault; the guest takes it again next slice
+        elif error is not None:
             vcpu.handle_triple_fault(self._stop_note or f"the CPU model stopped: {error}", self.rip)
-        elif retired < max_insns:
-            if self.rip == UNTIL:
-                vcpu.handle_triple_fault(f"execution reached {UNTIL:#x}, outside guest memory", self.rip)
-            else:
-                # Unicorn returns early only for HLT (our own stops set a state above).
-                vcpu.handle_hlt(self.rip - 1)
+        elif not ic.stopped:
+            # Unicorn returned on its own, not at the end of the slice: the last instruction
+            # counted ended the run.  It is recognised by what it is, not by how many
+            # instructions the slice retired (an HLT can be the slice's last instruction).
+            self._unicorn_returned(retired)
         return retired
+
+    def _unicorn_returned(self, retired: int) -> None:
+        if self.rip == UNTIL:
+            self.vcpu.handle_triple_fault(f"execution reached {UNTIL:#x}, outside guest memory", self.rip)
+            return
+        last = int(self._icount.last_address)
+        insn = decode_one(self.peek_code(last, 16), last) if retired else None
+        if insn is not None and insn[0] == "hlt" and self.rip == last + insn[2]:
+            self.vcpu.handle_hlt(last)
+            return
+        raise RuntimeError(f"Unicorn stopped at RIP {self.rip:#x} after {self.instruction_at(last)!r} "
+                           "for no reason hvsim knows")
 
     def _stop_now(self, note: str | None = None) -> None:
         """Stop before the next instruction (the C hook sees the limit reached)."""
@@ -246,12 +285,15 @@ class UnicornVcpu:
             except BaseException as exc:  # as the binding's own wrapper: record, stop
                 if uc._hook_exception is None:
                     uc._hook_exception = exc
+                self._refused = True
                 uc.emu_stop()
                 return False
 
         return raw
 
     def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
+        if self._refused:
+            return False
         write = access == UC_MEM_WRITE
         try:
             gpa = self._walk(vaddr, write)
@@ -267,10 +309,16 @@ class UnicornVcpu:
                 entry.perms = UC_PROT_READ | UC_PROT_EXEC
                 return True
             self._stop_note = f"{fault} at gva {vaddr:#x}"
+            self._refused = True
+            return False
+        except _SliceEnd:
+            self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
+            self._refused = True
             return False
         except _Mmio as mmio:
             self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
                            f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
+            self._refused = True
             return False
         pfn = (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
@@ -286,12 +334,16 @@ class UnicornVcpu:
         """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access."""
         sptes = self._sptes_mv
         if gfn >= self._nr_gfns:
+            # Beyond every memslot: still an EPT violation, which KVM passes on as MMIO.
+            self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             raise _Mmio(gfn << PAGE_SHIFT)
         spte = sptes[gfn]
         while not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
             result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             if result is FaultResult.MMIO:
                 raise _Mmio(gfn << PAGE_SHIFT)
+            if result is FaultResult.RETRY:
+                self._fault_retried(gfn)
             spte = sptes[gfn]
         # The EPT walk sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
         wanted = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
@@ -299,6 +351,24 @@ class UnicornVcpu:
             spte |= wanted
             sptes[gfn] = spte
         return spte
+
+    def _fault_retried(self, gfn: int) -> None:
+        """KVM re-entered the guest, which faults again: charge the retry's time, end the slice if spent."""
+        ic = self._icount
+        ic.counter += FAULT_RETRY_COST
+        self.stall_in_slice += FAULT_RETRY_COST
+        retired = self._retired_before + int(ic.counter) - self.stall_in_slice
+        if retired != self._retry_mark:
+            self._retry_mark, self._retries = retired, 0
+        self._retries += 1
+        if self._retries >= LIVELOCK_RETRIES:
+            why = (f"livelock: the EPT violation at gpa {gfn << PAGE_SHIFT:#x} was retried {self._retries} times "
+                   "with no instruction retired (a notifier ran between gfn_to_pfn and the mmu_notifier_retry "
+                   "check every time, e.g. an --inject at after_gfn_to_pfn)")
+            self.vcpu.fail(why)
+            raise Livelock(f"vm{self.vcpu.vm.vm_id}: {why}.")
+        if ic.counter >= ic.limit:
+            raise _SliceEnd()
 
     def _walk(self, gva: int, write: bool) -> int:
         """gva -> gpa through the guest's 4-level tables; sets _guest_writable.
@@ -404,7 +474,8 @@ class UnicornVcpu:
         return bytes(out)
 
     @property
-    def retired_in_slice(self) -> int:
+    def time_in_slice(self) -> int:
+        """Simulated time of the running slice: instructions retired plus retried faults' cost."""
         return int(self._icount.counter)
 
     def instruction_at(self, rip: int) -> str:

@@ -33,6 +33,17 @@ LSR_THR_EMPTY = 0x60  # transmitter idle: a guest that polls before writing may 
 # The hypervisor CPUID leaf KVM reports (KVM_CPUID_SIGNATURE): "KVMKVMKVM\0\0\0".
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_SIGNATURE_REGS = (0x4B4D564B, 0x564B4D56, 0x0000004D)
+# A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
+# in KVM that is an exit, an entry and a gfn_to_pfn whose result was dropped.  hvsim charges
+# each retried fault this much of the vCPU's simulated time, in instruction-times (2 us at
+# the default 100,000 instructions per ms: the order of costs.py's "exit" plus
+# "EPT_VIOLATION.retry" cycles), so that ksmd, --max-insns and signals go on while a vCPU
+# retries.  Deterministic: a fixed cost per retry.
+FAULT_RETRY_COST = 200
+# This many retried faults in a row with no instruction retired in between is a livelock
+# (a real race resolves in a retry or two; only a host event fired on every fault, such as
+# an --inject at after_gfn_to_pfn, keeps it going).
+LIVELOCK_RETRIES = 1000
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
