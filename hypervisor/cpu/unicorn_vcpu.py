@@ -42,11 +42,11 @@ from unicorn import (
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
+from ..errors import Livelock
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
-from ..errors import Livelock
 from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Gpa
 from . import _icount
