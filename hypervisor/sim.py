@@ -282,7 +282,7 @@ class Simulation:
                 # The VMM marks guest RAM mergeable, as QEMU does with -machine mem-merge=on.
                 mm.madvise(GUEST_RAM_HVA, config.memory, MADV_MERGEABLE)
             vcpu = vm.create_vcpu()
-            self.backends.append(UnicornVcpu(vcpu, self.frames, boot))
+            self.backends.append(UnicornVcpu(vcpu, self.frames, boot, config.insns_per_ms))
             self.vms.append(vm)
             self.insns.append(0)
             self.stalls.append(0)

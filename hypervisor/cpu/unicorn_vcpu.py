@@ -43,6 +43,7 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
 from ..errors import Livelock
+from ..guest.layout import TSC_KHZ
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
@@ -51,6 +52,7 @@ from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Gpa
 from . import _icount
 from .disasm import decode_one, disassemble_one
+from .sensitive_insns import SensitiveInsns
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
 # address (it is above the canonical guest's identity map), so it is given the zero page.
@@ -143,8 +145,9 @@ class _Mmio(Exception):
 class UnicornVcpu:
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
-    def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams) -> None:
+    def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
         self.vcpu = vcpu
+        self._insns_per_ms = insns_per_ms
         self.frames = frames
         self.mmu = vcpu.vm.mmu
         self._sptes = self.mmu.sptes
@@ -164,6 +167,8 @@ class UnicornVcpu:
         self._refused = False
         # Instructions retired in earlier slices, and retried faults since one last retired.
         self._retired_before = 0
+        # Simulated time of earlier slices: instructions retired plus retried faults' cost.
+        self._time_before = 0
         self._retry_mark = -1
         self._retries = 0
         # Paging-structure cache: 2 MiB region of gva -> (base gpa, large page, writable).
@@ -185,6 +190,9 @@ class UnicornVcpu:
         _raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
                       ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
         self.uc = uc
+        self._frames_2d = frames.frames
+        self.sensitive = SensitiveInsns(uc, self._tsc, self.peek_code, self._undefined_opcode,
+                                        lambda: bool(self._icount.stopped))
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
@@ -212,6 +220,7 @@ class UnicornVcpu:
             # A frame that held translated code was rewritten by the host.
             self.uc.ctl_flush_tb()
             self._code_epoch = self.frames.code_epoch
+            self.sensitive.forget_scans()
         ic = self._icount
         ic.counter = 0
         ic.limit = max_insns
@@ -234,6 +243,7 @@ class UnicornVcpu:
         if self._abandoned == "data":
             retired -= 1  # counted by the code hook, but it did not complete: it runs again next slice
         self._retired_before += retired
+        self._time_before += retired + self.stall_in_slice
         self.slice_retired = retired
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
         raised = self.uc._hook_exception
@@ -328,6 +338,7 @@ class UnicornVcpu:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
         if access == UC_MEM_FETCH:
             self._exec_seen[pfn] = True
+            self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d[pfn])
         return True
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
@@ -397,6 +408,17 @@ class UnicornVcpu:
         spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
         return int(self._qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
 
+    def _tsc(self) -> int:
+        """The guest's TSC: its simulated time before the running instruction (counted already), at TSC_KHZ."""
+        now = self._time_before + int(self._icount.counter) - 1
+        return now * TSC_KHZ // self._insns_per_ms
+
+    def _undefined_opcode(self, note: str, rip: int) -> None:
+        """#UD with no IDT: the instruction does not run (RIP stays on it) and the guest shuts down."""
+        self._stop_now(note)
+        self.uc.reg_write(x86.UC_X86_REG_RIP, rip)
+        self.vcpu.handle_triple_fault(note, rip)
+
     def _rip_for_trace(self) -> int:
         if self.vcpu.vm.trace is None:
             return 0
@@ -416,8 +438,6 @@ class UnicornVcpu:
         leaf = uc.reg_read(x86.UC_X86_REG_EAX)
         subleaf = uc.reg_read(x86.UC_X86_REG_ECX)
         regs = self.vcpu.handle_cpuid(leaf, subleaf, self._rip_for_trace())
-        if regs is None:
-            return 0  # let the CPU model answer
         for reg, value in zip((x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX),
                               regs, strict=True):
             uc.reg_write(reg, value)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..guest.layout import COM1_PORT, EXIT_PORT
 from ..types import PAGE_SHIFT, Gfn
+from .cpuid import kvm_find_cpuid_entry
 from .exits import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
@@ -30,9 +31,6 @@ if TYPE_CHECKING:
 
 COM1_LSR_PORT = COM1_PORT + 5
 LSR_THR_EMPTY = 0x60  # transmitter idle: a guest that polls before writing may write
-# The hypervisor CPUID leaf KVM reports (KVM_CPUID_SIGNATURE): "KVMKVMKVM\0\0\0".
-KVM_CPUID_SIGNATURE = 0x40000000
-KVM_SIGNATURE_REGS = (0x4B4D564B, 0x564B4D56, 0x0000004D)
 # A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
 # in KVM that is an exit, an entry and a gfn_to_pfn whose result was dropped.  hvsim charges
 # each retried fault this much of the vCPU's simulated time, in instruction-times (2 us at
@@ -152,15 +150,12 @@ class Vcpu:
         self.state = VcpuState.HALTED
         self.exit_status = 0
 
-    def handle_cpuid(self, leaf: int, subleaf: int, rip: int) -> tuple[int, int, int, int] | None:
-        """CPUID always exits under VMX; KVM answers from its table.  None: use the CPU's model."""
+    def handle_cpuid(self, leaf: int, subleaf: int, rip: int) -> tuple[int, int, int, int]:
+        """CPUID always exits under VMX; KVM answers from the VMM's fixed table (kvm/cpuid.py)."""
         self._count_exit(ExitReason.CPUID)
         self.exit_work[(ExitReason.CPUID, "")] += 1
         self._trace_exit(ExitReason.CPUID, rip, leaf, subleaf)
-        if leaf == KVM_CPUID_SIGNATURE:
-            ebx, ecx, edx = KVM_SIGNATURE_REGS
-            return (KVM_CPUID_SIGNATURE + 1, ebx, ecx, edx)
-        return None
+        return kvm_find_cpuid_entry(leaf & 0xFFFF_FFFF)
 
     def handle_vmcall(self, rip: int) -> None:
         """VMCALL: a hypercall; hvsim implements none, so it returns -KVM_ENOSYS like KVM."""
