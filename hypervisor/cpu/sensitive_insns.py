@@ -75,10 +75,12 @@ class SensitiveInsns:
         """The host rewrote a frame that held code: scan pages again when next fetched."""
         self._scanned.clear()
 
-    def scan(self, gva_page: int, pfn: int, page: npt.NDArray[np.uint8]) -> None:
+    def scan(self, gva_page: int, pfn: int, frames: npt.NDArray[np.uint8]) -> None:
+        """A TLB fill for an instruction fetch from gva_page, mapped to frame pfn of `frames`."""
         if self._scanned.get(gva_page) == pfn:
             return
         self._scanned[gva_page] = pfn
+        page = frames[pfn]
         base = gva_page * PAGE_SIZE
         for off in candidate_offsets(page):
             start = off

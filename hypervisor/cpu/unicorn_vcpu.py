@@ -338,7 +338,7 @@ class UnicornVcpu:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
         if access == UC_MEM_FETCH:
             self._exec_seen[pfn] = True
-            self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d[pfn])
+            self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         return True
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
