@@ -54,4 +54,4 @@ class InvariantViolation(HvsimError):
 class Livelock(HvsimError):
     """A vCPU kept retrying a fault (mmu_notifier_retry) without retiring an instruction."""
 
-    exit_code = 9
+    exit_code = 10
