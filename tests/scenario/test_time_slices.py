@@ -19,7 +19,12 @@ SMALL_CMDLINES = {
     "samepage": "pages=2 passes=2 spin=10",
     "cowstorm": "pages=2 passes=3 spin=10 write_at=2",
     "kernels": "kernel=2 private=1 passes=2 spin=10",
+    "bootstorm": "image=2 diverge=1 passes=2 spin=10",
+    "forkserver": "pages=2 children=2 write_pct=50",
+    "kvstore": "keys=16 ops=40 value_size=8",
+    "samepage_c": "pages=2 passes=2 spin=10",
 }
+TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c")
 
 
 def outcome(result: RunResult) -> list[tuple[Any, ...]]:
@@ -42,8 +47,8 @@ def test_every_bundled_guest_has_small_parameters_for_the_quantum_property() -> 
 
 @pytest.mark.parametrize("guest", sorted(SMALL_CMDLINES))
 def test_bundled_guest_gives_the_same_console_status_and_counts_at_every_quantum(guest: str) -> None:
-    vms = 2 if guest in ("samepage", "kernels") else 1
-    ref = same_at_every_quantum(image(f"{guest}.bin"), cmdline=SMALL_CMDLINES[guest], vms=vms)
+    img = next(str(g.image) for g in bundled_guests(GUEST_IMAGES) if g.name == guest)
+    ref = same_at_every_quantum(img, cmdline=SMALL_CMDLINES[guest], vms=2 if guest in TWO_VMS else 1)
     assert all(state in ("halted", "exited") for _, state, *_ in ref)
 
 
