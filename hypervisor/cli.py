@@ -7,16 +7,26 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import click
 
 from . import __version__
 from .compare import render_compare, run_compare
 from .costs import CostModel
-from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation, Livelock
+from .errors import (
+    ConfigError,
+    ConsoleMismatch,
+    GuestError,
+    GuestTimeout,
+    HvsimError,
+    InvariantViolation,
+    Livelock,
+    OutputWriteError,
+)
 from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
+from .guest.console import console_paths
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
 from .profiles import DEFAULT_PROFILE, PROFILES
 from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
@@ -169,13 +179,52 @@ def _guarded(fn: Callable[[], int]) -> None:
     sys.exit(code)
 
 
+def _open_consoles(path: str | None, vms: int) -> list[BinaryIO]:
+    """--console: open (and so check) every VM's console file before the run."""
+    files: list[BinaryIO] = []
+    for name in console_paths(path, vms) if path else []:
+        try:
+            files.append(open(name, "wb"))  # noqa: SIM115 (closed by _close_consoles)
+        except OSError as err:
+            for f in files:
+                f.close()
+            raise ConfigError(f"--console {name}: cannot write it ({err.strerror}); give a writable file.") from None
+    return files
+
+
+def _close_consoles(files: list[BinaryIO], sim: Simulation) -> OSError | None:
+    """Close the console files; the first write error of the run or of the close, if any."""
+    error = next((vm.vcpus[0].console.stream_error for vm in sim.vms if vm.vcpus[0].console.stream_error), None)
+    for f in files:
+        try:
+            f.close()
+        except OSError as err:
+            error = error or err
+    return error
+
+
+def guest_exit_status(result: RunResult) -> int | None:
+    """--exit-with-guest-status: the first non-zero exit-port status in VM order, else 0; None if a VM
+    did not end through the exit port or HLT (then hvsim's own exit code stands)."""
+    if any(v.state not in ("exited", "halted") or v.exit_status is None for v in result.vms):
+        return None
+    return next((v.exit_status for v in result.vms if v.exit_status), 0)
+
+
 def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
-             render_json: Callable[[RunResult], str] | None = None) -> int:
+             render_json: Callable[[RunResult], str] | None = None, console_path: str | None = None,
+             with_guest_status: bool = False) -> int:
     obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
     sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
+    consoles = _open_consoles(console_path, cfg.vms)
+    for vm, stream in zip(sim.vms, consoles, strict=False):
+        vm.vcpus[0].console.stream = stream
     obs.observe("", sim)
-    with interruptible(obs.stop):
-        result = sim.run()
+    try:
+        with interruptible(obs.stop):
+            result = sim.run()
+    finally:
+        write_error = _close_consoles(consoles, sim)
     obs.finish(f"{cfg.image}: {cfg.vms} VM(s), profile {result.profile.name}")
     if opts.as_json:
         click.echo(render_json(result) if render_json else to_json(result.as_dict()), nl=False)
@@ -185,7 +234,13 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
         click.echo(f"hvsim: {line}", err=True)
     if obs.signals:
         click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-    return _run_exit_code(result, obs.signals)
+    code = _run_exit_code(result, obs.signals)
+    if write_error is not None:
+        click.echo(f"hvsim: --console {console_path}: writing the console failed ({write_error}); the file is "
+                   "incomplete, the report above is not.", err=True)
+        return code or OutputWriteError.exit_code
+    status = guest_exit_status(result) if with_guest_status and code == 0 else None
+    return code if status is None else status
 
 
 def _compare(opts: Options, cfg: SimConfig) -> int:
@@ -242,8 +297,14 @@ def main() -> None:
 @click.option("--exit-cost", multiple=True, metavar="NAME=CYCLES",
               help="Override a cost-model entry, e.g. EPT_VIOLATION.cow=8000 (see hypervisor/costs.py).")
 @click.option("--cpu-mhz", default=2000, show_default=True, type=int, help="Clock of the cost model.")
+@click.option("--console", "console_path", metavar="FILE",
+              help="Also write each VM's whole console to FILE (several VMs: FILE.vm0, FILE.vm1, ...); the "
+                   "report keeps the first and last 64 KiB.")
+@click.option("--exit-with-guest-status", is_flag=True,
+              help="Exit with the guest's exit-port status (several VMs: the first non-zero one), as QEMU's "
+                   "isa-debug-exit users expect; hvsim's own error codes still win.")
 def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, exit_cost: tuple[str, ...],
-        cpu_mhz: int, **kw: Any) -> None:
+        cpu_mhz: int, console_path: str | None, exit_with_guest_status: bool, **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
 
     Without IMAGE, runs the bundled demo: `hvsim compare` of the samepage guest in 4 VMs.
@@ -259,6 +320,8 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
 
     def go() -> int:
         if opts.image is None:
+            if console_path or exit_with_guest_status:
+                raise ConfigError("--console and --exit-with-guest-status need an IMAGE (the demo is a compare).")
             opts.image, opts.cmdline, opts.vms = str(DEMO_IMAGE), DEMO_CMDLINE, DEMO_VMS
             return _compare(opts, opts.config(opts.ksm(True)))
         cfg = opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
@@ -269,7 +332,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
             if cpu_mhz <= 0:
                 raise ConfigError("--cpu-mhz must be positive.")
             render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
-        return _run_one(opts, cfg, render)
+        return _run_one(opts, cfg, render, console_path=console_path, with_guest_status=exit_with_guest_status)
 
     _guarded(go)
 

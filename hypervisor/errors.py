@@ -51,6 +51,15 @@ class InvariantViolation(HvsimError):
     exit_code = 8
 
 
+class OutputWriteError(HvsimError):
+    """An output file (here: --console) could not be written during the run.
+
+    Exit code 74 is sysexits.h's EX_IOERR (as 70, an internal error, is EX_SOFTWARE).
+    """
+
+    exit_code = 74
+
+
 class Livelock(HvsimError):
     """A vCPU kept retrying a fault (mmu_notifier_retry) without retiring an instruction."""
 

@@ -97,6 +97,8 @@ class VmResult:
     where: str | None = None
     # exit reason -> what the host did for it -> count (for perf-kvm-stat's cost model)
     exit_work: dict[str, dict[str, int]] = field(default_factory=dict)
+    # console bytes dropped between the kept head and tail (guest/console.py)
+    console_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -104,6 +106,8 @@ class VmResult:
             "console": self.console, "insns": self.insns, "exits": self.exits, "stats": self.stats,
             "notifier_calls": self.notifier_calls, "exit_work": self.exit_work,
         }
+        if self.console_dropped:
+            d["console_dropped"] = self.console_dropped
         if self.error is not None:
             d["error"] = self.error
             d["where"] = self.where
@@ -385,8 +389,8 @@ class Simulation:
             for (reason, kind), n in sorted(vcpu.exit_work.items()):
                 work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
-                                vcpu.console.decode("utf-8", "replace"), self.insns[i], exits, stats, calls,
-                                error, where, work))
+                                vcpu.console.text(), self.insns[i], exits, stats, calls,
+                                error, where, work, vcpu.console.dropped))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,

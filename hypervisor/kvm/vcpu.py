@@ -10,6 +10,7 @@ from collections import Counter
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from ..guest.console import Console
 from ..guest.layout import COM1_PORT, EXIT_PORT
 from ..types import PAGE_SHIFT, Gfn
 from .cpuid import kvm_find_cpuid_entry
@@ -78,7 +79,7 @@ class Vcpu:
         self.stats = VcpuStats()
         self.state = VcpuState.RUNNABLE
         self.exit_status: int | None = None
-        self.console = bytearray()
+        self.console = Console()
         self.failure: str | None = None
         self.arch: VcpuBackend = _NoBackend()
         # (exit reason, what the host did for it) -> count; see handle_ept_violation.
@@ -132,7 +133,7 @@ class Vcpu:
             self._trace_exit(ExitReason.IO_INSTRUCTION, rip, qual)
         if is_out:
             if port == COM1_PORT:
-                self.console.append(value & 0xFF)
+                self.console.write(value & 0xFF)
             elif port == EXIT_PORT:
                 self.exit_status = value & 0xFF
                 self.state = VcpuState.EXITED
