@@ -32,7 +32,6 @@ from unicorn import (
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
-    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -51,14 +50,13 @@ from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
 from ..errors import Livelock
-from ..guest.layout import TSC_KHZ
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
-from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES, Vcpu, VcpuState
+from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
-from . import _icount
+from .clock import VcpuClock, raw_hook_add
 from .disasm import decode_one, disassemble_one
 from .exceptions import (
     EXCEPTION_NAMES,
@@ -99,20 +97,6 @@ _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint
                                    ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
 
 
-def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
-    """uc_hook_add() with a C callback pointer, over the whole address range."""
-    handle = ctypes.c_size_t()
-    err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), htype, callback, user_data, ctypes.c_uint64(1),
-                            ctypes.c_uint64(0))
-    if err != 0:
-        raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
-
-
-class _ICount(ctypes.Structure):
-    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
-                ("stopped", ctypes.c_uint64), ("last_address", ctypes.c_uint64))
-
-
 class _SliceEnd(Exception):
     """A retried fault used up the slice: the access is abandoned and re-taken next slice."""
 
@@ -129,7 +113,6 @@ class UnicornVcpu:
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
         self.vcpu = vcpu
-        self._insns_per_ms = insns_per_ms
         self.frames = frames
         self.mmu = vcpu.vm.mmu
         self._sptes = self.mmu.sptes
@@ -143,40 +126,29 @@ class UnicornVcpu:
         self._pscache: dict[int, tuple[int, bool, bool]] = {}
         self._guest_writable = True
         self._pending: PendingException | None = None
-        # This slice: instructions retired, and simulated time spent in retried faults (part
-        # of the icount counter); before it: instructions, and time (instructions + retries).
-        self.slice_retired = 0
-        self.stall_in_slice = 0
-        self._retired_before = 0
-        self._time_before = 0
         # The access abandoned by _SliceEnd: "fetch" (no instruction counted yet) or "data".
         self._abandoned: str | None = None
         # A TLB fill was refused this run: Unicorn may ask again for the same access (it does
         # for fetches); the answer stays no, without taking the exit twice.
         self._refused = False
         self._emulating = False
-        # Retried faults since an instruction last retired (_retry_mark: instructions then).
-        self._retry_mark = -1
-        self._retries = 0
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._tlb_cb = _TLB_FILL_CFUNC(self._make_raw_tlb_fill(uc))
-        _raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._tlb_cb, ctypes.c_void_p), None)
+        raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._tlb_cb, ctypes.c_void_p), None)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
-        self._icount = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0, 0)
-        _raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
-                      ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
+        self.clock = VcpuClock(uc, insns_per_ms)
         self.uc = uc
         self._frames_2d = frames.frames
-        self.sensitive = SensitiveInsns(uc, self._tsc, self.peek_code, self._undefined_opcode,
-                                        lambda: bool(self._icount.stopped))
+        self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
+                                        lambda: self.clock.stopped)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
@@ -206,13 +178,8 @@ class UnicornVcpu:
             self.uc.ctl_flush_tb()
             self._code_epoch = self.frames.code_epoch
             self.sensitive.forget_scans()
-        self._retired_before += self.slice_retired
-        self._time_before += self.slice_retired + self.stall_in_slice
-        self.slice_retired = self.stall_in_slice = 0
-        ic = self._icount
-        ic.counter = 0
-        ic.limit = max_insns
-        ic.stopped = 0
+        clock = self.clock
+        clock.start_slice(max_insns)
         self._stop_note = None
         self._pending = None
         self._abandoned = None
@@ -225,10 +192,8 @@ class UnicornVcpu:
             error = exc
         finally:
             self._emulating = False
-        retired = int(ic.counter) - self.stall_in_slice
-        if self._abandoned == "data":
-            retired -= 1  # counted by the code hook, but it did not complete: it runs again next slice
-        self.slice_retired = retired
+        # An abandoned data access: its instruction was counted but runs again next slice.
+        retired = clock.end_slice(unfinished=self._abandoned == "data")
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
         raised = self.uc._hook_exception
         if raised is not None:
@@ -245,7 +210,7 @@ class UnicornVcpu:
             self._take_exception(pending)
         elif error is not None:
             vcpu.handle_triple_fault(self._stop_note or f"the CPU model stopped: {error}", self.rip)
-        elif not ic.stopped:
+        elif not clock.stopped:
             # Unicorn returned on its own, not at the end of the slice: the last instruction
             # counted ended the run.  It is recognised by what it is, not by how many
             # instructions the slice retired (an HLT can be the slice's last instruction).
@@ -256,7 +221,7 @@ class UnicornVcpu:
         if self.rip == UNTIL:
             self.vcpu.handle_triple_fault(f"execution reached {UNTIL:#x}, outside guest memory", self.rip)
             return
-        last = int(self._icount.last_address)
+        last = self.clock.last_address
         insn = decode_one(self.peek_code(last, 16), last) if retired else None
         if insn is not None and insn[0] == "hlt" and self.rip == last + insn[2]:
             self.vcpu.handle_hlt(last)
@@ -293,7 +258,7 @@ class UnicornVcpu:
 
     def _stop_now(self, note: str | None = None) -> None:
         """Stop before the next instruction (the C hook sees the limit reached)."""
-        self._icount.limit = self._icount.counter
+        self.clock.stop_now()
         if note is not None:
             self._stop_note = note
         self.uc.emu_stop()
@@ -382,9 +347,9 @@ class UnicornVcpu:
             result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             if result is FaultResult.MMIO:
                 raise _Mmio(gfn << PAGE_SHIFT)
-            if result is FaultResult.RETRY:
-                self._fault_retried(gfn)
             spte = sptes[gfn]
+            if result is FaultResult.RETRY or not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
+                self._fault_retried(gfn)  # the guest faults again: that costs time, and may livelock
         # The EPT walk sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
         wanted = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
         if spte & wanted != wanted:
@@ -394,20 +359,15 @@ class UnicornVcpu:
 
     def _fault_retried(self, gfn: int) -> None:
         """KVM re-entered the guest, which faults again: charge the retry's time, end the slice if spent."""
-        ic = self._icount
-        ic.counter += FAULT_RETRY_COST
-        self.stall_in_slice += FAULT_RETRY_COST
-        retired = self._retired_before + int(ic.counter) - self.stall_in_slice
-        if retired != self._retry_mark:
-            self._retry_mark, self._retries = retired, 0
-        self._retries += 1
-        if self._retries >= LIVELOCK_RETRIES:
-            why = (f"livelock: the EPT violation at gpa {gfn << PAGE_SHIFT:#x} was retried {self._retries} times "
-                   "with no instruction retired (a notifier ran between gfn_to_pfn and the mmu_notifier_retry "
-                   "check every time, e.g. an --inject at after_gfn_to_pfn)")
+        spent = self.clock.charge_retry()
+        if self.clock.livelocked:
+            why = (f"livelock: the EPT violation at gpa {gfn << PAGE_SHIFT:#x} was retried {self.clock.retries} "
+                   "times with no instruction retired (the fault path never left an spte that allows the access: "
+                   "e.g. a notifier ran between gfn_to_pfn and the mmu_notifier_retry check every time, as an "
+                   "--inject at after_gfn_to_pfn makes it)")
             self.vcpu.fail(why)
             raise Livelock(f"vm{self.vcpu.vm.vm_id}: {why}.")
-        if self._emulating and ic.counter >= ic.limit:
+        if self._emulating and spent:
             raise _SliceEnd()
 
     def _walk(self, gva: int, write: bool) -> int:
@@ -436,11 +396,6 @@ class UnicornVcpu:
         """A guest page-table entry, read through the EPT as the hardware walker does."""
         spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
         return int(self._qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
-
-    def _tsc(self) -> int:
-        """The guest's TSC: its simulated time before the running instruction (counted already), at TSC_KHZ."""
-        now = self._time_before + int(self._icount.counter) - 1
-        return now * TSC_KHZ // self._insns_per_ms
 
     def _undefined_opcode(self, note: str, rip: int) -> None:
         """#UD: the instruction does not run (RIP stays on it); the exception is delivered at the slice end."""
@@ -506,7 +461,15 @@ class UnicornVcpu:
     @property
     def time_in_slice(self) -> int:
         """Simulated time of the running slice: instructions retired plus retried faults' cost."""
-        return int(self._icount.counter)
+        return self.clock.time_in_slice
+
+    @property
+    def slice_retired(self) -> int:
+        return self.clock.slice_retired
+
+    @property
+    def stall_in_slice(self) -> int:
+        return self.clock.stall_in_slice
 
     def instruction_at(self, rip: int) -> str:
         code = self.peek_code(rip, 16)
