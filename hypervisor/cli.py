@@ -170,6 +170,9 @@ def _guarded(fn: Callable[[], int]) -> None:
     except HvsimError as err:
         click.echo(f"hvsim: {err}", err=True)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (loading, allocating, writing output): no traceback
+        click.echo("hvsim: interrupted before the run could report anything.", err=True)
+        sys.exit(EXIT_INTERRUPTED[signal.SIGINT])
     except Exception as exc:  # a bug in hvsim: still no traceback unless asked for
         if os.environ.get("HVSIM_DEBUG"):
             traceback.print_exc()
