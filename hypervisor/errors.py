@@ -52,7 +52,7 @@ class InvariantViolation(HvsimError):
 
 
 class OutputWriteError(HvsimError):
-    """An output file (here: --console) could not be written during the run.
+    """An output file (--trace, --plot, --console, the report on stdout) could not be written during or after the run.
 
     Exit code 74 is sysexits.h's EX_IOERR (as 70, an internal error, is EX_SOFTWARE).
     """
@@ -60,7 +60,7 @@ class OutputWriteError(HvsimError):
     exit_code = 74
 
 
-class Livelock(HvsimError):
+class Livelock(GuestError):
     """A vCPU kept retrying a fault (mmu_notifier_retry) without retiring an instruction."""
 
     exit_code = 10

@@ -365,7 +365,7 @@ class UnicornVcpu:
                    "times with no instruction retired (the fault path never left an spte that allows the access: "
                    "e.g. a notifier ran between gfn_to_pfn and the mmu_notifier_retry check every time, as an "
                    "--inject at after_gfn_to_pfn makes it)")
-            self.vcpu.fail(why)
+            self.vcpu.fail(why, Livelock)
             raise Livelock(f"vm{self.vcpu.vm.vm_id}: {why}.")
         if self._emulating and spent:
             raise _SliceEnd()
