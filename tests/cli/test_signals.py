@@ -1,5 +1,8 @@
 """CLI tests: SIGINT stops any run, whatever the guest or the injection, and the report is still printed."""
 
+import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -12,14 +15,31 @@ from hypervisor.sim import GUEST_IMAGES
 
 
 def interrupt(args: list[str]) -> tuple[int, str, str, float]:
+    """Run hvsim with stderr on a terminal, as a user does, and press Ctrl-C once its progress line shows."""
+    master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "hypervisor", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)  # well inside runs that take many seconds
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+                            stderr=slave, text=True)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b" insns " not in seen:  # the progress line: the run is under way
+        assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+        if select.select([master], [], [], 0.5)[0]:
+            seen += os.read(master, 4096)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    return proc.returncode, out, err, time.monotonic() - sent
+    out, _ = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    return proc.returncode, out, seen.decode(errors="replace"), took
 
 
 @pytest.mark.parametrize("case", ["endless_loop", "fault_retry_storm"])
