@@ -115,3 +115,15 @@ def test_each_exit_kind_gives_the_same_result_wherever_a_slice_ends(kind: str, t
     img = flat_guest(tmp_path, kind, bytes.fromhex(EXIT_GUESTS[kind]))
     ref = same_at_every_quantum(img, quanta=(*range(1, 13), DEFAULT_QUANTUM))
     assert ref[0][1] in ("halted", "exited", "shutdown", "failed")
+
+
+@pytest.mark.parametrize(("profile", "change_pte"), [("2.6.32", True), ("2.6.32", False), ("3.7", True)])
+def test_one_vm_with_ksm_gives_the_same_ksm_counters_at_every_quantum(profile: str, change_pte: bool) -> None:
+    # With one vCPU, simulated time is its own: ksmd wake-ups and the `run` write at 9 ms
+    # (unmerge everything) land on the same instruction whatever the quantum.
+    ksm = KsmConfig(enabled=True, sleep_millisecs=1, pages_to_scan=50, run_at=((9, 2),))
+    results = [run(image("samepage.bin"), quantum=q, cmdline="pages=4 passes=4 spin=1500", ksm=ksm,
+                   insns_per_ms=1000, profile=profile, change_pte=change_pte) for q in (1, 3, 1000, DEFAULT_QUANTUM)]
+    assert all((r.ksm, r.vmstat, outcome(r)) == (results[0].ksm, results[0].vmstat, outcome(results[0]))
+               for r in results)
+    assert results[0].ksm is not None and results[0].ksm["pages_scanned"] > 0
