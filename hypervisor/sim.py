@@ -346,6 +346,8 @@ class Simulation:
         ksm_period = cfg.ksm.sleep_millisecs * cfg.insns_per_ms
         next_ksm = ksm_period
         run_at = sorted(cfg.ksm.run_at)
+        while ksm is not None and run_at and run_at[0][0] == 0:
+            ksm.set_run(run_at.pop(0)[1])  # due before the first instruction
         while not self.interrupted:
             order = self.runnable()
             if not order:
@@ -363,7 +365,7 @@ class Simulation:
                     if ksm_period:
                         budget = min(budget, next_ksm - self.now)
                     if run_at:
-                        budget = min(budget, max(1, run_at[0][0] * cfg.insns_per_ms - self.now))
+                        budget = min(budget, run_at[0][0] * cfg.insns_per_ms - self.now)
                 backend = self.backends[i]
                 self.context, self._running = ("vcpu", i), backend
                 try:
