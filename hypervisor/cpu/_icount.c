@@ -7,15 +7,13 @@
  * written in C so that it costs what Unicorn's costs, with the counter in a struct
  * that Python reads through ctypes:
  *
- *     struct icount { uint64_t counter; uint64_t limit; uc_err (*stop)(void *uc);
- *                     uint64_t stopped; uint64_t last_address; };
+ *     struct icount { uint64_t counter; uint64_t limit; uc_err (*stop)(void *uc); uint64_t stopped; };
  *
  * The hook runs before each instruction; when the instruction about to run would
  * exceed `limit`, it asks Unicorn to stop, leaving RIP at that instruction, and
- * sets `stopped`.  `last_address` is the address of the last instruction counted:
- * when Unicorn returns on its own (not stopped here), that is the instruction that
- * ended the run (HLT), which the vCPU then recognises by decoding it, whether or
- * not it was the last instruction of the slice.
+ * sets `stopped`, so that the vCPU can tell the end of a slice from Unicorn
+ * returning on its own (HLT), whether or not the HLT was the slice's last
+ * instruction.  Nothing is added on the path of an instruction that runs.
  * `stop` is Unicorn's uc_emu_stop, passed in by address so that this module does
  * not link against libunicorn.
  */
@@ -28,12 +26,12 @@ struct icount {
     uint64_t limit;
     int (*stop)(void *uc);
     uint64_t stopped;
-    uint64_t last_address;
 };
 
 static void icount_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct icount *ic = (struct icount *)user_data;
+    (void)address;
     (void)size;
     if (ic->counter >= ic->limit) {
         ic->stopped = 1;
@@ -41,7 +39,6 @@ static void icount_hook(void *uc, uint64_t address, uint32_t size, void *user_da
         return;
     }
     ic->counter++;
-    ic->last_address = address;
 }
 
 static PyObject *hook_address(PyObject *self, PyObject *args)

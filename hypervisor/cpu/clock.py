@@ -20,7 +20,7 @@ from . import _icount
 
 class _ICount(ctypes.Structure):
     _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
-                ("stopped", ctypes.c_uint64), ("last_address", ctypes.c_uint64))
+                ("stopped", ctypes.c_uint64))
 
 
 def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
@@ -35,7 +35,7 @@ def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctype
 class VcpuClock:
     def __init__(self, uc: Uc, insns_per_ms: int) -> None:
         self._insns_per_ms = insns_per_ms
-        self.ic = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0, 0)
+        self.ic = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0)
         raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
                      ctypes.cast(ctypes.pointer(self.ic), ctypes.c_void_p))
         # This slice: instructions retired, and time spent in retried faults (part of ic.counter).
@@ -70,10 +70,6 @@ class VcpuClock:
     def stopped(self) -> bool:
         """The C hook ended the slice (the limit was reached), as opposed to Unicorn returning on its own."""
         return bool(self.ic.stopped)
-
-    @property
-    def last_address(self) -> int:
-        return int(self.ic.last_address)
 
     @property
     def time_in_slice(self) -> int:

@@ -57,7 +57,7 @@ from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from .clock import VcpuClock, raw_hook_add
-from .disasm import decode_one, disassemble_one
+from .disasm import disassemble_one
 from .exceptions import (
     EXCEPTION_NAMES,
     PF_ERR_PRESENT,
@@ -88,6 +88,7 @@ _EFER_LME = 1 << 8
 _EFER_LMA = 1 << 10
 
 _VMCALL = b"\x0f\x01\xc1"
+_HLT = b"\xf4"
 _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
 _UD_VECTOR = 6
@@ -211,23 +212,20 @@ class UnicornVcpu:
         elif error is not None:
             vcpu.handle_triple_fault(self._stop_note or f"the CPU model stopped: {error}", self.rip)
         elif not clock.stopped:
-            # Unicorn returned on its own, not at the end of the slice: the last instruction
-            # counted ended the run.  It is recognised by what it is, not by how many
-            # instructions the slice retired (an HLT can be the slice's last instruction).
-            self._unicorn_returned(retired)
+            # Unicorn returned on its own, not at the end of the slice: the instruction that
+            # ended the run is recognised by what it is, not by how many instructions the
+            # slice retired (an HLT can be the slice's last instruction).
+            self._unicorn_returned()
         return retired
 
-    def _unicorn_returned(self, retired: int) -> None:
+    def _unicorn_returned(self) -> None:
         if self.rip == UNTIL:
             self.vcpu.handle_triple_fault(f"execution reached {UNTIL:#x}, outside guest memory", self.rip)
-            return
-        last = self.clock.last_address
-        insn = decode_one(self.peek_code(last, 16), last) if retired else None
-        if insn is not None and insn[0] == "hlt" and self.rip == last + insn[2]:
-            self.vcpu.handle_hlt(last)
-            return
-        raise RuntimeError(f"Unicorn stopped at RIP {self.rip:#x} after {self.instruction_at(last)!r} "
-                           "for no reason hvsim knows")
+        elif self.peek_code(self.rip - 1, 1) == _HLT:  # Unicorn leaves RIP after the HLT
+            self.vcpu.handle_hlt(self.rip - 1)
+        else:
+            raise RuntimeError(f"Unicorn stopped at RIP {self.rip:#x} ({self.instruction_at(self.rip)!r}) "
+                               "for no reason hvsim knows")
 
     def _take_exception(self, exc: PendingException) -> None:
         """Deliver exc through the guest's IDT (cpu/exceptions.py), or end the VM with a triple fault."""
