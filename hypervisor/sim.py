@@ -139,6 +139,8 @@ class RunResult:
     injected: dict[str, int] | None = None
     # a vCPU livelocked in fault retries: the diagnosis that ended the run
     livelock: str | None = None
+    # the part of sim_insns that was retried faults' cost (kvm.vcpu.FAULT_RETRY_COST each)
+    retry_insns: int = 0
 
     @property
     def errors(self) -> list[str]:
@@ -162,7 +164,8 @@ class RunResult:
             "hvsim_version": __version__,
             "config": self.config.as_dict(),
             "profile": {"name": self.profile.name, "summary": self.profile.summary},
-            "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms},
+            "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms,
+                         **({"retry_insns": self.retry_insns} if self.retry_insns else {})},
             "vms": [v.as_dict() for v in self.vms],
             "totals": self.totals(),
             "vmstat": self.vmstat,
@@ -420,5 +423,5 @@ class Simulation:
                          str(self.failure) if self.failure is not None else None,
                          self.checker.checks if self.checker is not None else None,
                          dict(self.injector.fired) if self.injector is not None else None,
-                         str(self.livelock) if self.livelock is not None else None)
+                         str(self.livelock) if self.livelock is not None else None, sum(self.stalls))
 
