@@ -13,8 +13,10 @@ import ctypes
 from unicorn import UC_HOOK_CODE, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
+from ..errors import Livelock
 from ..guest.layout import TSC_KHZ
-from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES
+from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES, Vcpu
+from ..types import PAGE_SHIFT
 from . import _icount
 
 
@@ -75,9 +77,9 @@ class VcpuClock:
     def time_in_slice(self) -> int:
         return int(self.ic.counter)
 
-    def charge_retry(self) -> bool:
-        """A retried fault: charge its time; true if that used up the slice.  Counts retries in a row
-        with no instruction retired (`retries`; the caller diagnoses a livelock at LIVELOCK_RETRIES)."""
+    def fault_retried(self, vcpu: Vcpu, gfn: int) -> bool:
+        """A retried fault: charge its time; true if that used up the slice.  LIVELOCK_RETRIES of them
+        in a row with no instruction retired fail the vCPU and raise Livelock."""
         ic = self.ic
         ic.counter += FAULT_RETRY_COST
         self.stall_in_slice += FAULT_RETRY_COST
@@ -85,11 +87,14 @@ class VcpuClock:
         if retired != self._retry_mark:
             self._retry_mark, self.retries = retired, 0
         self.retries += 1
+        if self.retries >= LIVELOCK_RETRIES:
+            why = (f"livelock: the EPT violation at gpa {gfn << PAGE_SHIFT:#x} was retried {self.retries} times "
+                   "with no instruction retired (the fault path never left an spte that allows the access: e.g. a "
+                   "notifier ran between gfn_to_pfn and the mmu_notifier_retry check every time, as an --inject "
+                   "at after_gfn_to_pfn makes it)")
+            vcpu.fail(why, Livelock)
+            raise Livelock(f"vm{vcpu.vm.vm_id}: {why}.")
         return bool(ic.counter >= ic.limit)
-
-    @property
-    def livelocked(self) -> bool:
-        return self.retries >= LIVELOCK_RETRIES
 
     def tsc(self) -> int:
         """The guest's TSC: its time before the running instruction (counted already), at TSC_KHZ."""

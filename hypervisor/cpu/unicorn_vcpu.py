@@ -49,7 +49,6 @@ from unicorn import (
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
-from ..errors import Livelock
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
@@ -357,15 +356,7 @@ class UnicornVcpu:
 
     def _fault_retried(self, gfn: int) -> None:
         """KVM re-entered the guest, which faults again: charge the retry's time, end the slice if spent."""
-        spent = self.clock.charge_retry()
-        if self.clock.livelocked:
-            why = (f"livelock: the EPT violation at gpa {gfn << PAGE_SHIFT:#x} was retried {self.clock.retries} "
-                   "times with no instruction retired (the fault path never left an spte that allows the access: "
-                   "e.g. a notifier ran between gfn_to_pfn and the mmu_notifier_retry check every time, as an "
-                   "--inject at after_gfn_to_pfn makes it)")
-            self.vcpu.fail(why, Livelock)
-            raise Livelock(f"vm{self.vcpu.vm.vm_id}: {why}.")
-        if self._emulating and spent:
+        if self.clock.fault_retried(self.vcpu, gfn) and self._emulating:
             raise _SliceEnd()
 
     def _walk(self, gva: int, write: bool) -> int:
