@@ -6,12 +6,14 @@ baseline), 2.6.32 with change_pte, 2.6.32 without it (KVM's notifier lacks
 EPT_VIOLATION count of the no-change_pte run minus the run's own.
 """
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from . import __version__
 from .races import KSM_POINTS, RaceSpec
+from .report import KSM_SCAN_ADVICE
 from .sim import KsmConfig, RunResult, SimConfig, Simulation, image_label
 
 
@@ -159,4 +161,8 @@ def render_compare(result: CompareResult) -> str:
     else:
         same = "every run printed the same console output"
     lines.append(f"exits avoided = EPT_VIOLATION of {REFERENCE!r} minus the run's own; {same}.")
+    unscanned = [row.run.label for row in result.rows if row.result.ksmd_completed_full_scan is False]
+    if unscanned:
+        lines += textwrap.wrap(f"note: ksmd did not complete a full scan in {', '.join(unscanned)}, so nothing "
+                               f"could merge there. {KSM_SCAN_ADVICE}", 100, subsequent_indent="      ")
     return "\n".join(lines) + "\n"

@@ -180,6 +180,9 @@ class Ksm:
         self.seqnr = 0  # full_scans
         self.stable_tree: dict[int, list[StableNode | StableNodeChain]] = {}
         self.unstable_tree: dict[int, list[ItemRef]] = {}
+        # Where each rmap_item inserted by this pass sits in the unstable tree (its bucket's
+        # key), so that freeing it takes it out, as remove_rmap_item_from_tree's rb_erase does.
+        self.unstable_key: dict[ItemRef, int] = {}
         self.nodes: dict[int, StableNode] = {}
         self._next_node_id = 1
         self.rmap_items = 0
@@ -358,6 +361,7 @@ class Ksm:
         if not cur.in_pass:
             # A new full scan: the unstable tree is rebuilt from scratch.
             self.unstable_tree.clear()
+            self.unstable_key.clear()
             cur.in_pass = True
             cur.slot, cur.address = 0, 0
         while True:
@@ -468,6 +472,7 @@ class Ksm:
 
     def remove_rmap_item_from_tree(self, items: VmaItems, idx: int) -> None:
         flags = int(items.flags[idx])
+        items.flags[idx] = 0  # first: erasing the node below emits an event the checker reads
         if flags & STABLE_FLAG:
             node = self.nodes.get(int(items.node[idx]))
             if node is not None:
@@ -475,8 +480,11 @@ class Ksm:
                 if node.nr_items == 0 and self.frames.stable_node[node.kpfn] != node.id:
                     self._erase_node(node)
         if flags & UNSTABLE_FLAG:
+            # 2.6.32/3.7 remove_rmap_item_from_tree(): an item inserted by this scan is
+            # rb_erase()d ("be careful when an mm is exiting"); left in the tree, a freed item
+            # would be merged later and counted in its stable node forever.
+            self._unstable_erase(items, idx)
             self.unshared -= 1
-        items.flags[idx] = 0
 
     # --- cmp_and_merge_page ------------------------------------------------------------
 
@@ -515,10 +523,14 @@ class Ksm:
         if kpfn is None:
             return
         # The tree item leaves the unstable tree; both join the new stable node.
-        self._unstable_remove(tree_items, tree_idx, h)
+        self._unstable_remove(tree_items, tree_idx)
         new = self.stable_tree_insert(kpfn, h)
         self._stable_tree_append(tree_items, tree_idx, new)
         self._stable_tree_append(items, idx, new)
+        # Only now may the KSM page go (3.7 cmp_and_merge_page: `page` stays referenced across
+        # stable_tree_insert; ksm_do_scan's put_page drops it).  If host events zapped every
+        # pte of it meanwhile, it is freed here, loses PageKsm, and the node is stale.
+        frames.put_page(kpfn)
 
     # --- stable tree ---------------------------------------------------------------------
 
@@ -555,6 +567,9 @@ class Ksm:
         return None
 
     def stable_tree_insert(self, kpfn: Pfn, h: int) -> StableNode:
+        if self.frames.is_free(kpfn):
+            # set_page_stable_node() on a page nobody holds: the node would outlive the frame.
+            raise AssertionError(f"stable_tree_insert on free frame {kpfn:#x}")
         node = StableNode(self._next_node_id, kpfn, h)
         self._next_node_id += 1
         self.nodes[node.id] = node
@@ -585,8 +600,6 @@ class Ksm:
         if node.id not in self.nodes:
             return
         del self.nodes[node.id]
-        if self.trace is not None:
-            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
         if node.nr_items:
             for slot in self.slots:
                 for items in slot.vmas:
@@ -610,6 +623,8 @@ class Ksm:
             self.stable_tree.pop(node.key, None)
         if int(self.frames.stable_node[node.kpfn]) == node.id:
             self.frames.stable_node[node.kpfn] = 0
+        if self.trace is not None:  # once the node is gone (the checker runs on events)
+            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
 
     # --- unstable tree ---------------------------------------------------------------------
 
@@ -626,16 +641,21 @@ class Ksm:
             if self.frames.pages_identical(pfn, tree_pfn):
                 return tree_items, tree_idx, tree_pfn
         bucket.append((items, idx))
+        self.unstable_key[(items, idx)] = h
         items.flags[idx] = UNSTABLE_FLAG
         self.unshared += 1
         return None
 
-    def _unstable_remove(self, items: VmaItems, idx: int, h: int) -> None:
-        bucket = self.unstable_tree.get(h, [])
+    def _unstable_erase(self, items: VmaItems, idx: int) -> None:
+        h = self.unstable_key.pop((items, idx), None)
+        bucket = self.unstable_tree.get(h, []) if h is not None else []
         for pos, (it, i) in enumerate(bucket):
             if it is items and i == idx:
                 del bucket[pos]
                 break
+
+    def _unstable_remove(self, items: VmaItems, idx: int) -> None:
+        self._unstable_erase(items, idx)
         if items.flags[idx] & UNSTABLE_FLAG:
             items.flags[idx] = int(items.flags[idx]) & STABLE_FLAG
             self.unshared -= 1
@@ -645,10 +665,19 @@ class Ksm:
     def try_to_merge_two_pages(
         self, items: VmaItems, idx: int, pfn: Pfn, tree_items: VmaItems, tree_idx: int, tree_pfn: Pfn
     ) -> Pfn | None:
+        """Merge two equal pages into one KSM page; on success the caller holds a reference to it.
+
+        The reference keeps the KSM page allocated until the caller has written its stable
+        node (stable_tree_insert), even if host events zapped every pte of it in between:
+        a stable node written into a free frame would survive the frame's reuse (issue #9).
+        """
         hva, tree_hva = items.hva(idx), tree_items.hva(tree_idx)
         frames = self.frames
         if self.profile.ksm_merge_allocates_kpage:
             # 2.6.32: a fresh KSM page, a copy of this page; both pages are replaced by it.
+            # 2.6.32 drops the allocation's reference here, because its stable tree holds
+            # rmap_items, found again through their addresses; hvsim's stable nodes name the
+            # KSM page's pfn (the 2.6.33+ design), so the reference is held as 2.6.33+ holds it.
             kpfn = frames.alloc_page(zero=False)
             frames.copy_page(kpfn, pfn)
             frames.stable_node[kpfn] = 0
@@ -657,20 +686,27 @@ class Ksm:
                 ok = self.try_to_merge_one_page(tree_items.mm, tree_hva, tree_pfn, kpfn)
                 if not ok:
                     self.break_cow(items.mm, hva)
-            frames.put_page(kpfn)  # the allocation's reference; the ptes hold theirs
-            return kpfn if ok else None
+            if not ok:
+                frames.put_page(kpfn)
+                return None
+            return kpfn
         # 2.6.33+: this page becomes the KSM page in place; the tree page is replaced by it.
-        if not self.try_to_merge_one_page(items.mm, hva, pfn, None):
+        # ksmd holds `page` from scan_get_next_rmap_item's follow_page(FOLL_GET) on; hvsim
+        # takes that reference only here, for the merge and the insert (README, fidelity).
+        frames.get_page(pfn)
+        if not self.try_to_merge_one_page(items.mm, hva, pfn, None, ksmd_refs=1):
+            frames.put_page(pfn)
             return None
         if not self.try_to_merge_one_page(tree_items.mm, tree_hva, tree_pfn, pfn):
             self.break_cow(items.mm, hva)
+            frames.put_page(pfn)
             return None
         return pfn
 
-    def try_to_merge_one_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn | None) -> bool:
+    def try_to_merge_one_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn | None, ksmd_refs: int = 0) -> bool:
         if pfn == kpfn:
             return True
-        orig_pte = self.write_protect_page(mm, hva, pfn)
+        orig_pte = self.write_protect_page(mm, hva, pfn, ksmd_refs)
         if orig_pte is None:
             return False
         if kpfn is None:
@@ -682,8 +718,12 @@ class Ksm:
             return False
         return self.replace_page(mm, hva, pfn, kpfn, orig_pte)
 
-    def write_protect_page(self, mm: "HostMm", hva: Hva, pfn: Pfn) -> int | None:
-        """Make the pte read-only (and clean); None if the page is pinned or gone."""
+    def write_protect_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, ksmd_refs: int = 0) -> int | None:
+        """Make the pte read-only (and clean); None if the page is pinned or gone.
+
+        `ksmd_refs`: references ksmd itself holds on the page (3.7's check is
+        `page_mapcount(page) + 1 + swapped != page_count(page)`, the 1 being ksmd's).
+        """
         wrap = self.profile.wrap_pte_updates_in_range
         end = Hva(hva + PAGE_SIZE)
         if wrap:
@@ -694,7 +734,7 @@ class Ksm:
                 return None
             if pte_write(pte) or pte & PAGE_DIRTY:
                 entry = mm.ptep_clear_flush(hva)
-                if int(self.frames.refcount[pfn]) != int(self.frames.mapcount[pfn]):
+                if int(self.frames.refcount[pfn]) != int(self.frames.mapcount[pfn]) + ksmd_refs:
                     # Someone (KVM mid-fault, O_DIRECT) holds a pin: merging could lose its writes.
                     mm.set_pte_at(hva, entry)
                     return None
@@ -765,6 +805,7 @@ class Ksm:
         for node in list(self.nodes.values()):
             self._erase_node(node)
         self.unstable_tree.clear()
+        self.unstable_key.clear()
         self.cursor = KsmCursor()
         self.seqnr = 0
 
