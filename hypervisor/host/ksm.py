@@ -31,6 +31,7 @@ chains are pruned on every search rather than every
 stable_node_chains_prune_millisecs; 6.7's smart_scan is a knob that is off unless set.
 """
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,7 @@ _HASH_CHUNK = 64  # pages per step: small temporaries (malloc, cache) instead of
 
 
 def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
-    """A 64-bit content hash per frame, vectorised (the trees' key)."""
+    """A 64-bit content hash per frame, vectorised: the trees' key (page_checksum is the change detector)."""
     n = int(pfns.shape[0])
     out: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
     qwords = frames.qwords
@@ -87,15 +88,47 @@ def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.
     return out
 
 
-def checksum_of_hash(h: int) -> int:
-    """calc_checksum(): 32 bits, as the kernel's jhash2/xxhash result."""
-    return (h ^ (h >> 32)) & 0xFFFF_FFFF
+_FOLD_MULT = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
+_MIN_RUN = 8  # consecutive pfns worth a view of their own; shorter runs are gathered
 
 
-def checksums_of_hashes(h: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint32]:
-    """checksum_of_hash() over an array."""
-    out: npt.NDArray[np.uint32] = ((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFF_FFFF)).astype(np.uint32)
-    return out
+def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+    """calc_checksum(): a change detector, the sum of the page's 512 qwords mod 2**64 folded to 32 bits.
+
+    The kernel takes `jhash2(addr, PAGE_SIZE / 4, 17)` (2.6.32 mm/ksm.c calc_checksum)
+    or `xxhash(addr, PAGE_SIZE, 0)` kept as a u32 (6.8 mm/ksm.c calc_checksum);
+    cmp_and_merge_page only compares it with rmap_item->oldchecksum after the stable
+    tree missed, and every merge is confirmed by memcmp_pages, so any function that
+    changes when the content does will do.
+    The sum is the cheapest one numpy vectorises: over a run of consecutive pfns it is
+    one reduction over a view of the frames, no copy (benchmarks/checksums.py measured
+    it against the position-weighted hash on the bundled workloads: the same changes
+    seen).  Blind spot (README, fidelity): a change that keeps the sum, e.g. two qwords
+    swapped, goes unseen for one visit.
+    """
+    n = int(pfns.shape[0])
+    sums: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
+    qwords = frames.qwords
+    starts = np.flatnonzero(np.diff(pfns, prepend=-2) != 1)
+    lengths = np.diff(np.append(starts, n))
+    long = lengths >= _MIN_RUN
+    for start, length in zip(starts[long].tolist(), lengths[long].tolist(), strict=True):
+        first = int(pfns[start])
+        qwords[first : first + length].sum(axis=1, out=sums[start : start + length])
+    scattered = np.flatnonzero(np.repeat(~long, lengths))
+    for lo in range(0, scattered.size, _HASH_CHUNK):
+        sel = scattered[lo : lo + _HASH_CHUNK]
+        sums[sel] = qwords[pfns[sel]].sum(axis=1)
+    # The high half of a multiplicative (Fibonacci) hash: an XOR fold of the halves would let a change
+    # at bit i cancel one at bit i + 32 (benchmarks/checksums.py found one in bootstorm).
+    folded: npt.NDArray[np.uint32] = ((sums * _FOLD_MULT) >> np.uint64(32)).astype(np.uint32)
+    return folded
+
+
+def page_checksum_one(frames: FramePool, pfn: Pfn) -> int:
+    """page_checksum() of one frame, without the batch machinery."""
+    total = int(frames.qwords[pfn].sum(dtype=np.uint64))
+    return ((total * int(_FOLD_MULT)) & 0xFFFF_FFFF_FFFF_FFFF) >> 32
 
 
 class VmaItems:
@@ -126,6 +159,7 @@ class StableNode:
     key: int
     nr_items: int = 0  # rmap_hlist_len
     chain: "StableNodeChain | None" = None
+    checksum: int = 0  # page_checksum of the KSM page (its content cannot change while it is one)
 
 
 @dataclass
@@ -184,6 +218,9 @@ class Ksm:
         # key), so that freeing it takes it out, as remove_rmap_item_from_tree's rb_erase does.
         self.unstable_key: dict[ItemRef, int] = {}
         self.nodes: dict[int, StableNode] = {}
+        # page_checksum of every stable node's KSM page, with multiplicity: lets a scan batch
+        # rule out a stable match for a page without taking its content hash.
+        self.stable_checksums: Counter[int] = Counter()
         self._next_node_id = 1
         self.rmap_items = 0
         self.unshared = 0
@@ -322,31 +359,33 @@ class Ksm:
             work = np.flatnonzero(~(in_stable & (page_node > 0) & (items.node[idxs] == page_node)))
         if work.size == 0:
             return
-        hashes = page_hash(frames, pfns[work])
+        checksums = page_checksum(frames, pfns[work])
         # Pages whose only effect would be "checksum changed: remember it" (not in any tree,
-        # not a KSM page, no stable key with their hash, and no page of the batch that takes
-        # the slow path, which could create one, has their hash): settled in one step.
+        # not a KSM page, no KSM page of the stable tree with their checksum, and no page of the
+        # batch that takes the slow path, which could create one, has their checksum): settled in
+        # one step.  Equal content means equal checksum, so the filter never lets a match through.
         widx = idxs[work]
-        checksums = checksums_of_hashes(hashes)
         quick = (flags[work] == 0) & (page_node[work] < 0) & (checksums != items.oldchecksum[widx])
-        if self.stable_tree:
-            keys = np.fromiter(self.stable_tree.keys(), dtype=np.uint64, count=len(self.stable_tree))
-            quick &= ~np.isin(hashes, keys)
+        if self.stable_checksums:
+            keys = np.fromiter(self.stable_checksums.keys(), dtype=np.uint32, count=len(self.stable_checksums))
+            quick &= ~np.isin(checksums, keys)
         if quick.any():
             if not quick.all():
-                quick &= ~np.isin(hashes, hashes[~quick])
+                quick &= ~np.isin(checksums, checksums[~quick])
             items.oldchecksum[widx[quick]] = checksums[quick]
             slow = ~quick
-            work, hashes = work[slow], hashes[slow]
-        for pos, h in zip(work.tolist(), hashes.tolist(), strict=True):
+            work, checksums = work[slow], checksums[slow]
+        # The trees' key, only for the pages that look them up.
+        hashes = page_hash(frames, pfns[work])
+        for pos, h, checksum in zip(work.tolist(), hashes.tolist(), checksums.tolist(), strict=True):
             idx, pfn = int(idxs[pos]), Pfn(int(pfns[pos]))
             if single[pos]:
                 hva = items.hva(idx)
                 self.break_cow(items.mm, hva)
                 self.remove_rmap_item_from_tree(items, idx)
-                items.oldchecksum[idx] = checksum_of_hash(h)  # the content did not change
+                items.oldchecksum[idx] = checksum  # the content did not change
             else:
-                self.cmp_and_merge_page(items, idx, pfn, h)
+                self.cmp_and_merge_page(items, idx, pfn, h, checksum)
 
     def _next_batch(self, budget: int) -> tuple[VmaItems, npt.NDArray[np.intp], npt.NDArray[np.int64]] | None:
         """scan_get_next_rmap_item() for up to `budget` consecutive pages of one VMA.
@@ -488,8 +527,8 @@ class Ksm:
 
     # --- cmp_and_merge_page ------------------------------------------------------------
 
-    def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn, h: int) -> None:
-        """`h` is the page's content hash (taken by the caller, batched)."""
+    def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn, h: int, checksum: int | None = None) -> None:
+        """`h` is the page's content hash, `checksum` its page_checksum (taken by the caller, batched)."""
         # A page already merged into the KSM page its rmap_item names never gets here: the
         # batch filter in _scan_batch is the kernel's "rmap_item->head == stable_node" return.
         frames = self.frames
@@ -507,7 +546,8 @@ class Ksm:
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, node.kpfn):
                 self._stable_tree_append(items, idx, node)
             return
-        checksum = checksum_of_hash(h)
+        if checksum is None:
+            checksum = page_checksum_one(frames, pfn)
         if int(items.oldchecksum[idx]) != checksum:
             items.oldchecksum[idx] = checksum
             return
@@ -571,6 +611,8 @@ class Ksm:
             # set_page_stable_node() on a page nobody holds: the node would outlive the frame.
             raise AssertionError(f"stable_tree_insert on free frame {kpfn:#x}")
         node = StableNode(self._next_node_id, kpfn, h)
+        node.checksum = page_checksum_one(self.frames, kpfn)
+        self.stable_checksums[node.checksum] += 1
         self._next_node_id += 1
         self.nodes[node.id] = node
         self.frames.stable_node[kpfn] = node.id
@@ -600,6 +642,9 @@ class Ksm:
         if node.id not in self.nodes:
             return
         del self.nodes[node.id]
+        self.stable_checksums[node.checksum] -= 1
+        if not self.stable_checksums[node.checksum]:
+            del self.stable_checksums[node.checksum]
         if node.nr_items:
             for slot in self.slots:
                 for items in slot.vmas:
