@@ -5,7 +5,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -13,6 +13,15 @@ import click
 
 from . import __version__
 from .compare import COMPARE_RUNS, render_compare, run_compare
+from .config import (
+    DEFAULT_INSNS_PER_MS,
+    DEFAULT_MAX_INSNS,
+    DEFAULT_QUANTUM,
+    GUEST_IMAGES,
+    KsmKnobs,
+    SimConfig,
+    validate,
+)
 from .costs import DEFAULT_CYCLES, CostModel
 from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
@@ -27,17 +36,8 @@ from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILES
 from .races import EVENTS, FAULT_POINTS, KSM_POINTS
 from .report import ksm_lines, ksm_scan_note, render_perf_kvm_stat, render_run, to_json
-from .sim import (
-    DEFAULT_INSNS_PER_MS,
-    DEFAULT_MAX_INSNS,
-    DEFAULT_QUANTUM,
-    GUEST_IMAGES,
-    KsmConfig,
-    RunResult,
-    SimConfig,
-    Simulation,
-    validate,
-)
+from .results import RunResult
+from .sim import Simulation
 from .sizes import parse_size
 from .sweep.options import parse_settings
 from .sweep.spec import RunPoint
@@ -47,7 +47,7 @@ DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 RUN_ONLY_PARAMS = ("profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz", "console_path",
                    "exit_with_guest_status")
 # The KSM knobs (parameter names), refused alike by `run` without --ksm.
-KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
+KSM_PARAMS = frozenset(f"ksm_{f.name}" for f in KsmKnobs.knobs())
 DEMO_VMS = 4
 DEMO_CMDLINE = "pages=64 passes=40 spin=100000"
 
@@ -91,21 +91,23 @@ _workload_options = _options([
     click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
 ])
 
+# One option per KsmKnobs field, named ksm_<field>; the default is the field's.
 _ksm_options = _options([
-    click.option("--ksm-pages-to-scan", "pages_to_scan", default=100, show_default=True, type=int,
-                 help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
-    click.option("--ksm-sleep-ms", "sleep_ms", default=20, show_default=True, type=int,
-                 help="/sys/kernel/mm/ksm/sleep_millisecs (simulated); 0 runs ksmd between every two guest "
-                      "time slices."),
-    click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
+    click.option("--ksm-pages-to-scan", "ksm_pages_to_scan", default=KsmKnobs.pages_to_scan, show_default=True,
+                 type=int, help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
+    click.option("--ksm-sleep-ms", "ksm_sleep_millisecs", default=KsmKnobs.sleep_millisecs, show_default=True,
+                 type=int, help="/sys/kernel/mm/ksm/sleep_millisecs (simulated); 0 runs ksmd between every two "
+                                "guest time slices."),
+    click.option("--ksm-use-zero-pages", "ksm_use_zero_pages", is_flag=True,
                  help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
-    click.option("--ksm-smart-scan", "smart_scan", is_flag=True,
+    click.option("--ksm-smart-scan", "ksm_smart_scan", is_flag=True,
                  help="/sys/kernel/mm/ksm/smart_scan (6.7+): skip pages that keep failing to merge."),
-    click.option("--ksm-max-page-sharing", "max_page_sharing", default=256, show_default=True, type=int,
+    click.option("--ksm-max-page-sharing", "ksm_max_page_sharing", default=KsmKnobs.max_page_sharing,
+                 show_default=True, type=int,
                  help="/sys/kernel/mm/ksm/max_page_sharing: mappings per KSM page before a duplicate."),
-    click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
+    click.option("--ksm-run", "ksm_run", default=KsmKnobs.run, show_default=True, type=click.IntRange(0, 2),
                  help="/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all."),
-    click.option("--ksm-run-at", "run_at", multiple=True, metavar="MS:VALUE",
+    click.option("--ksm-run-at", "ksm_run_at", multiple=True, metavar="MS:VALUE",
                  help="Write VALUE to /sys/kernel/mm/ksm/run at simulated millisecond MS (repeatable)."),
 ])
 
@@ -128,29 +130,20 @@ class Options:
     trace_events: str | None
     plot_path: str | None
     quiet: bool
-    pages_to_scan: int = 100
-    sleep_ms: int = 20
-    use_zero_pages: bool = False
-    smart_scan: bool = False
-    max_page_sharing: int = 256
-    ksm_run: int = 1
-    run_at: tuple[str, ...] = ()
+    # The KSM knobs as given, by KsmKnobs field name (see _ksm_options).
+    ksm_values: dict[str, Any] = field(default_factory=dict)
 
-    def ksm(self, enabled: bool) -> KsmConfig:
-        out = []
-        for v in self.run_at:
-            try:
-                ms, run = v.split(":")
-                out.append((int(ms), int(run)))
-            except ValueError:
-                raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
-            if out[-1][0] < 0:
-                raise ConfigError(f"--ksm-run-at {v!r}: MS is a simulated time, from 0 on.")
-        return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
-                         sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
-                         use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan, run_at=tuple(out))
+    @classmethod
+    def of(cls, params: dict[str, Any]) -> "Options":
+        """A command's parameters -> Options; the ksm_<knob> ones go to ksm_values."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names},
+                   ksm_values={k[4:]: v for k, v in params.items() if k in KSM_PARAMS})
 
-    def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
+    def ksm(self, enabled: bool) -> KsmKnobs:
+        return KsmKnobs.from_options(enabled, self.ksm_values)
+
+    def config(self, ksm: KsmKnobs, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
         if self.image is None:
             raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
         cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
@@ -286,7 +279,8 @@ def _compare(opts: Options, cfg: SimConfig) -> int:
 def _run_config(ctx: click.Context, opts: Options, profile: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
     """`hvsim run`'s options -> the SimConfig it runs; `hvsim sweep` builds every point through here too."""
     if not ksm_on:
-        refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
+        knobs = [p.name for p in ctx.command.params if p.name in KSM_PARAMS]  # in the order of --help
+        refuse_given(ctx, knobs, "given without --ksm: add --ksm to turn KSM on.")
     opts.prepare(ctx)
     return opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
 
@@ -359,7 +353,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
       hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
     ctx = click.get_current_context()
-    opts = Options(**kw)
+    opts = Options.of(kw)
 
     def go() -> int:
         if opts.image is None:
@@ -396,7 +390,7 @@ def compare(**kw: Any) -> None:
       hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
     ctx = click.get_current_context()
-    opts = Options(**kw)
+    opts = Options.of(kw)
 
     def go() -> int:
         if opts.image is None:
@@ -423,7 +417,7 @@ def ksm(profile: str, **kw: Any) -> None:
       hvsim ksm samepage --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
     ctx = click.get_current_context()
-    opts = Options(**kw)
+    opts = Options.of(kw)
 
     def go() -> int:
         opts.prepare(ctx)
@@ -464,7 +458,7 @@ def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
     """A sweep point's settings through `hvsim run`'s own parser and config path."""
     ctx = parse_settings(run, settings, where)
     p = ctx.params
-    opts = Options(**{f.name: p[f.name] for f in fields(Options) if f.name in p})
+    opts = Options.of(p)
     try:
         cfg = _run_config(ctx, opts, p["profile"], p["no_change_pte"], p["ksm_on"])
     except HvsimError as err:

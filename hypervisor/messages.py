@@ -8,7 +8,7 @@ import click
 from .errors import OutputWriteError
 from .observers import Observers
 from .options import result_warnings
-from .sim import RunResult
+from .results import RunResult
 
 
 class _UsageLine(click.ClickException):

@@ -15,10 +15,11 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .config import GUEST_IMAGES
 from .errors import ConfigError, ImageError
 from .guest.catalog import bundled_guests
 from .races import RaceSpec
-from .sim import GUEST_IMAGES, NOTIFIER_CALLBACKS, RunResult
+from .results import NOTIFIER_CALLBACKS, RunResult
 from .trace import FORMATTED_EVENTS
 
 # Every event name a trace can hold (what --trace-events globs are matched against).

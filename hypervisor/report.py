@@ -10,9 +10,10 @@ import math
 import textwrap
 from typing import Any
 
+from .config import image_label
 from .costs import CostModel
 from .kvm.stats import HVSIM_ONLY
-from .sim import RunResult, VmResult, image_label
+from .results import RunResult, VmResult
 
 KSM_SYSFS_ORDER = (
     "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "smart_scan", "pages_shared",

@@ -19,17 +19,18 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from hypervisor.build import build_host, build_vm
 from hypervisor.check import CoherenceChecker
+from hypervisor.config import KsmKnobs
 from hypervisor.host.frames import FRAME_SLACK, FramePool
 from hypervisor.host.ksm import Ksm
-from hypervisor.host.mm import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, HostMm, Vmstat
+from hypervisor.host.mm import MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, HostMm
 from hypervisor.kvm.mmu import FaultResult
 from hypervisor.kvm.spte import spte_permits, spte_to_pfn
 from hypervisor.kvm.vcpu import Vcpu
 from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
 from hypervisor.profiles import PROFILES, get_profile
 from hypervisor.races import RaceSpec
-from hypervisor.sim import events_of_vm, notifier_events_to
 from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
 
 from ..unit.support import ModelledRaces, RacingWorld, disarm_races, race_specs
@@ -66,25 +67,21 @@ class CoherenceMachine(RuleBasedStateMachine):
     @initialize()
     def build(self) -> None:
         profile = get_profile(self.profile_name, self.change_pte)
-        frames = FramePool(NR_VMS * (NR_PAGES + SCRATCH_PAGES) + FRAME_SLACK)
-        vmstat = Vmstat()
-        ksm = Ksm(frames, profile)
-        ksm.pages_to_scan = 7
         # The invariants are also checked at every event inside an operation (as --check does),
         # so that a host event fired between two of KSM's steps is judged where it happens.
         checker = CoherenceChecker()
-        ksm.trace = checker.trace
+        host = build_host(profile, NR_VMS * (NR_PAGES + SCRATCH_PAGES) + FRAME_SLACK,
+                          KsmKnobs(enabled=True, pages_to_scan=7), checker.trace)
+        ksm = host.ksm
+        assert ksm is not None
         vms = []
         for i in range(NR_VMS):
-            mm = HostMm(frames, profile, vmstat, f"vm{i}", ksm)
-            mm.notifier_event_sink = notifier_events_to(checker.trace, i)
-            mm.trace = events_of_vm(checker.trace, i)
-            vm = Vm(i, mm, profile, NR_PAGES * PAGE_SIZE, mm.trace)
+            vm = build_vm(host, i, NR_PAGES * PAGE_SIZE)
             vm.create_vcpu()
-            mm.madvise(GUEST_RAM_HVA, NR_PAGES * PAGE_SIZE, MADV_MERGEABLE)
+            vm.mm.madvise(GUEST_RAM_HVA, NR_PAGES * PAGE_SIZE, MADV_MERGEABLE)
             vms.append(vm)
         ksm.set_run(1)
-        self.world = World(frames, vms, ksm)
+        self.world = World(host.frames, vms, ksm)
         self.checker = checker
         self.checker.attach(self.world)  # type: ignore[arg-type]
         self.scratch_mapped = [False] * NR_VMS

@@ -1,6 +1,6 @@
 """Builders shared by the unit tests: real hvsim objects, no Unicorn.
 
-Every helper builds the objects the way hvsim itself wires them (FramePool,
+Every helper builds through hypervisor/build.py, as hvsim itself does (FramePool,
 Vmstat, Ksm, HostMm, Vm), so a test reads as a small scenario: make a host,
 map or write some pages, poke an event, look at ptes, sptes and counters.
 """
@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
+from hypervisor.build import Host as BuiltHost
+from hypervisor.build import build_host, build_mm, build_vm
+from hypervisor.config import KsmKnobs
 from hypervisor.host.frames import FramePool
 from hypervisor.host.ksm import Ksm
 from hypervisor.host.mm import MADV_MERGEABLE, HostMm, Vmstat, pte_pfn, pte_present, pte_special, pte_write
@@ -37,16 +40,18 @@ class Host:
     mm: HostMm
 
     def new_mm(self, name: str) -> HostMm:
-        return HostMm(self.frames, self.profile, self.vmstat, name, self.ksm)
+        return build_mm(self.built, name)
+
+    @property
+    def built(self) -> BuiltHost:
+        return BuiltHost(self.profile, self.frames, self.vmstat, self.ksm)
 
 
 def make_host(era: str = "3.7", change_pte: bool = True, nr_frames: int = 256) -> Host:
-    profile = get_profile(era, change_pte)
-    frames = FramePool(nr_frames)
-    vmstat = Vmstat()
-    ksm = Ksm(frames, profile)
-    mm = HostMm(frames, profile, vmstat, "qemu", ksm)
-    return Host(profile, frames, vmstat, ksm, mm)
+    """A host with KSM at its default knobs (not running until a test scans) and one mm, "qemu"."""
+    host = build_host(get_profile(era, change_pte), nr_frames, KsmKnobs(enabled=True))
+    assert host.ksm is not None
+    return Host(host.profile, host.frames, host.vmstat, host.ksm, build_mm(host, "qemu"))
 
 
 @dataclass
@@ -81,7 +86,7 @@ class Guest:
 
 def make_guest(era: str = "3.7", change_pte: bool = True, pages: int = 16, nr_frames: int = 256) -> Guest:
     host = make_host(era, change_pte, nr_frames)
-    vm = Vm(0, host.mm, host.profile, pages * PAGE_SIZE)
+    vm = build_vm(host.built, 0, pages * PAGE_SIZE, host.mm)
     return Guest(host, vm, vm.create_vcpu())
 
 

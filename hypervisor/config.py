@@ -1,0 +1,204 @@
+"""What a run is: the configuration dataclasses (SimConfig, KsmKnobs) and their validation.
+
+A KSM knob is declared once, as a field of KsmKnobs whose metadata names its command-line
+flag, whether it is a file of /sys/kernel/mm/ksm that ksmd reads (and is set on `Ksm` at
+start), how its text is parsed and what values the kernel refuses.  The CLI, the JSON
+report, the builder and the "given without --ksm" check all read these fields; adding a
+knob is one field here and one click option in cli.py.
+"""
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .guest import layout, loader
+from .races import RaceSpec
+from .sizes import format_size
+from .types import PAGE_SIZE
+
+DEFAULT_QUANTUM = 10_000
+DEFAULT_INSNS_PER_MS = 100_000  # a 100-MIPS CPU: about what Unicorn runs at, so 1 ms ~ 1 ms of wall time
+DEFAULT_MAX_INSNS = 1_000_000_000
+MIN_MEMORY = layout.HEAP_START_GPA
+MAX_VMS = 256
+# Host-side bookkeeping per guest page beyond its frame (ptes, sptes, rmap_items, page flags).
+_BYTES_PER_PAGE_OVERHEAD = 64
+
+# The bundled guests ship inside the package (package data); ./guest_images in a checkout links here.
+GUEST_IMAGES = Path(__file__).resolve().parent / "guest_images"
+
+_RUN_VALUES = "takes 0 (stop), 1 (run) or 2 (stop and unmerge everything)"
+
+
+def image_label(path: str) -> str:
+    """How reports name an image: a bundled guest by its file name, any other by the path given."""
+    p = Path(path)
+    return p.name if p.parent.resolve() == GUEST_IMAGES else path
+
+
+def parse_run_at(texts: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """--ksm-run-at MS:VALUE (repeatable) -> ((ms, value), ...)."""
+    out = []
+    for v in texts:
+        try:
+            ms, run = v.split(":")
+            out.append((int(ms), int(run)))
+        except ValueError:
+            raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
+        if out[-1][0] < 0:
+            raise ConfigError(f"--ksm-run-at {v!r}: MS is a simulated time, from 0 on.")
+    return tuple(out)
+
+
+def _run_refused(value: int) -> str | None:
+    return None if value in (0, 1, 2) else f"/sys/kernel/mm/ksm/run {_RUN_VALUES}"
+
+
+def _run_at_refused(value: tuple[tuple[int, int], ...]) -> str | None:
+    bad = [f"{ms}:{run}" for ms, run in value if run not in (0, 1, 2)]
+    return f"{bad[0]}: /sys/kernel/mm/ksm/run {_RUN_VALUES}" if bad else None
+
+
+def knob(default: Any, flag: str, *, sysfs: bool = True, parse: Callable[[Any], Any] | None = None,
+         refuse: Callable[[Any], str | None] | None = None) -> Any:
+    """A KsmKnobs field: its flag, whether Ksm gets it as a sysfs attribute at start, how the CLI's value
+    is parsed, and `refuse(value)` -> why the kernel would refuse it (None: accepted)."""
+    return field(default=default, metadata={"flag": flag, "sysfs": sysfs, "parse": parse, "refuse": refuse})
+
+
+@dataclass(frozen=True)
+class KsmKnobs:
+    """/sys/kernel/mm/ksm as the run starts (and `run` writes during it)."""
+
+    enabled: bool = False
+    run: int = knob(1, "--ksm-run", sysfs=False, refuse=_run_refused)
+    pages_to_scan: int = knob(100, "--ksm-pages-to-scan",
+                              refuse=lambda v: None if v > 0 else "give at least 1 page per ksmd wake-up")
+    sleep_millisecs: int = knob(20, "--ksm-sleep-ms",
+                                refuse=lambda v: None if v >= 0 else "give 0 or more milliseconds")
+    # mm/ksm.c max_page_sharing_store() (read in a 6.x tree) returns -EINVAL below 2 likewise.
+    max_page_sharing: int = knob(256, "--ksm-max-page-sharing", refuse=lambda v: None if v >= 2 else
+                                 "give at least 2 (sharing needs two mappings; the kernel refuses less too)")
+    use_zero_pages: bool = knob(False, "--ksm-use-zero-pages")
+    smart_scan: bool = knob(False, "--ksm-smart-scan")
+    # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
+    run_at: tuple[tuple[int, int], ...] = knob((), "--ksm-run-at", sysfs=False, parse=parse_run_at,
+                                               refuse=_run_at_refused)
+
+    @staticmethod
+    def knobs() -> tuple[Field[Any], ...]:
+        """Every knob (all fields but `enabled`), in report order."""
+        return tuple(f for f in fields(KsmKnobs) if "flag" in f.metadata)
+
+    @classmethod
+    def from_options(cls, enabled: bool, values: Mapping[str, Any]) -> "KsmKnobs":
+        """The knobs as the command line gave them: `values` by field name, as click parsed them."""
+        kw = {}
+        for f in cls.knobs():
+            if f.name in values:
+                parse = f.metadata["parse"]
+                kw[f.name] = parse(values[f.name]) if parse is not None else values[f.name]
+        return cls(enabled=enabled, **kw)
+
+    def sysfs(self) -> dict[str, Any]:
+        """The knobs ksmd reads, by their /sys/kernel/mm/ksm name (= the Ksm attribute)."""
+        return {f.name: getattr(self, f.name) for f in self.knobs() if f.metadata["sysfs"]}
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"enabled": self.enabled}
+        for f in self.knobs():
+            value = getattr(self, f.name)
+            d[f.name] = [list(x) for x in value] if isinstance(value, tuple) else value
+        return d
+
+    def check(self) -> None:
+        """Values the kernel refuses, as ConfigErrors naming the flag."""
+        for f in self.knobs():
+            refuse, value = f.metadata["refuse"], getattr(self, f.name)
+            why = refuse(value) if refuse is not None else None
+            if why is not None:
+                # A repeatable knob's `why` names the item it refuses.
+                raise ConfigError(f"{f.metadata['flag']} {why if isinstance(value, tuple) else f'{value}: {why}'}.")
+
+    def check_given(self) -> None:
+        """Knobs changed from their defaults while KSM is off."""
+        if not self.enabled:
+            changed = [f.metadata["flag"] for f in self.knobs() if getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} given without --ksm: add --ksm to turn KSM on.")
+
+
+# The name every caller knew before the knobs had a home of their own.
+KsmConfig = KsmKnobs
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    image: str
+    memory: int = 64 << 20
+    cmdline: str = ""
+    vms: int = 1
+    max_insns: int = DEFAULT_MAX_INSNS
+    profile: str = "2.6.32"
+    change_pte: bool = True
+    ksm: KsmKnobs = field(default_factory=KsmKnobs)
+    quantum: int = DEFAULT_QUANTUM
+    insns_per_ms: int = DEFAULT_INSNS_PER_MS
+    # hypervisor/races.py specs: host events fired at named points (POINT:EVENT[@N])
+    inject: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"inject": list(self.inject),
+            "image": self.image, "memory": self.memory, "cmdline": self.cmdline, "vms": self.vms,
+            "max_insns": self.max_insns, "profile": self.profile, "change_pte": self.change_pte,
+            "quantum": self.quantum, "insns_per_ms": self.insns_per_ms, "ksm": self.ksm.as_dict(),
+        }
+
+
+# The command-line flag of each KSM knob, for messages.
+KSM_FLAGS = {f.name: f.metadata["flag"] for f in KsmKnobs.knobs()}
+
+
+def host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 << 30
+
+
+def _check_memory(config: SimConfig) -> None:
+    memory = format_size(config.memory)
+    if config.memory <= 0 or config.memory % PAGE_SIZE:
+        raise ConfigError(f"--memory {memory} is not a positive multiple of {PAGE_SIZE} bytes.")
+    if config.memory < MIN_MEMORY:
+        raise ConfigError(f"--memory {memory} is too small: guests need at least "
+                          f"{MIN_MEMORY >> 20} MiB (boot area and image below {MIN_MEMORY:#x}).")
+    if config.memory > layout.IDENTITY_MAP_SIZE:
+        raise ConfigError(f"--memory {memory} is larger than the 1 GiB the boot page tables map; "
+                          "give at most 1G.")
+
+
+def validate(config: SimConfig) -> None:
+    _check_memory(config)
+    loader.cmdline_bytes(config.cmdline)
+    if not 1 <= config.vms <= MAX_VMS:
+        raise ConfigError(f"--vms {config.vms}: give between 1 and {MAX_VMS} VMs.")
+    if config.max_insns <= 0:
+        raise ConfigError("--max-insns must be a positive number of instructions.")
+    if config.quantum <= 0:
+        raise ConfigError(f"--quantum {config.quantum}: a time slice is a positive number of instructions.")
+    if config.insns_per_ms <= 0:
+        raise ConfigError(f"--insns-per-ms {config.insns_per_ms}: give a positive simulated CPU speed.")
+    config.ksm.check()
+    for spec in config.inject:
+        RaceSpec.parse(spec)
+    config.ksm.check_given()
+    need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
+    have = host_memory_bytes()
+    if need > have * 3 // 4:
+        raise ConfigError(f"{config.vms} VMs of {config.memory >> 20} MiB need about {need >> 20} MiB of "
+                          f"host memory if every page is touched; this machine has {have >> 20} MiB. "
+                          "Give fewer or smaller VMs.")

@@ -1,0 +1,161 @@
+"""The deterministic scheduler: vCPU time slices and host events (ksmd wake-ups, writes to
+/sys/kernel/mm/ksm/run) as timed events on one simulated clock.
+
+Overview.  Simulated time is instructions retired (plus retried faults' cost), summed over
+all vCPUs, as if they shared one host CPU round-robin.  `Environment` is a heap of timed
+events in the manner of SimPy's: an event is (time, sequence number, action), and ties go
+in the order the events were scheduled.  Only vCPU slices move the clock: each runnable
+vCPU in turn runs for at most `quantum` instructions, and a slice also ends where the next
+host event is due, so that ksmd runs at its simulated time and not wherever a quantum
+happens to end.  After a slice, the host events due by then run (in time order), then the
+end-of-slice checks and hooks, then the next vCPU's slice.  ksmd wakes every
+`sleep_millisecs` (at `insns_per_ms`); with sleep_millisecs=0 it runs after every slice.
+ksmd's own work takes no simulated time.  Same inputs -> same counts, byte for byte, at
+every quantum.
+"""
+
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import GuestTimeout
+
+if TYPE_CHECKING:
+    from .sim import Simulation
+
+Action = Callable[[], None]
+
+# At one time, host events go first, then the end-of-slice checks and hooks, then the next slice.
+HOST, END_OF_SLICE, SLICE = 0, 1, 2
+
+
+class Environment:
+    """A heap of timed events: by time, then kind (HOST, END_OF_SLICE, SLICE), then the order of
+    scheduling (a sequence number)."""
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[int, int, int, Action]] = []
+        self._seq = itertools.count()
+
+    def schedule(self, at: int, action: Action, kind: int = HOST) -> None:
+        heapq.heappush(self._queue, (at, kind, next(self._seq), action))
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    def next_time(self) -> int | None:
+        return self._queue[0][0] if self._queue else None
+
+    def run_due(self, now: Callable[[], int]) -> None:
+        """Run every event due by `now()`; the slices advance it, so this runs until no vCPU is left."""
+        while self._queue and self._queue[0][0] <= now():
+            action = heapq.heappop(self._queue)[3]
+            action()
+
+
+class Scheduler:
+    """One run's events: vCPU slices round-robin, ksmd wake-ups, `--ksm-run-at` writes."""
+
+    def __init__(self, sim: "Simulation") -> None:
+        self.sim = sim
+        self.env = Environment()
+        cfg = sim.config
+        self.ksm_period = cfg.ksm.sleep_millisecs * cfg.insns_per_ms
+        self._next_tick = self.ksm_period
+
+    def run(self) -> None:
+        sim = self.sim
+        ksm = sim.ksm
+        if ksm is not None:
+            for ms, value in sorted(sim.config.ksm.run_at):
+                if ms == 0:
+                    ksm.set_run(value)  # due before the first instruction
+                else:
+                    self.env.schedule(ms * sim.config.insns_per_ms, self._ksm_run_write(value))
+            if self.ksm_period:
+                self.env.schedule(self.ksm_period, self._ksmd_tick)
+        if not sim.interrupted:
+            self._continue_after(-1)
+        try:
+            self.env.run_due(lambda: sim.now)
+        finally:
+            self.env.clear()  # the queued actions refer back here (and to the Simulation)
+
+    def _next_runnable(self, after: int) -> int | None:
+        """Round-robin: the first runnable vCPU after index `after`, wrapping round."""
+        order = self.sim.runnable()
+        return next((i for i in order if i > after), order[0] if order else None)
+
+    def _continue_after(self, i: int) -> None:
+        nxt = self._next_runnable(i)
+        if nxt is not None:
+            self.env.schedule(self.sim.now, lambda: self._slice(nxt), SLICE)
+
+    def _budget(self, i: int) -> int:
+        sim, cfg = self.sim, self.sim.config
+        # Retried faults count against --max-insns at their cost: a livelocked vCPU runs out too.
+        budget = min(cfg.quantum, cfg.max_insns - sim.insns[i] - sim.stalls[i])
+        due = self.env.next_time()
+        if budget > 0 and due is not None:
+            budget = min(budget, due - sim.now)
+        return budget
+
+    def _slice(self, i: int) -> None:
+        sim = self.sim
+        budget = self._budget(i)
+        if budget <= 0:
+            sim.vms[i].vcpus[0].fail(f"still running after --max-insns {sim.config.max_insns} instructions",
+                                     GuestTimeout)
+            self._continue_after(i)
+            return
+        backend = sim.backends[i]
+        sim.context, sim._running = ("vcpu", i), backend
+        try:
+            backend.run(budget)
+        finally:
+            # A slice that ended in an error (livelock, violated invariant) still took its time.
+            sim._running = None
+            sim.insns[i] += backend.slice_retired
+            sim.stalls[i] += backend.stall_in_slice
+            sim.now += backend.slice_retired + backend.stall_in_slice
+            sim.context = ("vmm", 0)
+        if sim.ksm is not None and self.ksm_period == 0:
+            self.env.schedule(sim.now, self._ksmd_wakeup)
+        self.env.schedule(sim.now, lambda: self._end_of_slice(i), END_OF_SLICE)
+
+    def _end_of_slice(self, i: int) -> None:
+        sim = self.sim
+        if sim.checker is not None:
+            sim.checker.end_of_slice()
+        for hook in sim.on_slice:
+            hook(sim)
+        if not sim.interrupted:
+            self._continue_after(i)
+
+    def _as_ksmd(self, work: Action) -> None:
+        sim = self.sim
+        sim.context = ("ksmd", 0)
+        try:
+            work()
+        finally:
+            sim.context = ("vmm", 0)
+
+    def _ksmd_wakeup(self) -> None:
+        ksm = self.sim.ksm
+        assert ksm is not None
+        self._as_ksmd(ksm.ksmd_wakeup)
+
+    def _ksmd_tick(self) -> None:
+        """ksmd's periodic wake-up; the next one is due sleep_millisecs after this one was."""
+        self._ksmd_wakeup()
+        self._next_tick += self.ksm_period
+        self.env.schedule(self._next_tick, self._ksmd_tick)
+
+    def _ksm_run_write(self, value: int) -> Action:
+        def write() -> None:
+            ksm = self.sim.ksm
+            assert ksm is not None
+            self._as_ksmd(lambda: ksm.set_run(value))
+
+        return write
