@@ -329,6 +329,8 @@ class Simulation:
         """Run to the end (or to an interruption); a violated invariant ends the run, reported in the result."""
         try:
             self._run()
+            if self.checker is not None:
+                self.checker.end_of_run()
         except InvariantViolation as err:
             self.failure = err
         return self.result()
