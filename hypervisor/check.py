@@ -82,7 +82,6 @@ class CoherenceChecker:
         # What the events of this time slice touched, checked exactly at its end.
         self._pfns: set[int] = set()
         self._gfns: set[tuple[int, int]] = set()
-        self._hvas: set[tuple[int, int]] = set()
 
     def attach(self, sim: "Simulation") -> None:
         self.sim = sim
@@ -175,7 +174,6 @@ class CoherenceChecker:
 
     def _hva(self, sim: "Simulation", vm: int, hva: int) -> None:
         pte_pfn, spte_pfn = coherence.check_hva(sim.vms[vm], hva, sim.frames, self._fail)
-        self._hvas.add((vm, hva))
         if pte_pfn is not None:
             self._pfn(sim, pte_pfn, mapped=True)
         if spte_pfn is not None and spte_pfn != pte_pfn:
@@ -202,9 +200,6 @@ class CoherenceChecker:
             pfn = fields.get(key)
             if pfn is not None and 0 <= pfn < sim.frames.nr_frames:
                 self._pfn(sim, pfn)
-        ksm_pfn = fields.get("ksm_pfn")
-        if ksm_pfn is not None and sim.ksm is not None:
-            coherence.check_ksm_pages(sim.ksm, sim.frames, np.array([ksm_pfn], dtype=np.int64), self._fail)
 
     def _exact(self, sim: "Simulation", pfns: list[int], strict: bool) -> None:
         arr = np.array(sorted(pfns), dtype=np.int64)
@@ -212,12 +207,11 @@ class CoherenceChecker:
 
     def _slice_touched(self, sim: "Simulation") -> None:
         """At a slice end: re-check the pages this slice touched, then their frames' exact counts."""
-        gfns, hvas, pfns = self._gfns, self._hvas, self._pfns
-        self._gfns, self._hvas, self._pfns = set(), set(), set()
+        gfns, pfns = self._gfns, self._pfns
+        self._gfns, self._pfns = set(), set()
+        # A fault may have changed its gfn after its events (the pin it dropped, a retry).
         for vm, gfn in sorted(gfns):
             self._gfn(sim, vm, gfn)
-        for vm, hva in sorted(hvas):
-            self._hva(sim, vm, hva)
         pfns |= self._pfns
         self._pfns = set()
         if not pfns:
@@ -230,7 +224,7 @@ class CoherenceChecker:
         coherence.sweep(sim, strict, self._fail)
         self.sweeps += 1
         self._since_sweep = 0
-        self._gfns, self._hvas, self._pfns = set(), set(), set()
+        self._gfns, self._pfns = set(), set()
 
     # --- reporting ------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ def check_gfn(vm: "Vm", gfn: int, frames: FramePool, fail: Fail) -> int | None:
     vma = vm.mm.find_vma(slot.userspace_addr)
     if vma is None:
         fail("spte-follows-pte", f"vm{vm.vm_id} gfn {gfn:#x} has a spte but its hva has no VMA")
-    pte = int(vma.ptes[vma.index(slot.userspace_addr) + gfn - slot.base_gfn])
+    pte = vma.ptes_view[((slot.userspace_addr - vma.start) >> PAGE_SHIFT) + gfn - slot.base_gfn]
     pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
     if not pte & _PTE_PRESENT or pte >> PAGE_SHIFT != pfn:
         now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PTE_PRESENT else "no page"
@@ -107,7 +107,7 @@ def check_hva(vm: "Vm", hva: int, frames: FramePool, fail: Fail) -> tuple[int | 
     pte_pfn = None
     vma = vm.mm.find_vma(Hva(hva))
     if vma is not None:
-        pte = int(vma.ptes_view[vma.index(Hva(hva))])
+        pte = vma.ptes_view[(hva - vma.start) >> PAGE_SHIFT]
         if pte & _PTE_PRESENT and not pte & _PTE_SPECIAL:
             pte_pfn = pte >> PAGE_SHIFT
             if pte & _PTE_RW and frames.stable_node_view[pte_pfn] >= 0:
