@@ -287,6 +287,9 @@ def _on_exit(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
     return
 
 
+# Events that name no page: what changes with them is judged by the sweep.
+NAMES_NO_PAGE = frozenset({"ksm_start_scan", "ksm_stop_scan"})
+
 _HANDLERS: dict[str, Handler] = {
     "kvm_exit": _on_exit,
     "kvm_page_fault": _on_page_fault,
@@ -298,7 +301,6 @@ _HANDLERS: dict[str, Handler] = {
     "ksm_merge_one_page": _on_ksm_page,
     "ksm_merge_with_ksm_page": _on_ksm_page,
     "ksm_remove_ksm_page": _on_pfn,
-    # ksm_start_scan / ksm_stop_scan name no page: KSM's trees are judged by the sweep.
     **{f"mmu_notifier_{cb}": _on_vm_range for cb in ("release", "clear_flush_young", "change_pte",
                                                       "invalidate_page", "invalidate_range_start",
                                                       "invalidate_range_end")},
