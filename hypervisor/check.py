@@ -16,9 +16,10 @@ range checked, vectorised; `mmu_notifier_release` names the whole address space)
 The frames an event touched are remembered, and at the end of the time slice
 (no fault in flight) their counts are checked exactly against the ptes that map
 them, and KSM pages among them are re-hashed.  A full sweep of every invariant
-over all of memory (hypervisor/coherence.py's `sweep`) runs every `SWEEP_EVERY`
-events, at the next slice end after that (exact counts), and at the end of the
-run; `check()` is that sweep, for tests to call at any point.  ksm-rmap-items is
+over all of memory (hypervisor/coherence.py's `sweep`) runs at the first slice end
+after every `SWEEP_EVERY` events (exact counts; at an event, bounds only, if twice
+that many pass without a slice end), and at the end of the run; `check()` is that
+sweep, for tests to call at any point.  ksm-rmap-items is
 judged only by the sweep (it is a property of KSM's trees, not of one page).
 
 Point-of-change API (for the one `set_spte` of the MMU): `check_spte(vm, gfn)`
@@ -57,10 +58,10 @@ if TYPE_CHECKING:
     from .sim import Simulation
 
 RING_SIZE = 24
-# Events between two full sweeps of every invariant over all of memory.  Each event is
-# checked where it acts; the sweep catches what no event names (a pte changed without a
-# notification, KSM's trees), at most this many events late, and costs about as much as
-# checking a thousand events.
+# Events between two full sweeps of every invariant over all of memory (at the slice end
+# that follows).  Each event is checked where it acts; the sweep catches what no event
+# names (a pte changed without a notification, KSM's trees), at most this many events and
+# one slice late, and costs about as much as checking a few hundred events.
 SWEEP_EVERY = 1000
 
 TraceFn = Callable[[str, dict[str, Any]], None]
@@ -77,7 +78,6 @@ class CoherenceChecker:
         self.sweeps = 0
         self._in_check = False
         self._since_sweep = 0
-        self._strict_sweep_due = False
         self._vm_of_mm: dict[str, int] = {}
         # What the events of this time slice touched, checked exactly at its end.
         self._pfns: set[int] = set()
@@ -102,9 +102,8 @@ class CoherenceChecker:
             if handler is not None:
                 handler(self, sim, fields)
             self._since_sweep += 1
-            if self._since_sweep >= self.sweep_every:
+            if self._since_sweep >= 2 * self.sweep_every:  # no slice end came to sweep at
                 self._sweep(sim, strict=False)
-                self._strict_sweep_due = True
             self.checks += 1
         finally:
             self._in_check = False
@@ -117,9 +116,8 @@ class CoherenceChecker:
             return
         self._in_check = True
         try:
-            if self._strict_sweep_due:
+            if self._since_sweep >= self.sweep_every:
                 self._sweep(sim, strict=True)
-                self._strict_sweep_due = False
             else:
                 self._slice_touched(sim)
             self.checks += 1

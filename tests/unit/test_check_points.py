@@ -79,11 +79,24 @@ def test_an_event_is_checked_on_the_gfn_it_names_and_not_elsewhere() -> None:
         checker.trace("kvm_mmu_set_spte", {"vm": 0, "gfn": 2, "spte": int(vm.mmu.sptes[2]), "level": 1})
 
 
-def test_the_sweep_catches_what_no_event_names_within_sweep_every_events() -> None:
+HLT = {"vm": 0, "vcpu": 0, "reason": "HLT", "rip": 0, "info1": 0, "info2": 0}
+
+
+def test_the_sweep_catches_what_no_event_names_at_the_slice_end_after_sweep_every_events() -> None:
     checker, vm = _checked_guest()
     checker.sweep_every = 3
     vm.mmu.sptes[2] = make_spte(Pfn(3), True)
-    checker.trace("kvm_exit", {"vm": 0, "vcpu": 0, "reason": "HLT", "rip": 0, "info1": 0, "info2": 0})
-    checker.trace("kvm_exit", {"vm": 0, "vcpu": 0, "reason": "HLT", "rip": 0, "info1": 0, "info2": 0})
+    for _ in range(3):
+        checker.trace("kvm_exit", HLT)
+    with pytest.raises(InvariantViolation, match=r"spte-follows-pte violated: vm0 gfn 0x2"):
+        checker.end_of_slice()
+
+
+def test_without_slice_ends_the_sweep_runs_at_an_event_after_twice_sweep_every_events() -> None:
+    checker, vm = _checked_guest()
+    checker.sweep_every = 3
+    vm.mmu.sptes[2] = make_spte(Pfn(3), True)
+    for _ in range(5):
+        checker.trace("kvm_exit", HLT)
     with pytest.raises(InvariantViolation, match=r"spte-follows-pte violated: vm0 gfn 0x2.*Last events:\n.*kvm_exit"):
-        checker.trace("kvm_exit", {"vm": 0, "vcpu": 0, "reason": "HLT", "rip": 0, "info1": 0, "info2": 0})
+        checker.trace("kvm_exit", HLT)
