@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .compare import render_compare, run_compare
+from .compare import COMPARE_RUNS, DEFAULT_KERNELS, CompareRun, parse_kernels, render_compare, run_compare
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
+from .kernels import render_kernels
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
-from .profiles import DEFAULT_PROFILE, PROFILES
+from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
 from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
@@ -72,6 +73,22 @@ _workload_options = _options([
     click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr."),
 ])
 
+def _kernel_of(kernel: str | None, profile: str | None) -> str:
+    """--kernel VERSION, or its older spelling --profile ERA; both only if they agree."""
+    if kernel is not None and profile is not None and kernel != profile:
+        raise ConfigError(f"--kernel {kernel} and --profile {profile} disagree: give one of them "
+                          "(--profile is the old name of --kernel).")
+    return kernel or profile or DEFAULT_PROFILE
+
+
+_kernel_options = _options([
+    click.option("--kernel", metavar="VERSION", default=None,
+                 help=f"Linux release whose host mm, mmu_notifier, KSM and KVM behaviour to model, "
+                      f"2.6.32 .. 6.12 (default {DEFAULT_PROFILE}); `hvsim kernels` lists what changes."),
+    click.option("--profile", type=click.Choice(list(PROFILE_ALIASES)), default=None,
+                 help="The same as --kernel, for the three eras hvsim first offered."),
+])
+
 _ksm_options = _options([
     click.option("--ksm-pages-to-scan", "pages_to_scan", default=100, show_default=True, type=int,
                  help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
@@ -80,10 +97,12 @@ _ksm_options = _options([
                       "time slices."),
     click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
                  help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
-    click.option("--ksm-smart-scan", "smart_scan", is_flag=True,
-                 help="/sys/kernel/mm/ksm/smart_scan (6.7+): skip pages that keep failing to merge."),
-    click.option("--ksm-max-page-sharing", "max_page_sharing", default=256, show_default=True, type=int,
-                 help="/sys/kernel/mm/ksm/max_page_sharing: mappings per KSM page before a duplicate."),
+    click.option("--ksm-smart-scan/--ksm-no-smart-scan", "smart_scan", default=None,
+                 help="/sys/kernel/mm/ksm/smart_scan (6.7+, on by default there): skip pages that keep "
+                      "failing to merge."),
+    click.option("--ksm-max-page-sharing", "max_page_sharing", default=None, type=int,
+                 help="/sys/kernel/mm/ksm/max_page_sharing (4.13+; default 256): mappings per KSM page "
+                      "before a duplicate."),
     click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
                  help="/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all."),
     click.option("--ksm-run-at", "run_at", multiple=True, metavar="MS:VALUE",
@@ -112,8 +131,8 @@ class Options:
     pages_to_scan: int = 100
     sleep_ms: int = 20
     use_zero_pages: bool = False
-    smart_scan: bool = False
-    max_page_sharing: int = 256
+    smart_scan: bool | None = None
+    max_page_sharing: int | None = None
     ksm_run: int = 1
     run_at: tuple[str, ...] = ()
 
@@ -184,11 +203,11 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
     return _run_exit_code(result, obs.signals)
 
 
-def _compare(opts: Options, cfg: SimConfig) -> int:
+def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> int:
     obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
     with interruptible(obs.stop):
-        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
-    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
+        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
+    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
     click.echo(to_json(result.as_dict()) if opts.as_json else render_compare(result), nl=False)
     errors = [e for row in result.rows for e in row.result.errors]
     for e in errors:
@@ -215,8 +234,9 @@ def main() -> None:
     Examples:
       hvsim run                                  # the change_pte demo (a short `compare`)
       hvsim run guest_images/hello.bin
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32
+      hvsim run guest_images/samepage.bin --vms 4 --ksm --kernel 2.6.38
       hvsim compare guest_images/samepage.bin --vms 4
+      hvsim kernels                              # what each kernel version means
       hvsim images
 
     Shell completion (click): eval "$(_HVSIM_COMPLETE=bash_source hvsim)"
@@ -225,8 +245,7 @@ def main() -> None:
 
 @main.command()
 @_workload_options
-@click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-              help="Kernel era whose host mm, mmu_notifier and KVM semantics to model.")
+@_kernel_options
 @click.option("--no-change-pte", is_flag=True,
               help="KVM registers its notifier without ->change_pte (it gets ->invalidate_page instead).")
 @click.option("--ksm", "ksm_on", is_flag=True, help="Mark guest RAM MADV_MERGEABLE and run ksmd.")
@@ -236,8 +255,8 @@ def main() -> None:
 @click.option("--exit-cost", multiple=True, metavar="NAME=CYCLES",
               help="Override a cost-model entry, e.g. EPT_VIOLATION.cow=8000 (see hypervisor/costs.py).")
 @click.option("--cpu-mhz", default=2000, show_default=True, type=int, help="Clock of the cost model.")
-def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, exit_cost: tuple[str, ...],
-        cpu_mhz: int, **kw: Any) -> None:
+def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool,
+        exit_cost: tuple[str, ...], cpu_mhz: int, **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
 
     Without IMAGE, runs the bundled demo: `hvsim compare` of the samepage guest in 4 VMs.
@@ -246,7 +265,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
     Examples:
       hvsim run guest_images/hello.bin
       hvsim run guest_images/memtouch.bin --memory 64M --cmdline "pages=4096 passes=3" --json
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32 --no-change-pte
+      hvsim run guest_images/samepage.bin --vms 4 --ksm --kernel 2.6.38 --no-change-pte
       hvsim run guest_images/samepage.bin --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
     opts = Options(**kw)
@@ -255,7 +274,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
         if opts.image is None:
             opts.image, opts.cmdline, opts.vms = str(DEMO_IMAGE), DEMO_CMDLINE, DEMO_VMS
             return _compare(opts, opts.config(opts.ksm(True)))
-        cfg = opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+        cfg = opts.config(opts.ksm(ksm_on), _kernel_of(kernel, profile), not no_change_pte)
         render: Callable[[RunResult], str] = render_run
         if perf_kvm_stat:
             model = CostModel(cpu_mhz=cpu_mhz)
@@ -270,13 +289,19 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
 
 @main.command()
 @_workload_options
+@click.option("--kernels", "kernels", metavar="LIST", default=",".join(DEFAULT_KERNELS), show_default=True,
+              help="Comma-separated kernels to run after KSM off; VERSION-no-change-pte is VERSION with KVM's "
+                   "notifier lacking ->change_pte.")
 @_ksm_options
-def compare(**kw: Any) -> None:
-    """Run IMAGE under KSM off, 2.6.32 with and without change_pte, 3.7 and 6.10, and tabulate.
+def compare(kernels: str, **kw: Any) -> None:
+    """Run IMAGE with KSM off and under each kernel of --kernels, tabulate, and attribute each saving.
+
+    By default: 2.6.32 and 2.6.38 each with and without change_pte, 3.7 and 6.10.
 
     \b
     Examples:
       hvsim compare guest_images/samepage.bin --vms 4 --cmdline "pages=64 passes=40 spin=100000"
+      hvsim compare guest_images/samepage.bin --vms 4 --kernels 3.6,3.6-no-change-pte,3.7,4.19
       hvsim compare guest_images/samepage.bin --vms 4 --plot eras.png --trace eras.json
     """
     opts = Options(**kw)
@@ -285,17 +310,17 @@ def compare(**kw: Any) -> None:
         if opts.image is None:
             opts.image = str(DEMO_IMAGE)
             opts.cmdline = opts.cmdline or DEMO_CMDLINE
-        return _compare(opts, opts.config(opts.ksm(True)))
+        runs = parse_kernels(kernels.split(","))
+        return _compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
 
     _guarded(go)
 
 
 @main.command()
 @_workload_options
-@click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-              help="Kernel era to model.")
+@_kernel_options
 @_ksm_options
-def ksm(profile: str, **kw: Any) -> None:
+def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
     """Run IMAGE with KSM on and show /sys/kernel/mm/ksm as the run left it.
 
     The knobs are named after the files in /sys/kernel/mm/ksm/ (run, pages_to_scan,
@@ -308,7 +333,7 @@ def ksm(profile: str, **kw: Any) -> None:
     opts = Options(**kw)
 
     def go() -> int:
-        cfg = opts.config(opts.ksm(True), profile)
+        cfg = opts.config(opts.ksm(True), _kernel_of(kernel, profile))
 
         def render(result: RunResult) -> str:
             return "\n".join(ksm_lines(result.ksm or {}, result.vmstat)) + "\n"
@@ -319,6 +344,20 @@ def ksm(profile: str, **kw: Any) -> None:
         return _run_one(opts, cfg, render, render_json)
 
     _guarded(go)
+
+
+@main.command()
+def kernels() -> None:
+    """Print the table of kernel changes hvsim models: version, behaviour, commit, reason.
+
+    `--kernel V` on run/ksm (and each entry of compare's --kernels) applies every row up to V.
+
+    \b
+    Example:
+      hvsim kernels
+      hvsim run guest_images/samepage.bin --vms 2 --ksm --kernel 2.6.38
+    """
+    click.echo(render_kernels(), nl=False)
 
 
 @main.command()

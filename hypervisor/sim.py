@@ -26,7 +26,7 @@ from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
 from .host.mmu_notifier import NotifierEventSink
 from .kvm.vcpu import VcpuState
 from .kvm.vm import GUEST_RAM_HVA, Vm
-from .profiles import Profile, get_profile
+from .profiles import Profile, check_ksm_knobs, get_profile
 from .races import RaceInjector, RaceSpec
 from .types import PAGE_SIZE, Hva
 
@@ -48,9 +48,10 @@ class KsmConfig:
     run: int = 1
     pages_to_scan: int = 100
     sleep_millisecs: int = 20
-    max_page_sharing: int = 256
+    # None: the kernel's default (256 where the knob exists, 4.13+; smart_scan on from 6.7)
+    max_page_sharing: int | None = None
     use_zero_pages: bool = False
-    smart_scan: bool = False
+    smart_scan: bool | None = None
     # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
     run_at: tuple[tuple[int, int], ...] = ()
 
@@ -62,7 +63,7 @@ class SimConfig:
     cmdline: str = ""
     vms: int = 1
     max_insns: int = DEFAULT_MAX_INSNS
-    profile: str = "2.6.32"
+    profile: str = "2.6.32"  # the kernel version modelled (--kernel; --profile is its old name)
     change_pte: bool = True
     ksm: KsmConfig = field(default_factory=KsmConfig)
     quantum: int = DEFAULT_QUANTUM
@@ -204,12 +205,15 @@ def validate(config: SimConfig) -> None:
     k = config.ksm
     if k.run not in (0, 1, 2) or any(v not in (0, 1, 2) for _, v in k.run_at):
         raise ConfigError("KSM run takes 0 (stop), 1 (run) or 2 (stop and unmerge everything).")
-    if k.pages_to_scan <= 0 or k.sleep_millisecs < 0 or k.max_page_sharing < 2:
+    profile = get_profile(config.profile, config.change_pte)
+    if k.pages_to_scan <= 0 or k.sleep_millisecs < 0 or (k.max_page_sharing is not None and k.max_page_sharing < 2):
         raise ConfigError("KSM knobs: pages_to_scan > 0, sleep_millisecs >= 0, max_page_sharing >= 2.")
     for spec in config.inject:
         RaceSpec.parse(spec)
-    if (k.run_at or k.run != 1 or k.use_zero_pages or k.smart_scan) and not k.enabled:
+    if (k.run_at or k.run != 1 or k.use_zero_pages or k.smart_scan is not None
+            or k.max_page_sharing is not None) and not k.enabled:
         raise ConfigError("KSM options were given without --ksm: add --ksm to turn KSM on.")
+    check_ksm_knobs(profile, k.max_page_sharing, k.use_zero_pages, k.smart_scan)
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
     if need > have * 3 // 4:
@@ -254,9 +258,11 @@ class Simulation:
             ksm = Ksm(self.frames, self.profile)
             ksm.pages_to_scan = config.ksm.pages_to_scan
             ksm.sleep_millisecs = config.ksm.sleep_millisecs
-            ksm.max_page_sharing = config.ksm.max_page_sharing
+            if config.ksm.max_page_sharing is not None:
+                ksm.max_page_sharing = config.ksm.max_page_sharing
             ksm.use_zero_pages = config.ksm.use_zero_pages
-            ksm.smart_scan = config.ksm.smart_scan
+            if config.ksm.smart_scan is not None:
+                ksm.smart_scan = config.ksm.smart_scan
             if trace is not None:
                 ksm.trace = trace
             self.ksm = ksm

@@ -1,0 +1,211 @@
+"""The one table of kernel changes hvsim models: each row a behaviour, the release it appeared in, its commit.
+
+A kernel version's `Profile` (hypervisor/profiles.py) starts from 2.6.32's
+behaviour and applies, in release order, every row whose release is not later
+than the version asked for.  The model (host/, kvm/) reads only Profile fields,
+never a version number, so adding a kernel change is adding a row here and the
+one place in the model that reads its field.
+
+Each row says where it was read (tree and file; function names in the reason)
+and whether the commit id was seen in stored text ("verified") or is from memory
+("unverified").  The researcher's notes behind the rows are in the project's
+kernel fact sheet; `hvsim kernels` prints this table.
+"""
+
+import textwrap
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+# Every mainline release hvsim accepts, oldest first.
+MAINLINE: tuple[str, ...] = (
+    *(f"2.6.{n}" for n in range(32, 40)),
+    *(f"3.{n}" for n in range(20)),
+    *(f"4.{n}" for n in range(21)),
+    *(f"5.{n}" for n in range(20)),
+    *(f"6.{n}" for n in range(13)),
+)
+OLDEST, NEWEST = MAINLINE[0], MAINLINE[-1]
+
+
+def version_key(version: str) -> int:
+    """Position of a mainline release in MAINLINE (its order), or a ConfigError saying what is accepted."""
+    try:
+        return MAINLINE.index(version)
+    except ValueError:
+        raise ConfigError(
+            f"unknown kernel version {version!r}: give a mainline release from {OLDEST} to {NEWEST}, "
+            "e.g. 2.6.38, 3.7, 4.19 or 6.8 (`hvsim kernels` lists what changes between them)."
+        ) from None
+
+
+@dataclass(frozen=True)
+class KernelChange:
+    """One modelled behaviour change: from `version` on, Profile.`field` is `value`."""
+
+    field: str
+    value: bool | str
+    version: str
+    commit: str  # 12 hex digits, or "-" where no single commit is known
+    title: str
+    reason: str  # one line: what changes in the model
+    read: str  # the trees and files the behaviour was read in
+    verified: bool  # the commit id and title were seen in stored text (the behaviour is read in `read`)
+
+
+# The Profile of 2.6.32, the oldest release hvsim models: the state every row changes.
+# (Read in sndrzt/linux-2.6.32: mm/memory.c, mm/ksm.c, mm/mmu_notifier.c, include/linux/mmu_notifier.h,
+# virt/kvm/kvm_main.c, arch/x86/kvm/mmu.c.)
+BASELINE: dict[str, bool | str] = {
+    "set_pte_at_notify_change_pte_first": False,
+    "change_pte_falls_back_to_invalidate_page": True,
+    "ksm_pte_updates_in_invalidate_range": False,
+    "do_wp_page_copy_in_invalidate_range": False,
+    "notifier_has_change_pte": True,
+    "notifier_has_invalidate_page": True,
+    "ksm_merge_allocates_kpage": True,
+    "ksm_unmerges_unshared_ksm_page": True,
+    "ksm_stable_node_chains": False,
+    "ksm_use_zero_pages": False,
+    "ksm_smart_scan": False,
+    "do_wp_page_reuse_by_refcount": False,
+    "kvm_change_pte": True,
+    "kvm_gup_always_write": True,
+    "kvm_age_ept": "always_old",
+    "kvm_change_pte_bumps_seq": True,
+    "kvm_retry_range_based": False,
+}
+
+CHANGES: tuple[KernelChange, ...] = (
+    KernelChange(
+        "ksm_merge_allocates_kpage", False, "2.6.33", "80e148226028", "ksm: share anon page without allocating",
+        "try_to_merge_two_pages turns the first page into the KSM page in place instead of copying both "
+        "into a fresh one",
+        "sndrzt/linux-2.6.32 and zekezang/linux-2.6.38 mm/ksm.c", False),
+    KernelChange(
+        "ksm_unmerges_unshared_ksm_page", False, "2.6.33", "-", "(Hugh Dickins' 2.6.33 KSM series: stable_node)",
+        "ksmd no longer breaks COW of a KSM page left with one mapping (ksm_do_scan) or found outside "
+        "the stable tree (cmp_and_merge_page)",
+        "sndrzt/linux-2.6.32 and zekezang/linux-2.6.38 mm/ksm.c", False),
+    KernelChange(
+        "kvm_age_ept", "zap", "2.6.34", "-", "(kvm: emulate the accessed bit for EPT)",
+        "kvm_age_rmapp under EPT without A/D bits: 2.6.32 always answers old; later a present spte "
+        "answers young and is zapped, so the next access shows up",
+        "sndrzt/linux-2.6.32 and urbanspr1nter/linux-2.6.34 arch/x86/kvm/mmu.c", False),
+    KernelChange(
+        "kvm_gup_always_write", False, "2.6.38", "612819c3c6e6",
+        "KVM: propagate fault r/w information to gup(), allow read-only memory",
+        "hva_to_pfn pins with the fault's own intent; a read fault maps a write-protected (KSM) pte "
+        "read-only instead of COW-breaking it",
+        "srinugnt2000/linux-2.6.37 and zekezang/linux-2.6.38 virt/kvm/kvm_main.c, arch/x86/kvm/mmu.c", False),
+    KernelChange(
+        "kvm_age_ept", "accessed_bit", "3.6", "-", "(KVM: VMX: EPT accessed and dirty bits)",
+        "kvm_age_rmapp tests and clears the EPT accessed bit when the CPU has one (hvsim's does) "
+        "instead of zapping",
+        "yuhc/linux-3.6.5 arch/x86/kvm/mmu.c, arch/x86/kvm/vmx.c (enable_ept_ad_bits)", False),
+    KernelChange(
+        "set_pte_at_notify_change_pte_first", True, "3.7", "48af0d7cb3c8",
+        "mm: mmu_notifier: fix inconsistent memory between secondary MMU and host",
+        "set_pte_at_notify calls change_pte before set_pte_at (2.6.32..3.6: after)",
+        "yuhc/linux-3.6.5 and robacklin/linux-3.7.2 include/linux/mmu_notifier.h", True),
+    KernelChange(
+        "change_pte_falls_back_to_invalidate_page", False, "3.7", "6bdb913f0a70",
+        "mm: wrap calls to set_pte_at_notify with invalidate_range_start and invalidate_range_end",
+        "__mmu_notifier_change_pte no longer sends invalidate_page to a notifier without change_pte",
+        "yuhc/linux-3.6.5 and robacklin/linux-3.7.2 mm/mmu_notifier.c", True),
+    KernelChange(
+        "ksm_pte_updates_in_invalidate_range", True, "3.7", "6bdb913f0a70",
+        "mm: wrap calls to set_pte_at_notify with invalidate_range_start and invalidate_range_end",
+        "write_protect_page and replace_page run inside invalidate_range_start/end: KVM zaps the spte "
+        "before change_pte can rewrite it",
+        "yuhc/linux-3.6.5 and robacklin/linux-3.7.2 mm/ksm.c", True),
+    KernelChange(
+        "do_wp_page_copy_in_invalidate_range", True, "3.7", "6bdb913f0a70",
+        "mm: wrap calls to set_pte_at_notify with invalidate_range_start and invalidate_range_end",
+        "do_wp_page's copy path runs inside invalidate_range_start/end",
+        "yuhc/linux-3.6.5 and robacklin/linux-3.7.2 mm/memory.c", True),
+    KernelChange(
+        "ksm_use_zero_pages", True, "4.10", "e86c59b1b12d",
+        "mm/ksm: improve deduplication of zero pages with colouring",
+        "the use_zero_pages knob: all-zero pages merge with the zero page",
+        "(not read)", False),
+    KernelChange(
+        "notifier_has_invalidate_page", False, "4.13", "5f32b265400d", "mm/mmu_notifier: kill invalidate_page",
+        "no ->invalidate_page op: a one-page unmap is a one-page invalidate_range_start/end",
+        "jason50123/linux-4.12 and shizukanaskytree/linux-4.13.4 mm/, virt/kvm/kvm_main.c", True),
+    KernelChange(
+        "ksm_stable_node_chains", True, "4.13", "2c653d0ee2ae",
+        "ksm: introduce ksm_max_page_sharing per page deduplication limit",
+        "max_page_sharing (256) caps the mappings of one KSM page; beyond it stable node chains hold "
+        "duplicates",
+        "(not read)", False),
+    KernelChange(
+        "do_wp_page_reuse_by_refcount", True, "5.9", "09854ba94c6a", "mm: do_wp_page() simplification",
+        "do_wp_page reuses an anonymous page only when its refcount is 1 (before: when its mapcount is 1)",
+        "sndrzt/linux-2.6.32 mm/memory.c, mm/swapfile.c (reuse_swap_page); sndrzt/linux-6.8 mm/memory.c",
+        False),
+    KernelChange(
+        "kvm_retry_range_based", True, "5.13", "-", "(KVM: range-based mmu_notifier retry)",
+        "a fault retries for an invalidation in progress only if its gfn is in the invalidated range "
+        "(mmu_invalidate_retry_gfn in 6.8)",
+        "sndrzt/linux-6.8 include/linux/kvm_host.h, virt/kvm/kvm_main.c", False),
+    KernelChange(
+        "kvm_change_pte_bumps_seq", False, "5.13", "-", "(KVM: generic MMU notifier walkers)",
+        "kvm_mmu_notifier_change_pte no longer bumps mmu_notifier_seq and acts only while an "
+        "invalidation is in progress",
+        "zekezang/linux-2.6.38 and sndrzt/linux-6.8 virt/kvm/kvm_main.c", False),
+    KernelChange(
+        "ksm_smart_scan", True, "6.7", "5e924ff54d08", "ksm: add smart page scanning",
+        "the smart_scan knob, on by default: pages that keep failing to merge are skipped",
+        "(not read)", False),
+    KernelChange(
+        "kvm_change_pte", False, "6.10", "f3b65bbaed7c", "KVM: delete .change_pte MMU notifier callback",
+        "KVM registers no change_pte",
+        "(not read)", False),
+    KernelChange(
+        "notifier_has_change_pte", False, "6.10", "1af5a8109904", "mmu_notifier: remove the .change_pte() callback",
+        "the op is gone and set_pte_at_notify is plain set_pte_at",
+        "(not read)", False),
+)
+
+
+def changes_up_to(version: str) -> list[KernelChange]:
+    """The rows in force in `version`, oldest first."""
+    key = version_key(version)
+    return [c for c in CHANGES if version_key(c.version) <= key]
+
+
+def behaviour_of(version: str) -> dict[str, bool | str]:
+    """Every Profile behaviour field's value in `version`: the baseline with the rows applied in order."""
+    state = dict(BASELINE)
+    for change in changes_up_to(version):
+        state[change.field] = change.value
+    return state
+
+
+def introduced(field: str, value: bool | str = True) -> KernelChange:
+    """The row that first gave `field` the value `value` (for 'your kernel lacks X' errors)."""
+    return next(c for c in CHANGES if c.field == field and c.value == value)
+
+
+def render_kernels() -> str:
+    """`hvsim kernels`: the table, oldest change first, then how to read it."""
+    cols = ("version", "behaviour (Profile field = value)", "commit", "verified", "reason")
+    rows = [(c.version, f"{c.field} = {c.value}", c.commit, "yes" if c.verified else "unverified", c.reason)
+            for c in CHANGES]
+    base = ", ".join(f"{k} = {v}" for k, v in BASELINE.items())
+    widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(cols[:-1])]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    lines = [
+        f"hvsim kernels: the kernel changes hvsim models, {OLDEST} to {NEWEST}",
+        *textwrap.wrap(f"baseline {OLDEST}: {base}", 110, subsequent_indent="  "),
+        "",
+        fmt.format(*cols),
+        fmt.format(*("-" * w for w in widths), "-" * len(cols[-1])),
+        *(fmt.format(*r) for r in rows),
+        "",
+        "--kernel V applies every row up to V; --profile 2.6.32|3.7|6.10 are the same as --kernel.",
+        "verified: the commit id and title were seen in stored text; every behaviour was read in the trees",
+        "named in hypervisor/kernels.py except rows marked '(not read)' there.",
+    ]
+    return "\n".join(lines) + "\n"
