@@ -51,6 +51,10 @@ class Profile:
     ksm_use_zero_pages: bool
     # the smart_scan knob exists and is on by default (6.7).
     ksm_smart_scan: bool
+    # /sys/kernel/mm/ksm/general_profit exists (6.4).
+    ksm_general_profit: bool
+    # ksm_zero_pages exists and general_profit counts KSM's zero pages (6.6).
+    ksm_counts_zero_pages: bool
     # --- kvm: virt/kvm/kvm_main.c, arch/x86/kvm/mmu.c -------------------------------------------
     # kvm_mmu_notifier_change_pte is registered (until 6.10).
     kvm_change_pte: bool
@@ -60,6 +64,8 @@ class Profile:
     kvm_age_ept: str
     # kvm_mmu_notifier_change_pte bumps mmu_notifier_seq (until the generic walkers of 5.13).
     kvm_change_pte_bumps_seq: bool
+    # kvm_mmu_notifier_change_pte does nothing unless an invalidation is in progress (5.15).
+    kvm_change_pte_needs_invalidation: bool
     # the fault's retry check tests the invalidated range, not just "an invalidation is running".
     kvm_retry_range_based: bool
 

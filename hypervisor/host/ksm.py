@@ -242,7 +242,9 @@ class Ksm:
                         shared += 1
                         sharing += node.nr_items - 1
         volatile = max(0, self.rmap_items - shared - sharing - self.unshared)
-        profit = (sharing + self.ksm_zero_pages) * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
+        # general_profit counts KSM's zero pages from 6.6 (xu xin's series), not in 6.4/6.5.
+        zero = self.ksm_zero_pages if self.profile.ksm_counts_zero_pages else 0
+        profit = (sharing + zero) * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
         out = {
             "run": self.run,
             "pages_to_scan": self.pages_to_scan,
@@ -270,6 +272,10 @@ class Ksm:
             absent.append("use_zero_pages")
         if not self.profile.ksm_smart_scan:
             absent += ["smart_scan", "pages_skipped"]
+        if not self.profile.ksm_general_profit:
+            absent.append("general_profit")
+        if not self.profile.ksm_counts_zero_pages:
+            absent.append("ksm_zero_pages")
         for name in absent:
             del out[name]
         return out

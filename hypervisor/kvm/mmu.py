@@ -226,13 +226,13 @@ class TdpMmu:
             self.vm.kvm_flush_remote_tlbs()
 
     def _mn_change_pte(self, mn: MmuNotifier, mm: HostMm, address: Hva, pte: int) -> None:
-        if self.profile.kvm_change_pte_bumps_seq:
-            # 2.6.32 .. 5.x: kvm_mmu_notifier_change_pte bumps mmu_notifier_seq, then rewrites.
-            self.mmu_notifier_seq += 1
-        elif self.mmu_notifier_count == 0:
-            # 6.8: no seq bump, and nothing to do unless an invalidation is in progress
-            # (its range_start already zapped the spte; sndrzt/linux-6.8 virt/kvm/kvm_main.c).
+        if self.profile.kvm_change_pte_needs_invalidation and self.mmu_notifier_count == 0:
+            # 5.15 .. 6.9: nothing to do unless an invalidation is in progress (whose
+            # range_start already zapped the spte; sndrzt/linux-5.15, linux-6.8 kvm_main.c).
             return
+        if self.profile.kvm_change_pte_bumps_seq:
+            # 2.6.32 .. 5.12 (read in 2.6.32, 3.7.2, 5.12.9): mmu_notifier_seq++, then rewrite.
+            self.mmu_notifier_seq += 1
         self.kvm_set_spte_hva(address, pte)
 
     def _mn_invalidate_range_start(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:

@@ -43,7 +43,7 @@ def test_run_json_has_the_documented_keys() -> None:
 
 def test_run_ksm_adds_the_ksm_counters() -> None:
     code, out, _ = invoke("run", SAMEPAGE, "--vms", "2", "--ksm", "--ksm-sleep-ms", "0", "--cmdline",
-                          "pages=8 passes=4 spin=20000", "--json")
+                          "pages=8 passes=4 spin=20000", "--json", "--kernel", "6.4")
     assert code == 0
     doc = json.loads(out)
     assert doc["ksm"]["pages_sharing"] > 0 and "general_profit" in doc["ksm"]

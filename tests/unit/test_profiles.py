@@ -115,7 +115,7 @@ def test_an_unknown_kernel_is_a_config_error_saying_what_is_accepted(bad: str) -
 
 @pytest.mark.parametrize(("kernel", "knobs", "named"), [
     ("4.12", {"max_page_sharing": 128}, r"max_page_sharing; it appeared in 4\.13 \(commit 2c653d0ee2ae"),
-    ("4.9", {"use_zero_pages": True}, r"use_zero_pages; it appeared in 4\.10"),
+    ("4.10", {"use_zero_pages": True}, r"use_zero_pages; it appeared in 4\.11"),
     ("6.6", {"smart_scan": True}, r"smart_scan; it appeared in 6\.7"),
     ("6.6", {"smart_scan": False}, r"smart_scan; it appeared in 6\.7"),
 ])
