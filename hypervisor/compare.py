@@ -240,7 +240,8 @@ def render_compare(result: CompareResult) -> str:
     if savings:
         lines += ["", "attribution (each line compares two runs of this table):"]
         for sv in savings:
-            lines.append(f"  {sv.what}: saved {sv.exits} EPT_VIOLATION exits and {sv.cow_ksm} cow_ksm "
+            verb = "saved" if sv.exits >= 0 else "cost"
+            lines.append(f"  {sv.what}: {verb} {abs(sv.exits)} EPT_VIOLATION exits and {abs(sv.cow_ksm)} cow_ksm "
                          f"('{sv.before}' -> '{sv.after}')")
             if sv.also_differs:
                 lines.append(f"    (the two kernels also differ in: {'; '.join(sv.also_differs)})")
