@@ -15,6 +15,7 @@ from .compare import COMPARE_RUNS, DEFAULT_KERNELS, CompareRun, parse_kernels, r
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
+from .history import history_kernels, render_history, run_history, write_history_plot
 from .kernels import render_kernels
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
@@ -342,6 +343,47 @@ def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
             return to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict()})
 
         return _run_one(opts, cfg, render, render_json)
+
+    _guarded(go)
+
+
+@main.command()
+@_workload_options
+@_ksm_options
+def history(**kw: Any) -> None:
+    """Run IMAGE under every kernel release where a modelled behaviour changes, with and without change_pte.
+
+    Prints EPT_VIOLATION exits and cow_ksm per release (2.6.32 .. 6.12) with the rows of
+    `hvsim kernels` that change there; --plot FILE.png draws them, annotated by commit.
+    Without IMAGE, the samepage demo in 4 VMs.
+
+    \b
+    Example:
+      hvsim history guest_images/samepage.bin --vms 4 --cmdline "pages=64 passes=40 spin=100000" --plot history.png
+    """
+    opts = Options(**kw)
+
+    def go() -> int:
+        if opts.image is None:
+            opts.image, opts.vms = str(DEMO_IMAGE), DEMO_VMS
+            opts.cmdline = opts.cmdline or DEMO_CMDLINE
+        cfg = opts.config(opts.ksm(True), history_kernels()[0])
+        obs = Observers(opts.trace_path, opts.trace_events, None, not opts.quiet and not opts.as_json)
+        with interruptible(obs.stop):
+            result = run_history(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
+        obs.finish(f"{cfg.image}: history")
+        if opts.plot_path:
+            write_history_plot(opts.plot_path, result)
+        click.echo(to_json(result.as_dict()) if opts.as_json else render_history(result), nl=False)
+        errors = [e for row in result.rows for e in row.result.errors]
+        for e in errors:
+            click.echo(f"hvsim: {e}", err=True)
+        if obs.signals:
+            return EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
+        if result.console_mismatches():
+            click.echo("hvsim: " + "; ".join(result.console_mismatches()), err=True)
+            return ConsoleMismatch.exit_code
+        return GuestError.exit_code if errors else 0
 
     _guarded(go)
 
