@@ -69,6 +69,7 @@ BASELINE: dict[str, bool | str] = {
     "ksm_use_zero_pages": False,
     "ksm_smart_scan": False,
     "do_wp_page_reuse_by_refcount": False,
+    "do_wp_page_reuses_ksm_page": False,
     "kvm_change_pte": True,
     "kvm_gup_always_write": True,
     "kvm_age_ept": "always_old",
@@ -91,11 +92,11 @@ CHANGES: tuple[KernelChange, ...] = (
         "the stable tree (cmp_and_merge_page); which 2.6.33 commit removed it is inferred",
         "sndrzt/linux-2.6.32, DesignA-Electronics/linux-2.6.33.3, zekezang/linux-2.6.38 mm/ksm.c", False),
     KernelChange(
-        "kvm_age_ept", "zap", "2.6.34", "-", "(Rik van Riel: emulate the accessed bit for EPT)",
+        "kvm_age_ept", "zap", "2.6.34", "6316e1c8c6af", "KVM: VMX: emulate accessed bit for EPT",
         "kvm_age_rmapp under EPT without A/D bits: 2.6.32/2.6.33 always answer old; from 2.6.34 a present "
         "spte answers young and is zapped (kvm_unmap_rmapp), so the next access shows up",
         "sndrzt/linux-2.6.32, DesignA-Electronics/linux-2.6.33.3, urbanspr1nter/linux-2.6.34 arch/x86/kvm/mmu.c",
-        False),
+        True),
     KernelChange(
         "kvm_gup_always_write", False, "2.6.38", "612819c3c6e6",
         "KVM: propagate fault r/w information to gup(), allow read-only memory",
@@ -144,10 +145,18 @@ CHANGES: tuple[KernelChange, ...] = (
         "duplicates (before: no limit, N identical pages share one KSM page)",
         "jason50123/linux-4.12, shizukanaskytree/linux-4.13.4 mm/ksm.c", True),
     KernelChange(
+        "do_wp_page_reuses_ksm_page", True, "5.1", "52d1e606ee73", "mm: reuse only-pte-mapped KSM page in do_wp_page()",
+        "a write fault on the last mapping of a KSM page (refcount 1) reuses it in place (reuse_ksm_page): "
+        "no copy, no notifier; release 5.1 inferred (absent in 5.0.1, present in 5.2.1)",
+        "5.0.1, 5.2.1, 5.7.14, 5.8.1 mm/memory.c, mm/ksm.c", False),
+    KernelChange(
         "do_wp_page_reuse_by_refcount", True, "5.9", "09854ba94c6a", "mm: do_wp_page() simplification",
         "do_wp_page reuses an anonymous page only when its refcount is 1 (before: when its mapcount is 1)",
-        "sndrzt/linux-2.6.32 mm/memory.c, mm/swapfile.c (reuse_swap_page); sndrzt/linux-6.8 mm/memory.c",
-        False),
+        "sndrzt/linux-2.6.32 mm/memory.c, mm/swapfile.c (reuse_swap_page); 5.8.1, 5.9.1 mm/memory.c", True),
+    KernelChange(
+        "do_wp_page_reuses_ksm_page", False, "5.9", "09854ba94c6a", "mm: do_wp_page() simplification",
+        "a KSM page is always copied again (reuse_ksm_page no longer called)",
+        "5.8.1, 5.9.1, 5.12.9 mm/memory.c", True),
     KernelChange(
         "kvm_retry_range_based", True, "5.12", "4a42d848db14", "KVM: x86/mmu: Consider the hva in mmu_notifier_retry",
         "a fault retries for an invalidation in progress only if its address is in the invalidated range "

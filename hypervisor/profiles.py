@@ -38,6 +38,8 @@ class Profile:
     do_wp_page_copy_in_invalidate_range: bool
     # do_wp_page reuses an anonymous page when its refcount is 1 (5.9); before, when its mapcount is 1.
     do_wp_page_reuse_by_refcount: bool
+    # do_wp_page reuses the last mapping of a KSM page (refcount 1) in place (5.1 .. 5.8).
+    do_wp_page_reuses_ksm_page: bool
     # --- host: mm/ksm.c -------------------------------------------------------------------------
     # write_protect_page/replace_page are bracketed by invalidate_range_start/end (3.7, 6bdb913f0a70).
     ksm_pte_updates_in_invalidate_range: bool

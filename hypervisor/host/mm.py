@@ -323,6 +323,14 @@ class HostMm:
             # The page is ours alone: upgrading the pte needs no notification.
             self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
             return
+        if (is_ksm and self.profile.do_wp_page_reuses_ksm_page and int(frames.refcount[old_pfn]) == 1
+                and int(frames.stable_node[old_pfn]) > 0):
+            # 5.1 .. 5.8 reuse_ksm_page(): the last mapping of a KSM page with a stable node
+            # takes it over (page_move_anon_rmap: it stops being a KSM page); no copy, and
+            # wp_page_reuse sends no notification.  ksmd drops the stale stable node later.
+            frames.stable_node[old_pfn] = -1
+            self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
+            return
         wrap = self.profile.do_wp_page_copy_in_invalidate_range
         start, end = hva, Hva(hva + PAGE_SIZE)
         if wrap:

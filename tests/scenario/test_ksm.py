@@ -163,6 +163,15 @@ def test_guest_write_to_a_merged_page_takes_two_exits_in_every_profile(profile: 
     assert phases.sim.vmstat.counters["cow_ksm"] - phases.cow_ksm_at_merge == N
 
 
+def test_from_5_1_to_5_8_a_guest_write_to_the_last_mapping_of_a_ksm_page_takes_one_exit() -> None:
+    # As above for the first N-1 pages (two exits, one COW each).  The last write finds the
+    # KSM page with refcount 1: 5.1 .. 5.8's do_wp_page reuses it (reuse_ksm_page) without
+    # a copy or a notifier, so mmu_notifier_seq does not move and the fault is fixed at once.
+    phases = run_with_manual_ksmd(image("cowstorm.bin"), f"pages={N} passes=3 spin=50000 write_at=2", "5.8")
+    assert ept_between(phases, phases.at_merge, phases.at_line[3]) == 2 * (N - 1) + 1
+    assert phases.sim.vmstat.counters["cow_ksm"] - phases.cow_ksm_at_merge == N - 1
+
+
 KSMD = KsmConfig(enabled=True, pages_to_scan=ALL_SCANS, sleep_millisecs=0)
 
 

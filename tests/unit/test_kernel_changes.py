@@ -108,3 +108,24 @@ def test_kvm_change_pte_outside_an_invalidation_does_nothing_from_5_15(era: str,
 def test_general_profit_appears_in_6_4_and_ksm_zero_pages_in_6_6(era: str, files: set[str]) -> None:
     host = make_host(era)
     assert {"general_profit", "ksm_zero_pages"} & set(host.ksm.counters()) == files
+
+
+@pytest.mark.parametrize(("era", "reuses"), [("5.0", False), ("5.1", True), ("5.8", True), ("5.9", False)])
+def test_do_wp_page_reuses_the_last_mapping_of_a_ksm_page_only_from_5_1_to_5_8(era: str, reuses: bool) -> None:
+    # 5.1 .. 5.8 do_wp_page: a KSM page with refcount 1 and a stable node is taken over by
+    # reuse_ksm_page (no copy, no notifier); 2.6.32 .. 5.0 and 5.9+ always copy a KSM page.
+    host = make_host(era)
+    mergeable_area(host.mm, 2)
+    for i in range(2):
+        host.mm.write_bytes(page_hva(AREA, i), page_of(0x42))
+    host.ksm.set_run(1)
+    full_scan(host.ksm)
+    full_scan(host.ksm)
+    kpfn = pte_pfn(host.mm.pte(AREA))
+    host.mm.write_bytes(page_hva(AREA, 1), b"a")  # the other mapping copies: one left
+    assert host.frames.page_ksm(kpfn) and int(host.frames.refcount[kpfn]) == 1
+    host.mm.write_bytes(AREA, b"b")
+    assert (pte_pfn(host.mm.pte(AREA)) == kpfn) is reuses
+    assert host.vmstat.counters["cow_ksm"] == (1 if reuses else 2)
+    full_scan(host.ksm)
+    assert host.ksm.counters()["pages_shared"] == 0
