@@ -216,23 +216,27 @@ def introduced(field: str, value: bool | str = True) -> KernelChange:
 
 
 def render_kernels() -> str:
-    """`hvsim kernels`: the table, oldest change first, then how to read it."""
-    cols = ("version", "behaviour (Profile field = value)", "commit", "verified", "reason")
-    rows = [(c.version, f"{c.field} = {c.value}", c.commit, "yes" if c.verified else "unverified", c.reason)
-            for c in CHANGES]
+    """`hvsim kernels`: the table, oldest change first (commit title and reason under each row)."""
+    cols = ("version", "behaviour (Profile field = value)", "commit", "verified")
+    rows = [(c.version, f"{c.field} = {c.value}", c.commit, "yes" if c.verified else "unverified") for c in CHANGES]
     base = ", ".join(f"{k} = {v}" for k, v in BASELINE.items())
-    widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(cols[:-1])]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [
         f"hvsim kernels: the kernel changes hvsim models, {OLDEST} to {NEWEST}",
-        *textwrap.wrap(f"baseline {OLDEST}: {base}", 110, subsequent_indent="  "),
+        *textwrap.wrap(f"baseline {OLDEST}: {base}", 100, subsequent_indent="  "),
         "",
-        fmt.format(*cols),
-        fmt.format(*("-" * w for w in widths), "-" * len(cols[-1])),
-        *(fmt.format(*r) for r in rows),
+        fmt.format(*cols).rstrip(),
+        fmt.format(*("-" * w for w in widths)),
+    ]
+    for change, row in zip(CHANGES, rows, strict=True):
+        lines.append(fmt.format(*row).rstrip())
+        title = change.title if change.title.startswith("(") else f'"{change.title}"'
+        lines += textwrap.wrap(f"{title}: {change.reason}", 100, initial_indent=" " * 9, subsequent_indent=" " * 9)
+    lines += [
         "",
         "--kernel V applies every row up to V; --profile 2.6.32|3.7|6.10 are the same as --kernel.",
-        "verified: the commit id and title were seen in stored text; every behaviour was read in the trees",
-        "named in hypervisor/kernels.py except rows marked '(not read)' there.",
+        "verified: commit id and title seen in stored text (else from memory or inferred). Every behaviour",
+        "was read in the kernel trees each row of hypervisor/kernels.py names.",
     ]
     return "\n".join(lines) + "\n"
