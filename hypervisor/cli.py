@@ -16,7 +16,7 @@ from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
 from .history import history_kernels, render_history, run_history, write_history_plot
-from .kernels import render_kernels
+from .kernels import kernels_as_dict, render_kernels
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
 from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
@@ -389,7 +389,8 @@ def history(**kw: Any) -> None:
 
 
 @main.command()
-def kernels() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the table as one JSON document.")
+def kernels(as_json: bool) -> None:
     """Print the table of kernel changes hvsim models: version, behaviour, commit, reason.
 
     `--kernel V` on run/ksm (and each entry of compare's --kernels) applies every row up to V.
@@ -399,7 +400,7 @@ def kernels() -> None:
       hvsim kernels
       hvsim run guest_images/samepage.bin --vms 2 --ksm --kernel 2.6.38
     """
-    click.echo(render_kernels(), nl=False)
+    click.echo(to_json(kernels_as_dict()) if as_json else render_kernels(), nl=False)
 
 
 @main.command()

@@ -215,6 +215,14 @@ def introduced(field: str, value: bool | str = True) -> KernelChange:
     return next(c for c in CHANGES if c.field == field and c.value == value)
 
 
+def kernels_as_dict() -> dict[str, object]:
+    """`hvsim kernels --json`: the baseline and every row."""
+    return {"baseline": {"version": OLDEST, **BASELINE}, "releases": list(MAINLINE),
+            "changes": [{"version": c.version, "field": c.field, "value": c.value, "commit": c.commit,
+                         "title": c.title, "reason": c.reason, "read": c.read, "verified": c.verified}
+                        for c in CHANGES]}
+
+
 def render_kernels() -> str:
     """`hvsim kernels`: the table, oldest change first (commit title and reason under each row)."""
     cols = ("version", "behaviour (Profile field = value)", "commit", "verified")

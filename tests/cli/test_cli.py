@@ -107,6 +107,10 @@ def test_kernels_prints_the_table_of_changes() -> None:
     code, out, _ = invoke("kernels")
     assert code == 0
     assert "2.6.38" in out and "kvm_gup_always_write = False" in out and "6bdb913f0a70" in out
+    code, out, _ = invoke("kernels", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["baseline"]["kvm_gup_always_write"] is True
+    assert {"version": "3.7", "commit": "6bdb913f0a70"}.items() <= doc["changes"][6].items()
 
 
 def test_ksm_command_shows_sysfs_files() -> None:

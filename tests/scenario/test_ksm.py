@@ -252,6 +252,12 @@ def test_compare_attributes_each_saving_to_the_change_that_made_it() -> None:
     for label in ("3.7", "6.10"):
         assert s[label]["sptes_rewritten"] == 0 and s[label]["cow_ksm"] == 0 and s[label]["sptes_zapped"] > 0
     assert s["3.7"]["change_pte_calls"] > 0 == s["6.10"]["change_pte_calls"]
+    # Remote TLB flushes: kvm_set_pte_rmapp flushes once per spte it rewrote (2.6.32: twice per
+    # merged page, write-protect then re-point); range_start and invalidate_page once per zap.
+    for label in ("2.6.32", "2.6.38"):
+        assert s[label]["remote_tlb_flush"] == s[label]["sptes_rewritten"]
+    for label in ("2.6.32 no change_pte", "2.6.38 no change_pte", "3.7", "6.10"):
+        assert s[label]["remote_tlb_flush"] == s[label]["sptes_zapped"]
     saved = {sv.what: sv for sv in result.attribution()}
     cp32, cp38 = saved["change_pte in 2.6.32"], saved["change_pte in 2.6.38"]
     assert cp32.exits == s["2.6.32 no change_pte"]["EPT_VIOLATION"] - base
