@@ -93,15 +93,17 @@ def write_history_plot(path: str, result: CompareResult) -> None:
              label="KVM without change_pte")
     # Where a curve moves, mark the release with the commits it brought.
     top_y = max([r.ept_violations for _, r, _ in points] + [y for _, y in bare])
+    marks = 0
     for x in xs[1:]:
         (_, row, b), (_, prev, pb) = points[x], points[x - 1]
-        moved = row.ept_violations != prev.ept_violations or (
+        moved = row.ept_violations != prev.ept_violations or (b is None) != (pb is None) or (
             b is not None and pb is not None and b.ept_violations != pb.ept_violations)
         if moved:
             commits = sorted({c.commit for c in CHANGES if c.version == labels[x] and c.commit != "-"})
             top.axvline(x - 0.5, color="red", alpha=0.4, linewidth=1)
-            top.annotate(f"{labels[x]}: " + ", ".join(commits), xy=(x - 0.45, top_y), fontsize=7, color="red",
-                         va="top")
+            top.annotate(f"{labels[x]}: " + ", ".join(commits), xy=(x - 0.45, top_y * (0.97 - 0.1 * (marks % 3))),
+                         fontsize=7, color="red", va="top")
+            marks += 1
     top.set_ylabel("EPT_VIOLATION exits")
     top.set_title(f"{result.base.image.rsplit('/', 1)[-1]} ({result.base.vms} VMs, {result.base.cmdline}): "
                   "exits and KSM COW breaks per kernel release")
