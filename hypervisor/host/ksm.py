@@ -328,7 +328,7 @@ class Ksm:
         page_node = frames.stable_node[pfns]
         if self.profile.ksm_unmerges_unshared_ksm_page:
             # 2.6.32's ksm_do_scan: a KSM page in the stable tree is left alone unless it is
-            # mapped only once, and then it is unmerged (gone in 2.6.38's ksm_do_scan).
+            # mapped only once, and then it is unmerged (gone by 2.6.33.3's ksm_do_scan).
             settled = in_stable & (page_node >= 0)
             single = settled & (frames.mapcount[pfns] == 1)
             work = np.flatnonzero(~settled | single)
