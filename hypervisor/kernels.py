@@ -158,20 +158,20 @@ CHANGES: tuple[KernelChange, ...] = (
         "a KSM page is always copied again (reuse_ksm_page no longer called)",
         "5.8.1, 5.9.1, 5.12.9 mm/memory.c", True),
     KernelChange(
-        "kvm_retry_range_based", True, "5.12", "4a42d848db14", "KVM: x86/mmu: Consider the hva in mmu_notifier_retry",
+        "kvm_retry_range_based", True, "5.12", "4a42d848db14", "KVM: x86/mmu: Consider the hva in mmu_notifier retry",
         "a fault retries for an invalidation in progress only if its address is in the invalidated range "
         "(mmu_notifier_retry_hva; mmu_invalidate_retry_gfn in 6.8)",
         "CompressionDuck/linux-5.11, zhangyinjun/linux-5.12.9, sndrzt/linux-6.8 include/linux/kvm_host.h", False),
     KernelChange(
-        "kvm_change_pte_bumps_seq", False, "5.13", "3039bcc74498",
-        "KVM: Move x86's MMU notifier memslot walkers to generic code",
+        "kvm_change_pte_bumps_seq", False, "5.13", "c13fda237f08",
+        "KVM: Assert that notifier count is elevated in .change_pte()",
         "kvm_mmu_notifier_change_pte no longer bumps mmu_notifier_seq (5.12.9 does, 5.14-rc5 does not)",
         "zhangyinjun/linux-5.12.9, lsk-legends/linux-5.14 virt/kvm/kvm_main.c", False),
     KernelChange(
         "kvm_change_pte_needs_invalidation", True, "5.15", "071064f14d87",
         "KVM: Don't take mmu_lock for range invalidation unless necessary",
         "kvm_mmu_notifier_change_pte returns at once unless an invalidation is in progress",
-        "lsk-legends/linux-5.14, sndrzt/linux-5.15, sndrzt/linux-6.8 virt/kvm/kvm_main.c", False),
+        "lsk-legends/linux-5.14, sndrzt/linux-5.15, sndrzt/linux-6.8 virt/kvm/kvm_main.c", True),
     KernelChange(
         "ksm_general_profit", True, "6.4", "-", "mm: add new KSM process and sysfs knobs",
         "/sys/kernel/mm/ksm/general_profit exists",
