@@ -180,7 +180,9 @@ def machine_for(profile: str, change_pte: bool) -> type[CoherenceMachine]:
 SETTINGS = settings(max_examples=80, stateful_step_count=50, deadline=None)
 Test_2_6_32 = SETTINGS(machine_for("2.6.32", True)).TestCase
 Test_2_6_32_no_change_pte = SETTINGS(machine_for("2.6.32", False)).TestCase
+Test_2_6_38_no_change_pte = SETTINGS(machine_for("2.6.38", False)).TestCase
 Test_3_7 = SETTINGS(machine_for("3.7", True)).TestCase
+Test_5_8 = SETTINGS(machine_for("5.8", True)).TestCase  # do_wp_page reuses a lone KSM page
 Test_6_10 = SETTINGS(machine_for("6.10", True)).TestCase
 
 
