@@ -146,7 +146,7 @@ class RunResult:
         d: dict[str, Any] = {
             "hvsim_version": __version__,
             "config": self.config.as_dict(),
-            "profile": {"name": self.profile.name, "summary": self.profile.summary},
+            "profile": {"name": self.profile.name, "kernel": self.profile.version, "summary": self.profile.summary},
             "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms},
             "vms": [v.as_dict() for v in self.vms],
             "totals": self.totals(),
