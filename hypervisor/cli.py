@@ -248,7 +248,7 @@ def main() -> None:
 @_workload_options
 @_kernel_options
 @click.option("--no-change-pte", is_flag=True,
-              help="KVM registers its notifier without ->change_pte (it gets ->invalidate_page instead).")
+              help="KVM registers its notifier without ->change_pte (up to 3.6 it then gets ->invalidate_page).")
 @click.option("--ksm", "ksm_on", is_flag=True, help="Mark guest RAM MADV_MERGEABLE and run ksmd.")
 @_ksm_options
 @click.option("--perf-kvm-stat", is_flag=True,
