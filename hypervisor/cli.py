@@ -11,11 +11,19 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .compare import COMPARE_RUNS, DEFAULT_KERNELS, CompareRun, parse_kernels, render_compare, run_compare
+from .compare import (
+    COMPARE_RUNS,
+    DEFAULT_KERNELS,
+    CompareResult,
+    CompareRun,
+    parse_kernels,
+    render_compare,
+    run_compare,
+)
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest.catalog import bundled_guests
-from .history import history_kernels, render_history, run_history, write_history_plot
+from .history import history_kernels, history_runs, render_history, write_history_plot
 from .kernels import kernels_as_dict, render_kernels
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
@@ -204,12 +212,18 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
     return _run_exit_code(result, obs.signals)
 
 
-def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> int:
-    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
+def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPARE_RUNS,
+             render: Callable[[CompareResult], str] = render_compare,
+             plot: Callable[[str, CompareResult], None] | None = None) -> int:
+    """Run `runs` and print them (`plot`, if given, draws --plot instead of the time series)."""
+    series_plot = opts.plot_path if plot is None else None
+    obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json)
     with interruptible(obs.stop):
         result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
     obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
-    click.echo(to_json(result.as_dict()) if opts.as_json else render_compare(result), nl=False)
+    if plot is not None and opts.plot_path:
+        plot(opts.plot_path, result)
+    click.echo(to_json(result.as_dict()) if opts.as_json else render(result), nl=False)
     errors = [e for row in result.rows for e in row.result.errors]
     for e in errors:
         click.echo(f"hvsim: {e}", err=True)
@@ -367,23 +381,8 @@ def history(**kw: Any) -> None:
         if opts.image is None:
             opts.image, opts.vms = str(DEMO_IMAGE), DEMO_VMS
             opts.cmdline = opts.cmdline or DEMO_CMDLINE
-        cfg = opts.config(opts.ksm(True), history_kernels()[0])
-        obs = Observers(opts.trace_path, opts.trace_events, None, not opts.quiet and not opts.as_json)
-        with interruptible(obs.stop):
-            result = run_history(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
-        obs.finish(f"{cfg.image}: history")
-        if opts.plot_path:
-            write_history_plot(opts.plot_path, result)
-        click.echo(to_json(result.as_dict()) if opts.as_json else render_history(result), nl=False)
-        errors = [e for row in result.rows for e in row.result.errors]
-        for e in errors:
-            click.echo(f"hvsim: {e}", err=True)
-        if obs.signals:
-            return EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
-        if result.console_mismatches():
-            click.echo("hvsim: " + "; ".join(result.console_mismatches()), err=True)
-            return ConsoleMismatch.exit_code
-        return GuestError.exit_code if errors else 0
+        runs = history_runs(history_kernels())
+        return _compare(opts, opts.config(opts.ksm(True), runs[0].profile), runs, render_history, write_history_plot)
 
     _guarded(go)
 

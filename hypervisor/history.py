@@ -8,14 +8,10 @@ release's rows annotated by commit, which is the picture of change_pte's history
 useful until 2.6.38 mostly by hiding 2.6.32's write pins, dead from 3.7, deleted in 6.10.
 """
 
-from collections.abc import Callable
-from typing import Any
-
-from .compare import CompareResult, CompareRow, CompareRun, run_compare
+from .compare import CompareResult, CompareRow, CompareRun
 from .errors import ConfigError
 from .kernels import CHANGES, NEWEST, OLDEST, version_key
 from .profiles import get_profile
-from .sim import SimConfig, Simulation
 
 
 def history_kernels() -> list[str]:
@@ -30,12 +26,6 @@ def history_runs(kernels: list[str]) -> tuple[CompareRun, ...]:
         if get_profile(v).uses_change_pte:
             runs.append(CompareRun(f"{v} no change_pte", v, False, True))
     return tuple(runs)
-
-
-def run_history(base: SimConfig, check: bool = False,
-                trace: Callable[[str, dict[str, Any]], None] | None = None,
-                observe: Callable[[str, Simulation], None] | None = None) -> CompareResult:
-    return run_compare(base, check=check, trace=trace, observe=observe, runs=history_runs(history_kernels()))
 
 
 def _by_kernel(result: CompareResult) -> list[tuple[str, CompareRow, CompareRow | None]]:
