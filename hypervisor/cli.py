@@ -6,6 +6,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -22,6 +23,7 @@ from .compare import (
 )
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
+from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
 from .history import history_kernels, history_runs, render_history, write_history_plot
 from .kernels import kernels_as_dict, render_kernels
@@ -416,3 +418,33 @@ def images() -> None:
         click.echo(f"{guest.name:<10} {guest.summary}")
         click.echo(f"{'':<10} {params}")
         click.echo(f"{'':<10} {guest.image}")
+
+
+@main.command("build-guest")
+@click.argument("sources", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PROG.elf",
+              help="The ELF64 guest image to write.")
+@click.option("--print-include-dir", is_flag=True, help="Print the directory of hvsim.h (the SDK) and exit.")
+def build_guest_cmd(sources: tuple[Path, ...], output: Path | None, print_include_dir: bool) -> None:
+    """Compile C guests against hvsim's guest SDK (hvsim.h) with the system cc.
+
+    \b
+    Examples:
+      hvsim build-guest prog.c -o prog.elf
+      hvsim build-guest main.c table.c -o kv.elf && hvsim run kv.elf --cmdline "keys=1000"
+      hvsim build-guest --print-include-dir
+    """
+    if print_include_dir:
+        click.echo(str(SDK_DIR))
+        return
+
+    def go() -> int:
+        if output is None:
+            raise ConfigError("no output file: give one with -o, e.g. `hvsim build-guest prog.c -o prog.elf`.")
+        built = build_guest(list(sources), output)
+        if built.warnings:
+            click.echo(built.warnings, err=True)
+        click.echo(f"hvsim build-guest: wrote {built.path} ({built.size} bytes); run it with `hvsim run {built.path}`")
+        return 0
+
+    _guarded(go)
