@@ -21,14 +21,28 @@ from .compare import (
     render_compare,
     run_compare,
 )
-from .costs import CostModel
-from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
+from .costs import DEFAULT_CYCLES, CostModel
+from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
 from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
 from .history import history_kernels, history_runs, render_history, write_history_plot
 from .kernels import kernels_as_dict, render_kernels
+from .kvm.exits import ExitReason
+from .messages import HvsimGroup, after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
+from .options import (
+    OutputFile,
+    check_outputs,
+    cmdline_warnings,
+    given,
+    kernel_of,
+    refuse_given,
+    resolve_image,
+    trace_warnings,
+)
+from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
+from .races import EVENTS, FAULT_POINTS, KSM_POINTS
 from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
@@ -39,10 +53,15 @@ from .sim import (
     RunResult,
     SimConfig,
     Simulation,
-    parse_size,
+    validate,
 )
+from .sizes import parse_size
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
+# `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
+RUN_ONLY_PARAMS = ("kernel", "profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz")
+# The KSM knobs (parameter names), refused alike by `run` without --ksm.
+KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
 DEMO_VMS = 4
 DEMO_CMDLINE = "pages=64 passes=40 spin=100000"
 
@@ -59,7 +78,7 @@ def _options(options: list[Callable[[F], F]]) -> Callable[[F], F]:
 
 
 _workload_options = _options([
-    click.argument("image", required=False, type=click.Path(dir_okay=False)),
+    click.argument("image", required=False, type=click.Path()),
     click.option("--memory", default="64M", show_default=True, help="Guest RAM per VM (e.g. 64M, 1G)."),
     click.option("--cmdline", default="", help="The guest's command line (see `hvsim images`)."),
     click.option("--vms", default=1, show_default=True, type=int, help="Number of VMs, one vCPU each."),
@@ -72,25 +91,19 @@ _workload_options = _options([
     click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables."),
     click.option("--check", is_flag=True,
                  help="Verify the coherence invariants after every exit, notifier call and ksmd step."),
-    click.option("--inject", multiple=True, metavar="POINT:EVENT[@N]",
-                 help="Fire a host event at a named point of the fault path or ksmd (repeatable), "
-                      "e.g. after_gfn_to_pfn:cow@1; see README, Correctness."),
-    click.option("--trace", "trace_path", metavar="FILE",
+    click.option("--inject", multiple=True, metavar="POINT:EVENT[@N|@all]",
+                 help="Fire a host event at a named point of the fault path or ksmd (repeatable), the N-th time "
+                      "(default 1) or @all times it is reached, e.g. after_gfn_to_pfn:cow@3. "
+                      f"POINT: {', '.join(FAULT_POINTS + KSM_POINTS)} (ksm_* need KSM on). "
+                      f"EVENT: {', '.join(EVENTS)} (ksm_scan only at after_gfn_to_pfn)."),
+    click.option("--trace", "trace_path", metavar="FILE", type=OutputFile(),
                  help="Write every event with its tracepoint name; FILE.json is Chrome trace JSON for Perfetto, "
                       "any other name trace-cmd-style text."),
     click.option("--trace-events", metavar="GLOB[,GLOB]", help="Only trace matching events, e.g. 'kvm_exit,ksm_*'."),
-    click.option("--plot", "plot_path", metavar="FILE.png",
+    click.option("--plot", "plot_path", metavar="FILE.png", type=OutputFile(check_plot_file),
                  help="Plot EPT_VIOLATION exits per simulated ms and KSM sharing (needs matplotlib)."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
 ])
-
-def _kernel_of(kernel: str | None, profile: str | None) -> str:
-    """--kernel VERSION, or its older spelling --profile ERA; both only if they agree."""
-    if kernel is not None and profile is not None and kernel != profile:
-        raise ConfigError(f"--kernel {kernel} and --profile {profile} disagree: give one of them "
-                          "(--profile is the old name of --kernel).")
-    return kernel or profile or DEFAULT_PROFILE
-
 
 _kernel_options = _options([
     click.option("--kernel", metavar="VERSION", default=None,
@@ -155,16 +168,28 @@ class Options:
                 out.append((int(ms), int(run)))
             except ValueError:
                 raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
+            if out[-1][0] < 0:
+                raise ConfigError(f"--ksm-run-at {v!r}: MS is a simulated time, from 0 on.")
         return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
                          sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
                          use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan, run_at=tuple(out))
 
     def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
         if self.image is None:
-            raise ConfigError("no guest image given: name one, e.g. guest_images/hello.bin (see `hvsim images`).")
-        return SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
+            raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
+        cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
                          max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
                          quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
+        validate(cfg)
+        for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):
+            warn(line)
+        return cfg
+
+    def prepare(self, ctx: click.Context) -> None:
+        """Before anything runs: IMAGE by name or path, and every output file."""
+        if self.image is not None:
+            self.image = resolve_image(self.image)
+        check_outputs(ctx, [self.image] if self.image else [])
 
 
 def _run_exit_code(result: RunResult, signals: list[int]) -> int:
@@ -172,17 +197,18 @@ def _run_exit_code(result: RunResult, signals: list[int]) -> int:
         return EXIT_INTERRUPTED.get(signal.Signals(signals[0]), 130)
     if result.violation is not None:
         return InvariantViolation.exit_code
-    if any(v.error and "--max-insns" in v.error for v in result.vms):
-        return GuestTimeout.exit_code
-    if result.errors:
-        return GuestError.exit_code
-    return 0
+    kinds = [v.error_kind for v in result.vms if v.error_kind is not None]
+    return max(kind.exit_code for kind in kinds) if kinds else 0
 
 
 def _guarded(fn: Callable[[], int]) -> None:
     """Every failure is a one-paragraph message and an exit code, never a traceback."""
     try:
         code = fn()
+    except BrokenPipeError:
+        # The reader went away (`hvsim run ... | head`): stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except HvsimError as err:
         click.echo(f"hvsim: {err}", err=True)
         sys.exit(err.exit_code)
@@ -202,16 +228,15 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
     obs.observe("", sim)
     with interruptible(obs.stop):
         result = sim.run()
-    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), profile {result.profile.name}")
-    if opts.as_json:
-        click.echo(render_json(result) if render_json else to_json(result.as_dict()), nl=False)
-    else:
-        click.echo(render(result), nl=False)
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), profile {result.profile.name}"
+               f"{', KSM on' if cfg.ksm.enabled else ''}")
+    emit(render_json(result) if opts.as_json and render_json else
+         to_json(result.as_dict()) if opts.as_json else render(result))
     for line in result.errors:
         click.echo(f"hvsim: {line}", err=True)
     if obs.signals:
         click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-    return _run_exit_code(result, obs.signals)
+    return after_run(obs, [result], _run_exit_code(result, obs.signals))
 
 
 def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPARE_RUNS,
@@ -219,30 +244,40 @@ def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPA
              plot: Callable[[str, CompareResult], None] | None = None) -> int:
     """Run `runs` and print them (`plot`, if given, draws --plot instead of the time series)."""
     series_plot = opts.plot_path if plot is None else None
-    obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json)
+    obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json, len(runs))
     with interruptible(obs.stop):
         result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
-    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
     if plot is not None and opts.plot_path:
         plot(opts.plot_path, result)
-    click.echo(to_json(result.as_dict()) if opts.as_json else render(result), nl=False)
-    errors = [e for row in result.rows for e in row.result.errors]
+    emit(to_json(result.as_dict()) if opts.as_json else render(result))
+    results = [row.result for row in result.rows]
+    errors = [e for r in results for e in r.errors]
     for e in errors:
         click.echo(f"hvsim: {e}", err=True)
+    code = max((_run_exit_code(r, []) for r in results), default=0)
     if obs.signals:
         click.echo("hvsim: interrupted; the table above is what the runs had reached.", err=True)
-        return EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
-    mismatches = result.console_mismatches()
-    if mismatches:
-        click.echo("hvsim: " + "; ".join(mismatches) + ". The guest's own computation must not depend on "
-                   "the kernel era: this is a bug in hvsim.", err=True)
-        return ConsoleMismatch.exit_code
-    if any(row.result.violation for row in result.rows):
-        return InvariantViolation.exit_code
-    return GuestError.exit_code if errors else 0
+        code = EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
+    elif result.console_mismatches():
+        click.echo("hvsim: " + "; ".join(result.console_mismatches()) + ". The guest's own computation must "
+                   "not depend on the kernel: this is a bug in hvsim.", err=True)
+        code = ConsoleMismatch.exit_code
+    return after_run(obs, results, code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _demo(ctx: click.Context, opts: Options, runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> int:
+    """`hvsim run` or `hvsim compare` without IMAGE: compare the samepage guest; given options are honoured."""
+    opts.image = str(DEMO_IMAGE)
+    if not given(ctx, "cmdline"):
+        opts.cmdline = DEMO_CMDLINE
+    if not given(ctx, "vms"):
+        opts.vms = DEMO_VMS
+    opts.prepare(ctx)
+    return _compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
+
+
+@click.group(cls=HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hvsim")
 def main() -> None:
     """hvsim: a simulator of Linux/KVM memory virtualization (TDP MMU, mmu_notifier, KSM).
@@ -250,9 +285,9 @@ def main() -> None:
     \b
     Examples:
       hvsim run                                  # the change_pte demo (a short `compare`)
-      hvsim run guest_images/hello.bin
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --kernel 2.6.38
-      hvsim compare guest_images/samepage.bin --vms 4
+      hvsim run hello                            # a bundled guest by name (`hvsim images`)
+      hvsim run samepage --vms 4 --ksm --kernel 2.6.38
+      hvsim compare samepage --vms 4
       hvsim kernels                              # what each kernel version means
       hvsim images
 
@@ -265,13 +300,18 @@ def main() -> None:
 @_kernel_options
 @click.option("--no-change-pte", is_flag=True,
               help="KVM registers its notifier without ->change_pte (up to 3.6 it then gets ->invalidate_page).")
-@click.option("--ksm", "ksm_on", is_flag=True, help="Mark guest RAM MADV_MERGEABLE and run ksmd.")
+@click.option("--ksm", "ksm_on", is_flag=True,
+              help="Mark guest RAM MADV_MERGEABLE and run ksmd; the --ksm-* knobs need it.")
 @_ksm_options
 @click.option("--perf-kvm-stat", is_flag=True,
               help="Print exits in `perf kvm stat report`'s layout, timed by a documented cost model.")
 @click.option("--exit-cost", multiple=True, metavar="NAME=CYCLES",
-              help="Override a cost-model entry, e.g. EPT_VIOLATION.cow=8000 (see hypervisor/costs.py).")
-@click.option("--cpu-mhz", default=2000, show_default=True, type=int, help="Clock of the cost model.")
+              help="With --perf-kvm-stat: override a cost-model entry (repeatable), e.g. EPT_VIOLATION.cow=8000. "
+                   f"NAME (default cycles): {', '.join(f'{k} ({v})' for k, v in DEFAULT_CYCLES.items())}, "
+                   "or an exit reason, for extra cycles on every exit of it (default 0): "
+                   f"{', '.join(r.name for r in ExitReason)}.")
+@click.option("--cpu-mhz", default=2000, show_default=True, type=int,
+              help="With --perf-kvm-stat: the clock of the cost model.")
 def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool,
         exit_cost: tuple[str, ...], cpu_mhz: int, **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
@@ -280,26 +320,35 @@ def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bo
 
     \b
     Examples:
-      hvsim run guest_images/hello.bin
-      hvsim run guest_images/memtouch.bin --memory 64M --cmdline "pages=4096 passes=3" --json
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --kernel 2.6.38 --no-change-pte
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --perf-kvm-stat --trace run.json
+      hvsim run hello
+      hvsim run memtouch --memory 64M --cmdline "pages=4096 passes=3" --json
+      hvsim run samepage --vms 4 --ksm --kernel 2.6.38 --no-change-pte
+      hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
+    ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
         if opts.image is None:
-            opts.image, opts.cmdline, opts.vms = str(DEMO_IMAGE), DEMO_CMDLINE, DEMO_VMS
-            return _compare(opts, opts.config(opts.ksm(True)))
-        cfg = opts.config(opts.ksm(ksm_on), _kernel_of(kernel, profile), not no_change_pte)
+            refuse_given(ctx, RUN_ONLY_PARAMS, "cannot be given without IMAGE: `hvsim run` alone runs the demo, a "
+                         "`compare` of every era; name an image for one run, e.g. `hvsim run samepage --ksm`.")
+            return _demo(ctx, opts)
+        if not ksm_on:
+            refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
+        if not perf_kvm_stat:
+            refuse_given(ctx, ("exit_cost", "cpu_mhz"),
+                         "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
+        elif opts.as_json:
+            raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
         render: Callable[[RunResult], str] = render_run
         if perf_kvm_stat:
-            model = CostModel(cpu_mhz=cpu_mhz)
-            model.override(exit_cost)
             if cpu_mhz <= 0:
                 raise ConfigError("--cpu-mhz must be positive.")
+            model = CostModel(cpu_mhz=cpu_mhz)
+            model.override(exit_cost)
             render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
-        return _run_one(opts, cfg, render)
+        opts.prepare(ctx)
+        return _run_one(opts, opts.config(opts.ksm(ksm_on), kernel_of(kernel, profile), not no_change_pte), render)
 
     _guarded(go)
 
@@ -317,17 +366,18 @@ def compare(kernels: str, **kw: Any) -> None:
 
     \b
     Examples:
-      hvsim compare guest_images/samepage.bin --vms 4 --cmdline "pages=64 passes=40 spin=100000"
-      hvsim compare guest_images/samepage.bin --vms 4 --kernels 3.6,3.6-no-change-pte,3.7,4.19
-      hvsim compare guest_images/samepage.bin --vms 4 --plot eras.png --trace eras.json
+      hvsim compare samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000"
+      hvsim compare samepage --vms 4 --kernels 3.6,3.6-no-change-pte,3.7,4.19
+      hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
+    ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
-        if opts.image is None:
-            opts.image = str(DEMO_IMAGE)
-            opts.cmdline = opts.cmdline or DEMO_CMDLINE
         runs = parse_kernels(kernels.split(","))
+        if opts.image is None:
+            return _demo(ctx, opts, runs)
+        opts.prepare(ctx)
         return _compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
 
     _guarded(go)
@@ -345,12 +395,14 @@ def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
 
     \b
     Example:
-      hvsim ksm guest_images/samepage.bin --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
+      hvsim ksm samepage --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
+    ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
-        cfg = opts.config(opts.ksm(True), _kernel_of(kernel, profile))
+        opts.prepare(ctx)
+        cfg = opts.config(opts.ksm(True), kernel_of(kernel, profile))
 
         def render(result: RunResult) -> str:
             return "\n".join(ksm_lines(result.ksm or {}, result.vmstat)) + "\n"
@@ -375,15 +427,18 @@ def history(**kw: Any) -> None:
 
     \b
     Example:
-      hvsim history guest_images/samepage.bin --vms 4 --cmdline "pages=64 passes=40 spin=100000" --plot history.png
+      hvsim history samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000" --plot history.png
     """
+    ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
-        if opts.image is None:
-            opts.image, opts.vms = str(DEMO_IMAGE), DEMO_VMS
-            opts.cmdline = opts.cmdline or DEMO_CMDLINE
         runs = history_runs(history_kernels())
+        if opts.image is None:
+            opts.image = str(DEMO_IMAGE)
+            opts.cmdline = opts.cmdline if given(ctx, "cmdline") else DEMO_CMDLINE
+            opts.vms = opts.vms if given(ctx, "vms") else DEMO_VMS
+        opts.prepare(ctx)
         return _compare(opts, opts.config(opts.ksm(True), runs[0].profile), runs, render_history, write_history_plot)
 
     _guarded(go)
@@ -399,7 +454,7 @@ def kernels(as_json: bool) -> None:
     \b
     Example:
       hvsim kernels
-      hvsim run guest_images/samepage.bin --vms 2 --ksm --kernel 2.6.38
+      hvsim run samepage --vms 2 --ksm --kernel 2.6.38
     """
     click.echo(to_json(kernels_as_dict()) if as_json else render_kernels(), nl=False)
 
@@ -411,8 +466,9 @@ def images() -> None:
     \b
     Example:
       hvsim images
-      hvsim run guest_images/memtouch.bin --cmdline "pages=4096 passes=3"
+      hvsim run memtouch --cmdline "pages=4096 passes=3"
     """
+    click.echo("Run one with `hvsim run NAME` (every command takes a NAME or the path of an image file).\n")
     for guest in bundled_guests(GUEST_IMAGES):
         params = " ".join(f"{name}={default}" for name, default, _ in guest.params) or "(no parameters)"
         click.echo(f"{guest.name:<10} {guest.summary}")
@@ -422,10 +478,9 @@ def images() -> None:
 
 @main.command("build-guest")
 @click.argument("sources", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="PROG.elf",
-              help="The ELF64 guest image to write.")
+@click.option("-o", "--output", type=OutputFile(), metavar="PROG.elf", help="The ELF64 guest image to write.")
 @click.option("--print-include-dir", is_flag=True, help="Print the directory of hvsim.h (the SDK) and exit.")
-def build_guest_cmd(sources: tuple[Path, ...], output: Path | None, print_include_dir: bool) -> None:
+def build_guest_cmd(sources: tuple[Path, ...], output: str | None, print_include_dir: bool) -> None:
     """Compile C guests against hvsim's guest SDK (hvsim.h) with the system cc.
 
     \b
@@ -441,7 +496,8 @@ def build_guest_cmd(sources: tuple[Path, ...], output: Path | None, print_includ
     def go() -> int:
         if output is None:
             raise ConfigError("no output file: give one with -o, e.g. `hvsim build-guest prog.c -o prog.elf`.")
-        built = build_guest(list(sources), output)
+        check_outputs(click.get_current_context(), [str(s) for s in sources])
+        built = build_guest(list(sources), Path(output))
         if built.warnings:
             click.echo(built.warnings, err=True)
         click.echo(f"hvsim build-guest: wrote {built.path} ({built.size} bytes); run it with `hvsim run {built.path}`")

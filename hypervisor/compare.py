@@ -19,7 +19,8 @@ from . import __version__
 from .errors import ConfigError
 from .kernels import changes_up_to, version_key
 from .profiles import Profile, get_profile
-from .sim import KsmConfig, RunResult, SimConfig, Simulation
+from .races import KSM_POINTS, RaceSpec
+from .sim import KsmConfig, RunResult, SimConfig, Simulation, image_label
 
 NO_CHANGE_PTE = "-no-change-pte"
 DEFAULT_KERNELS = ("2.6.32", "2.6.32-no-change-pte", "2.6.38", "2.6.38-no-change-pte", "3.7", "6.10")
@@ -197,7 +198,9 @@ def run_compare(base: SimConfig, check: bool = False,
     rows = []
     for spec in runs:
         ksm = replace(base.ksm, enabled=spec.ksm) if spec.ksm else KsmConfig()
-        cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm)
+        # Without KSM there is no ksmd to inject into: the ksm_* injections apply to the KSM runs only.
+        inject = base.inject if spec.ksm else tuple(t for t in base.inject if RaceSpec.parse(t).point not in KSM_POINTS)
+        cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm, inject=inject)
         sim = Simulation(cfg, trace=trace, check=check)
         if observe is not None:
             observe(spec.label, sim)
@@ -232,7 +235,7 @@ def render_compare(result: CompareResult) -> str:
             str(s["remote_tlb_flush"]),
         ))
     lines = [
-        f"hvsim compare: {cfg.image}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
+        f"hvsim compare: {image_label(cfg.image)}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}",
         *_table(cols, rows),
     ]

@@ -12,6 +12,7 @@ from .compare import CompareResult, CompareRow, CompareRun
 from .errors import ConfigError
 from .kernels import CHANGES, NEWEST, OLDEST, version_key
 from .profiles import get_profile
+from .sim import image_label
 
 
 def history_kernels() -> list[str]:
@@ -49,7 +50,7 @@ def render_history(result: CompareResult) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols[:-1])]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths)) + "  {}"
     lines = [
-        f"hvsim history: {cfg.image}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
+        f"hvsim history: {image_label(cfg.image)}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}; "
         f"KSM off: {base} EPT_VIOLATION",
         fmt.format(*cols),

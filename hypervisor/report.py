@@ -11,7 +11,7 @@ from typing import Any
 
 from .costs import CostModel
 from .kvm.stats import HVSIM_ONLY
-from .sim import RunResult, VmResult
+from .sim import RunResult, VmResult, image_label
 
 KSM_SYSFS_ORDER = (
     "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "smart_scan", "pages_shared",
@@ -52,7 +52,7 @@ def ksm_lines(counters: dict[str, int], vmstat: dict[str, int]) -> list[str]:
 
 
 def _vm_block(v: VmResult, sim_seconds: float) -> list[str]:
-    lines = [f"== vm{v.id}: {v.image} =="]
+    lines = [f"== vm{v.id}: {image_label(v.image)} =="]
     if v.console:
         lines.append(" console:")
         lines += ["   " + line for line in v.console.rstrip("\n").split("\n")]
@@ -128,5 +128,6 @@ def render_perf_kvm_stat(result: RunResult, model: CostModel) -> str:
         lines.append(f"{reason:>20} {n:>10} {100.0 * n / all_samples:>8.2f}% {100.0 * total / all_time:>8.2f}% "
                      f"{lo:>9.2f}us {hi:>9.2f}us {mean:>11.2f}us ( +- {rel:6.2f}% )")
     lines += ["", f"Total Samples:{all_samples}, Total events handled time:{all_time:.2f}us.",
-              f"(times from hvsim's cost model at {model.cpu_mhz} MHz, not measured: see hypervisor/costs.py)"]
+              f"(times from hvsim's cost model at {model.cpu_mhz} MHz, not measured: "
+              "see --exit-cost in `hvsim run --help`)"]
     return "\n".join(lines) + "\n"

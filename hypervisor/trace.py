@@ -64,6 +64,9 @@ _FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+FORMATTED_EVENTS = tuple(_FORMATS)
+
+
 def format_fields(event: str, fields: dict[str, Any]) -> str:
     fmt = _FORMATS.get(event)
     if fmt is not None:
@@ -75,13 +78,18 @@ def format_fields(event: str, fields: dict[str, Any]) -> str:
 
 
 class TraceWriter:
-    """A trace consumer: pass `writer.event` as a Simulation's trace, then `bind` the simulation."""
+    """A trace consumer: pass `writer.event` as a Simulation's trace, then `bind` the simulation.
+
+    The file is created when the first run is bound (so a run refused before it starts leaves
+    none).  A write that fails (a full disk) stops the trace, not the run: `error` says why.
+    """
 
     def __init__(self, path: str, events: str | None = None) -> None:
         self.path = path
         self.json = path.endswith(".json")
         self.globs = [g.strip() for g in events.split(",") if g.strip()] if events else None
-        self.file: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.file: IO[str] | None = None
+        self.error: str | None = None
         self.sim: Simulation | None = None
         self.run_index = -1
         self.label = ""
@@ -89,14 +97,25 @@ class TraceWriter:
         self._first_json = True
         self._insn_cache: dict[tuple[int, int], str] = {}
         self._last_counters: dict[int, tuple[int, ...]] = {}
-        if self.json:
-            self.file.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
+
+    def _write(self, text: str) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.file is None:
+                self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                if self.json:
+                    self.file.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
+            self.file.write(text)
+        except OSError as exc:
+            self.error = f"--trace {self.path!r}: {exc.strerror or exc}; the trace stops there"
 
     def wants(self, event: str) -> bool:
         return self.globs is None or any(fnmatch.fnmatchcase(event, g) for g in self.globs)
 
     def bind(self, sim: "Simulation", label: str = "") -> None:
         """Start a run: later events are stamped with this simulation's clock."""
+        self._write("")  # create the file now
         self.sim = sim
         self.run_index += 1
         self.label = label
@@ -113,18 +132,18 @@ class TraceWriter:
                 self._json({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"{prefix}ksmd"}})
                 self._json({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "ksmd"}})
         elif label:
-            self.file.write(f"# run: {label}\n")
+            self._write(f"# run: {label}\n")
 
     def _pid(self, vm: int | None) -> int:
         base = self.run_index * RUN_PID_STRIDE
         return base + (KSMD_PID if vm is None else VMM_PID_BASE + vm)
 
     def _json(self, obj: dict[str, Any]) -> None:
-        self.file.write(("" if self._first_json else ",\n") + json.dumps(obj, separators=(",", ":")))
+        self._write(("" if self._first_json else ",\n") + json.dumps(obj, separators=(",", ":")))
         self._first_json = False
 
     def event(self, event: str, fields: dict[str, Any]) -> None:
-        if not self.wants(event):
+        if self.error is not None or not self.wants(event):
             return
         sim = self.sim
         if sim is None:
@@ -152,7 +171,7 @@ class TraceWriter:
         comm = "ksmd" if kind == "ksmd" else f"qemu-vm{vm}"
         pid = KSMD_PID if kind == "ksmd" else VMM_PID_BASE + (vm or 0)
         task = f"{comm}-{pid}"
-        self.file.write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_fields(event, fields)}\n")
+        self._write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_fields(event, fields)}\n")
 
     def _insn(self, vm: int, rip: int) -> str:
         key = (vm, rip)
@@ -184,7 +203,14 @@ class TraceWriter:
         return True
 
     def close(self) -> None:
+        """Finish the file; a failed write or flush is left in `error`."""
+        if self.file is None:
+            return
         if self.json:
-            self.file.write("\n]}\n")
-        self.file.close()
+            self._write("\n]}\n")
+        try:
+            self.file.close()
+        except OSError as exc:
+            if self.error is None:
+                self.error = f"--trace {self.path!r}: {exc.strerror or exc}; the trace is incomplete"
 
