@@ -5,7 +5,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from .compare import (
     run_compare,
 )
 from .costs import DEFAULT_CYCLES, CostModel
+from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
 from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
@@ -56,6 +57,8 @@ from .sim import (
     validate,
 )
 from .sizes import parse_size
+from .sweep.options import parse_settings
+from .sweep.spec import RunPoint
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
@@ -266,6 +269,14 @@ def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPA
     return after_run(obs, results, code)
 
 
+def _run_config(ctx: click.Context, opts: Options, kernel: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
+    """`hvsim run`'s options -> the SimConfig it runs; `hvsim sweep` builds every point through here too."""
+    if not ksm_on:
+        refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
+    opts.prepare(ctx)
+    return opts.config(opts.ksm(ksm_on), kernel, not no_change_pte)
+
+
 def _demo(ctx: click.Context, opts: Options, runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> int:
     """`hvsim run` or `hvsim compare` without IMAGE: compare the samepage guest; given options are honoured."""
     opts.image = str(DEMO_IMAGE)
@@ -290,6 +301,8 @@ def main() -> None:
       hvsim compare samepage --vms 4
       hvsim kernels                              # what each kernel version means
       hvsim images
+      hvsim sweep examples/change_pte.toml --plot   # a grid of runs -> results.parquet/.csv
+      hvsim diff a.json b.json                      # two `run --json` reports side by side
 
     Shell completion (click): eval "$(_HVSIM_COMPLETE=bash_source hvsim)"
     """
@@ -333,13 +346,12 @@ def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bo
             refuse_given(ctx, RUN_ONLY_PARAMS, "cannot be given without IMAGE: `hvsim run` alone runs the demo, a "
                          "`compare` of every era; name an image for one run, e.g. `hvsim run samepage --ksm`.")
             return _demo(ctx, opts)
-        if not ksm_on:
-            refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
         if not perf_kvm_stat:
             refuse_given(ctx, ("exit_cost", "cpu_mhz"),
                          "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
         elif opts.as_json:
             raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
+        cfg = _run_config(ctx, opts, kernel_of(kernel, profile), no_change_pte, ksm_on)
         render: Callable[[RunResult], str] = render_run
         if perf_kvm_stat:
             if cpu_mhz <= 0:
@@ -347,8 +359,7 @@ def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bo
             model = CostModel(cpu_mhz=cpu_mhz)
             model.override(exit_cost)
             render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
-        opts.prepare(ctx)
-        return _run_one(opts, opts.config(opts.ksm(ksm_on), kernel_of(kernel, profile), not no_change_pte), render)
+        return _run_one(opts, cfg, render)
 
     _guarded(go)
 
@@ -474,6 +485,81 @@ def images() -> None:
         click.echo(f"{guest.name:<10} {guest.summary}")
         click.echo(f"{'':<10} {params}")
         click.echo(f"{'':<10} {guest.image}")
+
+
+def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
+    """A sweep point's settings through `hvsim run`'s own parser and config path."""
+    ctx = parse_settings(run, settings, where)
+    p = ctx.params
+    opts = Options(**{f.name: p[f.name] for f in fields(Options) if f.name in p})
+    try:
+        cfg = _run_config(ctx, opts, kernel_of(p["kernel"], p["profile"]), p["no_change_pte"], p["ksm_on"])
+    except HvsimError as err:
+        raise type(err)(f"{where}: {err}") from None
+    return RunPoint(cfg, opts.check)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--results", "results_dir", metavar="RESULTS_DIR",
+              help="Where reports and tables go (default: SPEC without .toml, plus '-results', beside it).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Local worker processes (default: one per core).")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help='Run the points on this Dask distributed scheduler instead (pip install "hvsim[cluster]").')
+@click.option("--plot", is_flag=True, help="Also draw RESULTS_DIR/plots/FIGURE.png (needs matplotlib).")
+@click.option("--figure", "figures", multiple=True, metavar="NAME",
+              help="A figure --plot draws, e.g. ksm.pages_sharing (repeatable; default: [plot] figures of the "
+                   "spec, else the headline exits, merges and notifier calls).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr.")
+def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str | None, plot: bool,
+          figures: tuple[str, ...], quiet: bool) -> None:
+    """Run every point of the sweep SPEC (TOML) that has no report yet, and tabulate them all.
+
+    SPEC has a [run] table (the base run: `hvsim run`'s long options with underscores, plus
+    image), an [axes] table of lists crossed as a grid, and optionally a [zip] table of lists
+    that move together. Re-running a sweep runs only the missing points.
+
+    \b
+    Examples:
+      hvsim sweep examples/change_pte.toml --jobs 2 --plot
+      hvsim sweep examples/vm_count.toml --scheduler tcp://127.0.0.1:8786
+    """
+
+    def go() -> int:
+        from .sweep.command import sweep as run_spec  # pandas and pyarrow load only for sweeps
+
+        outcome = run_spec(Path(spec), results_dir, jobs, scheduler, plot, list(figures), not quiet, _sweep_point)
+        click.echo(outcome.summary, nl=False)
+        for line in outcome.errors:
+            click.echo(f"hvsim: {line}", err=True)
+        return outcome.exit_code
+
+    _guarded(go)
+
+
+@main.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--fail-on-diff", is_flag=True, help="Exit with status 1 when any figure differs.")
+@click.option("--changed", "changed_only", is_flag=True, help="List only the figures that differ.")
+def diff(a: str, b: str, fail_on_diff: bool, changed_only: bool) -> None:
+    """Two saved run reports (`hvsim run --json`, or a sweep's runs/*.json) side by side.
+
+    Every figure with both values and B - A, exits first; then what differs in the
+    configuration and the guests' consoles.
+
+    \b
+    Examples (a.json and b.json from `hvsim run samepage --vms 2 --ksm --json`, then with --no-change-pte):
+      hvsim diff a.json b.json --changed
+      hvsim diff baseline.json new.json --fail-on-diff     # a regression check
+    """
+
+    def go() -> int:
+        result = diff_reports(load_report(a), load_report(b))
+        click.echo(render_diff(result, a, b, changed_only), nl=False)
+        return 1 if fail_on_diff and result.differs else 0
+
+    _guarded(go)
 
 
 @main.command("build-guest")

@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
+from .flows import CausalFlows
 from .kvm.exits import ExitReason
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class TraceWriter:
         self._first_json = True
         self._insn_cache: dict[tuple[int, int], str] = {}
         self._last_counters: dict[int, tuple[int, ...]] = {}
+        # Flow arrows from ksmd's merges and zaps to the exits they caused (hypervisor/flows.py).
+        self.flows = CausalFlows(self._json) if self.json and self.wants("kvm_exit") else None
 
     def _write(self, text: str) -> None:
         if self.error is not None:
@@ -120,6 +123,8 @@ class TraceWriter:
         self.run_index += 1
         self.label = label
         self._insn_cache.clear()
+        if self.flows is not None:
+            self.flows.new_run()
         sim.on_slice.append(self._sample)
         if self.json:
             prefix = f"{label}: " if label else ""
@@ -165,7 +170,11 @@ class TraceWriter:
                 record.update(name="ksmd scan", ph="E")
             else:
                 record.update(ph="i", s="t")
+            if self.flows is not None:
+                self.flows.before(sim, event, fields, record)
             self._json(record)
+            if self.flows is not None:
+                self.flows.after(sim, event, fields, record)
             return
         seconds = insns / sim.config.insns_per_ms / 1000.0
         comm = "ksmd" if kind == "ksmd" else f"qemu-vm{vm}"
