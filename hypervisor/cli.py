@@ -44,7 +44,7 @@ from .options import (
 from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
 from .races import EVENTS, FAULT_POINTS, KSM_POINTS
-from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
+from .report import ksm_lines, ksm_scan_note, render_perf_kvm_stat, render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
     DEFAULT_MAX_INSNS,
@@ -416,10 +416,13 @@ def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
         cfg = opts.config(opts.ksm(True), kernel_of(kernel, profile))
 
         def render(result: RunResult) -> str:
-            return "\n".join(ksm_lines(result.ksm or {}, result.vmstat)) + "\n"
+            sim_ms = result.sim_insns / cfg.insns_per_ms
+            lines = ksm_lines(result.ksm or {}, result.vmstat) + ksm_scan_note(result.ksm or {}, sim_ms)
+            return "\n".join(lines) + "\n"
 
         def render_json(result: RunResult) -> str:
-            return to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict()})
+            return to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict(),
+                            "ksmd_completed_full_scan": result.ksmd_completed_full_scan})
 
         return _run_one(opts, cfg, render, render_json)
 

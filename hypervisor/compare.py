@@ -11,6 +11,7 @@ against the first bracketed one, both with change_pte.  Each pair also lists eve
 other table row that differs between its two kernels, so nothing is hidden.
 """
 
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +21,7 @@ from .errors import ConfigError
 from .kernels import changes_up_to, version_key
 from .profiles import Profile, get_profile
 from .races import KSM_POINTS, RaceSpec
+from .report import KSM_SCAN_ADVICE
 from .sim import KsmConfig, RunResult, SimConfig, Simulation, image_label
 
 NO_CHANGE_PTE = "-no-change-pte"
@@ -255,4 +257,8 @@ def render_compare(result: CompareResult) -> str:
     else:
         same = "every run printed the same console output"
     lines.append(f"sptes rewritten = in place by change_pte; zapped = by any notifier; {same}.")
+    unscanned = [row.run.label for row in result.rows if row.result.ksmd_completed_full_scan is False]
+    if unscanned:
+        lines += textwrap.wrap(f"note: ksmd did not complete a full scan in {', '.join(unscanned)}, so nothing "
+                               f"could merge there. {KSM_SCAN_ADVICE}", 100, subsequent_indent="      ")
     return "\n".join(lines) + "\n"

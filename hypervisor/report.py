@@ -7,6 +7,7 @@ listed as the files of /sys/kernel/mm/ksm/.
 
 import json
 import math
+import textwrap
 from typing import Any
 
 from .costs import CostModel
@@ -51,6 +52,26 @@ def ksm_lines(counters: dict[str, int], vmstat: dict[str, int]) -> list[str]:
     return lines
 
 
+KSM_SCAN_ADVICE = ("Give the guest more time (more passes or spin in --cmdline) or let ksmd scan faster "
+                   "(--ksm-sleep-ms, --ksm-pages-to-scan).")
+
+
+def ksm_scan_note(counters: dict[str, int], sim_ms: float) -> list[str]:
+    """A warning when the run ended before ksmd could have merged much (KSM merges from its
+    second full scan: the first only takes checksums)."""
+    scans = counters.get("full_scans", 0)
+    if scans >= 2:
+        return []
+    if scans == 0:
+        what = "ksmd did not complete a full scan of the mergeable memory"
+        effect = "so nothing could merge yet"
+    else:
+        what = "ksmd completed only 1 full scan"
+        effect = "and KSM merges only during its second, which had not finished"
+    text = (f"{what} in the run's {sim_ms:.1f} simulated ms, {effect}. {KSM_SCAN_ADVICE}")
+    return textwrap.wrap(text, 96, initial_indent=" note: ", subsequent_indent="       ")
+
+
 def _vm_block(v: VmResult, sim_seconds: float) -> list[str]:
     lines = [f"== vm{v.id}: {image_label(v.image)} =="]
     if v.console:
@@ -90,6 +111,7 @@ def render_run(result: RunResult) -> str:
     if result.ksm is not None:
         lines.append("")
         lines += ksm_lines(result.ksm, result.vmstat)
+        lines += ksm_scan_note(result.ksm, sim_seconds * 1000)
     return "\n".join(lines) + "\n"
 
 

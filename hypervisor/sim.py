@@ -152,6 +152,12 @@ class RunResult:
             calls.update(v.notifier_calls)
         return {"exits": dict(exits), "stats": dict(stats), "notifier_calls": dict(calls)}
 
+    @property
+    def ksmd_completed_full_scan(self) -> bool | None:
+        """Did ksmd get over all mergeable memory at least once (None: KSM off)?  KSM merges
+        nothing before its second scan, so without one the KSM counters show no merging."""
+        return None if self.ksm is None else self.ksm.get("full_scans", 0) > 0
+
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "hvsim_version": __version__,
@@ -164,6 +170,7 @@ class RunResult:
         }
         if self.ksm is not None:
             d["ksm"] = self.ksm
+            d["ksmd_completed_full_scan"] = self.ksmd_completed_full_scan
         if self.interrupted:
             d["interrupted"] = True
         if self.checks is not None:

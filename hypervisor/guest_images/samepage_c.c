@@ -4,8 +4,8 @@
  * Command-line parameters:
  *   pages=N      pages to fill at the heap                    (default 64)
  *   pattern=B    fill byte (only the low 8 bits are used)     (default 0x5a)
- *   passes=K     read passes                                  (default 20)
- *   spin=S       delay-loop iterations before each pass       (default 20000)
+ *   passes=K     read passes                                  (default 40)
+ *   spin=S       delay-loop iterations before each pass       (default 100000)
  *
  * Console output: "samepage: pass k checksum H16\n" for k = 1..K, each checksum being
  * N * (B * 0x0101010101010101) mod 2^64; "samepage: not enough memory\n" and status 2
@@ -21,7 +21,7 @@ static void spin(unsigned long n)
 
 int main(void)
 {
-    unsigned long pages = hv_param("pages", 64), passes = hv_param("passes", 20), delay = hv_param("spin", 20000);
+    unsigned long pages = hv_param("pages", 64), passes = hv_param("passes", 40), delay = hv_param("spin", 100000);
     if (pages > hv_heap_size() / HV_PAGE_SIZE) {
         hv_puts("samepage: not enough memory\n");
         return 2;
