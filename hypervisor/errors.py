@@ -52,7 +52,7 @@ class InvariantViolation(HvsimError):
 
 
 class OutputWriteError(HvsimError):
-    """An output file (--trace, --plot, the report on stdout) could not be written during or after the run.
+    """An output file (--trace, --plot, --console, the report on stdout) could not be written during or after the run.
 
     Exit code 74 is sysexits.h's EX_IOERR (as 70, an internal error, is EX_SOFTWARE).
     """
@@ -67,3 +67,9 @@ class UnsupportedUnicorn(HvsimError):
     """
 
     exit_code = 69
+
+
+class Livelock(GuestError):
+    """A vCPU kept retrying a fault (mmu_notifier_retry) without retiring an instruction."""
+
+    exit_code = 10
