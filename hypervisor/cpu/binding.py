@@ -123,29 +123,36 @@ def cr3_reader(uc: Uc) -> Callable[[], int]:
 
 
 def emu_start(uc: Uc, begin: int, until: int) -> UcError | None:
-    """uc.emu_start(): an exception raised in a hook is raised again here, as what happened;
-    a run the CPU model failed is returned as its UcError (None: it ended normally)."""
-    error: UcError | None = None
+    """uc.emu_start(): the UcError of a run the CPU model failed (None: it ended normally).
+
+    When a hook raised and the run still ended normally, the binding raises that
+    exception here; when the hook also failed the run (a refused TLB fill), the run's
+    UcError is returned and the exception is left for `take_hook_exception`.
+    """
     try:
         uc.emu_start(begin, until)
     except UcError as exc:
-        error = exc
-    raised = uc._hook_exception
-    if raised is not None:
-        uc._hook_exception = None
-        raise raised
-    return error
+        return exc
+    return None
+
+
+def take_hook_exception(uc: Uc) -> BaseException | None:
+    """The exception a hook raised in the last run (an invariant violation, a bug), cleared; None if none."""
+    raised: BaseException | None = uc._hook_exception
+    uc._hook_exception = None
+    return raised
 
 
 class ICount(ctypes.Structure):
     """_icount.c's struct icount, which Python reads and writes between and during runs."""
 
-    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
+    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
+                ("stopped", ctypes.c_uint64))
 
 
 def add_icount_hook(uc: Uc) -> ICount:
     """Register _icount.c's instruction counter as a raw UC_HOOK_CODE; returns its (zeroed) struct."""
-    ic = ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
+    ic = ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0)
     raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
                  ctypes.cast(ctypes.pointer(ic), ctypes.c_void_p))
     return ic
@@ -210,4 +217,5 @@ def reset_old_exception(uc: Uc) -> None:
 
 
 __all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_tlb_fill_hook", "cr3_reader", "emu_start",
-           "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception", "unicorn_version_problem"]
+           "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception", "take_hook_exception",
+           "unicorn_version_problem"]
