@@ -252,7 +252,8 @@ class UnicornVcpu:
             # any data access.  So the first fill after a CR3 write is a fetch fill, and reading
             # CR3 on fetch fills only (a raw call, ~0.4 us) sees every switch before the new
             # address space is used.  (tests/unit/test_guest_walk.py: the cache keeps the old root
-            # until emptied; tests/sdk/test_workloads.py: forkserver switches CR3 per child, same counts at any --quantum.)
+            # until emptied; tests/sdk/test_workloads.py: forkserver switches CR3 per child with the
+            # same counts at any --quantum.)
             cr3 = self._read_cr3()
             if cr3 != self._cr3:
                 self._cr3 = cr3
