@@ -18,7 +18,6 @@ from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
 from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
-from .guest.console import console_paths
 from .kvm.exits import ExitReason
 from .messages import HvsimGroup, after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
@@ -41,6 +40,7 @@ from .sim import (
 from .sizes import parse_size
 from .sweep.options import parse_settings
 from .sweep.spec import RunPoint
+from .vmm.console import console_paths
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
@@ -215,7 +215,7 @@ def _open_consoles(path: str | None, vms: int) -> list[BinaryIO]:
 
 def _close_consoles(path: str | None, files: list[BinaryIO], sim: Simulation, obs: Observers) -> None:
     """Close the console files; a write error of the run or of the close is an output error (exit 74)."""
-    error = next((vm.vcpus[0].console.stream_error for vm in sim.vms if vm.vcpus[0].console.stream_error), None)
+    error = next((d.console.stream_error for d in sim.devices if d.console.stream_error), None)
     for f in files:
         try:
             f.close()
@@ -240,8 +240,8 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
     obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
     sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
     consoles = _open_consoles(console_path, cfg.vms)
-    for vm, stream in zip(sim.vms, consoles, strict=False):
-        vm.vcpus[0].console.stream = stream
+    for devices, stream in zip(sim.devices, consoles, strict=False):
+        devices.console.stream = stream
     obs.observe("", sim)
     try:
         with interruptible(obs.stop):

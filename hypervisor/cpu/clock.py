@@ -11,9 +11,9 @@ for the livelock diagnosis.
 from unicorn import Uc
 
 from ..errors import Livelock
-from ..guest.layout import TSC_KHZ
 from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES, Vcpu
 from ..types import PAGE_SHIFT
+from ..vmm.layout import TSC_KHZ
 from .binding import add_icount_hook
 
 

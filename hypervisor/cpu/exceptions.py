@@ -115,7 +115,7 @@ def enter_handler(uc: Any, exc: PendingException, read_qword: Callable[[int], in
     """Deliver exc on the Unicorn CPU uc: push the frame, load the handler's state; return its RIP."""
     from unicorn import x86_const as x86
 
-    from ..guest.layout import GDT_CODE64_SELECTOR
+    from ..vmm.layout import GDT_CODE64_SELECTOR
     from .binding import reset_old_exception
 
     idtr = uc.reg_read(x86.UC_X86_REG_IDTR)

@@ -43,12 +43,12 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
-from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
+from ..vmm.loader import BootParams
 from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
 from .binding import add_tlb_fill_hook, cr3_reader, emu_start, new_x86_64, take_hook_exception
 from .clock import VcpuClock
