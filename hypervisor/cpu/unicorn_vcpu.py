@@ -5,12 +5,16 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 * Unicorn runs in virtual-TLB mode over one mapping of the whole FramePool, so a
   Unicorn "physical" address is pfn * 4096 and every VM's vCPU sees the same frames.
 * Each TLB miss calls `_tlb_fill`: it walks the guest's 4-level page tables
-  (gva -> gpa; the walk's own reads of page-table pages go through the sptes, as a
-  real EPT walk does) and then looks up the leaf spte (gfn -> pfn).  A missing or
+  (cpu/walk.py `walk_gva`, gva -> gpa; the walk's own reads of page-table pages go
+  through the sptes, as a real EPT walk does) and then looks up the leaf spte
+  (gfn -> pfn).  A missing or
   read-only spte for the access is an EPT_VIOLATION exit, handled right there by
   KVM's fault path (kvm/vcpu.py); a retried fault is another exit.  The guest
   instruction then completes against the frame the spte maps.
-* Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it.
+* Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it
+  (cpu/exit_dispatch.py; HLT here, in `run`).
+* Every use of the Unicorn binding's private state (raw hooks, the engine handle,
+  hook exceptions) goes through cpu/binding.py, which checks the Unicorn version.
 * A guest exception (from the walk or from the CPU model) is delivered through the
   guest's IDT by cpu/exceptions.py at the end of the slice; with no IDT it is a
   triple fault.  CR3 is read on every instruction-fetch TLB fill (the first fill after any
@@ -30,16 +34,12 @@ from typing import Any
 from unicorn import (
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
-    UC_HOOK_INSN,
-    UC_HOOK_INSN_INVALID,
-    UC_HOOK_INTR,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
     UC_PROT_ALL,
     UC_PROT_EXEC,
     UC_PROT_READ,
     UC_TLB_VIRTUAL,
-    Uc,
 )
 from unicorn import x86_const as x86
 
@@ -54,13 +54,13 @@ from .binding import add_tlb_fill_hook, cr3_reader, emu_start, new_x86_64, take_
 from .clock import VcpuClock
 from .disasm import disassemble_one
 from .exceptions import (
-    EXCEPTION_NAMES,
     PF_ERR_WRITE,
     PF_VECTOR,
     DeliveryFailed,
     PendingException,
     enter_handler,
 )
+from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
 from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
@@ -72,11 +72,8 @@ _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 _SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
 _SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
-_VMCALL = b"\x0f\x01\xc1"
 _HLT = b"\xf4"
-_KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
-_UD_VECTOR = 6
 
 
 class _SliceEnd(Exception):
@@ -90,7 +87,7 @@ class _Mmio(Exception):
         self.gpa = gpa
 
 
-class UnicornVcpu:
+class UnicornVcpu(ExitDispatch):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
@@ -118,12 +115,7 @@ class UnicornVcpu:
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
         self._tlb_cb = add_tlb_fill_hook(uc, self._tlb_fill, self._refuse)
-        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
-        uc.hook_add(UC_HOOK_INTR, self._interrupt)
+        self._add_exit_hooks(uc)
         self.clock = VcpuClock(uc, insns_per_ms)
         self.uc = uc
         self._frames_2d = frames.frames
@@ -334,55 +326,9 @@ class UnicornVcpu:
 
     def _undefined_opcode(self, note: str, rip: int) -> None:
         """#UD: the instruction does not run (RIP stays on it); the exception is delivered at the slice end."""
-        self._pending = PendingException(_UD_VECTOR, 0, rip, note)
+        self._pending = PendingException(UD_VECTOR, 0, rip, note)
         self._stop_now()
         self.uc.reg_write(x86.UC_X86_REG_RIP, rip)
-
-    def _rip_for_trace(self) -> int:
-        if self.vcpu.vm.trace is None:
-            return 0
-        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
-
-    # --- other exits -----------------------------------------------------------------
-
-    def _out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
-        self.vcpu.handle_io(port, size, value, True, self._rip_for_trace())
-        if self.vcpu.state is not VcpuState.RUNNABLE:
-            self._stop_now()
-
-    def _in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
-        return self.vcpu.handle_io(port, size, 0, False, self._rip_for_trace())
-
-    def _cpuid(self, uc: Uc, _ud: object) -> int:
-        leaf = uc.reg_read(x86.UC_X86_REG_EAX)
-        subleaf = uc.reg_read(x86.UC_X86_REG_ECX)
-        regs = self.vcpu.handle_cpuid(leaf, subleaf, self._rip_for_trace())
-        for reg, value in zip((x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX),
-                              regs, strict=True):
-            uc.reg_write(reg, value)
-        return 1
-
-    def _syscall(self, uc: Uc, _ud: object) -> None:
-        # EFER.SCE is clear in the boot state: SYSCALL raises #UD.
-        rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
-        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD syscall with EFER.SCE clear")
-        self._stop_now()
-
-    def _invalid_insn(self, uc: Uc, _ud: object) -> bool:
-        rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
-        if self.peek_code(rip, 3) == _VMCALL:
-            self.vcpu.handle_vmcall(rip)
-            uc.reg_write(x86.UC_X86_REG_RAX, _KVM_ENOSYS)
-            uc.reg_write(x86.UC_X86_REG_RIP, rip + 3)
-            return True
-        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD invalid opcode")
-        return False
-
-    def _interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
-        # Unicorn hands the exception to this hook instead of the guest's IDT: hvsim delivers it (run()).
-        name = EXCEPTION_NAMES.get(intno, f"exception vector {intno}")
-        self._pending = PendingException(intno, 0, int(uc.reg_read(x86.UC_X86_REG_RIP)), name)
-        self._stop_now()
 
     # --- inspection without exits (reports) ----------------------------------------------
 
