@@ -1,9 +1,5 @@
 """The `hvsim` command line: parses options, runs a Simulation (or a comparison), renders the report."""
 
-import os
-import signal
-import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -11,20 +7,28 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__, runs
+from . import __version__, commands
+from .compare import (
+    DEFAULT_KERNELS,
+)
 from .costs import DEFAULT_CYCLES
 from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, HvsimError
 from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import render_catalog
+from .kernels import kernels_as_dict, render_kernels
 from .kvm.exits import ExitReason
-from .messages import HvsimGroup
-from .observers import EXIT_INTERRUPTED
-from .options import OutputFile, check_outputs, refuse_given
+from .messages import HvsimGroup, guarded
+from .options import (
+    OutputFile,
+    check_outputs,
+    kernel_of,
+    refuse_given,
+)
 from .plot import check_plot_file
-from .profiles import DEFAULT_PROFILE, PROFILES
+from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
 from .races import EVENTS, FAULT_POINTS, KSM_POINTS
-from .report import render_run
+from .report import render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
     DEFAULT_MAX_INSNS,
@@ -36,8 +40,8 @@ from .sweep.options import parse_settings
 from .sweep.spec import RunPoint
 
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
-RUN_ONLY_PARAMS = ("profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz", "console_path",
-                   "exit_with_guest_status")
+RUN_ONLY_PARAMS = ("kernel", "profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz",
+                   "console_path", "exit_with_guest_status")
 # The KSM knobs (parameter names), refused alike by `run` without --ksm.
 KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
 
@@ -81,6 +85,14 @@ _workload_options = _options([
     click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
 ])
 
+_kernel_options = _options([
+    click.option("--kernel", metavar="VERSION", default=None,
+                 help=f"Linux release whose host mm, mmu_notifier, KSM and KVM behaviour to model, "
+                      f"2.6.32 .. 6.12 (default {DEFAULT_PROFILE}); `hvsim kernels` lists what changes."),
+    click.option("--profile", type=click.Choice(list(PROFILE_ALIASES)), default=None,
+                 help="The same as --kernel, for the three eras hvsim first offered."),
+])
+
 _ksm_options = _options([
     click.option("--ksm-pages-to-scan", "pages_to_scan", default=100, show_default=True, type=int,
                  help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
@@ -89,10 +101,12 @@ _ksm_options = _options([
                       "time slices."),
     click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
                  help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
-    click.option("--ksm-smart-scan", "smart_scan", is_flag=True,
-                 help="/sys/kernel/mm/ksm/smart_scan (6.7+): skip pages that keep failing to merge."),
-    click.option("--ksm-max-page-sharing", "max_page_sharing", default=256, show_default=True, type=int,
-                 help="/sys/kernel/mm/ksm/max_page_sharing: mappings per KSM page before a duplicate."),
+    click.option("--ksm-smart-scan/--ksm-no-smart-scan", "smart_scan", default=None,
+                 help="/sys/kernel/mm/ksm/smart_scan (6.7+, on by default there): skip pages that keep "
+                      "failing to merge."),
+    click.option("--ksm-max-page-sharing", "max_page_sharing", default=None, type=int,
+                 help="/sys/kernel/mm/ksm/max_page_sharing (4.13+; default 256): mappings per KSM page "
+                      "before a duplicate."),
     click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
                  help="/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all."),
     click.option("--ksm-run-at", "run_at", multiple=True, metavar="MS:VALUE",
@@ -100,35 +114,13 @@ _ksm_options = _options([
 ])
 
 
-def _guarded(fn: Callable[[], int]) -> None:
-    """Every failure is a one-paragraph message and an exit code, never a traceback."""
-    try:
-        code = fn()
-    except BrokenPipeError:
-        # The reader went away (`hvsim run ... | head`): stop quietly, as other Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except HvsimError as err:
-        click.echo(f"hvsim: {err}", err=True)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C outside a run (loading, allocating, writing output): no traceback
-        click.echo("hvsim: interrupted before the run could report anything.", err=True)
-        sys.exit(EXIT_INTERRUPTED[signal.SIGINT])
-    except Exception as exc:  # a bug in hvsim: still no traceback unless asked for
-        if os.environ.get("HVSIM_DEBUG"):
-            traceback.print_exc()
-        click.echo(f"hvsim: internal error: {type(exc).__name__}: {exc}. This is a bug in hvsim; "
-                   "rerun with HVSIM_DEBUG=1 for the traceback and report it.", err=True)
-        sys.exit(70)
-    sys.exit(code)
-
-
-def _run_config(ctx: click.Context, opts: runs.Options, profile: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
+def _run_config(ctx: click.Context, opts: commands.Options, kernel: str, no_change_pte: bool,
+                ksm_on: bool) -> SimConfig:
     """`hvsim run`'s options -> the SimConfig it runs; `hvsim sweep` builds every point through here too."""
     if not ksm_on:
         refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
     opts.prepare(ctx)
-    return opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+    return opts.config(opts.ksm(ksm_on), kernel, not no_change_pte)
 
 
 @click.group(cls=HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,8 +132,9 @@ def main() -> None:
     Examples:
       hvsim run                                  # the change_pte demo (a short `compare`)
       hvsim run hello                            # a bundled guest by name (`hvsim images`)
-      hvsim run samepage --vms 4 --ksm --profile 2.6.32
+      hvsim run samepage --vms 4 --ksm --kernel 2.6.38
       hvsim compare samepage --vms 4
+      hvsim kernels                              # what each kernel version means
       hvsim images
       hvsim sweep examples/change_pte.toml --plot   # a grid of runs -> results.parquet/.csv
       hvsim diff a.json b.json                      # two `run --json` reports side by side
@@ -152,10 +145,9 @@ def main() -> None:
 
 @main.command()
 @_workload_options
-@click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-              help="Kernel era whose host mm, mmu_notifier and KVM semantics to model.")
+@_kernel_options
 @click.option("--no-change-pte", is_flag=True,
-              help="KVM registers its notifier without ->change_pte (it gets ->invalidate_page instead).")
+              help="KVM registers its notifier without ->change_pte (up to 3.6 it then gets ->invalidate_page).")
 @click.option("--ksm", "ksm_on", is_flag=True,
               help="Mark guest RAM MADV_MERGEABLE and run ksmd; the --ksm-* knobs need it.")
 @_ksm_options
@@ -174,8 +166,9 @@ def main() -> None:
 @click.option("--exit-with-guest-status", is_flag=True,
               help="Exit with the status the guest wrote to the exit port (several VMs: the first non-zero one), "
                    "as QEMU's isa-debug-exit users expect; hvsim's own error codes still win.")
-def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, exit_cost: tuple[str, ...],
-        cpu_mhz: int, console_path: str | None, exit_with_guest_status: bool, **kw: Any) -> None:
+def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool,
+        exit_cost: tuple[str, ...], cpu_mhz: int, console_path: str | None, exit_with_guest_status: bool,
+        **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
 
     Without IMAGE, runs the bundled demo: `hvsim compare` of the samepage guest in 4 VMs.
@@ -184,58 +177,57 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
     Examples:
       hvsim run hello
       hvsim run memtouch --memory 64M --cmdline "pages=4096 passes=3" --json
-      hvsim run samepage --vms 4 --ksm --profile 2.6.32 --no-change-pte
+      hvsim run samepage --vms 4 --ksm --kernel 2.6.38 --no-change-pte
       hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
     ctx = click.get_current_context()
-    opts = runs.Options(**kw)
+    opts = commands.Options(**kw)
 
     def go() -> int:
         if opts.image is None:
             refuse_given(ctx, RUN_ONLY_PARAMS, "cannot be given without IMAGE: `hvsim run` alone runs the demo, a "
                          "`compare` of every era; name an image for one run, e.g. `hvsim run samepage --ksm`.")
-            return runs.demo(ctx, opts)
+            return commands.demo(ctx, opts)
         if not perf_kvm_stat:
             refuse_given(ctx, ("exit_cost", "cpu_mhz"),
                          "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
         elif opts.as_json:
             raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
-        cfg = _run_config(ctx, opts, profile, no_change_pte, ksm_on)
-        render = runs.perf_kvm_stat_render(exit_cost, cpu_mhz) if perf_kvm_stat else render_run
-        return runs.run_one(opts, cfg, render, console_path=console_path, with_guest_status=exit_with_guest_status)
+        cfg = _run_config(ctx, opts, kernel_of(kernel, profile), no_change_pte, ksm_on)
+        render = commands.perf_kvm_stat_render(exit_cost, cpu_mhz) if perf_kvm_stat else render_run
+        return commands.run_one(opts, cfg, render, console_path=console_path, with_guest_status=exit_with_guest_status)
 
-    _guarded(go)
+    guarded(go)
 
 
 @main.command()
 @_workload_options
+@click.option("--kernels", "kernels", metavar="LIST", default=",".join(DEFAULT_KERNELS), show_default=True,
+              help="Comma-separated kernels to run after KSM off; VERSION-no-change-pte is VERSION with KVM's "
+                   "notifier lacking ->change_pte.")
 @_ksm_options
-def compare(**kw: Any) -> None:
-    """Run IMAGE under KSM off, 2.6.32 with and without change_pte, 3.7 and 6.10, and tabulate.
+def compare(kernels: str, **kw: Any) -> None:
+    """Run IMAGE with KSM off and under each kernel of --kernels, tabulate, and attribute each saving.
+
+    By default: 2.6.32 and 2.6.38 each with and without change_pte, 3.7 and 6.10.
 
     \b
     Examples:
       hvsim compare samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000"
+      hvsim compare samepage --vms 4 --kernels 3.6,3.6-no-change-pte,3.7,4.19
       hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
     ctx = click.get_current_context()
-    opts = runs.Options(**kw)
+    opts = commands.Options(**kw)
 
-    def go() -> int:
-        if opts.image is None:
-            return runs.demo(ctx, opts)
-        opts.prepare(ctx)
-        return runs.compare(opts, opts.config(opts.ksm(True)))
-
-    _guarded(go)
+    guarded(lambda: commands.compare_kernels(ctx, opts, kernels))
 
 
 @main.command()
 @_workload_options
-@click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-              help="Kernel era to model.")
+@_kernel_options
 @_ksm_options
-def ksm(profile: str, **kw: Any) -> None:
+def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
     """Run IMAGE with KSM on and show /sys/kernel/mm/ksm as the run left it.
 
     The knobs are named after the files in /sys/kernel/mm/ksm/ (run, pages_to_scan,
@@ -246,13 +238,48 @@ def ksm(profile: str, **kw: Any) -> None:
       hvsim ksm samepage --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
     ctx = click.get_current_context()
-    opts = runs.Options(**kw)
+    opts = commands.Options(**kw)
 
     def go() -> int:
         opts.prepare(ctx)
-        return runs.ksm_run(opts, opts.config(opts.ksm(True), profile))
+        return commands.ksm_run(opts, opts.config(opts.ksm(True), kernel_of(kernel, profile)))
 
-    _guarded(go)
+    guarded(go)
+
+
+@main.command()
+@_workload_options
+@_ksm_options
+def history(**kw: Any) -> None:
+    """Run IMAGE under every kernel release where a modelled behaviour changes, with and without change_pte.
+
+    Prints EPT_VIOLATION exits and cow_ksm per release (2.6.32 .. 6.12) with the rows of
+    `hvsim kernels` that change there; --plot FILE.png draws them, annotated by commit.
+    Without IMAGE, the samepage demo in 4 VMs.
+
+    \b
+    Example:
+      hvsim history samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000" --plot history.png
+    """
+    ctx = click.get_current_context()
+    opts = commands.Options(**kw)
+
+    guarded(lambda: commands.history(ctx, opts))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the table as one JSON document.")
+def kernels(as_json: bool) -> None:
+    """Print the table of kernel changes hvsim models: version, behaviour, commit, reason.
+
+    `--kernel V` on run/ksm (and each entry of compare's --kernels) applies every row up to V.
+
+    \b
+    Example:
+      hvsim kernels
+      hvsim run samepage --vms 2 --ksm --kernel 2.6.38
+    """
+    click.echo(to_json(kernels_as_dict()) if as_json else render_kernels(), nl=False)
 
 
 @main.command()
@@ -271,9 +298,9 @@ def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
     """A sweep point's settings through `hvsim run`'s own parser and config path."""
     ctx = parse_settings(run, settings, where)
     p = ctx.params
-    opts = runs.Options(**{f.name: p[f.name] for f in fields(runs.Options) if f.name in p})
+    opts = commands.Options(**{f.name: p[f.name] for f in fields(commands.Options) if f.name in p})
     try:
-        cfg = _run_config(ctx, opts, p["profile"], p["no_change_pte"], p["ksm_on"])
+        cfg = _run_config(ctx, opts, kernel_of(p["kernel"], p["profile"]), p["no_change_pte"], p["ksm_on"])
     except HvsimError as err:
         raise type(err)(f"{where}: {err}") from None
     return RunPoint(cfg, opts.check)
@@ -314,7 +341,7 @@ def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str |
             click.echo(f"hvsim: {line}", err=True)
         return outcome.exit_code
 
-    _guarded(go)
+    guarded(go)
 
 
 @main.command()
@@ -339,7 +366,7 @@ def diff(a: str, b: str, fail_on_diff: bool, changed_only: bool) -> None:
         click.echo(render_diff(result, a, b, changed_only), nl=False)
         return 1 if fail_on_diff and result.differs else 0
 
-    _guarded(go)
+    guarded(go)
 
 
 @main.command("build-guest")
@@ -369,4 +396,4 @@ def build_guest_cmd(sources: tuple[Path, ...], output: str | None, print_include
         click.echo(f"hvsim build-guest: wrote {built.path} ({built.size} bytes); run it with `hvsim run {built.path}`")
         return 0
 
-    _guarded(go)
+    guarded(go)

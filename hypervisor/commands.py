@@ -1,4 +1,4 @@
-"""What `hvsim run`, `compare` and `ksm` do once cli.py has parsed their options.
+"""What `hvsim run`, `compare`, `ksm` and `history` do once cli.py has parsed their options.
 
 The Options record the three commands share, the run itself (observers, --console
 files, Ctrl-C), the report on stdout, the error lines on stderr and the exit code.
@@ -13,9 +13,10 @@ from typing import BinaryIO
 
 import click
 
-from .compare import COMPARE_RUNS, render_compare, run_compare
+from .compare import COMPARE_RUNS, CompareResult, CompareRun, parse_kernels, render_compare, run_compare
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, InvariantViolation
+from .history import history_kernels, history_runs, render_history, write_history_plot
 from .messages import after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
 from .options import check_outputs, cmdline_warnings, given, resolve_image, trace_warnings
@@ -51,8 +52,8 @@ class Options:
     pages_to_scan: int = 100
     sleep_ms: int = 20
     use_zero_pages: bool = False
-    smart_scan: bool = False
-    max_page_sharing: int = 256
+    smart_scan: bool | None = None
+    max_page_sharing: int | None = None
     ksm_run: int = 1
     run_at: tuple[str, ...] = ()
 
@@ -158,13 +159,18 @@ def run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
     return code if status is None else status
 
 
-def compare(opts: Options, cfg: SimConfig) -> int:
-    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json,
-                    len(COMPARE_RUNS))
+def compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPARE_RUNS,
+            render: Callable[[CompareResult], str] = render_compare,
+            plot: Callable[[str, CompareResult], None] | None = None) -> int:
+    """Run `runs` and print them (`plot`, if given, draws --plot instead of the time series)."""
+    series_plot = opts.plot_path if plot is None else None
+    obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json, len(runs))
     with interruptible(obs.stop):
-        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
-    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
-    emit(to_json(result.as_dict()) if opts.as_json else render_compare(result))
+        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
+    if plot is not None and opts.plot_path:
+        plot(opts.plot_path, result)
+    emit(to_json(result.as_dict()) if opts.as_json else render(result))
     results = [row.result for row in result.rows]
     errors = [e for r in results for e in r.errors]
     for e in errors:
@@ -175,20 +181,42 @@ def compare(opts: Options, cfg: SimConfig) -> int:
         code = EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
     elif result.console_mismatches():
         click.echo("hvsim: " + "; ".join(result.console_mismatches()) + ". The guest's own computation must "
-                   "not depend on the kernel era: this is a bug in hvsim.", err=True)
+                   "not depend on the kernel: this is a bug in hvsim.", err=True)
         code = ConsoleMismatch.exit_code
     return after_run(obs, results, code)
 
 
-def demo(ctx: click.Context, opts: Options) -> int:
+def demo(ctx: click.Context, opts: Options, runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> int:
     """`hvsim run` or `hvsim compare` without IMAGE: compare the samepage guest; given options are honoured."""
+    _demo_workload(ctx, opts)
+    opts.prepare(ctx)
+    return compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
+
+
+def _demo_workload(ctx: click.Context, opts: Options) -> None:
     opts.image = str(DEMO_IMAGE)
     if not given(ctx, "cmdline"):
         opts.cmdline = DEMO_CMDLINE
     if not given(ctx, "vms"):
         opts.vms = DEMO_VMS
+
+
+def compare_kernels(ctx: click.Context, opts: Options, kernels: str) -> int:
+    """`hvsim compare`: KSM off, then each kernel of --kernels (the demo without IMAGE)."""
+    runs = parse_kernels(kernels.split(","))
+    if opts.image is None:
+        return demo(ctx, opts, runs)
     opts.prepare(ctx)
-    return compare(opts, opts.config(opts.ksm(True)))
+    return compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
+
+
+def history(ctx: click.Context, opts: Options) -> int:
+    """`hvsim history`: every release where a modelled behaviour changes, with and without change_pte."""
+    runs = history_runs(history_kernels())
+    if opts.image is None:
+        _demo_workload(ctx, opts)
+    opts.prepare(ctx)
+    return compare(opts, opts.config(opts.ksm(True), runs[0].profile), runs, render_history, write_history_plot)
 
 
 def perf_kvm_stat_render(exit_cost: tuple[str, ...], cpu_mhz: int) -> Callable[[RunResult], str]:
@@ -215,5 +243,5 @@ def ksm_run(opts: Options, cfg: SimConfig) -> int:
     return run_one(opts, cfg, render, render_json)
 
 
-__all__ = ["DEMO_IMAGE", "Options", "compare", "demo", "guest_exit_status", "ksm_run", "perf_kvm_stat_render",
-           "run_exit_code", "run_one"]
+__all__ = ["DEMO_IMAGE", "Options", "compare", "compare_kernels", "demo", "guest_exit_status", "history", "ksm_run",
+           "perf_kvm_stat_render", "run_exit_code", "run_one"]
