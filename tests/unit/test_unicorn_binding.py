@@ -37,3 +37,16 @@ def test_a_library_of_another_version_is_refused_even_under_the_right_binding(
     monkeypatch.setattr(unicorn, "uc_version", lambda: (2, 2, 0x020200FF))
     with pytest.raises(UnsupportedUnicorn, match=r"libunicorn is 2\.2"):
         binding.require_unicorn()
+
+
+def test_hvsim_run_under_another_unicorn_is_one_line_and_exit_69(
+        fresh_check: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from hypervisor.cli import main
+
+    monkeypatch.setattr(unicorn, "__version__", "2.2.0")
+    result = CliRunner().invoke(main, ["run", "hello"])
+    assert result.exit_code == 69
+    assert result.output.startswith("hvsim: the installed Unicorn Python binding is 2.2.0, but hvsim's CPU model")
+    assert "Traceback" not in result.output
