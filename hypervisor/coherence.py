@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from .host.frames import ZERO_PFN, FramePool
 from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
+from .host.pgtable_types import _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from .types import PAGE_SHIFT, Gfn, Hva
 
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
 Fail = Callable[[str, str], NoReturn]
 IntArray = npt.NDArray[np.int64]
 
-# Host pte bits (x86 _PAGE_PRESENT, _PAGE_RW, and the _PAGE_SPECIAL hvsim's zero-page ptes carry).
-_PTE_PRESENT = 1
-_PTE_RW = 2
-_PTE_SPECIAL = 1 << 9
 
 
 # --- sptes against host ptes (per VM, per gfn window) ---------------------------------------
@@ -55,14 +52,14 @@ def check_slot_window(vm: "Vm", slot: "Memslot", lo: int, hi: int, frames: Frame
     first = slot_vma.index(slot.userspace_addr) + (lo - slot.base_gfn)
     host = slot_vma.ptes[first + present]
     spte_pfn = (window[present] & SPTE_PFN_MASK) >> PAGE_SHIFT
-    bad = np.flatnonzero(((host & _PTE_PRESENT) == 0) | ((host >> PAGE_SHIFT) != spte_pfn))
+    bad = np.flatnonzero(((host & _PAGE_PRESENT) == 0) | ((host >> PAGE_SHIFT) != spte_pfn))
     if bad.size:
         gfn = Gfn(lo + int(present[bad[0]]))
         pte = int(host[bad[0]])
-        now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PTE_PRESENT else "no page"
+        now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PAGE_PRESENT else "no page"
         fail("spte-follows-pte", f"vm{vm.vm_id} gfn {gfn:#x} hva {slot.gfn_to_hva(gfn):#x}: the spte maps pfn "
              f"{int(spte_pfn[bad[0]]):#x} but the host pte maps {now}")
-    wr = np.flatnonzero((window[present] & SPTE_WRITABLE).astype(bool) & ((host & _PTE_RW) == 0))
+    wr = np.flatnonzero((window[present] & SPTE_WRITABLE).astype(bool) & ((host & _PAGE_RW) == 0))
     if wr.size:
         gfn = Gfn(lo + int(present[wr[0]]))
         fail("writable-spte", f"vm{vm.vm_id} gfn {gfn:#x} hva {slot.gfn_to_hva(gfn):#x} pfn "
@@ -87,11 +84,11 @@ def check_gfn(vm: "Vm", gfn: int, frames: FramePool, fail: Fail) -> int | None:
         fail("spte-follows-pte", f"vm{vm.vm_id} gfn {gfn:#x} has a spte but its hva has no VMA")
     pte = vma.ptes_view[((slot.userspace_addr - vma.start) >> PAGE_SHIFT) + gfn - slot.base_gfn]
     pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
-    if not pte & _PTE_PRESENT or pte >> PAGE_SHIFT != pfn:
-        now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PTE_PRESENT else "no page"
+    if not pte & _PAGE_PRESENT or pte >> PAGE_SHIFT != pfn:
+        now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PAGE_PRESENT else "no page"
         fail("spte-follows-pte", f"vm{vm.vm_id} gfn {gfn:#x} hva {slot.gfn_to_hva(Gfn(gfn)):#x}: the spte maps pfn "
              f"{pfn:#x} but the host pte maps {now}")
-    if spte & SPTE_WRITABLE and not pte & _PTE_RW:
+    if spte & SPTE_WRITABLE and not pte & _PAGE_RW:
         fail("writable-spte", f"vm{vm.vm_id} gfn {gfn:#x} hva {slot.gfn_to_hva(Gfn(gfn)):#x} pfn "
              f"{pfn:#x}: the spte is writable but the host pte is read-only")
     if frames.refcount_view[pfn] <= 0 and pfn != ZERO_PFN:
@@ -108,9 +105,9 @@ def check_hva(vm: "Vm", hva: int, frames: FramePool, fail: Fail) -> tuple[int | 
     vma = vm.mm.find_vma(Hva(hva))
     if vma is not None:
         pte = vma.ptes_view[(hva - vma.start) >> PAGE_SHIFT]
-        if pte & _PTE_PRESENT and not pte & _PTE_SPECIAL:
+        if pte & _PAGE_PRESENT and not pte & _PAGE_SPECIAL:
             pte_pfn = pte >> PAGE_SHIFT
-            if pte & _PTE_RW and frames.stable_node_view[pte_pfn] >= 0:
+            if pte & _PAGE_RW and frames.stable_node_view[pte_pfn] >= 0:
                 fail("ksm-page-stable", f"vm{vm.vm_id} hva {hva:#x} maps KSM page pfn {pte_pfn:#x} writable")
     spte_pfn = None
     for slot in vm.memslots:
@@ -128,9 +125,9 @@ def check_pte_window(vm: "Vm", start: int, end: int, frames: FramePool, fail: Fa
         if lo >= hi:
             continue
         ptes = vma.ptes[vma.index(Hva(lo)) : vma.index(Hva(hi - 1)) + 1]
-        normal = np.flatnonzero((ptes & _PTE_PRESENT).astype(bool) & ~(ptes & _PTE_SPECIAL).astype(bool))
+        normal = np.flatnonzero((ptes & _PAGE_PRESENT).astype(bool) & ~(ptes & _PAGE_SPECIAL).astype(bool))
         pfns = ptes[normal] >> PAGE_SHIFT
-        ksm_writable = np.flatnonzero((frames.stable_node[pfns] >= 0) & (ptes[normal] & _PTE_RW).astype(bool))
+        ksm_writable = np.flatnonzero((frames.stable_node[pfns] >= 0) & (ptes[normal] & _PAGE_RW).astype(bool))
         if ksm_writable.size:
             hva = lo + (int(normal[ksm_writable[0]]) << PAGE_SHIFT)
             fail("ksm-page-stable", f"vm{vm.vm_id} hva {hva:#x} maps KSM page pfn "
@@ -153,7 +150,7 @@ def check_hva_range(vm: "Vm", start: int, end: int, frames: FramePool, fail: Fai
 def _normal_pfns(mm: "HostMm") -> Iterable[IntArray]:
     for vma in mm.vmas:
         ptes = vma.ptes
-        normal = (ptes & _PTE_PRESENT).astype(bool) & ~(ptes & _PTE_SPECIAL).astype(bool)
+        normal = (ptes & _PAGE_PRESENT).astype(bool) & ~(ptes & _PAGE_SPECIAL).astype(bool)
         yield ptes[normal] >> PAGE_SHIFT
 
 
