@@ -47,8 +47,8 @@ from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
-from ..kvm.mmu import FaultResult
-from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
+from ..kvm.mmu_interface import FaultResult, KvmMmu
+from ..kvm.spte import SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from . import _icount
@@ -70,8 +70,6 @@ UNTIL = 0xFFFF_FFFF_FFFF_F000
 _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 
 _SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
-_SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
-_SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
 _CR0_PE = 1 << 0
 _CR0_WP = 1 << 16
@@ -117,10 +115,10 @@ class UnicornVcpu:
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams) -> None:
         self.vcpu = vcpu
         self.frames = frames
-        self.mmu = vcpu.vm.mmu
-        self._sptes = self.mmu.sptes
-        self._sptes_mv = self.mmu.sptes_view
-        self._nr_gfns = self._sptes.shape[0]
+        self.mmu: KvmMmu = vcpu.vm.mmu
+        self._translate = self.mmu.translate
+        # A gpa above every memslot is MMIO without asking the MMU (no spte can exist there).
+        self._nr_gfns = int(vcpu.vm.memslots.max_gfn)
         self._qwords = frames.qwords
         self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
@@ -273,10 +271,8 @@ class UnicornVcpu:
         try:
             gpa = self._walk(vaddr, write)
             gfn = gpa >> PAGE_SHIFT
-            spte = self._sptes_mv[gfn] if gfn < self._nr_gfns else 0
-            # Fast path: a present spte that permits the access, with its A (and D) bits set.
-            wanted = _SPTE_RA | (_SPTE_WD if write else 0)
-            if spte & wanted != wanted:
+            spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
+            if not spte:
                 spte = self._ept(gfn, write, access == UC_MEM_FETCH)
         except GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
@@ -303,21 +299,19 @@ class UnicornVcpu:
         return True
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
-        """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access."""
-        sptes = self._sptes_mv
+        """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access.
+
+        The MMU's translate sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
+        """
         if gfn >= self._nr_gfns:
             raise _Mmio(gfn << PAGE_SHIFT)
-        spte = sptes[gfn]
-        while not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
+        translate = self._translate
+        spte = translate(gfn, write)
+        while not spte:
             result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             if result is FaultResult.MMIO:
                 raise _Mmio(gfn << PAGE_SHIFT)
-            spte = sptes[gfn]
-        # The EPT walk sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
-        wanted = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
-        if spte & wanted != wanted:
-            spte |= wanted
-            sptes[gfn] = spte
+            spte = translate(gfn, write)
         return spte
 
     def _walk(self, gva: int, write: bool) -> int:

@@ -15,6 +15,7 @@ import bisect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -101,6 +102,17 @@ def pte_mkksmzero(pte: int) -> int:
     return pte | _PAGE_KSM_ZERO
 
 
+class HostFault(Enum):
+    """What handle_mm_fault did for a GUP call, so its caller can say what the exit cost.
+
+    hvsim's own: the kernel's VM_FAULT_* flags do not tell a copy-on-write from a reuse.
+    """
+
+    NONE = "none"  # the pte already allowed the access
+    FAULT = "fault"  # a page was faulted in (or a pte made young/writable in place)
+    COW = "cow"  # do_wp_page copied the page
+
+
 class SegmentationFault(HvsimError):
     """A host access to an hva outside every VMA (a bug in the VMM, i.e. in hvsim)."""
 
@@ -155,9 +167,6 @@ class HostMm:
         self.mmu_notifiers: list[MmuNotifier] = []
         self.notifier_event_sink: NotifierEventSink | None = None
         self.trace: Callable[[str, dict[str, Any]], None] | None = None
-        # Page faults handled and pages copied on write (for per-exit accounting and traces).
-        self.nr_faults = 0
-        self.nr_cows = 0
 
     # --- VMAs ------------------------------------------------------------------------
 
@@ -278,16 +287,16 @@ class HostMm:
         vma = self._vma_or_segv(hva)
         self._handle_mm_fault(vma, vma.index(hva), hva, write)
 
-    def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool) -> None:
-        self.nr_faults += 1
+    def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool) -> HostFault:
         pte = vma.ptes_view[idx]
         if not pte_present(pte):
             self.do_anonymous_page(vma, hva, write)
         elif write and not pte_write(pte):
-            self.do_wp_page(vma, hva, pte)
+            return HostFault.COW if self.do_wp_page(vma, hva, pte) else HostFault.FAULT
         else:
             # The fault raced with another that already fixed the pte, or a young bit.
             vma.ptes[idx] = pte | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+        return HostFault.FAULT
 
     def do_anonymous_page(self, vma: Vma, hva: Hva, write: bool) -> None:
         """A fresh pte from none needs no notification: no secondary MMU can map it yet."""
@@ -301,15 +310,15 @@ class HostMm:
         frames.mapcount_view[pfn] = 1
         vma.ptes_view[idx] = mk_pte(pfn, writable=True, dirty=True)
 
-    def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> None:
-        """Write fault on a present read-only pte: reuse the page if we own it, else copy it."""
+    def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> bool:
+        """Write fault on a present read-only pte: reuse the page if we own it, else copy it (true)."""
         old_pfn = pte_pfn(orig_pte)
         frames = self.frames
         is_ksm = not pte_special(orig_pte) and frames.page_ksm(old_pfn)
         if not pte_special(orig_pte) and not is_ksm and int(frames.refcount[old_pfn]) == 1:
             # reuse_swap_page(): we hold the only reference; upgrading needs no notification.
             self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
-            return
+            return False
         wrap = self.profile.wrap_pte_updates_in_range
         start, end = hva, Hva(hva + PAGE_SIZE)
         if wrap:
@@ -320,7 +329,6 @@ class HostMm:
             new_pfn = frames.alloc_page(zero=False)
             frames.copy_page(new_pfn, old_pfn)
         frames.mapcount[new_pfn] = 1
-        self.nr_cows += 1
         if is_ksm:
             self.vmstat.count("cow_ksm")
             if self.trace is not None:
@@ -334,21 +342,27 @@ class HostMm:
             # 2.6.32 also invalidates the old page's secondary mappings once the pte
             # lock is dropped (removed by the commit that added the range bracket).
             mmu_notifier_invalidate_page_if_available(self, hva)
+        return True
 
     # --- get_user_pages --------------------------------------------------------------
 
     def get_user_pages(self, hva: Hva, write: bool) -> Pfn:
         """get_user_pages_fast(addr, 1, write): fault the page in as needed and pin it."""
+        return self.get_user_pages_fault(hva, write)[0]
+
+    def get_user_pages_fault(self, hva: Hva, write: bool) -> tuple[Pfn, HostFault]:
+        """get_user_pages(), also saying what the fault handler had to do for it."""
         vma = self._vma_or_segv(hva)
         idx = vma.index(hva)
         ptes = vma.ptes_view
         pte = ptes[idx]
+        work = HostFault.NONE
         if not pte_present(pte) or (write and not pte_write(pte)):
-            self._handle_mm_fault(vma, idx, hva, write)
+            work = self._handle_mm_fault(vma, idx, hva, write)
             pte = ptes[idx]
         pfn = pte_pfn(pte)
         self.frames.get_page(pfn)
-        return pfn
+        return pfn, work
 
     def get_user_pages_fast_only(self, hva: Hva, write: bool) -> Pfn | None:
         """__get_user_pages_fast(): pin only if the pte already allows the access; never faults."""

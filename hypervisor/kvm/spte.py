@@ -61,3 +61,4 @@ def spte_permits(spte: int, write: bool) -> bool:
     if not spte & SPTE_READABLE:
         return False
     return not write or bool(spte & SPTE_WRITABLE)
+
