@@ -7,7 +7,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import click
 
@@ -18,6 +18,7 @@ from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
 from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
+from .guest.console import console_paths
 from .kvm.exits import ExitReason
 from .messages import HvsimGroup, after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
@@ -43,7 +44,8 @@ from .sweep.spec import RunPoint
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
-RUN_ONLY_PARAMS = ("profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz")
+RUN_ONLY_PARAMS = ("profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz", "console_path",
+                   "exit_with_guest_status")
 # The KSM knobs (parameter names), refused alike by `run` without --ksm.
 KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
 DEMO_VMS = 4
@@ -186,6 +188,9 @@ def _guarded(fn: Callable[[], int]) -> None:
     except HvsimError as err:
         click.echo(f"hvsim: {err}", err=True)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (loading, allocating, writing output): no traceback
+        click.echo("hvsim: interrupted before the run could report anything.", err=True)
+        sys.exit(EXIT_INTERRUPTED[signal.SIGINT])
     except Exception as exc:  # a bug in hvsim: still no traceback unless asked for
         if os.environ.get("HVSIM_DEBUG"):
             traceback.print_exc()
@@ -195,13 +200,54 @@ def _guarded(fn: Callable[[], int]) -> None:
     sys.exit(code)
 
 
+def _open_consoles(path: str | None, vms: int) -> list[BinaryIO]:
+    """--console: open every VM's console file before the run (the path was checked with the other outputs)."""
+    files: list[BinaryIO] = []
+    for name in console_paths(path, vms) if path else []:
+        try:
+            files.append(open(name, "wb"))  # noqa: SIM115 (closed by _close_consoles)
+        except OSError as err:
+            for f in files:
+                f.close()
+            raise ConfigError(f"--console {name!r}: cannot write it ({err.strerror}); give a writable file.") from None
+    return files
+
+
+def _close_consoles(path: str | None, files: list[BinaryIO], sim: Simulation, obs: Observers) -> None:
+    """Close the console files; a write error of the run or of the close is an output error (exit 74)."""
+    error = next((vm.vcpus[0].console.stream_error for vm in sim.vms if vm.vcpus[0].console.stream_error), None)
+    for f in files:
+        try:
+            f.close()
+        except OSError as err:
+            error = error or err
+    if error is not None:
+        obs.write_errors.append(f"--console {path}: writing the console failed ({error.strerror or error}); "
+                                "the file is incomplete, the report is not.")
+
+
+def guest_exit_status(result: RunResult) -> int | None:
+    """--exit-with-guest-status: the first non-zero exit-port status in VM order, else 0; None if a VM
+    did not end through the exit port or HLT (then hvsim's own exit code stands)."""
+    if any(v.state not in ("exited", "halted") or v.exit_status is None for v in result.vms):
+        return None
+    return next((v.exit_status for v in result.vms if v.exit_status), 0)
+
+
 def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
-             render_json: Callable[[RunResult], str] | None = None) -> int:
+             render_json: Callable[[RunResult], str] | None = None, console_path: str | None = None,
+             with_guest_status: bool = False) -> int:
     obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
     sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
+    consoles = _open_consoles(console_path, cfg.vms)
+    for vm, stream in zip(sim.vms, consoles, strict=False):
+        vm.vcpus[0].console.stream = stream
     obs.observe("", sim)
-    with interruptible(obs.stop):
-        result = sim.run()
+    try:
+        with interruptible(obs.stop):
+            result = sim.run()
+    finally:
+        _close_consoles(console_path, consoles, sim, obs)
     obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), profile {result.profile.name}"
                f"{', KSM on' if cfg.ksm.enabled else ''}")
     emit(render_json(result) if opts.as_json and render_json else
@@ -210,7 +256,9 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
         click.echo(f"hvsim: {line}", err=True)
     if obs.signals:
         click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-    return after_run(obs, [result], _run_exit_code(result, obs.signals))
+    code = after_run(obs, [result], _run_exit_code(result, obs.signals))
+    status = guest_exit_status(result) if with_guest_status and code == 0 else None
+    return code if status is None else status
 
 
 def _compare(opts: Options, cfg: SimConfig) -> int:
@@ -291,8 +339,14 @@ def main() -> None:
                    f"{', '.join(r.name for r in ExitReason)}.")
 @click.option("--cpu-mhz", default=2000, show_default=True, type=int,
               help="With --perf-kvm-stat: the clock of the cost model.")
+@click.option("--console", "console_path", metavar="FILE", type=OutputFile(),
+              help="Also write each VM's whole console to FILE (several VMs: FILE.vm0, FILE.vm1, ...); the "
+                   "report keeps its first and last 64 KiB.")
+@click.option("--exit-with-guest-status", is_flag=True,
+              help="Exit with the status the guest wrote to the exit port (several VMs: the first non-zero one), "
+                   "as QEMU's isa-debug-exit users expect; hvsim's own error codes still win.")
 def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, exit_cost: tuple[str, ...],
-        cpu_mhz: int, **kw: Any) -> None:
+        cpu_mhz: int, console_path: str | None, exit_with_guest_status: bool, **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
 
     Without IMAGE, runs the bundled demo: `hvsim compare` of the samepage guest in 4 VMs.
@@ -325,7 +379,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
             model = CostModel(cpu_mhz=cpu_mhz)
             model.override(exit_cost)
             render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
-        return _run_one(opts, cfg, render)
+        return _run_one(opts, cfg, render, console_path=console_path, with_guest_status=exit_with_guest_status)
 
     _guarded(go)
 

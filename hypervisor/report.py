@@ -95,6 +95,8 @@ def render_run(result: RunResult) -> str:
     head = (f"hvsim run: {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, profile {result.profile.name}, "
             f"KSM {'on' if result.ksm is not None else 'off'}; simulated time {result.sim_insns} instructions "
             f"= {sim_seconds * 1000:.1f} ms")
+    if result.retry_insns:
+        head += f" ({result.retry_insns} of them the cost of retried faults)"
     lines = [head]
     if result.interrupted:
         lines.append("INTERRUPTED: the counts below are what the run had reached.")

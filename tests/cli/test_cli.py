@@ -128,3 +128,10 @@ def test_triple_fault_names_rip_and_the_instruction(tmp_path: Path) -> None:
     code, out, err = invoke("run", str(img))
     assert code == 4 and "TRIPLE_FAULT" in err
     assert "RIP 0x100001: ud2" in out
+
+
+def test_livelocked_fault_exits_10_with_the_report_printed() -> None:
+    code, out, err = invoke("run", HELLO, "--inject", "after_gfn_to_pfn:invalidate_range@all")
+    assert code == 10
+    assert "livelock" in err and "retried 1000 times" in err
+    assert "kvm_exit(EPT_VIOLATION)" in out and "pf_retry 1000" in out
