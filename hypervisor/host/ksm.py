@@ -53,8 +53,8 @@ from .mm import (
     pte_wrprotect,
 )
 from .mmu_notifier import (
-    mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start,
+    RangeSite,
+    mmu_notifier_range,
     set_pte_at_notify,
 )
 
@@ -769,11 +769,7 @@ class Ksm:
         `ksmd_refs`: references ksmd itself holds on the page (3.7's check is
         `page_mapcount(page) + 1 + swapped != page_count(page)`, the 1 being ksmd's).
         """
-        wrap = self.profile.wrap_pte_updates_in_range
-        end = Hva(hva + PAGE_SIZE)
-        if wrap:
-            mmu_notifier_invalidate_range_start(mm, hva, end)
-        try:
+        with mmu_notifier_range(mm, hva, Hva(hva + PAGE_SIZE), RangeSite.KSM_WRITE_PROTECT):
             pte = mm.pte(hva)
             if not pte_present(pte) or pte_pfn(pte) != pfn:
                 return None
@@ -785,16 +781,9 @@ class Ksm:
                     return None
                 set_pte_at_notify(mm, hva, pte_wrprotect(entry) & ~PAGE_DIRTY)
             return mm.pte(hva)
-        finally:
-            if wrap:
-                mmu_notifier_invalidate_range_end(mm, hva, end)
 
     def replace_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn, orig_pte: int) -> bool:
-        wrap = self.profile.wrap_pte_updates_in_range
-        end = Hva(hva + PAGE_SIZE)
-        if wrap:
-            mmu_notifier_invalidate_range_start(mm, hva, end)
-        try:
+        with mmu_notifier_range(mm, hva, Hva(hva + PAGE_SIZE), RangeSite.KSM_REPLACE_PAGE):
             if mm.pte(hva) != orig_pte:
                 return False
             if kpfn == ZERO_PFN:
@@ -810,9 +799,6 @@ class Ksm:
             if self.trace is not None:
                 self.trace("ksm_merge_one_page", {"mm": mm.name, "hva": hva, "ksm_pfn": int(kpfn), "pfn": int(pfn)})
             return True
-        finally:
-            if wrap:
-                mmu_notifier_invalidate_range_end(mm, hva, end)
 
     def _race(self, point: str, mm: "HostMm", hva: Hva) -> None:
         fire = self.race_points.get(point)

@@ -28,9 +28,8 @@ from .frames import ZERO_PFN, FramePool
 from .mmu_notifier import (
     MmuNotifier,
     NotifierEventSink,
-    mmu_notifier_invalidate_page_if_available,
-    mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start,
+    RangeSite,
+    mmu_notifier_range,
     mmu_notifier_release,
     ptep_clear_flush_young_notify,
     set_pte_at_notify,
@@ -235,12 +234,11 @@ class HostMm:
             del self._vma_starts[pos]
 
     def zap_page_range(self, vma: Vma, start: Hva, end: Hva) -> None:
-        mmu_notifier_invalidate_range_start(self, start, end)
-        lo, hi = vma.index(start), vma.index(end)
-        for idx in np.flatnonzero(vma.ptes[lo:hi]):
-            hva = Hva(start + (int(idx) << PAGE_SHIFT))
-            self._drop_pte_mapping(self.ptep_clear_flush(hva))
-        mmu_notifier_invalidate_range_end(self, start, end)
+        with mmu_notifier_range(self, start, end):
+            lo, hi = vma.index(start), vma.index(end)
+            for idx in np.flatnonzero(vma.ptes[lo:hi]):
+                hva = Hva(start + (int(idx) << PAGE_SHIFT))
+                self._drop_pte_mapping(self.ptep_clear_flush(hva))
 
     def exit_mmap(self) -> None:
         """Process exit: ->release first (KVM drops every spte), then the mappings go."""
@@ -319,29 +317,20 @@ class HostMm:
             # reuse_swap_page(): we hold the only reference; upgrading needs no notification.
             self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
             return False
-        wrap = self.profile.wrap_pte_updates_in_range
-        start, end = hva, Hva(hva + PAGE_SIZE)
-        if wrap:
-            mmu_notifier_invalidate_range_start(self, start, end)
-        if pte_special(orig_pte):
-            new_pfn = frames.alloc_page(zero=True)
-        else:
-            new_pfn = frames.alloc_page(zero=False)
-            frames.copy_page(new_pfn, old_pfn)
-        frames.mapcount[new_pfn] = 1
-        if is_ksm:
-            self.vmstat.count("cow_ksm")
-            if self.trace is not None:
-                self.trace("cow_ksm", {"hva": hva, "ksm_pfn": int(old_pfn), "pfn": int(new_pfn)})
-        self.ptep_clear_flush(hva)
-        set_pte_at_notify(self, hva, mk_pte(new_pfn, writable=True, dirty=True))
-        self._drop_pte_mapping(orig_pte)
-        if wrap:
-            mmu_notifier_invalidate_range_end(self, start, end)
-        else:
-            # 2.6.32 also invalidates the old page's secondary mappings once the pte
-            # lock is dropped (removed by the commit that added the range bracket).
-            mmu_notifier_invalidate_page_if_available(self, hva)
+        with mmu_notifier_range(self, hva, Hva(hva + PAGE_SIZE), RangeSite.DO_WP_PAGE_COPY):
+            if pte_special(orig_pte):
+                new_pfn = frames.alloc_page(zero=True)
+            else:
+                new_pfn = frames.alloc_page(zero=False)
+                frames.copy_page(new_pfn, old_pfn)
+            frames.mapcount[new_pfn] = 1
+            if is_ksm:
+                self.vmstat.count("cow_ksm")
+                if self.trace is not None:
+                    self.trace("cow_ksm", {"hva": hva, "ksm_pfn": int(old_pfn), "pfn": int(new_pfn)})
+            self.ptep_clear_flush(hva)
+            set_pte_at_notify(self, hva, mk_pte(new_pfn, writable=True, dirty=True))
+            self._drop_pte_mapping(orig_pte)
         return True
 
     # --- get_user_pages --------------------------------------------------------------

@@ -11,13 +11,16 @@ depends on the kernel era (hypervisor/profiles.py).
 """
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from ..types import PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
+    from ..profiles import Profile
     from .mm import HostMm
 
 
@@ -112,11 +115,6 @@ def mmu_notifier_invalidate_page(mm: "HostMm", address: Hva) -> None:
     _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
 
 
-def mmu_notifier_invalidate_page_if_available(mm: "HostMm", address: Hva) -> None:
-    if mm.profile.notifier_has_invalidate_page:
-        mmu_notifier_invalidate_page(mm, address)
-
-
 def mmu_notifier_invalidate_range_start(mm: "HostMm", start: Hva, end: Hva) -> None:
     for mn in list(mm.mmu_notifiers):
         if mn.ops.invalidate_range_start is not None:
@@ -131,6 +129,46 @@ def mmu_notifier_invalidate_range_end(mm: "HostMm", start: Hva, end: Hva) -> Non
             mn.calls["invalidate_range_end"] += 1
             mn.ops.invalidate_range_end(mn, mm, start, end)
     _emit(mm, "invalidate_range_end", start, end)
+
+
+# --- the range bracket: every era decision about it lives here ---------------------------
+
+
+class RangeSite(Enum):
+    """The mm and KSM code that changes ptes a secondary MMU may cache, as the bracket sees it."""
+
+    ZAP_PAGE_RANGE = "zap_page_range"  # munmap, MADV_DONTNEED: bracketed since 2.6.27
+    DO_WP_PAGE_COPY = "do_wp_page"  # the COW copy: bracketed from 3.7 (6bdb913f0a70)
+    KSM_WRITE_PROTECT = "write_protect_page"  # bracketed from 3.7 (6bdb913f0a70)
+    KSM_REPLACE_PAGE = "replace_page"  # bracketed from 3.7 (6bdb913f0a70)
+
+
+def _site_is_bracketed(profile: "Profile", site: RangeSite) -> bool:
+    if site is RangeSite.ZAP_PAGE_RANGE:
+        return True
+    return profile.wrap_pte_updates_in_range
+
+
+@contextmanager
+def mmu_notifier_range(mm: "HostMm", start: Hva, end: Hva, site: RangeSite = RangeSite.ZAP_PAGE_RANGE,
+                       ) -> Iterator[None]:
+    """`with mmu_notifier_range(mm, start, end, site):` invalidate_range_start ... invalidate_range_end.
+
+    A no-op where the kernel of mm's profile had no bracket at that site.  The
+    2.6.32 do_wp_page copy instead ends with ->invalidate_page of the old page once
+    the pte lock is dropped (sndrzt/linux-2.6.32 mm/memory.c do_wp_page), so that
+    trailing call is made here too.
+    """
+    if not _site_is_bracketed(mm.profile, site):
+        yield
+        if site is RangeSite.DO_WP_PAGE_COPY and mm.profile.notifier_has_invalidate_page:
+            mmu_notifier_invalidate_page(mm, start)
+        return
+    mmu_notifier_invalidate_range_start(mm, start, end)
+    try:
+        yield
+    finally:
+        mmu_notifier_invalidate_range_end(mm, start, end)
 
 
 # --- the helpers mm code uses to change a pte a secondary MMU may cache -----------------
@@ -153,11 +191,8 @@ def ptep_clear_flush_notify(mm: "HostMm", address: Hva) -> int:
         old = mm.ptep_clear_flush(address)
         mmu_notifier_invalidate_page(mm, address)
         return old
-    end = Hva(address + PAGE_SIZE)
-    mmu_notifier_invalidate_range_start(mm, address, end)
-    old = mm.ptep_clear_flush(address)
-    mmu_notifier_invalidate_range_end(mm, address, end)
-    return old
+    with mmu_notifier_range(mm, address, Hva(address + PAGE_SIZE)):
+        return mm.ptep_clear_flush(address)
 
 
 def ptep_clear_flush_young_notify(mm: "HostMm", address: Hva) -> bool:
