@@ -12,16 +12,11 @@ numpy array per VMA.  There is no host TLB: ptep_clear_flush only clears.
 """
 
 import bisect
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
-from ..errors import HvsimError
 from ..profiles import Profile
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn, is_page_aligned
 from .frames import ZERO_PFN, FramePool
@@ -33,6 +28,18 @@ from .mmu_notifier import (
     mmu_notifier_release,
     ptep_clear_flush_young_notify,
     set_pte_at_notify,
+)
+from .vma import (
+    MADV_DONTNEED,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    VM_MERGEABLE,
+    VM_READ,
+    VM_WRITE,
+    HostFault,
+    SegmentationFault,
+    Vma,
+    Vmstat,
 )
 
 if TYPE_CHECKING:
@@ -48,14 +55,6 @@ _PAGE_SPECIAL = 1 << 9  # a pte with no struct page behind it: the zero page
 # can be decremented when it goes; hvsim keeps that mark in a software bit.
 _PAGE_KSM_ZERO = 1 << 10
 _PTE_FLAGS_MASK = (1 << PAGE_SHIFT) - 1
-
-VM_READ = 1 << 0
-VM_WRITE = 1 << 1
-VM_MERGEABLE = 1 << 31
-
-MADV_DONTNEED = 4
-MADV_MERGEABLE = 12
-MADV_UNMERGEABLE = 13
 
 
 def mk_pte(pfn: Pfn, writable: bool, dirty: bool = False, special: bool = False) -> int:
@@ -99,55 +98,6 @@ def pte_wrprotect(pte: int) -> int:
 
 def pte_mkksmzero(pte: int) -> int:
     return pte | _PAGE_KSM_ZERO
-
-
-class HostFault(Enum):
-    """What handle_mm_fault did for a GUP call, so its caller can say what the exit cost.
-
-    hvsim's own: the kernel's VM_FAULT_* flags do not tell a copy-on-write from a reuse.
-    """
-
-    NONE = "none"  # the pte already allowed the access
-    FAULT = "fault"  # a page was faulted in (or a pte made young/writable in place)
-    COW = "cow"  # do_wp_page copied the page
-
-
-class SegmentationFault(HvsimError):
-    """A host access to an hva outside every VMA (a bug in the VMM, i.e. in hvsim)."""
-
-
-@dataclass
-class Vma:
-    """struct vm_area_struct for an anonymous private mapping, with its ptes."""
-
-    start: Hva
-    end: Hva
-    flags: int
-    ptes: npt.NDArray[np.int64]
-
-    @property
-    def mergeable(self) -> bool:
-        return bool(self.flags & VM_MERGEABLE)
-
-    def __post_init__(self) -> None:
-        self.ptes_view = self.ptes.data
-
-    def index(self, hva: Hva) -> int:
-        return (hva - self.start) >> PAGE_SHIFT
-
-    @property
-    def nr_pages(self) -> int:
-        return (self.end - self.start) >> PAGE_SHIFT
-
-
-class Vmstat:
-    """The /proc/vmstat counters hvsim keeps (system-wide)."""
-
-    def __init__(self) -> None:
-        self.counters: Counter[str] = Counter()
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] += n
 
 
 class HostMm:
@@ -406,3 +356,11 @@ class HostMm:
                 out += bytes(chunk)
             pos += chunk
         return bytes(out)
+
+
+# The VMA pieces live in host/vma.py; mm.py re-exports them for its users.
+__all__ = [
+    "MADV_DONTNEED", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "PAGE_DIRTY", "VM_MERGEABLE", "VM_READ", "VM_WRITE",
+    "HostFault", "HostMm", "SegmentationFault", "Vma", "Vmstat", "mk_pte", "pte_ksm_zero", "pte_mkksmzero",
+    "pte_pfn", "pte_present", "pte_special", "pte_write", "pte_wrprotect", "pte_young",
+]
