@@ -33,6 +33,7 @@ import numpy as np
 from .errors import InvariantViolation
 from .host.frames import ZERO_PFN
 from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
+from .kvm.mmu import check_spte_change
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from .trace import format_fields
 from .types import PAGE_SHIFT, Gfn
@@ -58,6 +59,8 @@ class CoherenceChecker:
         self._in_check = False
 
     def attach(self, sim: "Simulation") -> None:
+        for vm in sim.vms:
+            vm.mmu.spte_check = check_spte_change  # the spte rules at each point of change (kvm/mmu.py)
         self.sim = sim
 
     # --- event intake --------------------------------------------------------------------
