@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..types import PAGE_SIZE, Hva
 
@@ -80,12 +80,19 @@ def mmu_notifier_release(mm: "HostMm") -> None:
     _emit(mm, "release", Hva(0), Hva(0))
 
 
+def _registered(mm: "HostMm", callback: str) -> Iterator[tuple[MmuNotifier, Any]]:
+    """The notifiers of mm that implement `callback`, each call counted: the one dispatch loop."""
+    for mn in list(mm.mmu_notifiers):
+        op = getattr(mn.ops, callback)
+        if op is not None:
+            mn.calls[callback] += 1
+            yield mn, op
+
+
 def mmu_notifier_clear_flush_young(mm: "HostMm", address: Hva) -> bool:
     young = False
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.clear_flush_young is not None:
-            mn.calls["clear_flush_young"] += 1
-            young |= mn.ops.clear_flush_young(mn, mm, address)
+    for mn, op in _registered(mm, "clear_flush_young"):
+        young |= bool(op(mn, mm, address))
     _emit(mm, "clear_flush_young", address, Hva(address + PAGE_SIZE))
     return young
 
@@ -108,26 +115,20 @@ def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
 
 
 def mmu_notifier_invalidate_page(mm: "HostMm", address: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_page is not None:
-            mn.calls["invalidate_page"] += 1
-            mn.ops.invalidate_page(mn, mm, address)
+    for mn, op in _registered(mm, "invalidate_page"):
+        op(mn, mm, address)
     _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
 
 
 def mmu_notifier_invalidate_range_start(mm: "HostMm", start: Hva, end: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_range_start is not None:
-            mn.calls["invalidate_range_start"] += 1
-            mn.ops.invalidate_range_start(mn, mm, start, end)
+    for mn, op in _registered(mm, "invalidate_range_start"):
+        op(mn, mm, start, end)
     _emit(mm, "invalidate_range_start", start, end)
 
 
 def mmu_notifier_invalidate_range_end(mm: "HostMm", start: Hva, end: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_range_end is not None:
-            mn.calls["invalidate_range_end"] += 1
-            mn.ops.invalidate_range_end(mn, mm, start, end)
+    for mn, op in _registered(mm, "invalidate_range_end"):
+        op(mn, mm, start, end)
     _emit(mm, "invalidate_range_end", start, end)
 
 
