@@ -296,7 +296,7 @@ class UnicornVcpu:
             gfn = gpa >> PAGE_SHIFT
             spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
             if not spte:
-                spte = self._ept(gfn, write, access == UC_MEM_FETCH)
+                spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
         except GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
                 entry.paddr = 0
@@ -328,17 +328,18 @@ class UnicornVcpu:
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         return True
 
-    def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
+    def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
         """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access.
 
         The MMU's translate sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
+        `translated`: the caller's translate already said no.
         """
         if gfn >= self._nr_gfns:
             # Beyond every memslot: still an EPT violation, which KVM passes on as MMIO.
             self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             raise _Mmio(gfn << PAGE_SHIFT)
         translate = self._translate
-        spte = translate(gfn, write)
+        spte = 0 if translated else translate(gfn, write)
         while not spte:
             result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             if result is FaultResult.MMIO:

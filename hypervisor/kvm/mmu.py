@@ -28,7 +28,7 @@ from ..host.mm import HostFault, HostMm, pte_pfn, pte_write
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
 from ..types import PAGE_SIZE, Gfn, Hva, Pfn
 from .memslot import Memslot
-from .mmu_interface import FaultOutcome, FaultResult, FaultWork, SpteChange, SpteCheck
+from .mmu_interface import FaultOutcome, FaultResult, FaultWork, SpteChange, SpteCheck, outcome
 from .spte import (
     SPTE_ACCESSED,
     SPTE_DIRTY,
@@ -56,9 +56,14 @@ RacePoint = Callable[["TdpMmu", Gfn, Hva], None]
 _WALK_READ = SPTE_READABLE | SPTE_ACCESSED
 _WALK_WRITE = _WALK_READ | SPTE_WRITABLE | SPTE_DIRTY
 
-# What the host's fault handler did -> how the fault is priced (a retry is priced by its host work).
-_WORK_OF_HOST_FAULT = {HostFault.NONE: FaultWork.MAP, HostFault.FAULT: FaultWork.HOST_FAULT,
-                       HostFault.COW: FaultWork.COW}
+# What the host's fault handler did -> the outcome of a fault that installed its spte.
+_FIXED = {HostFault.NONE: outcome(FaultResult.FIXED, FaultWork.MAP),
+          HostFault.FAULT: outcome(FaultResult.FIXED, FaultWork.HOST_FAULT),
+          HostFault.COW: outcome(FaultResult.FIXED, FaultWork.COW)}
+_MMIO = outcome(FaultResult.MMIO, FaultWork.MMIO)
+_RETRY = outcome(FaultResult.RETRY, FaultWork.RETRY)
+# A retry that copied a page still paid for the copy (2.6.32 without change_pte).
+_RETRY_COW = outcome(FaultResult.RETRY, FaultWork.COW)
 
 
 def check_spte_change(gfn: Gfn, old: int, new: int, change: SpteChange) -> None:
@@ -184,7 +189,7 @@ class TdpMmu:
         if slot is None or not slot.contains_gfn(gfn):
             slot = self._last_slot = self.vm.memslots.gfn_to_memslot(gfn)
             if slot is None:
-                return FaultOutcome(FaultResult.MMIO, FaultWork.MMIO)
+                return _MMIO
         mmu_seq = self.mmu_notifier_seq
         hva = slot.gfn_to_hva(gfn)
         pfn, writable, host = self.gfn_to_pfn(hva, write_fault)
@@ -196,9 +201,7 @@ class TdpMmu:
         if self.mmu_notifier_retry(mmu_seq):
             self.mm.put_page(pfn)
             vcpu.stats.pf_retry += 1
-            # A retry that copied a page still paid for the copy (2.6.32 without change_pte).
-            work = FaultWork.COW if host is HostFault.COW else FaultWork.RETRY
-            return FaultOutcome(FaultResult.RETRY, work)
+            return _RETRY_COW if host is HostFault.COW else _RETRY
         spte = make_spte(pfn, writable)
         if write_fault:
             spte |= SPTE_DIRTY
@@ -206,7 +209,7 @@ class TdpMmu:
         vcpu.stats.pf_fixed += 1
         # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
         self.mm.put_page(pfn)
-        return FaultOutcome(FaultResult.FIXED, _WORK_OF_HOST_FAULT[host])
+        return _FIXED[host]
 
     page_fault = tdp_page_fault
 

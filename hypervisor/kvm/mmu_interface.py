@@ -44,10 +44,20 @@ class FaultWork(Enum):
 
 @dataclass(frozen=True, slots=True)
 class FaultOutcome:
-    """The fault path's answer: what the guest sees and what it cost the host."""
+    """The fault path's answer: what the guest sees and what it cost the host.
+
+    Every combination exists once (`outcome()`), so the fault path allocates nothing.
+    """
 
     result: FaultResult
     work: FaultWork
+
+
+_OUTCOMES = {(r, w): FaultOutcome(r, w) for r in FaultResult for w in FaultWork}
+
+
+def outcome(result: FaultResult, work: FaultWork) -> FaultOutcome:
+    return _OUTCOMES[(result, work)]
 
 
 class SpteChange(Enum):
@@ -89,4 +99,4 @@ class KvmMmu(Protocol):
     def zap_all(self) -> None: ...
 
 
-__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "KvmMmu", "SpteChange", "SpteCheck"]
+__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "KvmMmu", "SpteChange", "SpteCheck", "outcome"]

@@ -24,7 +24,7 @@ from .exits import (
     EPT_VIOLATION_WRITABLE,
     ExitReason,
 )
-from .mmu_interface import FaultResult
+from .mmu_interface import FaultResult, FaultWork
 from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import VcpuStats
 
@@ -45,6 +45,10 @@ FAULT_RETRY_COST = 200
 # (a real race resolves in a retry or two; only a host event fired on every fault, such as
 # an --inject at after_gfn_to_pfn, keeps it going).
 LIVELOCK_RETRIES = 1000
+
+
+# exit_work's key for an EPT violation, by the fault path's work.
+_EPT_WORK = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
@@ -114,7 +118,7 @@ class Vcpu:
         outcome = mmu.page_fault(self, gfn, write)
         if outcome.result is FaultResult.MMIO:
             self.stats.mmio_exits += 1
-        self.exit_work[(ExitReason.EPT_VIOLATION, outcome.work.value)] += 1
+        self.exit_work[_EPT_WORK[outcome.work]] += 1
         return outcome.result
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
