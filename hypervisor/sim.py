@@ -26,7 +26,7 @@ from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
 from .host.mmu_notifier import NotifierEventSink
 from .kvm.vcpu import VcpuState
 from .kvm.vm import GUEST_RAM_HVA, Vm
-from .profiles import Profile, get_profile
+from .profiles import Profile, check_ksm_knobs, get_profile
 from .races import RaceInjector, RaceSpec
 from .sizes import format_size
 from .types import PAGE_SIZE, Hva
@@ -55,9 +55,10 @@ class KsmConfig:
     run: int = 1
     pages_to_scan: int = 100
     sleep_millisecs: int = 20
-    max_page_sharing: int = 256
+    # None: the kernel's default (256 where the knob exists, 4.13+; smart_scan on from 6.7)
+    max_page_sharing: int | None = None
     use_zero_pages: bool = False
-    smart_scan: bool = False
+    smart_scan: bool | None = None
     # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
     run_at: tuple[tuple[int, int], ...] = ()
 
@@ -69,7 +70,7 @@ class SimConfig:
     cmdline: str = ""
     vms: int = 1
     max_insns: int = DEFAULT_MAX_INSNS
-    profile: str = "2.6.32"
+    profile: str = "2.6.32"  # the kernel version modelled (--kernel; --profile is its old name)
     change_pte: bool = True
     ksm: KsmConfig = field(default_factory=KsmConfig)
     quantum: int = DEFAULT_QUANTUM
@@ -169,7 +170,7 @@ class RunResult:
         d: dict[str, Any] = {
             "hvsim_version": __version__,
             "config": self.config.as_dict(),
-            "profile": {"name": self.profile.name, "summary": self.profile.summary},
+            "profile": {"name": self.profile.name, "kernel": self.profile.version, "summary": self.profile.summary},
             "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms,
                          **({"retry_insns": self.retry_insns} if self.retry_insns else {})},
             "vms": [v.as_dict() for v in self.vms],
@@ -238,7 +239,7 @@ def validate(config: SimConfig) -> None:
     if k.sleep_millisecs < 0:
         raise ConfigError(f"--ksm-sleep-ms {k.sleep_millisecs}: give 0 or more milliseconds.")
     # mm/ksm.c max_page_sharing_store() (read in a 6.x tree) returns -EINVAL below 2 likewise.
-    if k.max_page_sharing < 2:
+    if k.max_page_sharing is not None and k.max_page_sharing < 2:
         raise ConfigError(f"--ksm-max-page-sharing {k.max_page_sharing}: give at least 2 (sharing needs two "
                           "mappings; the kernel refuses less too).")
     for spec in config.inject:
@@ -248,6 +249,8 @@ def validate(config: SimConfig) -> None:
         changed = [flag for name, flag in KSM_FLAGS.items() if getattr(k, name) != getattr(default, name)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} given without --ksm: add --ksm to turn KSM on.")
+    check_ksm_knobs(get_profile(config.profile, config.change_pte), k.max_page_sharing, k.use_zero_pages,
+                    k.smart_scan)
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
     if need > have * 3 // 4:
@@ -293,9 +296,11 @@ class Simulation:
             ksm = Ksm(self.frames, self.profile)
             ksm.pages_to_scan = config.ksm.pages_to_scan
             ksm.sleep_millisecs = config.ksm.sleep_millisecs
-            ksm.max_page_sharing = config.ksm.max_page_sharing
+            if config.ksm.max_page_sharing is not None:
+                ksm.max_page_sharing = config.ksm.max_page_sharing
             ksm.use_zero_pages = config.ksm.use_zero_pages
-            ksm.smart_scan = config.ksm.smart_scan
+            if config.ksm.smart_scan is not None:
+                ksm.smart_scan = config.ksm.smart_scan
             if trace is not None:
                 ksm.trace = trace
             self.ksm = ksm

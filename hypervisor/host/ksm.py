@@ -28,7 +28,8 @@ tables keyed by a 64-bit content hash, each hit confirmed by a whole-page memcmp
 instead of rbtrees ordered by memcmp (same merges for pages that hold still; the
 kernel's unstable tree may also find a page whose content changed since insertion);
 chains are pruned on every search rather than every
-stable_node_chains_prune_millisecs; 6.7's smart_scan is a knob that is off unless set.
+stable_node_chains_prune_millisecs.  The era's differences (chains from 4.13, smart_scan
+on by default from 6.7, ...) come from the Profile (hypervisor/kernels.py).
 """
 
 from collections import Counter
@@ -75,8 +76,8 @@ class Ksm(KsmScan):
         self.sleep_millisecs = 20
         self.max_page_sharing = 256
         self.use_zero_pages = False
-        # 6.7 made smart_scan=1 the default; hvsim leaves it off unless asked (README, fidelity).
-        self.smart_scan = False
+        # The kernel's defaults: smart_scan is on from 6.7 (its knob appeared on); the VMM may change it.
+        self.smart_scan = profile.ksm_smart_scan
         # state
         self.slots: list[MmSlot] = []
         self.cursor = KsmCursor()
@@ -150,8 +151,10 @@ class Ksm(KsmScan):
                         shared += 1
                         sharing += node.nr_items - 1
         volatile = max(0, self.rmap_items - shared - sharing - self.unshared)
-        profit = (sharing + self.ksm_zero_pages) * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
-        return {
+        # general_profit counts KSM's zero pages from 6.6 (xu xin's series), not in 6.4/6.5.
+        zero = self.ksm_zero_pages if self.profile.ksm_counts_zero_pages else 0
+        profit = (sharing + zero) * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
+        out = {
             "run": self.run,
             "pages_to_scan": self.pages_to_scan,
             "sleep_millisecs": self.sleep_millisecs,
@@ -170,6 +173,21 @@ class Ksm(KsmScan):
             "pages_scanned": self.pages_scanned,
             "pages_skipped": self.pages_skipped,
         }
+        # Files the kernel did not have yet (their rows in hypervisor/kernels.py).
+        absent = []
+        if not self.profile.ksm_stable_node_chains:
+            absent += ["max_page_sharing", "stable_node_chains", "stable_node_dups"]
+        if not self.profile.ksm_use_zero_pages:
+            absent.append("use_zero_pages")
+        if not self.profile.ksm_smart_scan:
+            absent += ["smart_scan", "pages_skipped"]
+        if not self.profile.ksm_general_profit:
+            absent.append("general_profit")
+        if not self.profile.ksm_counts_zero_pages:
+            absent.append("ksm_zero_pages")
+        for name in absent:
+            del out[name]
+        return out
 
     def ksm_zero_page_unmapped(self) -> None:
         self.ksm_zero_pages -= 1

@@ -51,9 +51,9 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         flags = items.flags[idxs]
         in_stable = (flags & STABLE_FLAG) != 0
         page_node = frames.stable_node[pfns]
-        if self.profile.ksm_merge_allocates_kpage:
+        if self.profile.ksm_unmerges_unshared_ksm_page:
             # 2.6.32's ksm_do_scan: a KSM page in the stable tree is left alone unless it is
-            # mapped only once, and then it is unmerged.
+            # mapped only once, and then it is unmerged (gone by 2.6.33.3's ksm_do_scan).
             settled = in_stable & (page_node >= 0)
             single = settled & (frames.mapcount[pfns] == 1)
             work = np.flatnonzero(~settled | single)
@@ -244,6 +244,11 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, node.kpfn):
                 self._stable_tree_append(items, idx, node)
             return
+        if self.profile.ksm_unmerges_unshared_ksm_page and node_id >= 0:
+            # 2.6.32's cmp_and_merge_page (sndrzt/linux-2.6.32 mm/ksm.c): a KSM page the stable
+            # tree no longer knows ("got here by fork", or a failed break_ksm) gets its COW
+            # broken, and the scan goes on with the old KSM page, so a merge of it fails.
+            self.break_cow(items.mm, items.hva(idx))
         if checksum is None:
             checksum = page_checksum_one(frames, pfn)
         if int(items.oldchecksum[idx]) != checksum:

@@ -27,6 +27,8 @@ class KsmStableTree(KsmState):
         return int(self.frames.stable_node[node.kpfn]) == node.id
 
     def _candidate(self, node: StableNode) -> bool:
+        if not self.profile.ksm_stable_node_chains:
+            return node.nr_items > 0  # before 4.13 a KSM page has no sharing limit
         return 0 < node.nr_items < self.max_page_sharing
 
     def stable_tree_search(self, pfn: Pfn, h: int) -> StableNode | None:
@@ -65,6 +67,9 @@ class KsmStableTree(KsmState):
         self.nodes[node.id] = node
         self.frames.stable_node[kpfn] = node.id
         entries = self.stable_tree.setdefault(h, [])
+        if not self.profile.ksm_stable_node_chains:
+            entries.append(node)  # no chains before 4.13 (2c653d0ee2ae)
+            return node
         for pos, entry in enumerate(entries):
             if isinstance(entry, StableNodeChain):
                 if entry.dups and self.frames.pages_identical(kpfn, entry.dups[0].kpfn):
