@@ -52,7 +52,7 @@ from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu_interface import FaultResult, KvmMmu
-from ..kvm.spte import SPTE_WRITABLE
+from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from .clock import VcpuClock, raw_hook_add
@@ -75,6 +75,8 @@ UNTIL = 0xFFFF_FFFF_FFFF_F000
 _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 
 _SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
+_SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
+_SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
 _CR0_PE = 1 << 0
 _CR0_WP = 1 << 16
@@ -114,6 +116,10 @@ class UnicornVcpu:
         self.frames = frames
         self.mmu: KvmMmu = vcpu.vm.mmu
         self._translate = self.mmu.translate
+        # Fast path of the fill (TDP): a leaf spte that already permits the access with A (and D)
+        # set is used as read, no call; anything else goes through translate, and every spte
+        # change through the MMU's set_spte.
+        self._leaf_sptes = self.mmu.leaf_sptes
         # A gpa above every memslot is MMIO without asking the MMU (no spte can exist there).
         self._nr_gfns = int(vcpu.vm.memslots.max_gfn)
         self._qwords = frames.qwords
@@ -294,7 +300,14 @@ class UnicornVcpu:
         try:
             gpa = self._walk(vaddr, write)
             gfn = gpa >> PAGE_SHIFT
-            spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
+            leaf = self._leaf_sptes
+            if leaf is not None and gfn < self._nr_gfns:
+                spte = leaf[gfn]
+                wanted = _SPTE_RA | (_SPTE_WD if write else 0)
+                if spte & wanted != wanted:
+                    spte = self._translate(gfn, write)
+            else:
+                spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
             if not spte:
                 spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
         except GuestFault as fault:

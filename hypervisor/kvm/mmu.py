@@ -93,6 +93,7 @@ class TdpMmu:
         self.sptes: npt.NDArray[np.int64] = np.zeros(int(vm.memslots.max_gfn), dtype=np.int64)
         # Scalar access without numpy boxing on the fault path; the array is never replaced.
         self.sptes_view = self.sptes.data
+        self.leaf_sptes: memoryview | None = self.sptes_view
         self._nr_gfns = int(self.sptes.shape[0])
         self._last_slot: Memslot | None = None
         self.mmu_notifier_seq = 0

@@ -79,6 +79,10 @@ class KvmMmu(Protocol):
 
     notifier: MmuNotifier
     spte_check: SpteCheck | None
+    # A gfn-indexed view of the leaf sptes, where the MMU keeps them so (TDP); None where
+    # a leaf is reached only through its tables (shadow paging).  Read-only for callers:
+    # the TLB fill reads it to skip `translate` when the spte already permits the access.
+    leaf_sptes: memoryview | None
 
     def translate(self, gfn: int, write: bool) -> int:
         """On a TLB miss: the leaf spte if it permits the access (A/D now set), else 0 (an exit)."""
