@@ -146,6 +146,23 @@ class TdpMmu:
             return bool(old & ~new & SPTE_ACCESSED)
         return False  # WALK: the hardware set A/D; nothing cached can be stale
 
+    def zap_sptes(self, lo: int, gfns: npt.NDArray[np.intp]) -> bool:
+        """set_spte(gfn, old, nonpresent, ZAP) for the present sptes at lo + gfns, in one numpy step.
+
+        The batched form of set_spte for range zaps and release (same counters, same
+        --check rule per spte, same flush decision: true, they were present), so that a
+        64 MiB munmap does not pay a Python call per page.
+        """
+        if not gfns.size:
+            return False
+        window = self.sptes[lo:]
+        if self.spte_check is not None:
+            for off, old in zip(gfns.tolist(), window[gfns].tolist(), strict=True):
+                self.spte_check(Gfn(lo + off), old, SPTE_NONPRESENT, SpteChange.ZAP)
+        window[gfns] = SPTE_NONPRESENT
+        self.vm.stats.spte_zapped += int(gfns.size)
+        return True
+
     def spte(self, gfn: int) -> int:
         return int(self.sptes_view[gfn]) if gfn < self._nr_gfns else 0
 
@@ -236,9 +253,7 @@ class TdpMmu:
     def _zap_gfn_range(self, lo: int, hi: int) -> int:
         """Zap every present spte of gfns [lo, hi); how many there were."""
         present = np.flatnonzero(self.sptes[lo:hi])
-        for off in present.tolist():
-            gfn = Gfn(lo + off)
-            self.set_spte(gfn, int(self.sptes_view[gfn]), SPTE_NONPRESENT, SpteChange.ZAP)
+        self.zap_sptes(lo, present)
         return int(present.size)
 
     def kvm_unmap_hva_range(self, start: Hva, end: Hva) -> bool:
