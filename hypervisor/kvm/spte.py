@@ -61,4 +61,3 @@ def spte_permits(spte: int, write: bool) -> bool:
     if not spte & SPTE_READABLE:
         return False
     return not write or bool(spte & SPTE_WRITABLE)
-
