@@ -305,7 +305,9 @@ class UnicornVcpu:
                 spte = leaf[gfn]
                 wanted = _SPTE_RA | (_SPTE_WD if write else 0)
                 if spte & wanted != wanted:
-                    spte = self._translate(gfn, write)
+                    # Permitted but A/D to set: translate (set_spte); not permitted: an exit.
+                    permitted = spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)
+                    spte = self._translate(gfn, write) if permitted else 0
             else:
                 spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
             if not spte:
