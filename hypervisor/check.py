@@ -50,6 +50,7 @@ import numpy as np
 
 from . import coherence
 from .errors import InvariantViolation
+from .kvm.mmu import check_spte_change
 from .trace import format_fields
 from .types import PAGE_SHIFT, PAGE_SIZE
 
@@ -84,6 +85,8 @@ class CoherenceChecker:
         self._gfns: set[tuple[int, int]] = set()
 
     def attach(self, sim: "Simulation") -> None:
+        for vm in sim.vms:
+            vm.mmu.spte_check = check_spte_change  # the spte rules at each point of change (kvm/mmu.py)
         self.sim = sim
         self._vm_of_mm = {vm.mm.name: i for i, vm in enumerate(sim.vms)}
 

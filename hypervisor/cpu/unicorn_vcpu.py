@@ -44,7 +44,7 @@ from unicorn import (
 from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
-from ..kvm.mmu import FaultResult
+from ..kvm.mmu_interface import FaultResult, KvmMmu
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
@@ -93,10 +93,14 @@ class UnicornVcpu(ExitDispatch):
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
         self.vcpu = vcpu
         self.frames = frames
-        self.mmu = vcpu.vm.mmu
-        self._sptes = self.mmu.sptes
-        self._sptes_mv = self.mmu.sptes_view
-        self._nr_gfns = self._sptes.shape[0]
+        self.mmu: KvmMmu = vcpu.vm.mmu
+        self._translate = self.mmu.translate
+        # Fast path of the fill (TDP): a leaf spte that already permits the access with A (and D)
+        # set is used as read, no call; anything else goes through translate, and every spte
+        # change through the MMU's set_spte.
+        self._leaf_sptes = self.mmu.leaf_sptes
+        # A gpa above every memslot is MMIO without asking the MMU (no spte can exist there).
+        self._nr_gfns = int(vcpu.vm.memslots.max_gfn)
         self._qwords = frames.qwords
         self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
@@ -256,11 +260,18 @@ class UnicornVcpu(ExitDispatch):
         try:
             gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
             gfn = gpa >> PAGE_SHIFT
-            spte = self._sptes_mv[gfn] if gfn < self._nr_gfns else 0
-            # Fast path: a present spte that permits the access, with its A (and D) bits set.
-            wanted = _SPTE_RA | (_SPTE_WD if write else 0)
-            if spte & wanted != wanted:
-                spte = self._ept(gfn, write, access == UC_MEM_FETCH)
+            leaf = self._leaf_sptes
+            if leaf is not None and gfn < self._nr_gfns:
+                spte = leaf[gfn]
+                wanted = _SPTE_RA | (_SPTE_WD if write else 0)
+                if spte & wanted != wanted:
+                    # Permitted but A/D to set: translate (set_spte); not permitted: an exit.
+                    permitted = spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)
+                    spte = self._translate(gfn, write) if permitted else 0
+            else:
+                spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
+            if not spte:
+                spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
         except GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
                 entry.paddr = 0
@@ -292,26 +303,25 @@ class UnicornVcpu(ExitDispatch):
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         return True
 
-    def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
-        """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access."""
-        sptes = self._sptes_mv
+    def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
+        """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access.
+
+        The MMU's translate sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
+        `translated`: the caller's translate already said no.
+        """
         if gfn >= self._nr_gfns:
             # Beyond every memslot: still an EPT violation, which KVM passes on as MMIO.
             self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             raise _Mmio(gfn << PAGE_SHIFT)
-        spte = sptes[gfn]
-        while not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
+        translate = self._translate
+        spte = 0 if translated else translate(gfn, write)
+        while not spte:
             result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             if result is FaultResult.MMIO:
                 raise _Mmio(gfn << PAGE_SHIFT)
-            spte = sptes[gfn]
-            if result is FaultResult.RETRY or not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
+            spte = translate(gfn, write)
+            if result is FaultResult.RETRY or not spte:
                 self._fault_retried(gfn)  # the guest faults again: that costs time, and may livelock
-        # The EPT walk sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
-        wanted = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
-        if spte & wanted != wanted:
-            spte |= wanted
-            sptes[gfn] = spte
         return spte
 
     def _fault_retried(self, gfn: int) -> None:

@@ -11,13 +11,16 @@ depends on the kernel era (hypervisor/profiles.py).
 """
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..types import PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
+    from ..profiles import Profile
     from .mm import HostMm
 
 
@@ -77,12 +80,19 @@ def mmu_notifier_release(mm: "HostMm") -> None:
     _emit(mm, "release", Hva(0), Hva(0))
 
 
+def _registered(mm: "HostMm", callback: str) -> Iterator[tuple[MmuNotifier, Any]]:
+    """The notifiers of mm that implement `callback`, each call counted: the one dispatch loop."""
+    for mn in list(mm.mmu_notifiers):
+        op = getattr(mn.ops, callback)
+        if op is not None:
+            mn.calls[callback] += 1
+            yield mn, op
+
+
 def mmu_notifier_clear_flush_young(mm: "HostMm", address: Hva) -> bool:
     young = False
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.clear_flush_young is not None:
-            mn.calls["clear_flush_young"] += 1
-            young |= mn.ops.clear_flush_young(mn, mm, address)
+    for mn, op in _registered(mm, "clear_flush_young"):
+        young |= bool(op(mn, mm, address))
     _emit(mm, "clear_flush_young", address, Hva(address + PAGE_SIZE))
     return young
 
@@ -106,27 +116,60 @@ def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
 
 
 def mmu_notifier_invalidate_page(mm: "HostMm", address: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_page is not None:
-            mn.calls["invalidate_page"] += 1
-            mn.ops.invalidate_page(mn, mm, address)
+    for mn, op in _registered(mm, "invalidate_page"):
+        op(mn, mm, address)
     _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
 
 
 def mmu_notifier_invalidate_range_start(mm: "HostMm", start: Hva, end: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_range_start is not None:
-            mn.calls["invalidate_range_start"] += 1
-            mn.ops.invalidate_range_start(mn, mm, start, end)
+    for mn, op in _registered(mm, "invalidate_range_start"):
+        op(mn, mm, start, end)
     _emit(mm, "invalidate_range_start", start, end)
 
 
 def mmu_notifier_invalidate_range_end(mm: "HostMm", start: Hva, end: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_range_end is not None:
-            mn.calls["invalidate_range_end"] += 1
-            mn.ops.invalidate_range_end(mn, mm, start, end)
+    for mn, op in _registered(mm, "invalidate_range_end"):
+        op(mn, mm, start, end)
     _emit(mm, "invalidate_range_end", start, end)
+
+
+# --- the range bracket: every era decision about it lives here ---------------------------
+
+
+class RangeSite(Enum):
+    """The mm and KSM code that changes ptes a secondary MMU may cache, as the bracket sees it."""
+
+    ZAP_PAGE_RANGE = "zap_page_range"  # munmap, MADV_DONTNEED: bracketed since 2.6.27
+    DO_WP_PAGE_COPY = "do_wp_page"  # the COW copy: bracketed from 3.7 (6bdb913f0a70)
+    KSM_WRITE_PROTECT = "write_protect_page"  # bracketed from 3.7 (6bdb913f0a70)
+    KSM_REPLACE_PAGE = "replace_page"  # bracketed from 3.7 (6bdb913f0a70)
+
+
+def _site_is_bracketed(profile: "Profile", site: RangeSite) -> bool:
+    """Does the kernel of `profile` bracket this call site with invalidate_range_start/end?"""
+    if site is RangeSite.DO_WP_PAGE_COPY:
+        return profile.do_wp_page_copy_in_invalidate_range
+    if site is RangeSite.ZAP_PAGE_RANGE:
+        return True
+    return profile.ksm_pte_updates_in_invalidate_range
+
+
+@contextmanager
+def mmu_notifier_range(mm: "HostMm", start: Hva, end: Hva, site: RangeSite = RangeSite.ZAP_PAGE_RANGE,
+                       ) -> Iterator[None]:
+    """`with mmu_notifier_range(mm, start, end, site):` invalidate_range_start ... invalidate_range_end.
+
+    A no-op where the kernel of mm's profile had no bracket at that site (2.6.32 .. 3.6
+    for the COW copy and KSM's pte updates: 6bdb913f0a70 added them in 3.7).
+    """
+    if not _site_is_bracketed(mm.profile, site):
+        yield
+        return
+    mmu_notifier_invalidate_range_start(mm, start, end)
+    try:
+        yield
+    finally:
+        mmu_notifier_invalidate_range_end(mm, start, end)
 
 
 # --- the helpers mm code uses to change a pte a secondary MMU may cache -----------------
@@ -157,11 +200,8 @@ def ptep_clear_flush_notify(mm: "HostMm", address: Hva) -> int:
         old = mm.ptep_clear_flush(address)
         mmu_notifier_invalidate_page(mm, address)
         return old
-    end = Hva(address + PAGE_SIZE)
-    mmu_notifier_invalidate_range_start(mm, address, end)
-    old = mm.ptep_clear_flush(address)
-    mmu_notifier_invalidate_range_end(mm, address, end)
-    return old
+    with mmu_notifier_range(mm, address, Hva(address + PAGE_SIZE)):
+        return mm.ptep_clear_flush(address)
 
 
 def ptep_clear_flush_young_notify(mm: "HostMm", address: Hva) -> bool:

@@ -22,11 +22,12 @@ from .exits import (
     EPT_VIOLATION_WRITABLE,
     ExitReason,
 )
-from .mmu import FaultResult
+from .mmu_interface import FaultResult, FaultWork
 from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import VcpuStats
 
 if TYPE_CHECKING:
+    from .mmu_interface import KvmMmu
     from .vm import Vm
 
 # A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
@@ -40,6 +41,10 @@ FAULT_RETRY_COST = 200
 # (a real race resolves in a retry or two; only a host event fired on every fault, such as
 # an --inject at after_gfn_to_pfn, keeps it going).
 LIVELOCK_RETRIES = 1000
+
+
+# exit_work's key for an EPT violation, by the fault path's work.
+_EPT_WORK = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
@@ -90,7 +95,7 @@ class Vcpu:
         # Which HvsimError the failure is, so that callers classify it by type, never by its text.
         self.failure_kind: type[GuestError] | None = None
         self.arch: VcpuBackend = _NoBackend()
-        # (exit reason, what the host did for it) -> count; see handle_ept_violation.
+        # (exit reason, what the host did for it) -> count, priced by --perf-kvm-stat.
         self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
 
     def _count_exit(self, reason: ExitReason) -> None:
@@ -104,31 +109,22 @@ class Vcpu:
                                "info2": info2})
 
     def handle_ept_violation(self, gfn: Gfn, write: bool, rip: int, fetch: bool = False) -> FaultResult:
-        """One EPT_VIOLATION exit: run the fault path once; RETRY means the guest faults again."""
+        """One EPT_VIOLATION exit: run the fault path once; RETRY means the guest faults again.
+
+        The exit is priced by the work the fault path says it did (FaultOutcome.work).
+        """
         self._count_exit(ExitReason.EPT_VIOLATION)
-        mmu = self.vm.mmu
+        mmu: KvmMmu = self.vm.mmu
         trace = self.vm.trace
         if trace is not None:
-            spte = int(mmu.sptes[gfn]) if gfn < mmu.sptes.shape[0] else 0
-            qual = ept_exit_qualification(write, fetch, spte)
+            qual = ept_exit_qualification(write, fetch, mmu.spte(gfn))
             self._trace_exit(ExitReason.EPT_VIOLATION, rip, qual, gfn << PAGE_SHIFT)
             trace("kvm_page_fault", {"vcpu": self.vcpu_id, "address": gfn << PAGE_SHIFT, "error_code": qual})
-        mm = self.vm.mm
-        faults, cows = mm.nr_faults, mm.nr_cows
-        result = mmu.tdp_page_fault(self, gfn, write)
-        if result is FaultResult.MMIO:
+        outcome = mmu.page_fault(self, gfn, write)
+        if outcome.result is FaultResult.MMIO:
             self.stats.mmio_exits += 1
-        # What the host had to do for this exit, for the perf-kvm-stat cost model.
-        if result is FaultResult.RETRY:
-            work = "retry"
-        elif mm.nr_cows != cows:
-            work = "cow"
-        elif mm.nr_faults != faults:
-            work = "host_fault"
-        else:
-            work = "map"
-        self.exit_work[(ExitReason.EPT_VIOLATION, work)] += 1
-        return result
+        self.exit_work[_EPT_WORK[outcome.work]] += 1
+        return outcome.result
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
         """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""

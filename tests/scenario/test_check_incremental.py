@@ -10,7 +10,8 @@ import pytest
 
 from hypervisor import sim as simulation
 from hypervisor.check import CoherenceChecker
-from hypervisor.kvm.mmu import FaultResult, TdpMmu
+from hypervisor.kvm.mmu import TdpMmu
+from hypervisor.kvm.mmu_interface import FaultOutcome
 from hypervisor.kvm.vcpu import Vcpu
 from hypervisor.sim import KsmConfig, SimConfig, Simulation
 from hypervisor.types import Gfn, Hva
@@ -32,8 +33,8 @@ class SweepEveryEvent(CoherenceChecker):
         self.check(strict_refcount=True)
 
 
-def _leaky_fault(original: Callable[[TdpMmu, Vcpu, Gfn, bool], FaultResult]) -> Callable[..., FaultResult]:
-    def fault(self: TdpMmu, vcpu: Vcpu, gfn: Gfn, write: bool) -> FaultResult:
+def _leaky_fault(original: Callable[[TdpMmu, Vcpu, Gfn, bool], FaultOutcome]) -> Callable[..., FaultOutcome]:
+    def fault(self: TdpMmu, vcpu: Vcpu, gfn: Gfn, write: bool) -> FaultOutcome:
         put = self.mm.put_page
         self.mm.put_page = lambda pfn: None  # type: ignore[method-assign]
         try:
