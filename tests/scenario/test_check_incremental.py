@@ -52,7 +52,7 @@ def _no_rewrite(self: TdpMmu, hva: Hva, pte: int) -> None:
 def broken(monkeypatch: pytest.MonkeyPatch, breakage: str) -> Iterator[None]:
     with monkeypatch.context() as m:
         if breakage == "leak_pin":  # the fault path keeps its GUP pin
-            m.setattr(TdpMmu, "tdp_page_fault", _leaky_fault(TdpMmu.tdp_page_fault))
+            m.setattr(TdpMmu, "page_fault", _leaky_fault(TdpMmu.page_fault))
         elif breakage == "no_change_pte_rewrite":  # change_pte leaves the spte as it was
             m.setattr(TdpMmu, "kvm_set_spte_hva", _no_rewrite)
         yield
