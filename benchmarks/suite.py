@@ -12,7 +12,7 @@ from typing import Any
 
 from hypervisor.sim import DEFAULT_QUANTUM
 
-from . import fault_storm, growth, guest_speed, hotpaths, ksm_scan, modelling, scale
+from . import check_cost, fault_storm, growth, guest_speed, hotpaths, ksm_scan, modelling, scale
 from .baselines import BenchmarkError
 from .common import (
     REPO_ROOT,
@@ -27,7 +27,7 @@ from .common import (
     write_json,
 )
 
-BENCHMARKS = ("guest_speed", "fault_storm", "ksm_scan", "scale", "modelling", "growth")
+BENCHMARKS = ("guest_speed", "fault_storm", "ksm_scan", "scale", "modelling", "growth", "check_cost")
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results.json"  # .gitignore'd (benchmarks/results*.json)
 
 
@@ -48,6 +48,9 @@ class Sizes:
     profile_storm_pages: int
     profile_refill_pages: int
     profile_ksm_pages: int
+    check_vms: int = 3
+    check_mib: int = 64
+    check_cmdline: str = check_cost.CMDLINE
 
 
 FULL = Sizes(storm_pages=65_536, refill_pages=65_536,
@@ -58,7 +61,8 @@ FULL = Sizes(storm_pages=65_536, refill_pages=65_536,
 QUICK = Sizes(storm_pages=4_096, refill_pages=4_096,
               refill_passes=1, ksm_pages=2_048, scale_vms=2, scale_mib=4, scale_pages_to_scan=512,
               scale_sleep_ms=20, scale_spin=20_000, growth_mib=(4, 8, 16), modelling_vms=2, modelling_mib=8,
-              profile_storm_pages=2_048, profile_refill_pages=2_048, profile_ksm_pages=1_024)
+              profile_storm_pages=2_048, profile_refill_pages=2_048, profile_ksm_pages=1_024,
+              check_vms=2, check_mib=8, check_cmdline=check_cost.QUICK_CMDLINE)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -134,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif name == "modelling":
                     figures.append(modelling.run(vms=sizes.modelling_vms, memory_mib=sizes.modelling_mib, reps=reps,
                                                  budget=budget))
+                elif name == "check_cost":
+                    figures.append(check_cost.run(vms=sizes.check_vms, memory_mib=sizes.check_mib,
+                                                  cmdline=sizes.check_cmdline, reps=reps, budget=budget))
                 elif name == "growth":
                     figs, ser, graw = growth.run(workdir, sizes_mib=list(sizes.growth_mib), quantum=quantum,
                                                  budget=budget, reps=reps)

@@ -12,7 +12,6 @@ from typing import Any
 
 from .config import KsmKnobs
 from .cpu.unicorn_vcpu import UnicornVcpu
-from .guest import loader
 from .host.frames import FramePool
 from .host.ksm import Ksm
 from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
@@ -20,6 +19,8 @@ from .host.mmu_notifier import NotifierEventSink
 from .kvm.vm import GUEST_RAM_HVA, Vm
 from .profiles import Profile
 from .types import Hva
+from .vmm import loader
+from .vmm.devices import LegacyDevices, legacy_devices
 
 TraceFn = Callable[[str, dict[str, Any]], None]
 
@@ -79,10 +80,14 @@ def build_vm(host: Host, vm_id: int, memory: int, mm: HostMm | None = None) -> V
 
 
 def boot_vcpu(host: Host, vm: Vm, image: loader.GuestImage, cmdline: str, nr_vms: int,
-              insns_per_ms: int) -> UnicornVcpu:
-    """Load `image` into the VM, mark its RAM mergeable when KSM is on, and create its vCPU on Unicorn."""
+              insns_per_ms: int) -> tuple[UnicornVcpu, LegacyDevices]:
+    """Load `image` into the VM, mark its RAM mergeable when KSM is on, and create its vCPU on Unicorn with
+    the VMM's legacy devices (port bus, COM1, the exit port) on its port I/O."""
     boot = loader.load(vm, image, cmdline, nr_vms)
     if host.ksm is not None:
         # The VMM marks guest RAM mergeable, as QEMU does with -machine mem-merge=on.
         vm.mm.madvise(GUEST_RAM_HVA, vm.memory_size, MADV_MERGEABLE)
-    return UnicornVcpu(vm.create_vcpu(), host.frames, boot, insns_per_ms)
+    vcpu = vm.create_vcpu()
+    devices = legacy_devices(vcpu.vmm_exit)
+    vcpu.pio = devices.bus
+    return UnicornVcpu(vcpu, host.frames, boot, insns_per_ms), devices

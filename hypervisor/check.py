@@ -1,4 +1,4 @@
-"""`--check`: the coherence invariants of DESIGN.md, verified after every exit, notifier call and ksmd step.
+"""`--check`: the coherence invariants of DESIGN.md, asserted at every event on the pages it touched.
 
 The checker rides on the trace events (it is a trace consumer), so when it is off
 the hot paths pay only the `trace is not None` test they already had.  Events are
@@ -7,6 +7,24 @@ every callback ran), so every event is a point where the invariants must hold,
 with two allowances the kernel has too: a GUP pin held by a fault in flight makes
 a frame's refcount exceed its mappings, and a page whose pte was just replaced
 keeps its mapcount until page_remove_rmap right after the notification.
+
+Incremental (issue #10 item 8).  Each event is checked only where it acts: the
+gfn, hva or hva range its fields name in its VM (the host pte there, and the spte
+of the gfn behind it) and the pfns it names or finds mapped there (`_HANDLERS`
+says, event by event, what is checked; an event that names a range gets the
+range checked, vectorised; `mmu_notifier_release` names the whole address space).
+The frames an event touched are remembered, and at the end of the time slice
+(no fault in flight) their counts are checked exactly against the ptes that map
+them, and KSM pages among them are re-hashed.  A full sweep of every invariant
+over all of memory (hypervisor/coherence.py's `sweep`) runs at the first slice end
+after every `SWEEP_EVERY` events (exact counts; at an event, bounds only, if twice
+that many pass without a slice end), and at the end of the run; `check()` is that
+sweep, for tests to call at any point.  ksm-rmap-items is
+judged only by the sweep (it is a property of KSM's trees, not of one page).
+
+Point-of-change API (for the one `set_spte` of the MMU): `check_spte(vm, gfn)`
+asserts spte-follows-pte, writable-spte and frame-mapped-not-free for that one
+spte right where it was written, and remembers its frame for the slice end.
 
 Invariants:
 * spte-follows-pte: every present spte maps the pfn that the host pte of its hva maps now;
@@ -24,184 +42,267 @@ Invariants:
   merged later and counted forever).
 """
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from . import coherence
 from .errors import InvariantViolation
-from .host.frames import ZERO_PFN
-from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
-from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
+from .kvm.mmu import check_spte_change
 from .trace import format_fields
-from .types import PAGE_SHIFT, Gfn
+from .types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
-    from .host.ksm import Ksm
+    from .kvm.vm import Vm
     from .sim import Simulation
 
 RING_SIZE = 24
-_PTE_PRESENT = 1
-_PTE_RW = 2
-_PTE_SPECIAL = 1 << 9
+# Events between two full sweeps of every invariant over all of memory (at the slice end
+# that follows).  Each event is checked where it acts; the sweep catches what no event
+# names (a pte changed without a notification, KSM's trees), at most this many events and
+# one slice late, and costs about as much as checking a few hundred events.
+SWEEP_EVERY = 1000
 
 TraceFn = Callable[[str, dict[str, Any]], None]
 
 
 class CoherenceChecker:
-    def __init__(self, downstream: TraceFn | None = None) -> None:
+    def __init__(self, downstream: TraceFn | None = None, sweep_every: int = SWEEP_EVERY) -> None:
         self.sim: Simulation | None = None
-        self.ring: deque[str] = deque(maxlen=RING_SIZE)
+        # (simulated time, event, fields), formatted only when a violation is reported.
+        self.ring: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=RING_SIZE)
         self.downstream = downstream
+        self.sweep_every = sweep_every
         self.checks = 0
+        self.sweeps = 0
         self._in_check = False
+        self._since_sweep = 0
+        self._vm_of_mm: dict[str, int] = {}
+        # What the events of this time slice touched, checked exactly at its end.
+        self._pfns: set[int] = set()
+        self._gfns: set[tuple[int, int]] = set()
 
     def attach(self, sim: "Simulation") -> None:
+        for vm in sim.vms:
+            vm.mmu.spte_check = check_spte_change  # the spte rules at each point of change (kvm/mmu.py)
         self.sim = sim
+        self._vm_of_mm = {vm.mm.name: i for i, vm in enumerate(sim.vms)}
 
     # --- event intake --------------------------------------------------------------------
 
     def trace(self, event: str, fields: dict[str, Any]) -> None:
         if self.downstream is not None:
             self.downstream(event, fields)
-        self._record(event, fields)
-        self.check(strict_refcount=False)
+        sim = self.sim
+        self.ring.append((sim.clock() if sim is not None else 0, event, fields))
+        if sim is None or self._in_check:
+            return
+        self._in_check = True
+        try:
+            handler = _HANDLERS.get(event)
+            if handler is not None:
+                handler(self, sim, fields)
+            self._since_sweep += 1
+            if self._since_sweep >= 2 * self.sweep_every:  # no slice end came to sweep at
+                self._sweep(sim, strict=False)
+            self.checks += 1
+        finally:
+            self._in_check = False
 
     def end_of_slice(self) -> None:
-        self._record("slice_end", {})
+        """No fault is in flight: the frames this slice touched must have exact counts."""
+        sim = self.sim
+        self.ring.append((sim.clock() if sim is not None else 0, "slice_end", {}))
+        if sim is None or self._in_check:
+            return
+        self._in_check = True
+        try:
+            if self._since_sweep >= self.sweep_every:
+                self._sweep(sim, strict=True)
+            else:
+                self._slice_touched(sim)
+            self.checks += 1
+        finally:
+            self._in_check = False
+
+    def end_of_run(self) -> None:
+        """The last full sweep, exact counts."""
         self.check(strict_refcount=True)
 
-    def _record(self, event: str, fields: dict[str, Any]) -> None:
-        now = self.sim.clock() if self.sim is not None else 0
-        who = f"vm{fields['vm']} " if "vm" in fields and not event.startswith("mmu_notifier_") else ""
-        self.ring.append(f"[insn {now}] {who}{event}: {format_fields(event, fields)}".rstrip())
-
-    # --- the invariants --------------------------------------------------------------------
-
-    def _fail(self, invariant: str, detail: str) -> None:
-        events = "\n".join("    " + e for e in self.ring)
-        raise InvariantViolation(f"invariant {invariant} violated: {detail}. Last events:\n{events}")
-
     def check(self, strict_refcount: bool) -> None:
+        """Every invariant over all of memory (a sweep); strict: no fault in flight, counts exact."""
         sim = self.sim
         if sim is None or self._in_check:
             return
         self._in_check = True
         try:
-            self._check(sim, strict_refcount)
+            self._sweep(sim, strict_refcount)
             self.checks += 1
         finally:
             self._in_check = False
 
-    def _check(self, sim: "Simulation", strict_refcount: bool) -> None:
-        frames = sim.frames
-        mapped = np.zeros(frames.nr_frames, dtype=np.int64)
-        for vm in sim.vms:
-            mm = vm.mm
-            for vma in mm.vmas:
-                ptes = vma.ptes
-                normal = np.flatnonzero((ptes & _PTE_PRESENT).astype(bool) & ~(ptes & _PTE_SPECIAL).astype(bool))
-                pfns = ptes[normal] >> PAGE_SHIFT
-                np.add.at(mapped, pfns, 1)
-                ksm_writable = np.flatnonzero((frames.stable_node[pfns] >= 0) & (ptes[normal] & _PTE_RW).astype(bool))
-                if ksm_writable.size:
-                    hva = vma.start + (int(normal[ksm_writable[0]]) << PAGE_SHIFT)
-                    self._fail("ksm-page-stable", f"vm{vm.vm_id} hva {hva:#x} maps KSM page pfn "
-                               f"{int(pfns[ksm_writable[0]]):#x} writable")
-            sptes = vm.mmu.sptes
-            for slot in vm.memslots:
-                window = sptes[slot.base_gfn : slot.end_gfn]
-                present = np.flatnonzero(window & SPTE_READABLE)
-                if not present.size:
-                    continue
-                slot_vma = mm.find_vma(slot.userspace_addr)
-                if slot_vma is None:
-                    gfn = slot.base_gfn + int(present[0])
-                    self._fail("spte-follows-pte", f"vm{vm.vm_id} gfn {gfn:#x} has a spte but its hva has no VMA")
-                    return
-                first = slot_vma.index(slot.userspace_addr)
-                host = slot_vma.ptes[first + present]
-                spte_pfn = (window[present] & SPTE_PFN_MASK) >> PAGE_SHIFT
-                bad = np.flatnonzero(((host & _PTE_PRESENT) == 0) | ((host >> PAGE_SHIFT) != spte_pfn))
-                if bad.size:
-                    i = int(present[bad[0]])
-                    gfn = Gfn(slot.base_gfn + i)
-                    hva = slot.gfn_to_hva(gfn)
-                    pte = int(host[bad[0]])
-                    now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PTE_PRESENT else "no page"
-                    self._fail("spte-follows-pte", f"vm{vm.vm_id} gfn {gfn:#x} hva {hva:#x}: the spte maps pfn "
-                               f"{int(spte_pfn[bad[0]]):#x} but the host pte maps {now}")
-                wr = np.flatnonzero((window[present] & SPTE_WRITABLE).astype(bool) & ((host & _PTE_RW) == 0))
-                if wr.size:
-                    gfn = Gfn(slot.base_gfn + int(present[wr[0]]))
-                    self._fail("writable-spte", f"vm{vm.vm_id} gfn {gfn:#x} hva {slot.gfn_to_hva(gfn):#x} pfn "
-                               f"{int(spte_pfn[wr[0]]):#x}: the spte is writable but the host pte is read-only")
-                freed = np.flatnonzero(frames.refcount[spte_pfn] <= 0)
-                freed = freed[spte_pfn[freed] != ZERO_PFN]
-                if freed.size:
-                    gfn = slot.base_gfn + int(present[freed[0]])
-                    self._fail("frame-mapped-not-free", f"vm{vm.vm_id} gfn {gfn:#x}: the spte maps pfn "
-                               f"{int(spte_pfn[freed[0]]):#x}, which is free")
-        mapped[ZERO_PFN] = 0
-        free = frames.refcount <= 0
-        free[ZERO_PFN] = False
-        stale = np.flatnonzero(free & ((frames.stable_node >= 0) | (frames.mapcount != 0)))
-        if stale.size:
-            pfn = int(stale[0])
-            self._fail("free-frame-clean", f"pfn {pfn:#x} is free but keeps stable_node "
-                       f"{int(frames.stable_node[pfn])}, mapcount {int(frames.mapcount[pfn])}")
-        mapcount = frames.mapcount.astype(np.int64)
-        # Inside an operation that replaces a pte (replace_page, do_wp_page) the old page's
-        # mapcount drops only after the new pte is announced, as in the kernel.
-        bad = np.flatnonzero(mapcount != mapped) if strict_refcount else np.flatnonzero(mapcount < mapped)
-        if bad.size:
-            pfn = int(bad[0])
-            self._fail("refcount-equals-mappings", f"pfn {pfn:#x} has mapcount {int(mapcount[pfn])} but "
-                       f"{int(mapped[pfn])} ptes map it")
-        refcount = frames.refcount.astype(np.int64)
-        low = np.flatnonzero(refcount < mapped)
-        if low.size:
-            pfn = int(low[0])
-            self._fail("frame-mapped-not-free", f"pfn {pfn:#x} is mapped by {int(mapped[pfn])} ptes but has "
-                       f"refcount {int(refcount[pfn])}")
-        if strict_refcount:
-            extra = np.flatnonzero((refcount != mapped) & (mapped > 0))
-            if extra.size:
-                pfn = int(extra[0])
-                self._fail("refcount-equals-mappings", f"pfn {pfn:#x} has refcount {int(refcount[pfn])} but "
-                           f"{int(mapped[pfn])} mappings and no fault in flight (a leaked pin)")
-        ksm = sim.ksm
-        if ksm is not None:
-            self._check_rmap_items(ksm)
-        if ksm is not None and ksm.nodes:
-            nodes = [n for n in ksm.nodes.values() if int(frames.stable_node[n.kpfn]) == n.id]
-            if nodes:
-                kpfns = np.array([n.kpfn for n in nodes], dtype=np.int64)
-                hashes = page_hash(frames, kpfns)
-                for node, h in zip(nodes, hashes, strict=True):
-                    if int(h) != node.key:
-                        self._fail("ksm-page-stable", f"KSM page pfn {node.kpfn:#x} (stable node {node.id}) "
-                                   "changed content after it was merged")
+    # --- point-of-change API ------------------------------------------------------------
 
-    def _check_rmap_items(self, ksm: "Ksm") -> None:
-        live: set[int] = set()
-        named = [np.zeros(0, dtype=np.int32)]
-        for slot in ksm.slots:
-            for items in slot.vmas:
-                live.add(id(items))
-                named.append(items.node[items.has_item & ((items.flags & STABLE_FLAG) != 0)])
-        ids, counts = np.unique(np.concatenate(named), return_counts=True)
-        counted: Counter[int] = Counter(dict(zip(ids.tolist(), counts.tolist(), strict=True)))
-        for node in ksm.nodes.values():
-            naming = counted.pop(node.id, 0)
-            if naming != node.nr_items:
-                self._fail("ksm-rmap-items", f"stable node {node.id} (KSM page pfn {node.kpfn:#x}) counts "
-                           f"{node.nr_items} rmap_items but {naming} live ones name it")
-        if counted:
-            self._fail("ksm-rmap-items", f"rmap_items name stable node {min(counted)}, which is gone")
-        for entries in ksm.unstable_tree.values():
-            for items, idx in entries:
-                if id(items) not in live or not items.has_item[idx] or not items.flags[idx] & UNSTABLE_FLAG:
-                    self._fail("ksm-rmap-items", f"the unstable tree holds the freed rmap_item of "
-                               f"{items.mm.name} hva {items.hva(idx):#x}")
+    def check_spte(self, vm: "Vm", gfn: int) -> None:
+        """Assert the invariants of one spte right after it changed (for the MMU's set_spte)."""
+        if self.sim is None or self._in_check:
+            return
+        pfn = coherence.check_gfn(vm, gfn, self.sim.frames, self._fail)
+        self._gfns.add((self._vm_index(vm), gfn))
+        if pfn is not None:
+            self._pfns.add(pfn)
+
+    # --- what each event touched -------------------------------------------------------
+
+    def _vm_index(self, vm: "Vm") -> int:
+        sim = self.sim
+        if sim is not None:
+            for i, other in enumerate(sim.vms):
+                if other is vm:
+                    return i
+        return vm.vm_id
+
+    def _gfn(self, sim: "Simulation", vm: int, gfn: int) -> None:
+        v = sim.vms[vm]
+        if gfn >= v.mmu.sptes.shape[0]:
+            return
+        pfn = coherence.check_gfn(v, gfn, sim.frames, self._fail)
+        self._gfns.add((vm, gfn))
+        if pfn is not None:
+            self._pfn(sim, pfn)
+
+    def _hva(self, sim: "Simulation", vm: int, hva: int) -> None:
+        pte_pfn, spte_pfn = coherence.check_hva(sim.vms[vm], hva, sim.frames, self._fail)
+        if pte_pfn is not None:
+            self._pfn(sim, pte_pfn, mapped=True)
+        if spte_pfn is not None and spte_pfn != pte_pfn:
+            self._pfn(sim, spte_pfn)
+
+    def _range(self, sim: "Simulation", vm: int, start: int, end: int) -> None:
+        if end - start == PAGE_SIZE:
+            self._hva(sim, vm, start)
+            return
+        pfns = coherence.check_hva_range(sim.vms[vm], start, end, sim.frames, self._fail)
+        self._pfns.update(pfns.tolist())
+
+    def _pfn(self, sim: "Simulation", pfn: int, mapped: bool = False) -> None:
+        """A frame an event named (or found mapped: then it has at least one mapping)."""
+        frames = sim.frames
+        self._pfns.add(pfn)
+        free = frames.refcount_view[pfn] <= 0
+        if (free and (frames.stable_node_view[pfn] >= 0 or frames.mapcount_view[pfn] != 0)) or (
+                mapped and (free or frames.mapcount_view[pfn] <= 0)):
+            self._exact(sim, [pfn], strict=False)
+
+    def _named_pfns(self, sim: "Simulation", fields: dict[str, Any]) -> None:
+        for key in ("pfn", "ksm_pfn"):
+            pfn = fields.get(key)
+            if pfn is not None and 0 <= pfn < sim.frames.nr_frames:
+                self._pfn(sim, pfn)
+
+    def _exact(self, sim: "Simulation", pfns: list[int], strict: bool) -> None:
+        arr = np.array(sorted(pfns), dtype=np.int64)
+        coherence.check_pfns(sim.vms, sim.frames, arr, coherence.mapped_of(sim.vms, arr), strict, self._fail)
+
+    def _slice_touched(self, sim: "Simulation") -> None:
+        """At a slice end: re-check the pages this slice touched, then their frames' exact counts."""
+        gfns, pfns = self._gfns, self._pfns
+        self._gfns, self._pfns = set(), set()
+        # A fault may have changed its gfn after its events (the pin it dropped, a retry).
+        for vm, gfn in sorted(gfns):
+            self._gfn(sim, vm, gfn)
+        pfns |= self._pfns
+        self._pfns = set()
+        if not pfns:
+            return
+        self._exact(sim, list(pfns), strict=True)
+        if sim.ksm is not None:
+            coherence.check_ksm_pages(sim.ksm, sim.frames, np.array(sorted(pfns), dtype=np.int64), self._fail)
+
+    def _sweep(self, sim: "Simulation", strict: bool) -> None:
+        coherence.sweep(sim, strict, self._fail)
+        self.sweeps += 1
+        self._since_sweep = 0
+        self._gfns, self._pfns = set(), set()
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def _fail(self, invariant: str, detail: str) -> NoReturn:
+        events = "\n".join("    " + _format(now, event, fields) for now, event, fields in self.ring)
+        raise InvariantViolation(f"invariant {invariant} violated: {detail}. Last events:\n{events}")
+
+
+def _format(now: int, event: str, fields: dict[str, Any]) -> str:
+    who = f"vm{fields['vm']} " if "vm" in fields and not event.startswith("mmu_notifier_") else ""
+    return f"[insn {now}] {who}{event}: {format_fields(event, fields)}".rstrip()
+
+
+# --- what each event names, and so what is checked at it ---------------------------------------
+
+Handler = Callable[[CoherenceChecker, "Simulation", dict[str, Any]], None]
+
+
+def _on_page_fault(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+    # Before the fault path runs: the gfn as it stands, and remembered for the slice end,
+    # where the pin the fault took must be gone.
+    c._gfn(sim, f["vm"], f["address"] >> PAGE_SHIFT)
+
+
+def _on_set_spte(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+    c._gfn(sim, f["vm"], f["gfn"])
+
+
+def _on_vm_hva(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+    # kvm_set_spte_hva, kvm_age_hva, cow_ksm: one hva of the VM's mm (and the pfns named).
+    c._hva(sim, f["vm"], f["hva"])
+    c._named_pfns(sim, f)
+
+
+def _on_vm_range(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+    # kvm_unmap_hva_range and every mmu_notifier_* call: [start, end) of the VM's mm.
+    start, end = f["start"], f["end"]
+    if start == end == 0:  # mmu_notifier_release: the whole address space
+        start, end = 0, 1 << 64
+    c._range(sim, f["vm"], start, end)
+
+
+def _on_ksm_page(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+    # ksm_merge_one_page, ksm_merge_with_ksm_page: an hva of the mm named, the KSM page and the page.
+    vm = c._vm_of_mm.get(f["mm"])
+    if vm is not None:
+        c._hva(sim, vm, f["hva"])
+    c._named_pfns(sim, f)
+
+
+def _on_pfn(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+    # ksm_remove_ksm_page: the frame of a stable node just removed.
+    c._named_pfns(sim, f)
+
+
+def _on_exit(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+    # kvm_exit names a page only for EPT_VIOLATION (info2, the gpa), checked at the
+    # kvm_page_fault that follows it; the other exits (I/O, HLT, CPUID, VMCALL, triple
+    # fault) change no pte, spte or frame.
+    return
+
+
+# Events that name no page: what changes with them is judged by the sweep.
+NAMES_NO_PAGE = frozenset({"ksm_start_scan", "ksm_stop_scan"})
+
+_HANDLERS: dict[str, Handler] = {
+    "kvm_exit": _on_exit,
+    "kvm_page_fault": _on_page_fault,
+    "kvm_mmu_set_spte": _on_set_spte,
+    "kvm_unmap_hva_range": _on_vm_range,
+    "kvm_set_spte_hva": _on_vm_hva,
+    "kvm_age_hva": _on_vm_hva,
+    "cow_ksm": _on_vm_hva,
+    "ksm_merge_one_page": _on_ksm_page,
+    "ksm_merge_with_ksm_page": _on_ksm_page,
+    "ksm_remove_ksm_page": _on_pfn,
+    **{f"mmu_notifier_{cb}": _on_vm_range for cb in ("release", "clear_flush_young", "change_pte",
+                                                      "invalidate_page", "invalidate_range_start",
+                                                      "invalidate_range_end")},
+}

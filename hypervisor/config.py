@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .guest import layout, loader
+from .profiles import check_ksm_knobs, get_profile
 from .races import RaceSpec
 from .sizes import format_size
 from .types import PAGE_SIZE
+from .vmm import layout, loader
 
 DEFAULT_QUANTUM = 10_000
 DEFAULT_INSNS_PER_MS = 100_000  # a 100-MIPS CPU: about what Unicorn runs at, so 1 ms ~ 1 ms of wall time
@@ -80,10 +81,12 @@ class KsmKnobs:
     sleep_millisecs: int = knob(20, "--ksm-sleep-ms",
                                 refuse=lambda v: None if v >= 0 else "give 0 or more milliseconds")
     # mm/ksm.c max_page_sharing_store() (read in a 6.x tree) returns -EINVAL below 2 likewise.
-    max_page_sharing: int = knob(256, "--ksm-max-page-sharing", refuse=lambda v: None if v >= 2 else
-                                 "give at least 2 (sharing needs two mappings; the kernel refuses less too)")
+    # None: the kernel's default (256 where the knob exists, 4.13+; smart_scan on from 6.7)
+    max_page_sharing: int | None = knob(
+        None, "--ksm-max-page-sharing", refuse=lambda v: None if v is None or v >= 2
+        else "give at least 2 (sharing needs two mappings; the kernel refuses less too)")
     use_zero_pages: bool = knob(False, "--ksm-use-zero-pages")
-    smart_scan: bool = knob(False, "--ksm-smart-scan")
+    smart_scan: bool | None = knob(None, "--ksm-smart-scan")
     # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
     run_at: tuple[tuple[int, int], ...] = knob((), "--ksm-run-at", sysfs=False, parse=parse_run_at,
                                                refuse=_run_at_refused)
@@ -104,8 +107,10 @@ class KsmKnobs:
         return cls(enabled=enabled, **kw)
 
     def sysfs(self) -> dict[str, Any]:
-        """The knobs ksmd reads, by their /sys/kernel/mm/ksm name (= the Ksm attribute)."""
-        return {f.name: getattr(self, f.name) for f in self.knobs() if f.metadata["sysfs"]}
+        """The knobs ksmd reads, by their /sys/kernel/mm/ksm name (= the Ksm attribute); None: the kernel's
+        default, left as Ksm has it."""
+        return {f.name: getattr(self, f.name) for f in self.knobs()
+                if f.metadata["sysfs"] and getattr(self, f.name) is not None}
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"enabled": self.enabled}
@@ -142,7 +147,7 @@ class SimConfig:
     cmdline: str = ""
     vms: int = 1
     max_insns: int = DEFAULT_MAX_INSNS
-    profile: str = "2.6.32"
+    profile: str = "2.6.32"  # the kernel version modelled (--kernel; --profile is its old name)
     change_pte: bool = True
     ksm: KsmKnobs = field(default_factory=KsmKnobs)
     quantum: int = DEFAULT_QUANTUM
@@ -196,6 +201,9 @@ def validate(config: SimConfig) -> None:
     for spec in config.inject:
         RaceSpec.parse(spec)
     config.ksm.check_given()
+    k = config.ksm
+    check_ksm_knobs(get_profile(config.profile, config.change_pte), k.max_page_sharing, k.use_zero_pages,
+                    k.smart_scan)
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
     if need > have * 3 // 4:

@@ -47,7 +47,8 @@ def stats_lines(stats: dict[str, int], calls: dict[str, int]) -> list[str]:
 def ksm_lines(counters: dict[str, int], vmstat: dict[str, int]) -> list[str]:
     lines = [" /sys/kernel/mm/ksm/"]
     for name in KSM_SYSFS_ORDER:
-        lines.append(f"   {name:<20} {counters.get(name, 0)}")
+        if name in counters:  # a file the modelled kernel did not have is not listed
+            lines.append(f"   {name:<20} {counters[name]}")
     lines.append(f" /proc/vmstat cow_ksm  {vmstat.get('cow_ksm', 0)}")
     return lines
 

@@ -27,7 +27,7 @@ class VmResult:
     exit_work: dict[str, dict[str, int]] = field(default_factory=dict)
     # the HvsimError class of `error` (GuestTimeout for --max-insns): exit codes come from it, not from the text
     error_kind: type[GuestError] | None = None
-    # console bytes dropped between the kept head and tail (guest/console.py)
+    # console bytes dropped between the kept head and tail (vmm/console.py)
     console_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -90,7 +90,7 @@ class RunResult:
         d: dict[str, Any] = {
             "hvsim_version": __version__,
             "config": self.config.as_dict(),
-            "profile": {"name": self.profile.name, "summary": self.profile.summary},
+            "profile": {"name": self.profile.name, "kernel": self.profile.version, "summary": self.profile.summary},
             "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms,
                          **({"retry_insns": self.retry_insns} if self.retry_insns else {})},
             "vms": [v.as_dict() for v in self.vms],

@@ -27,15 +27,16 @@ from .config import (
 )
 from .cpu.unicorn_vcpu import UnicornVcpu
 from .errors import GuestError, HvsimError, InvariantViolation, Livelock
-from .guest import loader
 from .host.frames import FRAME_SLACK
-from .kvm.vcpu import VcpuState
+from .kvm.vcpu import FLOATING_BUS, VcpuState
 from .kvm.vm import Vm
 from .profiles import get_profile
 from .races import RaceInjector, RaceSpec
 from .results import NOTIFIER_CALLBACKS, RunResult, VmResult
 from .scheduler import Scheduler
 from .types import PAGE_SIZE
+from .vmm import loader
+from .vmm.devices import LegacyDevices
 
 # Names that moved to config.py, results.py and build.py, still importable from here.
 __all__ = ["DEFAULT_INSNS_PER_MS", "DEFAULT_MAX_INSNS", "DEFAULT_QUANTUM", "GUEST_IMAGES", "KSM_FLAGS", "MAX_VMS",
@@ -63,12 +64,15 @@ class Simulation:
         self.frames, self.vmstat, self.ksm = host.frames, host.vmstat, host.ksm
         self.vms: list[Vm] = []
         self.backends: list[UnicornVcpu] = []
+        self.devices: list[LegacyDevices] = []  # per VM: the VMM's port bus, COM1 and the exit port
         self.insns: list[int] = []
         # Per VM: simulated time spent in retried faults (kvm.vcpu.FAULT_RETRY_COST each).
         self.stalls: list[int] = []
         for i in range(config.vms):
             vm = build_vm(host, i, config.memory)
-            self.backends.append(boot_vcpu(host, vm, image, config.cmdline, config.vms, config.insns_per_ms))
+            backend, devices = boot_vcpu(host, vm, image, config.cmdline, config.vms, config.insns_per_ms)
+            self.backends.append(backend)
+            self.devices.append(devices)
             self.vms.append(vm)
             self.insns.append(0)
             self.stalls.append(0)
@@ -99,6 +103,10 @@ class Simulation:
         for backend in self.backends:
             backend.close()
         for vm in self.vms:
+            for vcpu in vm.vcpus:
+                vcpu.pio = FLOATING_BUS  # the devices' exit port held the vCPU's vmm_exit
+        self.devices.clear()
+        for vm in self.vms:
             vm.destroy()
             # exit_mmap()'s end of the VMM process: its mm leaves KSM; the traces held the checker.
             vm.mm.ksm = None
@@ -121,6 +129,8 @@ class Simulation:
         """Run to the end (or to an interruption); a violated invariant ends the run, reported in the result."""
         try:
             Scheduler(self).run()
+            if self.checker is not None:
+                self.checker.end_of_run()
         except InvariantViolation as err:
             self.failure = err
         except Livelock as err:
@@ -145,8 +155,8 @@ class Simulation:
             for (reason, kind), n in sorted(vcpu.exit_work.items()):
                 work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
-                                vcpu.console.text(), self.insns[i], exits, stats, calls,
-                                error, where, work, error_kind, vcpu.console.dropped))
+                                self.devices[i].console.text(), self.insns[i], exits, stats, calls,
+                                error, where, work, error_kind, self.devices[i].console.dropped))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,

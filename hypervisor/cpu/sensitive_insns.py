@@ -33,7 +33,7 @@ from unicorn import UC_HOOK_CODE, Uc
 from unicorn import x86_const as x86
 
 from ..types import PAGE_SIZE
-from .clock import weakly
+from .binding import weakly
 from .disasm import decode_one
 
 MSR_TSC_AUX = 0xC0000103

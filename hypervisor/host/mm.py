@@ -3,7 +3,8 @@
 Mirrors the anonymous-memory paths of mm/memory.c: do_anonymous_page (a read
 fault maps the shared zero page read-only, a write fault allocates a zeroed
 frame), do_wp_page (copy-on-write, with reuse of an exclusively owned anonymous
-page, never of a KSM page or the zero page), get_user_pages and the non-faulting
+page, never of a KSM page or the zero page; "exclusive" by mapcount, or by
+refcount from 5.9), get_user_pages and the non-faulting
 __get_user_pages_fast, madvise and munmap.  Every change to a pte that a
 secondary MMU may have cached goes through host/mmu_notifier.py.
 
@@ -12,50 +13,48 @@ numpy array per VMA.  There is no host TLB: ptep_clear_flush only clears.
 """
 
 import bisect
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
-from ..errors import HvsimError
 from ..profiles import Profile
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn, is_page_aligned
 from .frames import ZERO_PFN, FramePool
 from .mmu_notifier import (
     MmuNotifier,
     NotifierEventSink,
-    mmu_notifier_invalidate_page_if_available,
-    mmu_notifier_invalidate_range_end,
-    mmu_notifier_invalidate_range_start,
+    RangeSite,
+    mmu_notifier_range,
     mmu_notifier_release,
     ptep_clear_flush_young_notify,
     set_pte_at_notify,
+)
+from .pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_KSM_ZERO,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+)
+from .vma import (
+    MADV_DONTNEED,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    VM_MERGEABLE,
+    VM_READ,
+    VM_WRITE,
+    HostFault,
+    SegmentationFault,
+    Vma,
+    Vmstat,
 )
 
 if TYPE_CHECKING:
     from .ksm import Ksm
 
-_PAGE_PRESENT = 1 << 0
-_PAGE_RW = 1 << 1
-_PAGE_ACCESSED = 1 << 5
-_PAGE_DIRTY = 1 << 6
 PAGE_DIRTY = _PAGE_DIRTY
-_PAGE_SPECIAL = 1 << 9  # a pte with no struct page behind it: the zero page
-# 6.x marks a zero-page pte installed by KSM (use_zero_pages) so that ksm_zero_pages
-# can be decremented when it goes; hvsim keeps that mark in a software bit.
-_PAGE_KSM_ZERO = 1 << 10
-_PTE_FLAGS_MASK = (1 << PAGE_SHIFT) - 1
-
-VM_READ = 1 << 0
-VM_WRITE = 1 << 1
-VM_MERGEABLE = 1 << 31
-
-MADV_DONTNEED = 4
-MADV_MERGEABLE = 12
-MADV_UNMERGEABLE = 13
 
 
 def mk_pte(pfn: Pfn, writable: bool, dirty: bool = False, special: bool = False) -> int:
@@ -101,44 +100,6 @@ def pte_mkksmzero(pte: int) -> int:
     return pte | _PAGE_KSM_ZERO
 
 
-class SegmentationFault(HvsimError):
-    """A host access to an hva outside every VMA (a bug in the VMM, i.e. in hvsim)."""
-
-
-@dataclass
-class Vma:
-    """struct vm_area_struct for an anonymous private mapping, with its ptes."""
-
-    start: Hva
-    end: Hva
-    flags: int
-    ptes: npt.NDArray[np.int64]
-
-    @property
-    def mergeable(self) -> bool:
-        return bool(self.flags & VM_MERGEABLE)
-
-    def __post_init__(self) -> None:
-        self.ptes_view = self.ptes.data
-
-    def index(self, hva: Hva) -> int:
-        return (hva - self.start) >> PAGE_SHIFT
-
-    @property
-    def nr_pages(self) -> int:
-        return (self.end - self.start) >> PAGE_SHIFT
-
-
-class Vmstat:
-    """The /proc/vmstat counters hvsim keeps (system-wide)."""
-
-    def __init__(self) -> None:
-        self.counters: Counter[str] = Counter()
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] += n
-
-
 class HostMm:
     """One VMM process's address space."""
 
@@ -155,9 +116,6 @@ class HostMm:
         self.mmu_notifiers: list[MmuNotifier] = []
         self.notifier_event_sink: NotifierEventSink | None = None
         self.trace: Callable[[str, dict[str, Any]], None] | None = None
-        # Page faults handled and pages copied on write (for per-exit accounting and traces).
-        self.nr_faults = 0
-        self.nr_cows = 0
 
     # --- VMAs ------------------------------------------------------------------------
 
@@ -226,12 +184,11 @@ class HostMm:
             del self._vma_starts[pos]
 
     def zap_page_range(self, vma: Vma, start: Hva, end: Hva) -> None:
-        mmu_notifier_invalidate_range_start(self, start, end)
-        lo, hi = vma.index(start), vma.index(end)
-        for idx in np.flatnonzero(vma.ptes[lo:hi]):
-            hva = Hva(start + (int(idx) << PAGE_SHIFT))
-            self._drop_pte_mapping(self.ptep_clear_flush(hva))
-        mmu_notifier_invalidate_range_end(self, start, end)
+        with mmu_notifier_range(self, start, end):
+            lo, hi = vma.index(start), vma.index(end)
+            for idx in np.flatnonzero(vma.ptes[lo:hi]):
+                hva = Hva(start + (int(idx) << PAGE_SHIFT))
+                self._drop_pte_mapping(self.ptep_clear_flush(hva))
 
     def exit_mmap(self) -> None:
         """Process exit: ->release first (KVM drops every spte), then the mappings go."""
@@ -278,16 +235,16 @@ class HostMm:
         vma = self._vma_or_segv(hva)
         self._handle_mm_fault(vma, vma.index(hva), hva, write)
 
-    def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool) -> None:
-        self.nr_faults += 1
+    def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool) -> HostFault:
         pte = vma.ptes_view[idx]
         if not pte_present(pte):
             self.do_anonymous_page(vma, hva, write)
         elif write and not pte_write(pte):
-            self.do_wp_page(vma, hva, pte)
+            return HostFault.COW if self.do_wp_page(vma, hva, pte) else HostFault.FAULT
         else:
             # The fault raced with another that already fixed the pte, or a young bit.
             vma.ptes[idx] = pte | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+        return HostFault.FAULT
 
     def do_anonymous_page(self, vma: Vma, hva: Hva, write: bool) -> None:
         """A fresh pte from none needs no notification: no secondary MMU can map it yet."""
@@ -301,54 +258,71 @@ class HostMm:
         frames.mapcount_view[pfn] = 1
         vma.ptes_view[idx] = mk_pte(pfn, writable=True, dirty=True)
 
-    def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> None:
-        """Write fault on a present read-only pte: reuse the page if we own it, else copy it."""
+    def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> bool:
+        """Write fault on a present read-only pte: reuse the page if we own it, else copy it (true).
+
+        Reuse: never a KSM page or the zero page (2.6.32's `PageAnon && !PageKsm`);
+        an anonymous page is ours when its mapcount is 1 (2.6.32's reuse_swap_page,
+        no swap here) or, from 5.9 (09854ba94c6a), when its refcount is 1, so a page
+        someone holds a GUP reference on is copied.  The copy path (mm/memory.c, read
+        in 2.6.32, 3.6.5 and 3.7.2): ptep_clear_flush, set_pte_at_notify with the new
+        writable pte, drop the old page; from 3.7 inside invalidate_range_start/end.
+        2.6.32 sends no other notification: no trailing invalidate_page.
+        """
         old_pfn = pte_pfn(orig_pte)
         frames = self.frames
         is_ksm = not pte_special(orig_pte) and frames.page_ksm(old_pfn)
-        if not pte_special(orig_pte) and not is_ksm and int(frames.refcount[old_pfn]) == 1:
-            # reuse_swap_page(): we hold the only reference; upgrading needs no notification.
+        if self.profile.do_wp_page_reuse_by_refcount:
+            exclusive = not pte_special(orig_pte) and int(frames.refcount[old_pfn]) == 1
+        else:
+            exclusive = not pte_special(orig_pte) and int(frames.mapcount[old_pfn]) == 1
+        if exclusive and not is_ksm:
+            # The page is ours alone: upgrading the pte needs no notification.
             self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
-            return
-        wrap = self.profile.wrap_pte_updates_in_range
-        start, end = hva, Hva(hva + PAGE_SIZE)
-        if wrap:
-            mmu_notifier_invalidate_range_start(self, start, end)
-        if pte_special(orig_pte):
-            new_pfn = frames.alloc_page(zero=True)
-        else:
-            new_pfn = frames.alloc_page(zero=False)
-            frames.copy_page(new_pfn, old_pfn)
-        frames.mapcount[new_pfn] = 1
-        self.nr_cows += 1
-        if is_ksm:
-            self.vmstat.count("cow_ksm")
-            if self.trace is not None:
-                self.trace("cow_ksm", {"hva": hva, "ksm_pfn": int(old_pfn), "pfn": int(new_pfn)})
-        self.ptep_clear_flush(hva)
-        set_pte_at_notify(self, hva, mk_pte(new_pfn, writable=True, dirty=True))
-        self._drop_pte_mapping(orig_pte)
-        if wrap:
-            mmu_notifier_invalidate_range_end(self, start, end)
-        else:
-            # 2.6.32 also invalidates the old page's secondary mappings once the pte
-            # lock is dropped (removed by the commit that added the range bracket).
-            mmu_notifier_invalidate_page_if_available(self, hva)
+            return False
+        if (is_ksm and self.profile.do_wp_page_reuses_ksm_page and int(frames.refcount[old_pfn]) == 1
+                and int(frames.stable_node[old_pfn]) > 0):
+            # 5.1 .. 5.8 reuse_ksm_page(): the last mapping of a KSM page with a stable node
+            # takes it over (page_move_anon_rmap: it stops being a KSM page); no copy, and
+            # wp_page_reuse sends no notification.  ksmd drops the stale stable node later.
+            frames.stable_node[old_pfn] = -1
+            self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
+            return False
+        with mmu_notifier_range(self, hva, Hva(hva + PAGE_SIZE), RangeSite.DO_WP_PAGE_COPY):
+            if pte_special(orig_pte):
+                new_pfn = frames.alloc_page(zero=True)
+            else:
+                new_pfn = frames.alloc_page(zero=False)
+                frames.copy_page(new_pfn, old_pfn)
+            frames.mapcount[new_pfn] = 1
+            if is_ksm:
+                self.vmstat.count("cow_ksm")
+                if self.trace is not None:
+                    self.trace("cow_ksm", {"hva": hva, "ksm_pfn": int(old_pfn), "pfn": int(new_pfn)})
+            self.ptep_clear_flush(hva)
+            set_pte_at_notify(self, hva, mk_pte(new_pfn, writable=True, dirty=True))
+            self._drop_pte_mapping(orig_pte)
+        return True
 
     # --- get_user_pages --------------------------------------------------------------
 
     def get_user_pages(self, hva: Hva, write: bool) -> Pfn:
         """get_user_pages_fast(addr, 1, write): fault the page in as needed and pin it."""
+        return self.get_user_pages_fault(hva, write)[0]
+
+    def get_user_pages_fault(self, hva: Hva, write: bool) -> tuple[Pfn, HostFault]:
+        """get_user_pages(), also saying what the fault handler had to do for it."""
         vma = self._vma_or_segv(hva)
         idx = vma.index(hva)
         ptes = vma.ptes_view
         pte = ptes[idx]
+        work = HostFault.NONE
         if not pte_present(pte) or (write and not pte_write(pte)):
-            self._handle_mm_fault(vma, idx, hva, write)
+            work = self._handle_mm_fault(vma, idx, hva, write)
             pte = ptes[idx]
         pfn = pte_pfn(pte)
         self.frames.get_page(pfn)
-        return pfn
+        return pfn, work
 
     def get_user_pages_fast_only(self, hva: Hva, write: bool) -> Pfn | None:
         """__get_user_pages_fast(): pin only if the pte already allows the access; never faults."""
@@ -403,3 +377,11 @@ class HostMm:
                 out += bytes(chunk)
             pos += chunk
         return bytes(out)
+
+
+# The VMA pieces live in host/vma.py; mm.py re-exports them for its users.
+__all__ = [
+    "MADV_DONTNEED", "MADV_MERGEABLE", "MADV_UNMERGEABLE", "PAGE_DIRTY", "VM_MERGEABLE", "VM_READ", "VM_WRITE",
+    "HostFault", "HostMm", "SegmentationFault", "Vma", "Vmstat", "mk_pte", "pte_ksm_zero", "pte_mkksmzero",
+    "pte_pfn", "pte_present", "pte_special", "pte_write", "pte_wrprotect", "pte_young",
+]

@@ -11,13 +11,16 @@ depends on the kernel era (hypervisor/profiles.py).
 """
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..types import PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
+    from ..profiles import Profile
     from .mm import HostMm
 
 
@@ -77,23 +80,31 @@ def mmu_notifier_release(mm: "HostMm") -> None:
     _emit(mm, "release", Hva(0), Hva(0))
 
 
+def _registered(mm: "HostMm", callback: str) -> Iterator[tuple[MmuNotifier, Any]]:
+    """The notifiers of mm that implement `callback`, each call counted: the one dispatch loop."""
+    for mn in list(mm.mmu_notifiers):
+        op = getattr(mn.ops, callback)
+        if op is not None:
+            mn.calls[callback] += 1
+            yield mn, op
+
+
 def mmu_notifier_clear_flush_young(mm: "HostMm", address: Hva) -> bool:
     young = False
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.clear_flush_young is not None:
-            mn.calls["clear_flush_young"] += 1
-            young |= mn.ops.clear_flush_young(mn, mm, address)
+    for mn, op in _registered(mm, "clear_flush_young"):
+        young |= bool(op(mn, mm, address))
     _emit(mm, "clear_flush_young", address, Hva(address + PAGE_SIZE))
     return young
 
 
 def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
-    """__mmu_notifier_change_pte(): ->change_pte, or (2.6.32 only) ->invalidate_page where it is missing.
+    """__mmu_notifier_change_pte(): ->change_pte, or (2.6.32 .. 3.6) ->invalidate_page where it is missing.
 
-    The fallback went with the range bracket in 3.7: a notifier without ->change_pte
-    is then covered by the invalidate_range_start/end around the call site.
+    3.7's 6bdb913f0a70 dropped the fallback (mm/mmu_notifier.c, read in 3.6.5 and
+    3.7.2): a notifier without ->change_pte is covered by the invalidate_range_start/end
+    that the same commit put around every set_pte_at_notify caller.
     """
-    fallback = not mm.profile.wrap_pte_updates_in_range
+    fallback = mm.profile.change_pte_falls_back_to_invalidate_page
     for mn in list(mm.mmu_notifiers):
         if mn.ops.change_pte is not None:
             mn.calls["change_pte"] += 1
@@ -105,45 +116,81 @@ def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
 
 
 def mmu_notifier_invalidate_page(mm: "HostMm", address: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_page is not None:
-            mn.calls["invalidate_page"] += 1
-            mn.ops.invalidate_page(mn, mm, address)
+    for mn, op in _registered(mm, "invalidate_page"):
+        op(mn, mm, address)
     _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
 
 
-def mmu_notifier_invalidate_page_if_available(mm: "HostMm", address: Hva) -> None:
-    if mm.profile.notifier_has_invalidate_page:
-        mmu_notifier_invalidate_page(mm, address)
-
-
 def mmu_notifier_invalidate_range_start(mm: "HostMm", start: Hva, end: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_range_start is not None:
-            mn.calls["invalidate_range_start"] += 1
-            mn.ops.invalidate_range_start(mn, mm, start, end)
+    for mn, op in _registered(mm, "invalidate_range_start"):
+        op(mn, mm, start, end)
     _emit(mm, "invalidate_range_start", start, end)
 
 
 def mmu_notifier_invalidate_range_end(mm: "HostMm", start: Hva, end: Hva) -> None:
-    for mn in list(mm.mmu_notifiers):
-        if mn.ops.invalidate_range_end is not None:
-            mn.calls["invalidate_range_end"] += 1
-            mn.ops.invalidate_range_end(mn, mm, start, end)
+    for mn, op in _registered(mm, "invalidate_range_end"):
+        op(mn, mm, start, end)
     _emit(mm, "invalidate_range_end", start, end)
+
+
+# --- the range bracket: every era decision about it lives here ---------------------------
+
+
+class RangeSite(Enum):
+    """The mm and KSM code that changes ptes a secondary MMU may cache, as the bracket sees it."""
+
+    ZAP_PAGE_RANGE = "zap_page_range"  # munmap, MADV_DONTNEED: bracketed since 2.6.27
+    DO_WP_PAGE_COPY = "do_wp_page"  # the COW copy: bracketed from 3.7 (6bdb913f0a70)
+    KSM_WRITE_PROTECT = "write_protect_page"  # bracketed from 3.7 (6bdb913f0a70)
+    KSM_REPLACE_PAGE = "replace_page"  # bracketed from 3.7 (6bdb913f0a70)
+
+
+def _site_is_bracketed(profile: "Profile", site: RangeSite) -> bool:
+    """Does the kernel of `profile` bracket this call site with invalidate_range_start/end?"""
+    if site is RangeSite.DO_WP_PAGE_COPY:
+        return profile.do_wp_page_copy_in_invalidate_range
+    if site is RangeSite.ZAP_PAGE_RANGE:
+        return True
+    return profile.ksm_pte_updates_in_invalidate_range
+
+
+@contextmanager
+def mmu_notifier_range(mm: "HostMm", start: Hva, end: Hva, site: RangeSite = RangeSite.ZAP_PAGE_RANGE,
+                       ) -> Iterator[None]:
+    """`with mmu_notifier_range(mm, start, end, site):` invalidate_range_start ... invalidate_range_end.
+
+    A no-op where the kernel of mm's profile had no bracket at that site (2.6.32 .. 3.6
+    for the COW copy and KSM's pte updates: 6bdb913f0a70 added them in 3.7).
+    """
+    if not _site_is_bracketed(mm.profile, site):
+        yield
+        return
+    mmu_notifier_invalidate_range_start(mm, start, end)
+    try:
+        yield
+    finally:
+        mmu_notifier_invalidate_range_end(mm, start, end)
 
 
 # --- the helpers mm code uses to change a pte a secondary MMU may cache -----------------
 
 
 def set_pte_at_notify(mm: "HostMm", address: Hva, pte: int) -> None:
-    """Install `pte`, then tell secondary MMUs through ->change_pte (2.6.32's order).
+    """Install `pte` and tell secondary MMUs through ->change_pte, in the kernel's order.
 
-    Where the era has no ->change_pte (6.10) this is plain set_pte_at(): the caller's
-    invalidate_range_start/end bracket is the only notification.
+    include/linux/mmu_notifier.h: 2.6.32 .. 3.6 set the pte, then call change_pte; from
+    3.7 (48af0d7cb3c8) change_pte comes first, so that a secondary MMU never keeps the
+    old page while a CPU can already write the new one (the caller cleared and flushed
+    the pte before).  Where the kernel has no ->change_pte (6.10) this is plain
+    set_pte_at(): the caller's invalidate_range_start/end bracket is the only notification.
     """
-    mm.set_pte_at(address, pte)
-    if mm.profile.notifier_has_change_pte:
+    if not mm.profile.notifier_has_change_pte:
+        mm.set_pte_at(address, pte)
+    elif mm.profile.set_pte_at_notify_change_pte_first:
+        mmu_notifier_change_pte(mm, address, pte)
+        mm.set_pte_at(address, pte)
+    else:
+        mm.set_pte_at(address, pte)
         mmu_notifier_change_pte(mm, address, pte)
 
 
@@ -153,11 +200,8 @@ def ptep_clear_flush_notify(mm: "HostMm", address: Hva) -> int:
         old = mm.ptep_clear_flush(address)
         mmu_notifier_invalidate_page(mm, address)
         return old
-    end = Hva(address + PAGE_SIZE)
-    mmu_notifier_invalidate_range_start(mm, address, end)
-    old = mm.ptep_clear_flush(address)
-    mmu_notifier_invalidate_range_end(mm, address, end)
-    return old
+    with mmu_notifier_range(mm, address, Hva(address + PAGE_SIZE)):
+        return mm.ptep_clear_flush(address)
 
 
 def ptep_clear_flush_young_notify(mm: "HostMm", address: Hva) -> bool:

@@ -18,19 +18,25 @@ map it) is that one slot of the spte array; no large pages.
 """
 
 from collections.abc import Callable
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from ..host.mm import HostMm, pte_pfn, pte_write
+from ..errors import InvariantViolation
+from ..host.mm import HostFault, HostMm, pte_pfn, pte_write
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
 from ..types import PAGE_SIZE, Gfn, Hva, Pfn
 from .memslot import Memslot
+from .mmu_interface import FaultOutcome, FaultResult, FaultWork, SpteChange, SpteCheck, outcome
 from .spte import (
+    SPTE_ACCESSED,
     SPTE_DIRTY,
+    SPTE_HOST_WRITEABLE,
     SPTE_NONPRESENT,
+    SPTE_PFN_MASK,
+    SPTE_READABLE,
+    SPTE_WRITABLE,
     is_accessed_spte,
     is_shadow_present_pte,
     make_spte,
@@ -43,17 +49,43 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
-class FaultResult(Enum):
-    FIXED = "fixed"  # spte installed: re-enter the guest, the access succeeds
-    RETRY = "retry"  # mmu_notifier_retry: re-enter the guest, it faults again
-    MMIO = "mmio"  # no memslot: an exit to userspace that hvsim's VMM does not emulate
-
-
 # Named points of the fault path where tests can fire host events (issue #4's races).
 RacePoint = Callable[["TdpMmu", Gfn, Hva], None]
 
+# The A and D bits the EPT walk sets for a read and for a write.
+_WALK_READ = SPTE_READABLE | SPTE_ACCESSED
+_WALK_WRITE = _WALK_READ | SPTE_WRITABLE | SPTE_DIRTY
+
+# What the host's fault handler did -> the outcome of a fault that installed its spte.
+_FIXED = {HostFault.NONE: outcome(FaultResult.FIXED, FaultWork.MAP),
+          HostFault.FAULT: outcome(FaultResult.FIXED, FaultWork.HOST_FAULT),
+          HostFault.COW: outcome(FaultResult.FIXED, FaultWork.COW)}
+_MMIO = outcome(FaultResult.MMIO, FaultWork.MMIO)
+_RETRY = outcome(FaultResult.RETRY, FaultWork.RETRY)
+# A retry that copied a page still paid for the copy (2.6.32 without change_pte).
+_RETRY_COW = outcome(FaultResult.RETRY, FaultWork.COW)
+
+
+def check_spte_change(gfn: Gfn, old: int, new: int, change: SpteChange) -> None:
+    """--check at the point of change: the spte rules that hold whatever else is in flight.
+
+    After 6.8 tdp_mmu.c handle_changed_spte(): a present leaf is never replaced by a
+    present leaf of another pfn (there the notifier zaps first; 2.6.32's change_pte
+    rewrite is the one exception, and it makes the spte read-only), and
+    check_spte_writable_invariants(): a writable spte is host-writable.
+    """
+    if new & SPTE_WRITABLE and not new & SPTE_HOST_WRITEABLE:
+        raise InvariantViolation(f"invariant spte-change violated: gfn {gfn:#x} spte {new:#x} is writable "
+                                 f"but not host-writable ({change.value})")
+    if (old & SPTE_READABLE and new & SPTE_READABLE and (old ^ new) & SPTE_PFN_MASK
+            and (change is not SpteChange.REPOINT or new & SPTE_WRITABLE)):
+        raise InvariantViolation(f"invariant spte-change violated: gfn {gfn:#x} present spte {old:#x} replaced "
+                                 f"by {new:#x}, another pfn, without a zap ({change.value})")
+
 
 class TdpMmu:
+    """The EPT MMU (implements kvm.mmu_interface.KvmMmu)."""
+
     def __init__(self, vm: "Vm") -> None:
         self.vm = vm
         self.profile = vm.profile
@@ -61,12 +93,18 @@ class TdpMmu:
         self.sptes: npt.NDArray[np.int64] = np.zeros(int(vm.memslots.max_gfn), dtype=np.int64)
         # Scalar access without numpy boxing on the fault path; the array is never replaced.
         self.sptes_view = self.sptes.data
+        self.leaf_sptes: memoryview | None = self.sptes_view
+        self._nr_gfns = int(self.sptes.shape[0])
         self._last_slot: Memslot | None = None
         self.mmu_notifier_seq = 0
         self.mmu_notifier_count = 0
+        # The union of the hva ranges being invalidated (mmu_invalidate_range_start/end in 6.x).
+        self.mmu_notifier_range: tuple[Hva, Hva] | None = None
         self.race_points: dict[str, RacePoint] = {}
         # Test-only: skip mmu_notifier_retry() to show why it exists.
         self.ignore_mmu_notifier_retry = False
+        # --check: called at every spte change (check_spte_change, or the checker's own).
+        self.spte_check: SpteCheck | None = None
         ops = MmuNotifierOps(
             release=self._mn_release,
             clear_flush_young=self._mn_clear_flush_young,
@@ -77,75 +115,152 @@ class TdpMmu:
         )
         self.notifier = MmuNotifier(ops)
 
+    # --- the one place an spte changes ------------------------------------------------
+
+    def set_spte(self, gfn: Gfn, old: int, new: int, change: SpteChange) -> bool:
+        """Write `new` over `old` and do the bookkeeping; true if TLBs must be flushed.
+
+        After 6.8 arch/x86/kvm/mmu/tdp_mmu.c handle_changed_spte() (stats, trace,
+        invariant WARNs at the point of change); the caller batches the flush, as
+        the kernel's zap and notifier paths do.  hvsim's traces keep their
+        operation-level events (kvm_unmap_hva_range, kvm_set_spte_hva, kvm_age_hva,
+        and kvm_mmu_set_spte for an install): no per-spte kvm_tdp_mmu_spte_changed.
+        """
+        self.sptes_view[gfn] = new
+        if self.spte_check is not None:
+            self.spte_check(gfn, old, new, change)
+        stats = self.vm.stats
+        if change is SpteChange.INSTALL:
+            stats.spte_set += 1
+            if self.vm.trace is not None:
+                self.vm.trace("kvm_mmu_set_spte", {"gfn": gfn, "spte": new, "level": 1})
+            # An install or upgrade needs no flush: a stale read-only entry only walks again.
+            return False
+        if change is SpteChange.ZAP:
+            stats.spte_zapped += 1
+            return bool(old & SPTE_READABLE)
+        if change is SpteChange.REPOINT:
+            stats.spte_changed += 1
+            return bool(old & SPTE_READABLE)
+        if change is SpteChange.AGE:
+            return bool(old & ~new & SPTE_ACCESSED)
+        return False  # WALK: the hardware set A/D; nothing cached can be stale
+
+    def zap_sptes(self, lo: int, gfns: npt.NDArray[np.intp]) -> bool:
+        """set_spte(gfn, old, nonpresent, ZAP) for the present sptes at lo + gfns, in one numpy step.
+
+        The batched form of set_spte for range zaps and release (same counters, same
+        --check rule per spte, same flush decision: true, they were present), so that a
+        64 MiB munmap does not pay a Python call per page.
+        """
+        if not gfns.size:
+            return False
+        window = self.sptes[lo:]
+        if self.spte_check is not None:
+            for off, old in zip(gfns.tolist(), window[gfns].tolist(), strict=True):
+                self.spte_check(Gfn(lo + off), old, SPTE_NONPRESENT, SpteChange.ZAP)
+        window[gfns] = SPTE_NONPRESENT
+        self.vm.stats.spte_zapped += int(gfns.size)
+        return True
+
+    def spte(self, gfn: int) -> int:
+        return int(self.sptes_view[gfn]) if gfn < self._nr_gfns else 0
+
+    def translate(self, gfn: int, write: bool) -> int:
+        """The EPT walk on a TLB miss: the spte if it permits the access, with A (and D) set; else 0.
+
+        The A/D update goes through set_spte unless already set, so a refill of a
+        mapped page costs one read; the fill path in cpu/unicorn_vcpu.py inlines
+        the already-set case.
+        """
+        spte = self.sptes_view[gfn] if gfn < self._nr_gfns else 0
+        wanted = _WALK_WRITE if write else _WALK_READ
+        if spte & wanted == wanted:
+            return int(spte)
+        if not spte & SPTE_READABLE or (write and not spte & SPTE_WRITABLE):
+            return 0
+        new = spte | (wanted & (SPTE_ACCESSED | SPTE_DIRTY))
+        self.set_spte(Gfn(gfn), spte, new, SpteChange.WALK)
+        return int(new)
+
     # --- the fault path --------------------------------------------------------------
 
-    def gfn_to_pfn(self, hva: Hva, write_fault: bool) -> tuple[Pfn, bool]:
-        """Pin the page behind hva; return (pfn, may the spte be writable)."""
+    def gfn_to_pfn(self, hva: Hva, write_fault: bool) -> tuple[Pfn, bool, HostFault]:
+        """Pin the page behind hva; return (pfn, may the spte be writable, what the host did)."""
         mm = self.mm
-        if self.profile.kvm_gup_always_write:
-            return mm.get_user_pages(hva, write=True), True
-        if write_fault:
-            return mm.get_user_pages(hva, write=True), True
-        pfn = mm.get_user_pages(hva, write=False)
+        if self.profile.kvm_gup_always_write or write_fault:
+            pfn, work = mm.get_user_pages_fault(hva, write=True)
+            return pfn, True, work
+        pfn, work = mm.get_user_pages_fault(hva, write=False)
         # hva_to_pfn_slow(): "map read fault as writable if possible".
         wpfn = mm.get_user_pages_fast_only(hva, write=True)
         if wpfn is not None:
             mm.put_page(pfn)
-            return wpfn, True
-        return pfn, False
+            return wpfn, True, work
+        return pfn, False, work
 
-    def mmu_notifier_retry(self, mmu_seq: int) -> bool:
+    def mmu_notifier_retry(self, mmu_seq: int, hva: Hva) -> bool:
+        """mmu_notifier_retry(): did a notifier run (or is one running) since mmu_seq was read?
+
+        2.6.32: any invalidation in progress retries.  With the range-based check
+        (mmu_invalidate_retry_gfn in 6.8, include/linux/kvm_host.h) only one whose
+        range holds this fault's address does; a finished one still shows in the seq.
+        """
         if self.ignore_mmu_notifier_retry:
             return False
-        return self.mmu_notifier_count != 0 or self.mmu_notifier_seq != mmu_seq
+        if self.mmu_notifier_count != 0:
+            if not self.profile.kvm_retry_range_based:
+                return True
+            rng = self.mmu_notifier_range
+            if rng is not None and rng[0] <= hva < rng[1]:
+                return True
+        return self.mmu_notifier_seq != mmu_seq
 
-    def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultResult:
+    def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
         slot = self._last_slot
         if slot is None or not slot.contains_gfn(gfn):
             slot = self._last_slot = self.vm.memslots.gfn_to_memslot(gfn)
             if slot is None:
-                return FaultResult.MMIO
+                return _MMIO
         mmu_seq = self.mmu_notifier_seq
         hva = slot.gfn_to_hva(gfn)
-        pfn, writable = self.gfn_to_pfn(hva, write_fault)
+        pfn, writable, host = self.gfn_to_pfn(hva, write_fault)
         if self.race_points:
             point = self.race_points.get("after_gfn_to_pfn")
             if point is not None:
                 point(self, gfn, hva)
         # spin_lock(&kvm->mmu_lock)
-        if self.mmu_notifier_retry(mmu_seq):
+        if self.mmu_notifier_retry(mmu_seq, hva):
             self.mm.put_page(pfn)
             vcpu.stats.pf_retry += 1
-            return FaultResult.RETRY
+            return _RETRY_COW if host is HostFault.COW else _RETRY
         spte = make_spte(pfn, writable)
         if write_fault:
             spte |= SPTE_DIRTY
-        # Upgrading a present read-only spte needs no flush: a stale read-only TLB entry
-        # only makes the next write walk again.
-        self.sptes_view[gfn] = spte
-        self.vm.stats.spte_set += 1
+        self.set_spte(gfn, int(self.sptes_view[gfn]), spte, SpteChange.INSTALL)
         vcpu.stats.pf_fixed += 1
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_mmu_set_spte", {"gfn": gfn, "spte": spte, "level": 1})
         # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
         self.mm.put_page(pfn)
-        return FaultResult.FIXED
+        return _FIXED[host]
+
+    page_fault = tdp_page_fault
 
     # --- zapping and rmap walks ----------------------------------------------------------
 
     def _gfns_of_range(self, start: Hva, end: Hva) -> list[tuple[Gfn, Gfn]]:
         return [(lo, hi) for _, lo, hi in self.vm.memslots.hva_to_gfns(start, end)]
 
+    def _zap_gfn_range(self, lo: int, hi: int) -> int:
+        """Zap every present spte of gfns [lo, hi); how many there were."""
+        present = np.flatnonzero(self.sptes[lo:hi])
+        self.zap_sptes(lo, present)
+        return int(present.size)
+
     def kvm_unmap_hva_range(self, start: Hva, end: Hva) -> bool:
         """Zap every present spte of [start, end); true if any was (a TLB flush is needed)."""
         zapped = 0
         for lo, hi in self._gfns_of_range(start, end):
-            window = self.sptes[lo:hi]
-            present = np.flatnonzero(window)
-            if present.size:
-                window[present] = SPTE_NONPRESENT
-                zapped += int(present.size)
-        self.vm.stats.spte_zapped += zapped
+            zapped += self._zap_gfn_range(lo, hi)
         if zapped and self.vm.trace is not None:
             self.vm.trace("kvm_unmap_hva_range", {"start": start, "end": end, "zapped": zapped})
         return zapped > 0
@@ -154,28 +269,39 @@ class TdpMmu:
         """kvm_set_pte_rmapp(): zap if the new host pte is writable, else re-point read-only."""
         need_flush = False
         for lo, _hi in self._gfns_of_range(hva, Hva(hva + PAGE_SIZE)):
-            spte = int(self.sptes[lo])
+            spte = int(self.sptes_view[lo])
             if not is_shadow_present_pte(spte):
                 continue
-            need_flush = True
             if pte_write(pte):
-                self.sptes[lo] = SPTE_NONPRESENT
-                self.vm.stats.spte_zapped += 1
+                need_flush |= self.set_spte(lo, spte, SPTE_NONPRESENT, SpteChange.ZAP)
             else:
-                self.sptes[lo] = spte_set_pfn_readonly(spte, pte_pfn(pte))
-                self.vm.stats.spte_changed += 1
+                need_flush |= self.set_spte(lo, spte, spte_set_pfn_readonly(spte, pte_pfn(pte)),
+                                            SpteChange.REPOINT)
         if self.vm.trace is not None:
             self.vm.trace("kvm_set_spte_hva", {"hva": hva, "pfn": int(pte_pfn(pte)), "changed": need_flush})
         if need_flush:
             self.vm.kvm_flush_remote_tlbs()
 
     def kvm_age_hva(self, hva: Hva) -> bool:
+        """kvm_age_rmapp() under EPT, per the Profile's kvm_age_ept.
+
+        "always_old": 2.6.32 returns 0 when shadow_accessed_mask is 0, as it is for EPT
+        (sndrzt/linux-2.6.32 arch/x86/kvm/mmu.c).  "zap": without EPT A/D bits a present
+        spte counts as young and is zapped, so the next access faults it back (2.6.34
+        .. 3.5 always; urbanspr1nter/linux-2.6.34).  "accessed_bit": with EPT A/D bits
+        (3.6+, enable_ept_ad_bits; hvsim's EPT walk sets them) test and clear the bit.
+        """
+        mode = self.profile.kvm_age_ept
         young = False
-        for lo, _hi in self._gfns_of_range(hva, Hva(hva + PAGE_SIZE)):
-            spte = int(self.sptes[lo])
-            if is_shadow_present_pte(spte) and is_accessed_spte(spte):
-                young = True
-                self.sptes[lo] = spte_clear_accessed(spte)
+        if mode == "always_old":
+            pass
+        elif mode == "zap":
+            young = self.kvm_unmap_hva_range(hva, Hva(hva + PAGE_SIZE))
+        else:
+            for lo, _hi in self._gfns_of_range(hva, Hva(hva + PAGE_SIZE)):
+                spte = int(self.sptes_view[lo])
+                if is_shadow_present_pte(spte) and is_accessed_spte(spte):
+                    young |= self.set_spte(lo, spte, spte_clear_accessed(spte), SpteChange.AGE)
         if self.vm.trace is not None:
             self.vm.trace("kvm_age_hva", {"hva": hva, "young": young})
         return young
@@ -186,10 +312,8 @@ class TdpMmu:
         if present.size:
             # Shadow pages: one 512-entry leaf table per 2 MiB of gfns that had a spte.
             self.vm.stats.mmu_shadow_zapped += int(np.unique(present >> 9).size)
-            self.vm.stats.spte_zapped += int(present.size)
-            self.sptes[:] = SPTE_NONPRESENT
+            self._zap_gfn_range(0, self._nr_gfns)
             self.vm.kvm_flush_remote_tlbs()
-
     # --- KVM's mmu_notifier_ops -------------------------------------------------------
 
     def _mn_invalidate_page(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> None:
@@ -198,17 +322,28 @@ class TdpMmu:
             self.vm.kvm_flush_remote_tlbs()
 
     def _mn_change_pte(self, mn: MmuNotifier, mm: HostMm, address: Hva, pte: int) -> None:
-        self.mmu_notifier_seq += 1
+        if self.profile.kvm_change_pte_needs_invalidation and self.mmu_notifier_count == 0:
+            # 5.15 .. 6.9: nothing to do unless an invalidation is in progress (whose
+            # range_start already zapped the spte; sndrzt/linux-5.15, linux-6.8 kvm_main.c).
+            return
+        if self.profile.kvm_change_pte_bumps_seq:
+            # 2.6.32 .. 5.12 (read in 2.6.32, 3.7.2, 5.12.9): mmu_notifier_seq++, then rewrite.
+            self.mmu_notifier_seq += 1
         self.kvm_set_spte_hva(address, pte)
 
     def _mn_invalidate_range_start(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
         self.mmu_notifier_count += 1
+        rng = self.mmu_notifier_range
+        # kvm_mmu_invalidate_range_add(): one range, widened while invalidations overlap.
+        self.mmu_notifier_range = (start, end) if rng is None else (min(rng[0], start), max(rng[1], end))
         if self.kvm_unmap_hva_range(start, end):
             self.vm.kvm_flush_remote_tlbs()
 
     def _mn_invalidate_range_end(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
         self.mmu_notifier_seq += 1
         self.mmu_notifier_count -= 1
+        if self.mmu_notifier_count == 0:
+            self.mmu_notifier_range = None
 
     def _mn_clear_flush_young(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> bool:
         young = self.kvm_age_hva(address)
@@ -220,4 +355,4 @@ class TdpMmu:
         self.zap_all()
 
 
-__all__ = ["FaultResult", "RacePoint", "TdpMmu"]
+__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "RacePoint", "TdpMmu", "check_spte_change"]

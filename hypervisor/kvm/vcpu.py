@@ -3,7 +3,7 @@
 The instruction-level backend (cpu/unicorn_vcpu.py) executes guest code and calls
 these handlers on every exit it takes; this module decides what each exit means
 (as arch/x86/kvm/vmx.c's kvm_vmx_exit_handlers do, plus the VMM's handling of the
-exits KVM passes to userspace: port I/O for the console and the exit port).
+exits KVM passes to userspace: port I/O goes to the VMM's port bus, vmm/devices.py).
 """
 
 from collections import Counter
@@ -11,8 +11,6 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import GuestError
-from ..guest.console import Console
-from ..guest.layout import COM1_PORT, EXIT_PORT
 from ..types import PAGE_SHIFT, Gfn
 from .cpuid import kvm_find_cpuid_entry
 from .exits import (
@@ -24,15 +22,14 @@ from .exits import (
     EPT_VIOLATION_WRITABLE,
     ExitReason,
 )
-from .mmu import FaultResult
+from .mmu_interface import FaultResult, FaultWork
 from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import VcpuStats
 
 if TYPE_CHECKING:
+    from .mmu_interface import KvmMmu
     from .vm import Vm
 
-COM1_LSR_PORT = COM1_PORT + 5
-LSR_THR_EMPTY = 0x60  # transmitter idle: a guest that polls before writing may write
 # A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
 # in KVM that is an exit, an entry and a gfn_to_pfn whose result was dropped.  hvsim charges
 # each retried fault this much of the vCPU's simulated time, in instruction-times (2 us at
@@ -44,6 +41,10 @@ FAULT_RETRY_COST = 200
 # (a real race resolves in a retry or two; only a host event fired on every fault, such as
 # an --inject at after_gfn_to_pfn, keeps it going).
 LIVELOCK_RETRIES = 1000
+
+
+# exit_work's key for an EPT violation, by the fault path's work.
+_EPT_WORK = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
@@ -65,6 +66,14 @@ class VcpuBackend(Protocol):
     def flush_tlb(self) -> None: ...
 
 
+class PortIoBus(Protocol):
+    """The VMM's port I/O bus, where KVM_EXIT_IO accesses go (vmm/devices.py PortBus)."""
+
+    def pio_read(self, port: int, size: int) -> int: ...
+
+    def pio_write(self, port: int, size: int, value: int) -> None: ...
+
+
 class VcpuState(Enum):
     RUNNABLE = "runnable"
     HALTED = "halted"  # HLT with interrupts off: the VM is done (status 0)
@@ -80,12 +89,13 @@ class Vcpu:
         self.stats = VcpuStats()
         self.state = VcpuState.RUNNABLE
         self.exit_status: int | None = None
-        self.console = Console()
+        # The VMM attaches its port bus (vmm/devices.py); until then nothing decodes any port.
+        self.pio: PortIoBus = FLOATING_BUS
         self.failure: str | None = None
         # Which HvsimError the failure is, so that callers classify it by type, never by its text.
         self.failure_kind: type[GuestError] | None = None
         self.arch: VcpuBackend = NO_BACKEND
-        # (exit reason, what the host did for it) -> count; see handle_ept_violation.
+        # (exit reason, what the host did for it) -> count, priced by --perf-kvm-stat.
         self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
 
     def _count_exit(self, reason: ExitReason) -> None:
@@ -99,34 +109,25 @@ class Vcpu:
                                "info2": info2})
 
     def handle_ept_violation(self, gfn: Gfn, write: bool, rip: int, fetch: bool = False) -> FaultResult:
-        """One EPT_VIOLATION exit: run the fault path once; RETRY means the guest faults again."""
+        """One EPT_VIOLATION exit: run the fault path once; RETRY means the guest faults again.
+
+        The exit is priced by the work the fault path says it did (FaultOutcome.work).
+        """
         self._count_exit(ExitReason.EPT_VIOLATION)
-        mmu = self.vm.mmu
+        mmu: KvmMmu = self.vm.mmu
         trace = self.vm.trace
         if trace is not None:
-            spte = int(mmu.sptes[gfn]) if gfn < mmu.sptes.shape[0] else 0
-            qual = ept_exit_qualification(write, fetch, spte)
+            qual = ept_exit_qualification(write, fetch, mmu.spte(gfn))
             self._trace_exit(ExitReason.EPT_VIOLATION, rip, qual, gfn << PAGE_SHIFT)
             trace("kvm_page_fault", {"vcpu": self.vcpu_id, "address": gfn << PAGE_SHIFT, "error_code": qual})
-        mm = self.vm.mm
-        faults, cows = mm.nr_faults, mm.nr_cows
-        result = mmu.tdp_page_fault(self, gfn, write)
-        if result is FaultResult.MMIO:
+        outcome = mmu.page_fault(self, gfn, write)
+        if outcome.result is FaultResult.MMIO:
             self.stats.mmio_exits += 1
-        # What the host had to do for this exit, for the perf-kvm-stat cost model.
-        if result is FaultResult.RETRY:
-            work = "retry"
-        elif mm.nr_cows != cows:
-            work = "cow"
-        elif mm.nr_faults != faults:
-            work = "host_fault"
-        else:
-            work = "map"
-        self.exit_work[(ExitReason.EPT_VIOLATION, work)] += 1
-        return result
+        self.exit_work[_EPT_WORK[outcome.work]] += 1
+        return outcome.result
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
-        """IO_INSTRUCTION: KVM exits to userspace, where the VMM emulates the device."""
+        """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""
         self._count_exit(ExitReason.IO_INSTRUCTION)
         self.stats.io_exits += 1
         self.exit_work[(ExitReason.IO_INSTRUCTION, "userspace")] += 1
@@ -135,15 +136,14 @@ class Vcpu:
             qual = (size - 1) | ((0 if is_out else 1) << 3) | (port << 16)
             self._trace_exit(ExitReason.IO_INSTRUCTION, rip, qual)
         if is_out:
-            if port == COM1_PORT:
-                self.console.write(value & 0xFF)
-            elif port == EXIT_PORT:
-                self.exit_status = value & 0xFF
-                self.state = VcpuState.EXITED
+            self.pio.pio_write(port, size, value)
             return 0
-        if port == COM1_LSR_PORT:
-            return LSR_THR_EMPTY
-        return (1 << (8 * size)) - 1  # nothing decodes the port: the bus floats high
+        return self.pio.pio_read(port, size)
+
+    def vmm_exit(self, status: int) -> None:
+        """The VMM ends the VM with this exit status (the isa-debug-exit device was written)."""
+        self.exit_status = status
+        self.state = VcpuState.EXITED
 
     def handle_hlt(self, rip: int) -> None:
         """HLT with interrupts disabled can never wake up: the VMM ends the VM with status 0."""
@@ -187,5 +187,15 @@ class _NoBackend:
         pass
 
 
+class _FloatingBus:
+    def pio_read(self, port: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def pio_write(self, port: int, size: int, value: int) -> None:
+        pass
+
+
 # A vCPU without an executor (unit tests, and a vCPU whose backend was closed).
 NO_BACKEND: VcpuBackend = _NoBackend()
+# A port bus with no device (unit tests, and a vCPU whose VMM is gone).
+FLOATING_BUS: PortIoBus = _FloatingBus()

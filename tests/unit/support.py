@@ -24,7 +24,7 @@ from hypervisor.profiles import Profile, get_profile
 from hypervisor.races import EVENTS, FAULT_POINTS, KSM_POINTS, RaceInjector, RaceSpec
 from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
 
-ERAS = ("2.6.32", "3.7", "6.10")
+ERAS = ("2.6.32", "2.6.38", "3.7", "6.10")
 # A mapping the tests use when they drive HostMm without a Vm.
 AREA = Hva(0x1000_0000)
 
@@ -81,7 +81,7 @@ class Guest:
 
     def fault(self, gfn: int, write: bool) -> FaultResult:
         """One run of the TDP fault path (no exit counted: see vcpu.handle_ept_violation)."""
-        return self.vm.mmu.tdp_page_fault(self.vcpu, Gfn(gfn), write)
+        return self.vm.mmu.tdp_page_fault(self.vcpu, Gfn(gfn), write).result
 
 
 def make_guest(era: str = "3.7", change_pte: bool = True, pages: int = 16, nr_frames: int = 256) -> Guest:

@@ -1,0 +1,184 @@
+"""KSM's bookkeeping: rmap_items (per-VMA numpy arrays), stable nodes, mm_slots, the scan cursor, checksums.
+
+After mm/ksm.c.
+`KsmState` names the state the other ksm_* modules share; `Ksm` (host/ksm.py) sets it up.
+"""
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
+from .frames import FramePool
+
+if TYPE_CHECKING:
+    from ..profiles import Profile
+    from .mm import HostMm, Vma
+
+# rmap_item flags
+UNSTABLE_FLAG = 1
+STABLE_FLAG = 2
+
+# sizeof(struct ksm_rmap_item) on 64-bit, for general_profit
+RMAP_ITEM_SIZE = 64
+
+_HASH_MULT = np.random.default_rng(0x4B534D).integers(1, 2**63, size=PAGE_SIZE // 8, dtype=np.uint64) | 1
+_HASH_SALT = np.uint64(0x9E3779B97F4A7C15)
+
+
+_HASH_CHUNK = 64  # pages per step: small temporaries (malloc, cache) instead of one huge gather
+
+
+def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """A 64-bit content hash per frame, vectorised: the trees' key (page_checksum is the change detector)."""
+    n = int(pfns.shape[0])
+    out: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
+    qwords = frames.qwords
+    for lo in range(0, n, _HASH_CHUNK):
+        part = qwords[pfns[lo : lo + _HASH_CHUNK]]
+        part ^= _HASH_SALT
+        out[lo : lo + _HASH_CHUNK] = part @ _HASH_MULT  # sum of products, exact mod 2**64
+    return out
+
+
+_FOLD_MULT = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
+_MIN_RUN = 8  # consecutive pfns worth a view of their own; shorter runs are gathered
+
+
+def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+    """calc_checksum(): a change detector, the sum of the page's 512 qwords mod 2**64 folded to 32 bits.
+
+    The kernel takes `jhash2(addr, PAGE_SIZE / 4, 17)` (2.6.32 mm/ksm.c calc_checksum)
+    or `xxhash(addr, PAGE_SIZE, 0)` kept as a u32 (6.8 mm/ksm.c calc_checksum);
+    cmp_and_merge_page only compares it with rmap_item->oldchecksum after the stable
+    tree missed, and every merge is confirmed by memcmp_pages, so any function that
+    changes when the content does will do.
+    The sum is the cheapest one numpy vectorises: over a run of consecutive pfns it is
+    one reduction over a view of the frames, no copy (benchmarks/checksums.py measured
+    it against the position-weighted hash on the bundled workloads: the same changes
+    seen).  Blind spot (README, fidelity): a change that keeps the sum, e.g. two qwords
+    swapped, goes unseen for one visit.
+    """
+    n = int(pfns.shape[0])
+    sums: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
+    qwords = frames.qwords
+    starts = np.flatnonzero(np.diff(pfns, prepend=-2) != 1)
+    lengths = np.diff(np.append(starts, n))
+    long = lengths >= _MIN_RUN
+    for start, length in zip(starts[long].tolist(), lengths[long].tolist(), strict=True):
+        first = int(pfns[start])
+        qwords[first : first + length].sum(axis=1, out=sums[start : start + length])
+    scattered = np.flatnonzero(np.repeat(~long, lengths))
+    for lo in range(0, scattered.size, _HASH_CHUNK):
+        sel = scattered[lo : lo + _HASH_CHUNK]
+        sums[sel] = qwords[pfns[sel]].sum(axis=1)
+    # The high half of a multiplicative (Fibonacci) hash: an XOR fold of the halves would let a change
+    # at bit i cancel one at bit i + 32 (benchmarks/checksums.py found one in bootstorm).
+    folded: npt.NDArray[np.uint32] = ((sums * _FOLD_MULT) >> np.uint64(32)).astype(np.uint32)
+    return folded
+
+
+def page_checksum_one(frames: FramePool, pfn: Pfn) -> int:
+    """page_checksum() of one frame, without the batch machinery."""
+    total = int(frames.qwords[pfn].sum(dtype=np.uint64))
+    return ((total * int(_FOLD_MULT)) & 0xFFFF_FFFF_FFFF_FFFF) >> 32
+
+
+class VmaItems:
+    """The rmap_items of one mergeable VMA, as arrays indexed by page."""
+
+    def __init__(self, mm: "HostMm", vma: "Vma") -> None:
+        self.mm = mm
+        self.vma = vma
+        n = vma.nr_pages
+        self.has_item = np.zeros(n, dtype=np.bool_)
+        self.flags = np.zeros(n, dtype=np.uint8)
+        self.oldchecksum = np.zeros(n, dtype=np.uint32)
+        self.node = np.zeros(n, dtype=np.int32)  # stable node id when STABLE_FLAG
+        # smart_scan (6.7+): visits without a merge, and skips left before the next visit
+        self.age = np.zeros(n, dtype=np.uint8)
+        self.remaining_skips = np.zeros(n, dtype=np.uint8)
+
+    def hva(self, idx: int) -> Hva:
+        return Hva(self.vma.start + (idx << PAGE_SHIFT))
+
+
+@dataclass
+class StableNode:
+    """struct ksm_stable_node: one KSM page and how many rmap_items map it."""
+
+    id: int
+    kpfn: Pfn
+    key: int
+    nr_items: int = 0  # rmap_hlist_len
+    chain: "StableNodeChain | None" = None
+    checksum: int = 0  # page_checksum of the KSM page (its content cannot change while it is one)
+
+
+@dataclass
+class StableNodeChain:
+    """A stable node chain: duplicate KSM pages of one content (max_page_sharing reached)."""
+
+    key: int
+    dups: list[StableNode] = field(default_factory=list)
+
+
+@dataclass
+class MmSlot:
+    mm: "HostMm"
+    vmas: list[VmaItems] = field(default_factory=list)
+
+    def items_of(self, vma: "Vma") -> VmaItems | None:
+        return next((v for v in self.vmas if v.vma is vma), None)
+
+
+@dataclass
+class KsmCursor:
+    """ksm_scan: the mm_slot being scanned and the next address in it, as the kernel keeps it
+    (an address, not a position, so VMAs and mms may come and go under it)."""
+
+    slot: int = 0
+    address: int = 0
+    in_pass: bool = False
+
+
+ItemRef = tuple[VmaItems, int]
+KsmTrace = Callable[[str, dict[str, Any]], None]
+KsmRacePoint = Callable[["HostMm", Hva], None]
+
+
+class KsmState:
+    """The state ksmd's parts share (struct ksm's globals in mm/ksm.c); `Ksm` initialises it."""
+
+    frames: FramePool
+    profile: "Profile"
+    # knobs (/sys/kernel/mm/ksm)
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    max_page_sharing: int
+    use_zero_pages: bool
+    smart_scan: bool
+    # mm_slots, the scan cursor and the trees
+    slots: list[MmSlot]
+    cursor: KsmCursor
+    seqnr: int
+    stable_tree: dict[int, list[StableNode | StableNodeChain]]
+    unstable_tree: dict[int, list[ItemRef]]
+    unstable_key: dict[ItemRef, int]
+    nodes: dict[int, StableNode]
+    stable_checksums: Counter[int]
+    _next_node_id: int
+    # counters
+    rmap_items: int
+    unshared: int
+    ksm_zero_pages: int
+    pages_scanned: int
+    pages_skipped: int
+    zero_hash: int
+    trace: KsmTrace | None
+    race_points: dict[str, KsmRacePoint]
