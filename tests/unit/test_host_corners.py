@@ -209,3 +209,55 @@ def test_a_colliding_page_passes_a_stable_node_chain_by_and_gets_its_own_ksm_pag
     full_scan(host.ksm)  # and they stay put on the next pass: the search skips the chain
     assert mapped_pfns(host.mm, AREA, 6) == pfns
     assert host.mm.read_bytes(AREA, 6 * PAGE_SIZE) == b * 4 + a * 2
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_a_stable_node_chain_search_prunes_a_dead_duplicate_and_keeps_the_rest(era: str) -> None:
+    # Three KSM pages of one content (max_page_sharing 2); the third dies (its pages dropped). A page
+    # scanned before ksmd's cursor reaches the dead one's rmap_items searches the chain first, erases
+    # the dead dup there, and finds the two live ones full.
+    host = host_with_pages(era, [page_of(9)] + [page_of(0x42)] * 6, max_page_sharing=2)
+    full_scan(host.ksm)
+    full_scan(host.ksm)
+    counters = host.ksm.counters()
+    assert (counters["stable_node_chains"], counters["stable_node_dups"]) == (1, 3)
+    host.mm.madvise(page_hva(AREA, 5), 2 * PAGE_SIZE, MADV_DONTNEED)
+    host.mm.write_bytes(AREA, page_of(0x42))
+    host.ksm.ksm_do_scan(1)
+    counters = host.ksm.counters()
+    assert (counters["stable_node_chains"], counters["stable_node_dups"]) == (1, 2)
+    assert shared_and_sharing(host.ksm) == (2, 2)
+    assert pte_write(host.mm.pte(AREA))  # every copy is full: it stays unmerged
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_smart_scan_skipping_a_page_cowed_out_of_a_ksm_page_takes_it_out_of_the_stable_node(era: str) -> None:
+    # should_skip_rmap_item() (6.7): a page visited three times without merging is skipped on its
+    # fifth visit. Page 0 merges on its fourth, the VMM's write then COWs it out of the KSM page,
+    # and the skip on the fifth visit also drops its rmap_item from the stable node.
+    host = host_with_pages(era, [page_of(1), page_of(0x42), page_of(0x42)])
+    host.ksm.smart_scan = True
+    for _ in range(3):
+        full_scan(host.ksm)
+    assert shared_and_sharing(host.ksm) == (1, 1)
+    host.mm.write_bytes(AREA, page_of(0x42))
+    full_scan(host.ksm)
+    assert shared_and_sharing(host.ksm) == (1, 2)
+    host.mm.write_bytes(AREA, b"\x07")
+    skipped = host.ksm.pages_skipped
+    full_scan(host.ksm)
+    assert host.ksm.pages_skipped == skipped + 1
+    assert shared_and_sharing(host.ksm) == (1, 1)
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_ksmd_frees_the_rmap_item_of_a_dropped_page_and_scans_on_in_the_same_vma(era: str) -> None:
+    # scan_get_next_rmap_item(): rmap_items the cursor passes over with no page behind them are
+    # freed on the way (remove_trailing_rmap_items), then the next present page is scanned.
+    host = host_with_pages(era, [page_of(1), page_of(2)])
+    full_scan(host.ksm)
+    assert host.ksm.rmap_items == 2
+    host.mm.madvise(AREA, PAGE_SIZE, MADV_DONTNEED)
+    scanned = host.ksm.pages_scanned
+    host.ksm.ksm_do_scan(1)
+    assert host.ksm.rmap_items == 1 and host.ksm.pages_scanned == scanned + 1
