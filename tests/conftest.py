@@ -5,7 +5,8 @@
 * pytest-randomly: the seed of the test order is repeated at the end of the output (`-q` hides the
   header that names it), with the command that replays that order.
 * Coverage: the model packages (host mm, KVM, the scheduler) are summed per package and must each
-  stay at or above MODEL_COVERAGE_GATE percent when the whole suite ran (no paths, -k or -m slow).
+  stay at or above MODEL_COVERAGE_GATE percent when the whole suite ran (no paths, -k or -m slow);
+  slow tests run untraced.
 """
 
 import json
@@ -100,6 +101,15 @@ def _ran_whole_suite(config: pytest.Config) -> bool:
     return (config.args_source is pytest.Config.ArgsSource.TESTPATHS and option.markexpr in WHOLE_SUITE_MARKEXPRS
             and not option.keyword and not getattr(option, "lf", False) and not getattr(option, "stepwise", False)
             and not getattr(option, "deselect", None))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Slow tests are long matrices over paths the default selection already covers; traced, the
+    # largest took 45 s instead of 7 s. Run untraced (pytest-cov's no_cover), they also leave the
+    # coverage figures the same with and without -m slow.
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.no_cover)
 
 
 _packages_key = pytest.StashKey[list[PackageCoverage]]()
