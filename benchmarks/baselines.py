@@ -1,15 +1,16 @@
-"""The two Unicorn baselines, with no hvsim logic in them.
+"""The bare-hook Unicorn baseline, with no hvsim logic in it (hook-free Unicorn is in hookfree.py).
 
-* `RawUnicorn`: what Unicorn itself does with the guest code: all guest memory
-  mapped up front with `mem_map` (Unicorn's own MMU, no Python hooks), time sliced
-  with Unicorn's own `count=` at the same quantum as hvsim.  Target 1's baseline.
 * `BareTlbUnicorn`: the same virtual-TLB setup hvsim uses (one `mem_map_ptr` over
   a FramePool-sized buffer allocated as hvsim allocates its frames), whose
   UC_HOOK_TLB_FILL callback in Python only fills the entry (identity, all
   permissions): no page walk, no sptes, no KVM.  The floor of this design for
-  target 2 and for refills of mapped pages.
+  target 2 and for refills of mapped pages.  With `raw=True` (issue #13's floor) the
+  hook is registered through raw ctypes, as hvsim registers its own
+  (cpu/unicorn_vcpu.py `_raw_hook_add`): no binding wrapper between Unicorn and
+  the Python fill; without it, through the binding's `hook_add` (issue #6's floor).
 """
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
-from hypervisor.cpu.unicorn_vcpu import UNTIL
+from hypervisor.cpu.unicorn_vcpu import _TLB_FILL_CFUNC, UNTIL, _raw_hook_add
 from hypervisor.host.frames import FramePool
 from hypervisor.types import PAGE_SIZE
 
@@ -50,26 +51,10 @@ class BenchmarkError(RuntimeError):
     """A workload did not do what the benchmark relies on (a guest failed, a phase ended early)."""
 
 
-class RawUnicorn:
-    """The guest code on plain Unicorn: memory pre-mapped, `count=` time slices."""
-
-    def __init__(self, image: bytes, memory: int) -> None:
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.mem_map(0, memory)
-        uc.mem_write(IMAGE_BASE, image)
-        uc.reg_write(x86.UC_X86_REG_RSP, STACK_TOP)
-        self.uc = uc
-        self.rip = IMAGE_BASE
-
-    def run(self, insns: int, quantum: int) -> None:
-        """Exactly `insns` instructions, in slices of `quantum` (the guest must not stop)."""
-        self.rip = run_in_slices(self.uc, self.rip, insns, quantum)
-
-
 class BareTlbUnicorn:
     """Virtual-TLB Unicorn whose Python TLB-fill hook does nothing but fill (identity map)."""
 
-    def __init__(self, image: bytes, memory: int) -> None:
+    def __init__(self, image: bytes, memory: int, raw: bool = False) -> None:
         # Allocated as hvsim allocates host memory, so both see the same host page-fault costs.
         self.frames = FramePool(memory // PAGE_SIZE)
         self.frames.data[IMAGE_BASE : IMAGE_BASE + len(image)] = np.frombuffer(image, dtype=np.uint8)
@@ -79,7 +64,16 @@ class BareTlbUnicorn:
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, memory, UC_PROT_ALL, self.frames.data.ctypes.data)
-        uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
+        if raw:
+            fill = self._fill
+
+            def raw_fill(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
+                return fill(uc, vaddr, access, entry.contents, None)
+
+            self._raw_cb = _TLB_FILL_CFUNC(raw_fill)
+            _raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._raw_cb, ctypes.c_void_p), None)
+        else:
+            uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
         uc.reg_write(x86.UC_X86_REG_RSP, STACK_TOP)
         self.uc = uc

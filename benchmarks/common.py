@@ -1,8 +1,10 @@
 """What every benchmark shares: figures with their same-run baselines, a time budget, machine facts, rendering.
 
 Every figure is a pair measured in the same process, interleaved (baseline, hvsim,
-baseline, hvsim, ...), best of the repetitions: shared machines are noisy, and the
-best of a few runs is the least disturbed one.  The ratio of the two is the number
+baseline, hvsim, ...), the median of the repetitions (issue #13: median of 3).  Since
+issue #13 the baseline is the honest ceiling (hook-free Unicorn, the raw-ctypes
+bare hook, memory bandwidth, everything counted); the baseline issue #6 used stays
+beside it as the "old baseline" columns, so that the change of yardstick is visible.  The ratio of the two is the number
 to compare across machines and commits; the absolute rates are for this machine only.
 """
 
@@ -10,6 +12,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +47,9 @@ class Figure:
     targets: list[Target] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    old_baseline: float | None = None
+    old_baseline_name: str = ""
+    old_ratio: float | None = None
 
     @property
     def met(self) -> bool | None:
@@ -63,6 +69,10 @@ class Series:
     baseline_us_per_page: list[float | None]
     baseline_name: str
     notes: list[str] = field(default_factory=list)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -216,14 +226,21 @@ def _met(m: bool | None) -> str:
     return {True: "yes", False: "NO", None: "-"}[m]
 
 
+def _cells(f: Figure) -> tuple[str, ...]:
+    base = f"{f.baseline_name}: {fmt_num(f.baseline, f.unit)}" if f.baseline_name else "-"
+    old = f"{f.old_baseline_name}: {fmt_num(f.old_baseline, f.unit)}" if f.old_baseline_name else "-"
+    target = "; ".join(t.text for t in f.targets) or "(information)"
+    met = " ".join(_met(t.met) for t in f.targets) or "-"
+    return (f.number, f.title, fmt_num(f.value, f.unit), base, fmt_num(f.ratio), target, met, old,
+            fmt_num(f.old_ratio))
+
+
+_HEADER = ("#", "figure", "hvsim", "baseline (same run)", "ratio", "target (#13)", "met", "old baseline (#6)",
+           "old ratio")
+
+
 def render_table(figures: Sequence[Figure]) -> str:
-    rows = [("#", "figure", "hvsim", "baseline (same run)", "ratio", "target", "met")]
-    for f in figures:
-        base = f"{f.baseline_name}: {fmt_num(f.baseline, f.unit)}" if f.baseline_name else "-"
-        target = "; ".join(t.text for t in f.targets) or "(information)"
-        met = " ".join(_met(t.met) for t in f.targets) or "-"
-        rows.append((f.number, f.title, fmt_num(f.value, f.unit), base, fmt_num(f.ratio), target, met))
-    return _grid(rows)
+    return _grid([_HEADER, *(_cells(f) for f in figures)])
 
 
 def render_series(series: Sequence[Series]) -> str:
@@ -248,13 +265,8 @@ def _grid(rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_markdown(figures: Sequence[Figure]) -> str:
-    lines = ["| # | figure | hvsim | baseline (same run) | ratio | target | met |", "|---|---|---|---|---|---|---|"]
-    for f in figures:
-        base = f"{f.baseline_name}: {fmt_num(f.baseline, f.unit)}" if f.baseline_name else "-"
-        target = "; ".join(t.text for t in f.targets) or "(information)"
-        met = " ".join(_met(t.met) for t in f.targets) or "-"
-        lines.append(f"| {f.number} | {f.title} | {fmt_num(f.value, f.unit)} | {base} | "
-                     f"{fmt_num(f.ratio)} | {target} | {met} |")
+    lines = ["| " + " | ".join(_HEADER) + " |", "|---" * len(_HEADER) + "|"]
+    lines.extend("| " + " | ".join(_cells(f)) + " |" for f in figures)
     return "\n".join(lines)
 
 

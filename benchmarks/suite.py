@@ -12,7 +12,7 @@ from typing import Any
 
 from hypervisor.sim import DEFAULT_QUANTUM
 
-from . import fault_storm, growth, guest_speed, hotpaths, ksm_scan, scale
+from . import fault_storm, growth, guest_speed, hotpaths, ksm_scan, modelling, scale
 from .baselines import BenchmarkError
 from .common import (
     REPO_ROOT,
@@ -27,15 +27,12 @@ from .common import (
     write_json,
 )
 
-BENCHMARKS = ("guest_speed", "fault_storm", "ksm_scan", "scale", "growth")
+BENCHMARKS = ("guest_speed", "fault_storm", "ksm_scan", "scale", "modelling", "growth")
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results.json"  # .gitignore'd (benchmarks/results*.json)
 
 
 @dataclass(frozen=True)
 class Sizes:
-    ws_pages: int
-    warm_insns: int
-    measure_insns: int
     storm_pages: int
     refill_pages: int
     refill_passes: int
@@ -45,19 +42,22 @@ class Sizes:
     scale_pages_to_scan: int
     scale_sleep_ms: int
     scale_spin: int
-    growth_sizes: tuple[int, ...]
+    growth_mib: tuple[int, ...]
+    modelling_vms: int
+    modelling_mib: int
     profile_storm_pages: int
     profile_refill_pages: int
     profile_ksm_pages: int
 
 
-FULL = Sizes(ws_pages=16, warm_insns=2_000_000, measure_insns=30_000_000, storm_pages=65_536, refill_pages=65_536,
+FULL = Sizes(storm_pages=65_536, refill_pages=65_536,
              refill_passes=2, ksm_pages=65_536, scale_vms=16, scale_mib=64, scale_pages_to_scan=16_384,
-             scale_sleep_ms=20, scale_spin=2_000_000, growth_sizes=(1_024, 4_096, 16_384, 65_536, 262_144),
+             scale_sleep_ms=20, scale_spin=2_000_000, growth_mib=(16, 64, 256, 1024), modelling_vms=16,
+             modelling_mib=64,
              profile_storm_pages=65_536, profile_refill_pages=16_384, profile_ksm_pages=16_384)
-QUICK = Sizes(ws_pages=16, warm_insns=200_000, measure_insns=2_000_000, storm_pages=4_096, refill_pages=4_096,
+QUICK = Sizes(storm_pages=4_096, refill_pages=4_096,
               refill_passes=1, ksm_pages=2_048, scale_vms=2, scale_mib=4, scale_pages_to_scan=512,
-              scale_sleep_ms=20, scale_spin=20_000, growth_sizes=(256, 1_024, 4_096),
+              scale_sleep_ms=20, scale_spin=20_000, growth_mib=(4, 8, 16), modelling_vms=2, modelling_mib=8,
               profile_storm_pages=2_048, profile_refill_pages=2_048, profile_ksm_pages=1_024)
 
 
@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
                    help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
     p.add_argument("--reps", type=int, default=None,
-                   help="repetitions of each hvsim/baseline pair, best kept (default 3; 1 with --quick)")
+                   help="repetitions of each hvsim/baseline pair, median kept (default 3; 1 with --quick)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds allowed to each benchmark (twice that to growth, which runs two series); "
                         "sizes that would overrun it are skipped, the scale run is interrupted "
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds: dict[str, float] = {}
     errors: list[str] = []
     profiles: dict[str, Any] = {}
-    warm_bytes = (max(sizes.growth_sizes) + 2 * sizes.storm_pages) * 4096
+    warm_bytes = (max(sizes.growth_mib) << 20) + 2 * sizes.storm_pages * 4096
     warm_s = warm_host_memory(warm_bytes)
     _log(f"[benchmarks] warmed {warm_bytes >> 20} MiB of host memory in {warm_s:.1f} s")
     with tempfile.TemporaryDirectory(prefix="hvsim-bench-") as tmp:
@@ -117,9 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget = Budget(2 * budget_s if name == "growth" else budget_s)
             try:
                 if name == "guest_speed":
-                    figures.append(guest_speed.run(workdir, ws_pages=sizes.ws_pages, quantum=quantum,
-                                                   warm=sizes.warm_insns, measure=sizes.measure_insns, reps=reps,
-                                                   budget=budget))
+                    figures.extend(guest_speed.run(quick=args.quick, quantum=quantum, reps=reps, budget=budget))
                 elif name == "fault_storm":
                     figures.extend(fault_storm.run(workdir, n_pages=sizes.storm_pages, refill_pages=sizes.refill_pages,
                                                    refill_passes=sizes.refill_passes, quantum=quantum, reps=reps,
@@ -133,8 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = scale.run_child(params, timeout=3 * budget_s + 120)
                     raw["scale"] = result
                     figures.extend(scale.figures(result))
+                elif name == "modelling":
+                    figures.append(modelling.run(vms=sizes.modelling_vms, memory_mib=sizes.modelling_mib, reps=reps,
+                                                 budget=budget))
                 elif name == "growth":
-                    figs, ser, graw = growth.run(workdir, sizes=list(sizes.growth_sizes), quantum=quantum,
+                    figs, ser, graw = growth.run(workdir, sizes_mib=list(sizes.growth_mib), quantum=quantum,
                                                  budget=budget, reps=reps)
                     figures.extend(figs)
                     series.extend(ser)
@@ -155,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine['cpu_model']}, {machine['cpus']} CPUs, {machine['memory_mib']} MiB, "
           f"{machine['platform']}, Python {machine['python']}, numpy {machine.get('numpy')}, "
           f"unicorn {machine.get('unicorn')}")
-    print(f"every baseline measured in this run; best of {reps} interleaved repetitions; quantum {quantum}\n")
+    print(f"every baseline measured in this run; median of {reps} interleaved repetitions; quantum {quantum}; "
+          f"load average at start {machine.get('loadavg_at_start')}\n")
     print(render_table(figures))
     if series:
         print()

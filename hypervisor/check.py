@@ -16,10 +16,15 @@ Invariants:
   it, checked exactly at the end of every time slice (no fault in flight, no pte being
   replaced) and as lower bounds in between;
 * ksm-page-stable: a KSM page's content never changes (it is byte-equal to every page merged
-  into it) and nothing maps it writable.
+  into it) and nothing maps it writable;
+* free-frame-clean: a free frame keeps no page state (not PageKsm, no mapcount), so that
+  whatever allocates it next gets an ordinary page (2.6.32 free_pages_check());
+* ksm-rmap-items: every stable node counts exactly the live rmap_items that name it, and the
+  unstable tree holds only live rmap_items marked unstable (a freed one left there would be
+  merged later and counted forever).
 """
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +32,13 @@ import numpy as np
 
 from .errors import InvariantViolation
 from .host.frames import ZERO_PFN
-from .host.ksm import page_hash
+from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from .trace import format_fields
 from .types import PAGE_SHIFT, Gfn
 
 if TYPE_CHECKING:
+    from .host.ksm import Ksm
     from .sim import Simulation
 
 RING_SIZE = 24
@@ -138,6 +144,13 @@ class CoherenceChecker:
                     self._fail("frame-mapped-not-free", f"vm{vm.vm_id} gfn {gfn:#x}: the spte maps pfn "
                                f"{int(spte_pfn[freed[0]]):#x}, which is free")
         mapped[ZERO_PFN] = 0
+        free = frames.refcount <= 0
+        free[ZERO_PFN] = False
+        stale = np.flatnonzero(free & ((frames.stable_node >= 0) | (frames.mapcount != 0)))
+        if stale.size:
+            pfn = int(stale[0])
+            self._fail("free-frame-clean", f"pfn {pfn:#x} is free but keeps stable_node "
+                       f"{int(frames.stable_node[pfn])}, mapcount {int(frames.mapcount[pfn])}")
         mapcount = frames.mapcount.astype(np.int64)
         # Inside an operation that replaces a pte (replace_page, do_wp_page) the old page's
         # mapcount drops only after the new pte is announced, as in the kernel.
@@ -159,6 +172,8 @@ class CoherenceChecker:
                 self._fail("refcount-equals-mappings", f"pfn {pfn:#x} has refcount {int(refcount[pfn])} but "
                            f"{int(mapped[pfn])} mappings and no fault in flight (a leaked pin)")
         ksm = sim.ksm
+        if ksm is not None:
+            self._check_rmap_items(ksm)
         if ksm is not None and ksm.nodes:
             nodes = [n for n in ksm.nodes.values() if int(frames.stable_node[n.kpfn]) == n.id]
             if nodes:
@@ -168,3 +183,25 @@ class CoherenceChecker:
                     if int(h) != node.key:
                         self._fail("ksm-page-stable", f"KSM page pfn {node.kpfn:#x} (stable node {node.id}) "
                                    "changed content after it was merged")
+
+    def _check_rmap_items(self, ksm: "Ksm") -> None:
+        live: set[int] = set()
+        named = [np.zeros(0, dtype=np.int32)]
+        for slot in ksm.slots:
+            for items in slot.vmas:
+                live.add(id(items))
+                named.append(items.node[items.has_item & ((items.flags & STABLE_FLAG) != 0)])
+        ids, counts = np.unique(np.concatenate(named), return_counts=True)
+        counted: Counter[int] = Counter(dict(zip(ids.tolist(), counts.tolist(), strict=True)))
+        for node in ksm.nodes.values():
+            naming = counted.pop(node.id, 0)
+            if naming != node.nr_items:
+                self._fail("ksm-rmap-items", f"stable node {node.id} (KSM page pfn {node.kpfn:#x}) counts "
+                           f"{node.nr_items} rmap_items but {naming} live ones name it")
+        if counted:
+            self._fail("ksm-rmap-items", f"rmap_items name stable node {min(counted)}, which is gone")
+        for entries in ksm.unstable_tree.values():
+            for items, idx in entries:
+                if id(items) not in live or not items.has_item[idx] or not items.flags[idx] & UNSTABLE_FLAG:
+                    self._fail("ksm-rmap-items", f"the unstable tree holds the freed rmap_item of "
+                               f"{items.mm.name} hva {items.hva(idx):#x}")

@@ -5,19 +5,27 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
-from .compare import render_compare, run_compare
-from .costs import CostModel
-from .errors import ConfigError, ConsoleMismatch, GuestError, GuestTimeout, HvsimError, InvariantViolation
+from .compare import COMPARE_RUNS, render_compare, run_compare
+from .costs import DEFAULT_CYCLES, CostModel
+from .diff import diff_reports, load_report, render_diff
+from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
+from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
+from .kvm.exits import ExitReason
+from .messages import HvsimGroup, after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
+from .options import OutputFile, check_outputs, cmdline_warnings, given, refuse_given, resolve_image, trace_warnings
+from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILES
-from .report import ksm_lines, render_perf_kvm_stat, render_run, to_json
+from .races import EVENTS, FAULT_POINTS, KSM_POINTS
+from .report import ksm_lines, ksm_scan_note, render_perf_kvm_stat, render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
     DEFAULT_MAX_INSNS,
@@ -27,10 +35,17 @@ from .sim import (
     RunResult,
     SimConfig,
     Simulation,
-    parse_size,
+    validate,
 )
+from .sizes import parse_size
+from .sweep.options import parse_settings
+from .sweep.spec import RunPoint
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
+# `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
+RUN_ONLY_PARAMS = ("profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz")
+# The KSM knobs (parameter names), refused alike by `run` without --ksm.
+KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
 DEMO_VMS = 4
 DEMO_CMDLINE = "pages=64 passes=40 spin=100000"
 
@@ -47,7 +62,7 @@ def _options(options: list[Callable[[F], F]]) -> Callable[[F], F]:
 
 
 _workload_options = _options([
-    click.argument("image", required=False, type=click.Path(dir_okay=False)),
+    click.argument("image", required=False, type=click.Path()),
     click.option("--memory", default="64M", show_default=True, help="Guest RAM per VM (e.g. 64M, 1G)."),
     click.option("--cmdline", default="", help="The guest's command line (see `hvsim images`)."),
     click.option("--vms", default=1, show_default=True, type=int, help="Number of VMs, one vCPU each."),
@@ -60,16 +75,18 @@ _workload_options = _options([
     click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables."),
     click.option("--check", is_flag=True,
                  help="Verify the coherence invariants after every exit, notifier call and ksmd step."),
-    click.option("--inject", multiple=True, metavar="POINT:EVENT[@N]",
-                 help="Fire a host event at a named point of the fault path or ksmd (repeatable), "
-                      "e.g. after_gfn_to_pfn:cow@1; see README, Correctness."),
-    click.option("--trace", "trace_path", metavar="FILE",
+    click.option("--inject", multiple=True, metavar="POINT:EVENT[@N|@all]",
+                 help="Fire a host event at a named point of the fault path or ksmd (repeatable), the N-th time "
+                      "(default 1) or @all times it is reached, e.g. after_gfn_to_pfn:cow@3. "
+                      f"POINT: {', '.join(FAULT_POINTS + KSM_POINTS)} (ksm_* need KSM on). "
+                      f"EVENT: {', '.join(EVENTS)} (ksm_scan only at after_gfn_to_pfn)."),
+    click.option("--trace", "trace_path", metavar="FILE", type=OutputFile(),
                  help="Write every event with its tracepoint name; FILE.json is Chrome trace JSON for Perfetto, "
                       "any other name trace-cmd-style text."),
     click.option("--trace-events", metavar="GLOB[,GLOB]", help="Only trace matching events, e.g. 'kvm_exit,ksm_*'."),
-    click.option("--plot", "plot_path", metavar="FILE.png",
+    click.option("--plot", "plot_path", metavar="FILE.png", type=OutputFile(check_plot_file),
                  help="Plot EPT_VIOLATION exits per simulated ms and KSM sharing (needs matplotlib)."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
 ])
 
 _ksm_options = _options([
@@ -125,16 +142,28 @@ class Options:
                 out.append((int(ms), int(run)))
             except ValueError:
                 raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
+            if out[-1][0] < 0:
+                raise ConfigError(f"--ksm-run-at {v!r}: MS is a simulated time, from 0 on.")
         return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
                          sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
                          use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan, run_at=tuple(out))
 
     def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
         if self.image is None:
-            raise ConfigError("no guest image given: name one, e.g. guest_images/hello.bin (see `hvsim images`).")
-        return SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
+            raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
+        cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
                          max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
                          quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
+        validate(cfg)
+        for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):
+            warn(line)
+        return cfg
+
+    def prepare(self, ctx: click.Context) -> None:
+        """Before anything runs: IMAGE by name or path, and every output file."""
+        if self.image is not None:
+            self.image = resolve_image(self.image)
+        check_outputs(ctx, [self.image] if self.image else [])
 
 
 def _run_exit_code(result: RunResult, signals: list[int]) -> int:
@@ -142,17 +171,18 @@ def _run_exit_code(result: RunResult, signals: list[int]) -> int:
         return EXIT_INTERRUPTED.get(signal.Signals(signals[0]), 130)
     if result.violation is not None:
         return InvariantViolation.exit_code
-    if any(v.error and "--max-insns" in v.error for v in result.vms):
-        return GuestTimeout.exit_code
-    if result.errors:
-        return GuestError.exit_code
-    return 0
+    kinds = [v.error_kind for v in result.vms if v.error_kind is not None]
+    return max(kind.exit_code for kind in kinds) if kinds else 0
 
 
 def _guarded(fn: Callable[[], int]) -> None:
     """Every failure is a one-paragraph message and an exit code, never a traceback."""
     try:
         code = fn()
+    except BrokenPipeError:
+        # The reader went away (`hvsim run ... | head`): stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except HvsimError as err:
         click.echo(f"hvsim: {err}", err=True)
         sys.exit(err.exit_code)
@@ -172,41 +202,59 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
     obs.observe("", sim)
     with interruptible(obs.stop):
         result = sim.run()
-    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), profile {result.profile.name}")
-    if opts.as_json:
-        click.echo(render_json(result) if render_json else to_json(result.as_dict()), nl=False)
-    else:
-        click.echo(render(result), nl=False)
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), profile {result.profile.name}"
+               f"{', KSM on' if cfg.ksm.enabled else ''}")
+    emit(render_json(result) if opts.as_json and render_json else
+         to_json(result.as_dict()) if opts.as_json else render(result))
     for line in result.errors:
         click.echo(f"hvsim: {line}", err=True)
     if obs.signals:
         click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-    return _run_exit_code(result, obs.signals)
+    return after_run(obs, [result], _run_exit_code(result, obs.signals))
 
 
 def _compare(opts: Options, cfg: SimConfig) -> int:
-    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
+    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json,
+                    len(COMPARE_RUNS))
     with interruptible(obs.stop):
         result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
-    obs.finish(f"{cfg.image}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
-    click.echo(to_json(result.as_dict()) if opts.as_json else render_compare(result), nl=False)
-    errors = [e for row in result.rows for e in row.result.errors]
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
+    emit(to_json(result.as_dict()) if opts.as_json else render_compare(result))
+    results = [row.result for row in result.rows]
+    errors = [e for r in results for e in r.errors]
     for e in errors:
         click.echo(f"hvsim: {e}", err=True)
+    code = max((_run_exit_code(r, []) for r in results), default=0)
     if obs.signals:
         click.echo("hvsim: interrupted; the table above is what the runs had reached.", err=True)
-        return EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
-    mismatches = result.console_mismatches()
-    if mismatches:
-        click.echo("hvsim: " + "; ".join(mismatches) + ". The guest's own computation must not depend on "
-                   "the kernel era: this is a bug in hvsim.", err=True)
-        return ConsoleMismatch.exit_code
-    if any(row.result.violation for row in result.rows):
-        return InvariantViolation.exit_code
-    return GuestError.exit_code if errors else 0
+        code = EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
+    elif result.console_mismatches():
+        click.echo("hvsim: " + "; ".join(result.console_mismatches()) + ". The guest's own computation must "
+                   "not depend on the kernel era: this is a bug in hvsim.", err=True)
+        code = ConsoleMismatch.exit_code
+    return after_run(obs, results, code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _run_config(ctx: click.Context, opts: Options, profile: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
+    """`hvsim run`'s options -> the SimConfig it runs; `hvsim sweep` builds every point through here too."""
+    if not ksm_on:
+        refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
+    opts.prepare(ctx)
+    return opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+
+
+def _demo(ctx: click.Context, opts: Options) -> int:
+    """`hvsim run` or `hvsim compare` without IMAGE: compare the samepage guest; given options are honoured."""
+    opts.image = str(DEMO_IMAGE)
+    if not given(ctx, "cmdline"):
+        opts.cmdline = DEMO_CMDLINE
+    if not given(ctx, "vms"):
+        opts.vms = DEMO_VMS
+    opts.prepare(ctx)
+    return _compare(opts, opts.config(opts.ksm(True)))
+
+
+@click.group(cls=HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hvsim")
 def main() -> None:
     """hvsim: a simulator of Linux/KVM memory virtualization (TDP MMU, mmu_notifier, KSM).
@@ -214,10 +262,12 @@ def main() -> None:
     \b
     Examples:
       hvsim run                                  # the change_pte demo (a short `compare`)
-      hvsim run guest_images/hello.bin
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32
-      hvsim compare guest_images/samepage.bin --vms 4
+      hvsim run hello                            # a bundled guest by name (`hvsim images`)
+      hvsim run samepage --vms 4 --ksm --profile 2.6.32
+      hvsim compare samepage --vms 4
       hvsim images
+      hvsim sweep examples/change_pte.toml --plot   # a grid of runs -> results.parquet/.csv
+      hvsim diff a.json b.json                      # two `run --json` reports side by side
 
     Shell completion (click): eval "$(_HVSIM_COMPLETE=bash_source hvsim)"
     """
@@ -229,13 +279,18 @@ def main() -> None:
               help="Kernel era whose host mm, mmu_notifier and KVM semantics to model.")
 @click.option("--no-change-pte", is_flag=True,
               help="KVM registers its notifier without ->change_pte (it gets ->invalidate_page instead).")
-@click.option("--ksm", "ksm_on", is_flag=True, help="Mark guest RAM MADV_MERGEABLE and run ksmd.")
+@click.option("--ksm", "ksm_on", is_flag=True,
+              help="Mark guest RAM MADV_MERGEABLE and run ksmd; the --ksm-* knobs need it.")
 @_ksm_options
 @click.option("--perf-kvm-stat", is_flag=True,
               help="Print exits in `perf kvm stat report`'s layout, timed by a documented cost model.")
 @click.option("--exit-cost", multiple=True, metavar="NAME=CYCLES",
-              help="Override a cost-model entry, e.g. EPT_VIOLATION.cow=8000 (see hypervisor/costs.py).")
-@click.option("--cpu-mhz", default=2000, show_default=True, type=int, help="Clock of the cost model.")
+              help="With --perf-kvm-stat: override a cost-model entry (repeatable), e.g. EPT_VIOLATION.cow=8000. "
+                   f"NAME (default cycles): {', '.join(f'{k} ({v})' for k, v in DEFAULT_CYCLES.items())}, "
+                   "or an exit reason, for extra cycles on every exit of it (default 0): "
+                   f"{', '.join(r.name for r in ExitReason)}.")
+@click.option("--cpu-mhz", default=2000, show_default=True, type=int,
+              help="With --perf-kvm-stat: the clock of the cost model.")
 def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, exit_cost: tuple[str, ...],
         cpu_mhz: int, **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
@@ -244,24 +299,31 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
 
     \b
     Examples:
-      hvsim run guest_images/hello.bin
-      hvsim run guest_images/memtouch.bin --memory 64M --cmdline "pages=4096 passes=3" --json
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --profile 2.6.32 --no-change-pte
-      hvsim run guest_images/samepage.bin --vms 4 --ksm --perf-kvm-stat --trace run.json
+      hvsim run hello
+      hvsim run memtouch --memory 64M --cmdline "pages=4096 passes=3" --json
+      hvsim run samepage --vms 4 --ksm --profile 2.6.32 --no-change-pte
+      hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
+    ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
         if opts.image is None:
-            opts.image, opts.cmdline, opts.vms = str(DEMO_IMAGE), DEMO_CMDLINE, DEMO_VMS
-            return _compare(opts, opts.config(opts.ksm(True)))
-        cfg = opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+            refuse_given(ctx, RUN_ONLY_PARAMS, "cannot be given without IMAGE: `hvsim run` alone runs the demo, a "
+                         "`compare` of every era; name an image for one run, e.g. `hvsim run samepage --ksm`.")
+            return _demo(ctx, opts)
+        if not perf_kvm_stat:
+            refuse_given(ctx, ("exit_cost", "cpu_mhz"),
+                         "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
+        elif opts.as_json:
+            raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
+        cfg = _run_config(ctx, opts, profile, no_change_pte, ksm_on)
         render: Callable[[RunResult], str] = render_run
         if perf_kvm_stat:
-            model = CostModel(cpu_mhz=cpu_mhz)
-            model.override(exit_cost)
             if cpu_mhz <= 0:
                 raise ConfigError("--cpu-mhz must be positive.")
+            model = CostModel(cpu_mhz=cpu_mhz)
+            model.override(exit_cost)
             render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
         return _run_one(opts, cfg, render)
 
@@ -276,15 +338,16 @@ def compare(**kw: Any) -> None:
 
     \b
     Examples:
-      hvsim compare guest_images/samepage.bin --vms 4 --cmdline "pages=64 passes=40 spin=100000"
-      hvsim compare guest_images/samepage.bin --vms 4 --plot eras.png --trace eras.json
+      hvsim compare samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000"
+      hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
+    ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
         if opts.image is None:
-            opts.image = str(DEMO_IMAGE)
-            opts.cmdline = opts.cmdline or DEMO_CMDLINE
+            return _demo(ctx, opts)
+        opts.prepare(ctx)
         return _compare(opts, opts.config(opts.ksm(True)))
 
     _guarded(go)
@@ -303,18 +366,23 @@ def ksm(profile: str, **kw: Any) -> None:
 
     \b
     Example:
-      hvsim ksm guest_images/samepage.bin --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
+      hvsim ksm samepage --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
+    ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
+        opts.prepare(ctx)
         cfg = opts.config(opts.ksm(True), profile)
 
         def render(result: RunResult) -> str:
-            return "\n".join(ksm_lines(result.ksm or {}, result.vmstat)) + "\n"
+            sim_ms = result.sim_insns / cfg.insns_per_ms
+            lines = ksm_lines(result.ksm or {}, result.vmstat) + ksm_scan_note(result.ksm or {}, sim_ms)
+            return "\n".join(lines) + "\n"
 
         def render_json(result: RunResult) -> str:
-            return to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict()})
+            return to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict(),
+                            "ksmd_completed_full_scan": result.ksmd_completed_full_scan})
 
         return _run_one(opts, cfg, render, render_json)
 
@@ -328,10 +396,116 @@ def images() -> None:
     \b
     Example:
       hvsim images
-      hvsim run guest_images/memtouch.bin --cmdline "pages=4096 passes=3"
+      hvsim run memtouch --cmdline "pages=4096 passes=3"
     """
+    click.echo("Run one with `hvsim run NAME` (every command takes a NAME or the path of an image file).\n")
     for guest in bundled_guests(GUEST_IMAGES):
         params = " ".join(f"{name}={default}" for name, default, _ in guest.params) or "(no parameters)"
         click.echo(f"{guest.name:<10} {guest.summary}")
         click.echo(f"{'':<10} {params}")
         click.echo(f"{'':<10} {guest.image}")
+
+
+def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
+    """A sweep point's settings through `hvsim run`'s own parser and config path."""
+    ctx = parse_settings(run, settings, where)
+    p = ctx.params
+    opts = Options(**{f.name: p[f.name] for f in fields(Options) if f.name in p})
+    try:
+        cfg = _run_config(ctx, opts, p["profile"], p["no_change_pte"], p["ksm_on"])
+    except HvsimError as err:
+        raise type(err)(f"{where}: {err}") from None
+    return RunPoint(cfg, opts.check)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--results", "results_dir", metavar="RESULTS_DIR",
+              help="Where reports and tables go (default: SPEC without .toml, plus '-results', beside it).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Local worker processes (default: one per core).")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help='Run the points on this Dask distributed scheduler instead (pip install "hvsim[cluster]").')
+@click.option("--plot", is_flag=True, help="Also draw RESULTS_DIR/plots/FIGURE.png (needs matplotlib).")
+@click.option("--figure", "figures", multiple=True, metavar="NAME",
+              help="A figure --plot draws, e.g. ksm.pages_sharing (repeatable; default: [plot] figures of the "
+                   "spec, else the headline exits, merges and notifier calls).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar on stderr.")
+def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str | None, plot: bool,
+          figures: tuple[str, ...], quiet: bool) -> None:
+    """Run every point of the sweep SPEC (TOML) that has no report yet, and tabulate them all.
+
+    SPEC has a [run] table (the base run: `hvsim run`'s long options with underscores, plus
+    image), an [axes] table of lists crossed as a grid, and optionally a [zip] table of lists
+    that move together. Re-running a sweep runs only the missing points.
+
+    \b
+    Examples:
+      hvsim sweep examples/change_pte.toml --jobs 2 --plot
+      hvsim sweep examples/vm_count.toml --scheduler tcp://127.0.0.1:8786
+    """
+
+    def go() -> int:
+        from .sweep.command import sweep as run_spec  # pandas and pyarrow load only for sweeps
+
+        outcome = run_spec(Path(spec), results_dir, jobs, scheduler, plot, list(figures), not quiet, _sweep_point)
+        click.echo(outcome.summary, nl=False)
+        for line in outcome.errors:
+            click.echo(f"hvsim: {line}", err=True)
+        return outcome.exit_code
+
+    _guarded(go)
+
+
+@main.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--fail-on-diff", is_flag=True, help="Exit with status 1 when any figure differs.")
+@click.option("--changed", "changed_only", is_flag=True, help="List only the figures that differ.")
+def diff(a: str, b: str, fail_on_diff: bool, changed_only: bool) -> None:
+    """Two saved run reports (`hvsim run --json`, or a sweep's runs/*.json) side by side.
+
+    Every figure with both values and B - A, exits first; then what differs in the
+    configuration and the guests' consoles.
+
+    \b
+    Examples (a.json and b.json from `hvsim run samepage --vms 2 --ksm --json`, then with --no-change-pte):
+      hvsim diff a.json b.json --changed
+      hvsim diff baseline.json new.json --fail-on-diff     # a regression check
+    """
+
+    def go() -> int:
+        result = diff_reports(load_report(a), load_report(b))
+        click.echo(render_diff(result, a, b, changed_only), nl=False)
+        return 1 if fail_on_diff and result.differs else 0
+
+    _guarded(go)
+
+
+@main.command("build-guest")
+@click.argument("sources", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=OutputFile(), metavar="PROG.elf", help="The ELF64 guest image to write.")
+@click.option("--print-include-dir", is_flag=True, help="Print the directory of hvsim.h (the SDK) and exit.")
+def build_guest_cmd(sources: tuple[Path, ...], output: str | None, print_include_dir: bool) -> None:
+    """Compile C guests against hvsim's guest SDK (hvsim.h) with the system cc.
+
+    \b
+    Examples:
+      hvsim build-guest prog.c -o prog.elf
+      hvsim build-guest main.c table.c -o kv.elf && hvsim run kv.elf --cmdline "keys=1000"
+      hvsim build-guest --print-include-dir
+    """
+    if print_include_dir:
+        click.echo(str(SDK_DIR))
+        return
+
+    def go() -> int:
+        if output is None:
+            raise ConfigError("no output file: give one with -o, e.g. `hvsim build-guest prog.c -o prog.elf`.")
+        check_outputs(click.get_current_context(), [str(s) for s in sources])
+        built = build_guest(list(sources), Path(output))
+        if built.warnings:
+            click.echo(built.warnings, err=True)
+        click.echo(f"hvsim build-guest: wrote {built.path} ({built.size} bytes); run it with `hvsim run {built.path}`")
+        return 0
+
+    _guarded(go)

@@ -6,12 +6,15 @@ baseline), 2.6.32 with change_pte, 2.6.32 without it (KVM's notifier lacks
 EPT_VIOLATION count of the no-change_pte run minus the run's own.
 """
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from . import __version__
-from .sim import KsmConfig, RunResult, SimConfig, Simulation
+from .races import KSM_POINTS, RaceSpec
+from .report import KSM_SCAN_ADVICE
+from .sim import KsmConfig, RunResult, SimConfig, Simulation, image_label
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,9 @@ def run_compare(base: SimConfig, check: bool = False,
     rows = []
     for spec in COMPARE_RUNS:
         ksm = replace(base.ksm, enabled=spec.ksm) if spec.ksm else KsmConfig()
-        cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm)
+        # Without KSM there is no ksmd to inject into: the ksm_* injections apply to the KSM runs only.
+        inject = base.inject if spec.ksm else tuple(t for t in base.inject if RaceSpec.parse(t).point not in KSM_POINTS)
+        cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm, inject=inject)
         sim = Simulation(cfg, trace=trace, check=check)
         if observe is not None:
             observe(spec.label, sim)
@@ -143,7 +148,7 @@ def render_compare(result: CompareResult) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [
-        f"hvsim compare: {cfg.image}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
+        f"hvsim compare: {image_label(cfg.image)}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}",
         fmt.format(*cols),
         fmt.format(*("-" * w for w in widths)),
@@ -156,4 +161,8 @@ def render_compare(result: CompareResult) -> str:
     else:
         same = "every run printed the same console output"
     lines.append(f"exits avoided = EPT_VIOLATION of {REFERENCE!r} minus the run's own; {same}.")
+    unscanned = [row.run.label for row in result.rows if row.result.ksmd_completed_full_scan is False]
+    if unscanned:
+        lines += textwrap.wrap(f"note: ksmd did not complete a full scan in {', '.join(unscanned)}, so nothing "
+                               f"could merge there. {KSM_SCAN_ADVICE}", 100, subsequent_indent="      ")
     return "\n".join(lines) + "\n"

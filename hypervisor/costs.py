@@ -14,6 +14,9 @@ Agesen et al., "Software Techniques for Avoiding Hardware Virtualization Exits"
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+from .kvm.exits import ExitReason
+
 DEFAULT_CPU_MHZ = 2000
 
 DEFAULT_CYCLES: dict[str, int] = {
@@ -50,10 +53,10 @@ class CostModel:
         return cycles / self.cpu_mhz
 
     def override(self, specs: tuple[str, ...]) -> None:
-        from .errors import ConfigError
-
         for spec in specs:
             name, _, value = spec.partition("=")
+            if name not in cost_names():
+                raise ConfigError(f"--exit-cost {spec!r}: unknown name {name!r}; names: {', '.join(cost_names())}.")
             try:
                 cycles = int(value)
             except ValueError:
@@ -61,3 +64,8 @@ class CostModel:
             if cycles < 0:
                 raise ConfigError(f"--exit-cost {spec!r}: cycles cannot be negative.")
             self.cycles[name] = cycles
+
+
+def cost_names() -> tuple[str, ...]:
+    """What --exit-cost can set: the entries above, and an exit reason (extra cycles on each exit of it)."""
+    return (*DEFAULT_CYCLES, *(r.name for r in ExitReason))

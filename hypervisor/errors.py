@@ -49,3 +49,12 @@ class InvariantViolation(HvsimError):
     """`--check`: a coherence invariant does not hold."""
 
     exit_code = 8
+
+
+class OutputWriteError(HvsimError):
+    """An output file (--trace, --plot, the report on stdout) could not be written during or after the run.
+
+    Exit code 74 is sysexits.h's EX_IOERR (as 70, an internal error, is EX_SOFTWARE).
+    """
+
+    exit_code = 74

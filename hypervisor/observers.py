@@ -9,8 +9,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TextIO
 
+from .errors import OutputWriteError
 from .plot import write_plot
 from .series import TimeSeries
 from .sim import Simulation
@@ -20,49 +21,71 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class Progress:
-    """A one-line progress bar on stderr: simulated time, instructions against the budget, exits."""
+    """A one-line progress display on stderr: a spinner and the real work done so far.
 
-    def __init__(self, enabled: bool) -> None:
+    hvsim cannot know how long a guest will run (the --max-insns budget is a cap, not an
+    estimate), so it shows no bar: simulated time, instructions, exits, how many VMs have
+    finished and, for several runs (`compare`), which run this is.
+    """
+
+    SPINNER = "|/-\\"
+
+    def __init__(self, enabled: bool, runs: int | None = None, stream: TextIO | None = None) -> None:
         self.enabled = enabled
+        self.runs = runs
+        self.stream = stream if stream is not None else sys.stderr
         self.label = ""
+        self.run_no = 0
         self._last = 0.0
+        self._turn = 0
 
     def observe(self, label: str, sim: Simulation) -> None:
         if self.enabled:
             self.label = label
+            self.run_no += 1
             sim.on_slice.append(self._update)
+
+    def line(self, sim: Simulation) -> str:
+        self._turn += 1
+        exits = sum(vm.vcpus[0].stats.exits for vm in sim.vms)
+        done = len(sim.vms) - len(sim.runnable())
+        which = f"run {self.run_no}/{self.runs} " if self.runs else ""
+        prefix = f"{which}{self.label}: " if self.label else which
+        spin = self.SPINNER[self._turn % len(self.SPINNER)]
+        return (f"{prefix}{spin} sim {sim.now / sim.config.insns_per_ms:,.1f} ms"
+                f"  {sim.now:,} insns  {exits:,} exits  {done}/{len(sim.vms)} VMs finished ")
 
     def _update(self, sim: Simulation) -> None:
         wall = time.monotonic()  # the display is throttled on wall time; the simulation never reads it
         if wall - self._last < 0.2:
             return
         self._last = wall
-        budget = sim.config.max_insns * len(sim.vms)
-        exits = sum(vm.vcpus[0].stats.exits for vm in sim.vms)
-        done = min(1.0, sim.now / budget)
-        bar = "#" * int(20 * done)
-        prefix = f"{self.label}: " if self.label else ""
-        sys.stderr.write(f"\r{prefix}[{bar:<20}] sim {sim.now / sim.config.insns_per_ms:10.1f} ms  "
-                         f"{sim.now:>13,} insns  {exits:>9,} exits ")
-        sys.stderr.flush()
+        self.stream.write("\r" + self.line(sim) + "\033[K")
+        self.stream.flush()
 
     def finish(self) -> None:
         if self.enabled and self._last:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
+            self.stream.write("\r\033[K")
+            self.stream.flush()
 
 
 class Observers:
-    """The optional watchers of a run: trace file, plot series, progress bar, signals."""
+    """The optional watchers of a run: trace file, plot series, progress line, signals.
+
+    `finish` writes the files; what went wrong writing them is collected in `write_errors`
+    (and what the user should know in `warnings`), so that the report is printed regardless.
+    """
 
     def __init__(self, trace_path: str | None, trace_events: str | None, plot_path: str | None,
-                 progress: bool) -> None:
+                 progress: bool, runs: int | None = None) -> None:
         self.trace = TraceWriter(trace_path, trace_events) if trace_path else None
         self.plot_path = plot_path
         self.series: list[TimeSeries] = []
-        self.progress = Progress(progress and sys.stderr.isatty())
+        self.progress = Progress(progress and sys.stderr.isatty(), runs)
         self.signals: list[int] = []
         self.sims: list[Simulation] = []
+        self.warnings: list[str] = []
+        self.write_errors: list[str] = []
 
     @property
     def trace_fn(self) -> Callable[[str, dict[str, Any]], None] | None:
@@ -87,8 +110,16 @@ class Observers:
         self.progress.finish()
         if self.trace is not None:
             self.trace.close()
-        if self.plot_path:
-            write_plot(self.plot_path, self.series, title)
+            if self.trace.error is not None:
+                self.write_errors.append(self.trace.error + ".")
+            elif self.trace.globs is not None and self.trace.written == 0 and self.sims:
+                self.warnings.append(f"--trace-events matched no event of this run: {self.trace.path!r} "
+                                     "holds none.")
+        if self.plot_path and self.series:
+            try:
+                self.warnings += write_plot(self.plot_path, self.series, title)
+            except OutputWriteError as err:
+                self.write_errors.append(str(err))
 
 
 @contextmanager

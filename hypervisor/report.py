@@ -7,11 +7,12 @@ listed as the files of /sys/kernel/mm/ksm/.
 
 import json
 import math
+import textwrap
 from typing import Any
 
 from .costs import CostModel
 from .kvm.stats import HVSIM_ONLY
-from .sim import RunResult, VmResult
+from .sim import RunResult, VmResult, image_label
 
 KSM_SYSFS_ORDER = (
     "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "smart_scan", "pages_shared",
@@ -50,8 +51,28 @@ def ksm_lines(counters: dict[str, int], vmstat: dict[str, int]) -> list[str]:
     return lines
 
 
+KSM_SCAN_ADVICE = ("Give the guest more time (more passes or spin in --cmdline) or let ksmd scan faster "
+                   "(--ksm-sleep-ms, --ksm-pages-to-scan).")
+
+
+def ksm_scan_note(counters: dict[str, int], sim_ms: float) -> list[str]:
+    """A warning when the run ended before ksmd could have merged much (KSM merges from its
+    second full scan: the first only takes checksums)."""
+    scans = counters.get("full_scans", 0)
+    if scans >= 2:
+        return []
+    if scans == 0:
+        what = "ksmd did not complete a full scan of the mergeable memory"
+        effect = "so nothing could merge yet"
+    else:
+        what = "ksmd completed only 1 full scan"
+        effect = "and KSM merges only during its second, which had not finished"
+    text = (f"{what} in the run's {sim_ms:.1f} simulated ms, {effect}. {KSM_SCAN_ADVICE}")
+    return textwrap.wrap(text, 96, initial_indent=" note: ", subsequent_indent="       ")
+
+
 def _vm_block(v: VmResult, sim_seconds: float) -> list[str]:
-    lines = [f"== vm{v.id}: {v.image} =="]
+    lines = [f"== vm{v.id}: {image_label(v.image)} =="]
     if v.console:
         lines.append(" console:")
         lines += ["   " + line for line in v.console.rstrip("\n").split("\n")]
@@ -89,6 +110,7 @@ def render_run(result: RunResult) -> str:
     if result.ksm is not None:
         lines.append("")
         lines += ksm_lines(result.ksm, result.vmstat)
+        lines += ksm_scan_note(result.ksm, sim_seconds * 1000)
     return "\n".join(lines) + "\n"
 
 
@@ -127,5 +149,6 @@ def render_perf_kvm_stat(result: RunResult, model: CostModel) -> str:
         lines.append(f"{reason:>20} {n:>10} {100.0 * n / all_samples:>8.2f}% {100.0 * total / all_time:>8.2f}% "
                      f"{lo:>9.2f}us {hi:>9.2f}us {mean:>11.2f}us ( +- {rel:6.2f}% )")
     lines += ["", f"Total Samples:{all_samples}, Total events handled time:{all_time:.2f}us.",
-              f"(times from hvsim's cost model at {model.cpu_mhz} MHz, not measured: see hypervisor/costs.py)"]
+              f"(times from hvsim's cost model at {model.cpu_mhz} MHz, not measured: "
+              "see --exit-cost in `hvsim run --help`)"]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 class TimeSeries:
     label: str
     insns_per_ms: int
+    ksm: bool = False  # KSM was on: the sharing counters mean something
     t_ms: list[float] = field(default_factory=list)
     ept_exits: list[int] = field(default_factory=list)
     pages_shared: list[int] = field(default_factory=list)
@@ -28,6 +29,6 @@ class TimeSeries:
 
     @classmethod
     def attach(cls, sim: "Simulation", label: str) -> "TimeSeries":
-        series = cls(label, sim.config.insns_per_ms)
+        series = cls(label, sim.config.insns_per_ms, sim.ksm is not None)
         sim.on_slice.append(series.sample)
         return series

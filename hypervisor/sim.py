@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__
 from .check import CoherenceChecker
 from .cpu.unicorn_vcpu import UnicornVcpu
-from .errors import ConfigError, HvsimError, InvariantViolation
+from .errors import ConfigError, GuestError, GuestTimeout, HvsimError, InvariantViolation
 from .guest import layout, loader
 from .host.frames import FRAME_SLACK, FramePool
 from .host.ksm import Ksm
@@ -28,6 +28,7 @@ from .kvm.vcpu import VcpuState
 from .kvm.vm import GUEST_RAM_HVA, Vm
 from .profiles import Profile, get_profile
 from .races import RaceInjector, RaceSpec
+from .sizes import format_size
 from .types import PAGE_SIZE, Hva
 
 DEFAULT_QUANTUM = 10_000
@@ -40,6 +41,12 @@ _BYTES_PER_PAGE_OVERHEAD = 64
 
 # The bundled guests ship inside the package (package data); ./guest_images in a checkout links here.
 GUEST_IMAGES = Path(__file__).resolve().parent / "guest_images"
+
+
+def image_label(path: str) -> str:
+    """How reports name an image: a bundled guest by its file name, any other by the path given."""
+    p = Path(path)
+    return p.name if p.parent.resolve() == GUEST_IMAGES else path
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class VmResult:
     where: str | None = None
     # exit reason -> what the host did for it -> count (for perf-kvm-stat's cost model)
     exit_work: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the HvsimError class of `error` (GuestTimeout for --max-insns): exit codes come from it, not from the text
+    error_kind: type[GuestError] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -107,6 +116,7 @@ class VmResult:
         if self.error is not None:
             d["error"] = self.error
             d["where"] = self.where
+            d["error_type"] = self.error_kind.__name__ if self.error_kind is not None else None
         return d
 
 
@@ -141,6 +151,12 @@ class RunResult:
             calls.update(v.notifier_calls)
         return {"exits": dict(exits), "stats": dict(stats), "notifier_calls": dict(calls)}
 
+    @property
+    def ksmd_completed_full_scan(self) -> bool | None:
+        """Did ksmd get over all mergeable memory at least once (None: KSM off)?  KSM merges
+        nothing before its second scan, so without one the KSM counters show no merging."""
+        return None if self.ksm is None else self.ksm.get("full_scans", 0) > 0
+
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "hvsim_version": __version__,
@@ -153,6 +169,7 @@ class RunResult:
         }
         if self.ksm is not None:
             d["ksm"] = self.ksm
+            d["ksmd_completed_full_scan"] = self.ksmd_completed_full_scan
         if self.interrupted:
             d["interrupted"] = True
         if self.checks is not None:
@@ -166,18 +183,10 @@ NOTIFIER_CALLBACKS = ("change_pte", "invalidate_page", "invalidate_range_start",
                       "clear_flush_young", "release")
 
 
-def parse_size(text: str) -> int:
-    """'64M', '1G', '65536', '4K' -> bytes (powers of two, as QEMU's -m)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t and t[-1] in "KMG":
-        mult = 1 << (10 * ("KMG".index(t[-1]) + 1))
-        t = t[:-1]
-    try:
-        value = int(t, 0)
-    except ValueError:
-        raise ConfigError(f"--memory {text!r} is not a size: write e.g. 64M, 1G or 16777216.") from None
-    return value * mult
+# The command-line flag of each KSM knob, for messages.
+KSM_FLAGS = {"run": "--ksm-run", "run_at": "--ksm-run-at", "pages_to_scan": "--ksm-pages-to-scan",
+             "sleep_millisecs": "--ksm-sleep-ms", "max_page_sharing": "--ksm-max-page-sharing",
+             "use_zero_pages": "--ksm-use-zero-pages", "smart_scan": "--ksm-smart-scan"}
 
 
 def host_memory_bytes() -> int:
@@ -188,28 +197,46 @@ def host_memory_bytes() -> int:
 
 
 def validate(config: SimConfig) -> None:
+    memory = format_size(config.memory)
     if config.memory <= 0 or config.memory % PAGE_SIZE:
-        raise ConfigError(f"--memory {config.memory} is not a positive multiple of {PAGE_SIZE} bytes.")
+        raise ConfigError(f"--memory {memory} is not a positive multiple of {PAGE_SIZE} bytes.")
     if config.memory < MIN_MEMORY:
-        raise ConfigError(f"--memory {config.memory:#x} is too small: guests need at least "
+        raise ConfigError(f"--memory {memory} is too small: guests need at least "
                           f"{MIN_MEMORY >> 20} MiB (boot area and image below {MIN_MEMORY:#x}).")
     if config.memory > layout.IDENTITY_MAP_SIZE:
-        raise ConfigError("--memory is larger than the 1 GiB the boot page tables map; give at most 1G.")
+        raise ConfigError(f"--memory {memory} is larger than the 1 GiB the boot page tables map; "
+                          "give at most 1G.")
+    loader.cmdline_bytes(config.cmdline)
     if not 1 <= config.vms <= MAX_VMS:
         raise ConfigError(f"--vms {config.vms}: give between 1 and {MAX_VMS} VMs.")
     if config.max_insns <= 0:
         raise ConfigError("--max-insns must be a positive number of instructions.")
-    if config.quantum <= 0 or config.insns_per_ms <= 0:
-        raise ConfigError("--quantum and --insns-per-ms must be positive.")
+    if config.quantum <= 0:
+        raise ConfigError(f"--quantum {config.quantum}: a time slice is a positive number of instructions.")
+    if config.insns_per_ms <= 0:
+        raise ConfigError(f"--insns-per-ms {config.insns_per_ms}: give a positive simulated CPU speed.")
     k = config.ksm
-    if k.run not in (0, 1, 2) or any(v not in (0, 1, 2) for _, v in k.run_at):
-        raise ConfigError("KSM run takes 0 (stop), 1 (run) or 2 (stop and unmerge everything).")
-    if k.pages_to_scan <= 0 or k.sleep_millisecs < 0 or k.max_page_sharing < 2:
-        raise ConfigError("KSM knobs: pages_to_scan > 0, sleep_millisecs >= 0, max_page_sharing >= 2.")
+    runs = "takes 0 (stop), 1 (run) or 2 (stop and unmerge everything)"
+    if k.run not in (0, 1, 2):
+        raise ConfigError(f"--ksm-run {k.run}: /sys/kernel/mm/ksm/run {runs}.")
+    for ms, value in k.run_at:
+        if value not in (0, 1, 2):
+            raise ConfigError(f"--ksm-run-at {ms}:{value}: /sys/kernel/mm/ksm/run {runs}.")
+    if k.pages_to_scan <= 0:
+        raise ConfigError(f"--ksm-pages-to-scan {k.pages_to_scan}: give at least 1 page per ksmd wake-up.")
+    if k.sleep_millisecs < 0:
+        raise ConfigError(f"--ksm-sleep-ms {k.sleep_millisecs}: give 0 or more milliseconds.")
+    # mm/ksm.c max_page_sharing_store() (read in a 6.x tree) returns -EINVAL below 2 likewise.
+    if k.max_page_sharing < 2:
+        raise ConfigError(f"--ksm-max-page-sharing {k.max_page_sharing}: give at least 2 (sharing needs two "
+                          "mappings; the kernel refuses less too).")
     for spec in config.inject:
         RaceSpec.parse(spec)
-    if (k.run_at or k.run != 1 or k.use_zero_pages or k.smart_scan) and not k.enabled:
-        raise ConfigError("KSM options were given without --ksm: add --ksm to turn KSM on.")
+    if not k.enabled:
+        default = KsmConfig()
+        changed = [flag for name, flag in KSM_FLAGS.items() if getattr(k, name) != getattr(default, name)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} given without --ksm: add --ksm to turn KSM on.")
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
     if need > have * 3 // 4:
@@ -320,7 +347,7 @@ class Simulation:
                 vcpu = self.vms[i].vcpus[0]
                 budget = min(cfg.quantum, cfg.max_insns - self.insns[i])
                 if budget <= 0:
-                    vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions")
+                    vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions", GuestTimeout)
                     continue
                 self.context, self._running = ("vcpu", i), self.backends[i]
                 retired = self.backends[i].run(budget)
@@ -353,8 +380,9 @@ class Simulation:
             stats = {**vcpu.stats.as_dict(), **vm.stats.as_dict()}
             calls = {name: vm.mmu.notifier.calls.get(name, 0) for name in NOTIFIER_CALLBACKS}
             error = where = None
+            error_kind: type[GuestError] | None = None
             if vcpu.state in (VcpuState.SHUTDOWN, VcpuState.FAILED):
-                error = vcpu.failure
+                error, error_kind = vcpu.failure, vcpu.failure_kind or GuestError
                 where = self.backends[i].describe_rip()
                 if vcpu.state is VcpuState.SHUTDOWN:
                     error = f"TRIPLE_FAULT: {error}"
@@ -363,7 +391,7 @@ class Simulation:
                 work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
                                 vcpu.console.decode("utf-8", "replace"), self.insns[i], exits, stats, calls,
-                                error, where, work))
+                                error, where, work, error_kind))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,

@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
+from .flows import CausalFlows
 from .kvm.exits import ExitReason
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ _FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+FORMATTED_EVENTS = tuple(_FORMATS)
+
+
 def format_fields(event: str, fields: dict[str, Any]) -> str:
     fmt = _FORMATS.get(event)
     if fmt is not None:
@@ -75,13 +79,18 @@ def format_fields(event: str, fields: dict[str, Any]) -> str:
 
 
 class TraceWriter:
-    """A trace consumer: pass `writer.event` as a Simulation's trace, then `bind` the simulation."""
+    """A trace consumer: pass `writer.event` as a Simulation's trace, then `bind` the simulation.
+
+    The file is created when the first run is bound (so a run refused before it starts leaves
+    none).  A write that fails (a full disk) stops the trace, not the run: `error` says why.
+    """
 
     def __init__(self, path: str, events: str | None = None) -> None:
         self.path = path
         self.json = path.endswith(".json")
         self.globs = [g.strip() for g in events.split(",") if g.strip()] if events else None
-        self.file: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.file: IO[str] | None = None
+        self.error: str | None = None
         self.sim: Simulation | None = None
         self.run_index = -1
         self.label = ""
@@ -89,18 +98,33 @@ class TraceWriter:
         self._first_json = True
         self._insn_cache: dict[tuple[int, int], str] = {}
         self._last_counters: dict[int, tuple[int, ...]] = {}
-        if self.json:
-            self.file.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
+        # Flow arrows from ksmd's merges and zaps to the exits they caused (hypervisor/flows.py).
+        self.flows = CausalFlows(self._json) if self.json and self.wants("kvm_exit") else None
+
+    def _write(self, text: str) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.file is None:
+                self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                if self.json:
+                    self.file.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
+            self.file.write(text)
+        except OSError as exc:
+            self.error = f"--trace {self.path!r}: {exc.strerror or exc}; the trace stops there"
 
     def wants(self, event: str) -> bool:
         return self.globs is None or any(fnmatch.fnmatchcase(event, g) for g in self.globs)
 
     def bind(self, sim: "Simulation", label: str = "") -> None:
         """Start a run: later events are stamped with this simulation's clock."""
+        self._write("")  # create the file now
         self.sim = sim
         self.run_index += 1
         self.label = label
         self._insn_cache.clear()
+        if self.flows is not None:
+            self.flows.new_run()
         sim.on_slice.append(self._sample)
         if self.json:
             prefix = f"{label}: " if label else ""
@@ -113,18 +137,18 @@ class TraceWriter:
                 self._json({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"{prefix}ksmd"}})
                 self._json({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "ksmd"}})
         elif label:
-            self.file.write(f"# run: {label}\n")
+            self._write(f"# run: {label}\n")
 
     def _pid(self, vm: int | None) -> int:
         base = self.run_index * RUN_PID_STRIDE
         return base + (KSMD_PID if vm is None else VMM_PID_BASE + vm)
 
     def _json(self, obj: dict[str, Any]) -> None:
-        self.file.write(("" if self._first_json else ",\n") + json.dumps(obj, separators=(",", ":")))
+        self._write(("" if self._first_json else ",\n") + json.dumps(obj, separators=(",", ":")))
         self._first_json = False
 
     def event(self, event: str, fields: dict[str, Any]) -> None:
-        if not self.wants(event):
+        if self.error is not None or not self.wants(event):
             return
         sim = self.sim
         if sim is None:
@@ -146,13 +170,17 @@ class TraceWriter:
                 record.update(name="ksmd scan", ph="E")
             else:
                 record.update(ph="i", s="t")
+            if self.flows is not None:
+                self.flows.before(sim, event, fields, record)
             self._json(record)
+            if self.flows is not None:
+                self.flows.after(sim, event, fields, record)
             return
         seconds = insns / sim.config.insns_per_ms / 1000.0
         comm = "ksmd" if kind == "ksmd" else f"qemu-vm{vm}"
         pid = KSMD_PID if kind == "ksmd" else VMM_PID_BASE + (vm or 0)
         task = f"{comm}-{pid}"
-        self.file.write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_fields(event, fields)}\n")
+        self._write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_fields(event, fields)}\n")
 
     def _insn(self, vm: int, rip: int) -> str:
         key = (vm, rip)
@@ -184,7 +212,14 @@ class TraceWriter:
         return True
 
     def close(self) -> None:
+        """Finish the file; a failed write or flush is left in `error`."""
+        if self.file is None:
+            return
         if self.json:
-            self.file.write("\n]}\n")
-        self.file.close()
+            self._write("\n]}\n")
+        try:
+            self.file.close()
+        except OSError as exc:
+            if self.error is None:
+                self.error = f"--trace {self.path!r}: {exc.strerror or exc}; the trace is incomplete"
 

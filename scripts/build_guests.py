@@ -1,4 +1,5 @@
-"""Rebuild the bundled guest images (guest_images/*.S -> *.bin, plus hello.elf) with GNU binutils."""
+"""Rebuild the bundled guest images (guest_images/*.S -> *.bin, plus hello.elf) with GNU binutils,
+and the C guests (guest_images/*.c -> *.elf) with the guest SDK (`hvsim build-guest`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,26 @@ LD_FLAGS = (
 
 class BuildError(Exception):
     """A tool failed or an image broke the layout's limits."""
+
+
+def c_guest_sources(src_dir: Path) -> list[Path]:
+    """Every C guest source in src_dir, sorted by name."""
+    return sorted(src_dir.glob("*.c"))
+
+
+def build_c_guest(source: Path, out_dir: Path) -> Path:
+    """Build one C guest with the SDK, as `hvsim build-guest` does."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from hypervisor.guest.build import GuestBuildError
+    from hypervisor.guest.build import build_guest as sdk_build
+
+    out = out_dir / f"{source.stem}.elf"
+    try:
+        sdk_build([source], out)
+    except GuestBuildError as exc:
+        raise BuildError(str(exc)) from None
+    out.chmod(0o644)
+    return out
 
 
 def guest_sources(src_dir: Path) -> list[Path]:
@@ -87,6 +108,8 @@ def build_all(src_dir: Path, out_dir: Path) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="hvsim-guests-") as tmp:
         for source in guest_sources(src_dir):
             outputs.extend(build_guest(source, out_dir, Path(tmp)))
+    for source in c_guest_sources(src_dir):
+        outputs.append(build_c_guest(source, out_dir))
     return outputs
 
 

@@ -9,8 +9,9 @@ from benchmarks import guests, suite
 from benchmarks.memory import count_metadata
 from hypervisor.sim import GUEST_IMAGES, SimConfig, Simulation
 
-EXPECTED = {"guest_speed", "fault_storm", "tlb_refill", "ksm_scan_fresh", "ksm_scan_merged", "scale_wall",
-            "scale_rss", "scale_metadata", "growth_fault_storm", "growth_ksm_fresh", "growth_ksm_merged"}
+EXPECTED = {"guest_speed_samepage", "guest_speed_memtouch", "guest_speed_kernels", "fault_storm", "tlb_refill",
+            "ksm_scan_fresh", "ksm_scan_merged", "scale_wall", "scale_rss", "scale_metadata", "cost_of_modelling",
+            "growth_fault_storm", "growth_ksm_fresh", "growth_ksm_merged"}
 
 
 def test_quick_suite_runs_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -23,7 +24,9 @@ def test_quick_suite_runs_and_writes_json(tmp_path: Path, capsys: pytest.Capture
     for key in EXPECTED - {"scale_wall"}:
         assert figures[key]["value"] > 0 and figures[key]["baseline"] > 0, key
     assert figures["scale_wall"]["details"]["converged"] is True
-    assert [s["pages"] for s in data["series"]] == [list(suite.QUICK.growth_sizes)] * 3
+    assert [len(s["pages"]) for s in data["series"]] == [len(suite.QUICK.growth_mib)] * 3
+    for key in ("guest_speed_samepage", "fault_storm", "ksm_scan_fresh", "scale_metadata"):
+        assert figures[key]["old_baseline"] > 0, key  # issue #6's baseline, kept beside the honest one
     printed = capsys.readouterr().out
     assert "fault storm" in printed and "targets met" in printed
 
@@ -50,3 +53,10 @@ def test_metadata_walk_finds_the_per_page_arrays() -> None:
     assert count.frame_bytes == sim.frames.data.nbytes
     # sptes and host ptes alone are 16 bytes per guest page
     assert count.array_bytes >= 16 * (4 << 20) // 4096
+
+
+def test_checksum_study_finds_no_change_the_sum_misses_on_small_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import checksums
+
+    assert checksums.main(["--quick"]) == 0
+    assert "missed_sum" in capsys.readouterr().out

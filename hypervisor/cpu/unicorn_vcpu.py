@@ -11,13 +11,16 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   KVM's fault path (kvm/vcpu.py); a retried fault is another exit.  The guest
   instruction then completes against the frame the spte maps.
 * Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it.
+* A guest exception (from the walk or from the CPU model) is delivered through the
+  guest's IDT by cpu/exceptions.py at the end of the slice; with no IDT it is a
+  triple fault.  CR3 is read on every instruction-fetch TLB fill (the first fill after any
+  CR3 write is one), so an address-space switch drops the cached walks at once.
 * Time slices are exact: a C code hook (_icount.c) counts instructions and stops
   Unicorn when the slice is used up, so instructions retired are exact even when a
   slice ends early.
 """
 
 import ctypes
-from collections.abc import Callable
 from typing import Any
 
 from unicorn import (
@@ -47,23 +50,26 @@ from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
-from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn, Gpa
+from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from . import _icount
 from .disasm import disassemble_one
+from .exceptions import (
+    EXCEPTION_NAMES,
+    PF_ERR_PRESENT,
+    PF_ERR_WRITE,
+    PF_VECTOR,
+    DeliveryFailed,
+    PendingException,
+    enter_handler,
+)
+from .walk import LARGE_OFFSET, LEAF_SHIFT, UPPER_SHIFTS, GuestFault, peek_bytes, translate_peek, walk_levels
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
 # address (it is above the canonical guest's identity map), so it is given the zero page.
 UNTIL = 0xFFFF_FFFF_FFFF_F000
 _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 
-_PTE_P = 1 << 0
-_PTE_RW = 1 << 1
-_PTE_PS = 1 << 7
-_PTE_ADDR = 0x000F_FFFF_FFFF_F000
 _SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
-_UPPER_SHIFTS = (39, 30, 21)
-_LEAF_SHIFT = (12,)
-_LARGE_OFFSET = (1 << 21) - 1  # a large page is cached and handed out per 2 MiB region
 _SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
 _SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
@@ -78,36 +84,11 @@ _EFER_LMA = 1 << 10
 _VMCALL = b"\x0f\x01\xc1"
 _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
-_EXCEPTION_NAMES = {0: "#DE divide error", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD invalid opcode",
-                    8: "#DF", 13: "#GP general protection", 14: "#PF page fault", 16: "#MF", 17: "#AC"}
+_UD_VECTOR = 6
 
 
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                    ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
-
-
-def _walk_levels(table: int, gva: int, shifts: tuple[int, ...],
-                 read_pte: Callable[[int], int]) -> tuple[int, bool, bool]:
-    """Walk the guest's paging levels `shifts` from `table`.
-
-    Returns (base, large, writable): the next table or 4 KiB frame after the last
-    level, or, when a PDPTE/PDE maps a large page, the base of the 2 MiB region of
-    `gva` inside it (large); writable is the AND of the R/W bits on the way.
-    """
-    if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
-        raise _GuestFault("#GP non-canonical address")
-    table &= _PTE_ADDR
-    writable = True
-    for shift in shifts:
-        pte = read_pte(table + (((gva >> shift) & 511) << 3))
-        if not pte & _PTE_P:
-            raise _GuestFault("#PF page not present")
-        writable = writable and bool(pte & _PTE_RW)
-        if shift in (30, 21) and pte & _PTE_PS:
-            size_mask = (1 << shift) - 1
-            return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask & ~_LARGE_OFFSET), True, writable
-        table = pte & _PTE_ADDR
-    return table, False, writable
 
 
 def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
@@ -121,10 +102,6 @@ def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctyp
 
 class _ICount(ctypes.Structure):
     _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
-
-
-class _GuestFault(Exception):
-    """The walk hit a fault the guest cannot take (it has no IDT): a triple fault."""
 
 
 class _Mmio(Exception):
@@ -151,6 +128,7 @@ class UnicornVcpu:
         # Paging-structure cache: 2 MiB region of gva -> (base gpa, large page, writable).
         self._pscache: dict[int, tuple[int, bool, bool]] = {}
         self._guest_writable = True
+        self._pending: PendingException | None = None
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
@@ -168,6 +146,7 @@ class UnicornVcpu:
                       ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
         self.uc = uc
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
+        uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
         uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
         uc.msr_write(_EFER_MSR, _EFER_LME | _EFER_LMA)
@@ -198,11 +177,7 @@ class UnicornVcpu:
         ic.counter = 0
         ic.limit = max_insns
         self._stop_note = None
-        cr3 = self.uc.reg_read(x86.UC_X86_REG_CR3)
-        if cr3 != self._cr3:
-            # The guest loaded CR3 (seen at slice granularity): its cached walks are stale.
-            self._cr3 = cr3
-            self._pscache.clear()
+        self._pending = None
         error: UcError | None = None
         try:
             self.uc.emu_start(self.rip, UNTIL)
@@ -218,7 +193,10 @@ class UnicornVcpu:
             raise raised
         if vcpu.state is not VcpuState.RUNNABLE:
             return retired
-        if error is not None:
+        pending, self._pending = self._pending, None
+        if pending is not None and (error is not None or pending.vector != PF_VECTOR):
+            self._take_exception(pending)
+        elif error is not None:
             vcpu.handle_triple_fault(self._stop_note or f"the CPU model stopped: {error}", self.rip)
         elif retired < max_insns:
             if self.rip == UNTIL:
@@ -227,6 +205,33 @@ class UnicornVcpu:
                 # Unicorn returns early only for HLT (our own stops set a state above).
                 vcpu.handle_hlt(self.rip - 1)
         return retired
+
+    def _take_exception(self, exc: PendingException) -> None:
+        """Deliver exc through the guest's IDT (cpu/exceptions.py), or end the VM with a triple fault."""
+        if exc.rip < 0:
+            exc.rip = self.rip
+
+        def read_qword(gva: int) -> int:
+            return int(self._qwords[self._frame_of(gva, False), (gva & (PAGE_SIZE - 1)) >> 3])
+
+        def write_qword(gva: int, value: int) -> None:
+            self._qwords[self._frame_of(gva, True), (gva & (PAGE_SIZE - 1)) >> 3] = value
+
+        try:
+            self.rip = enter_handler(self.uc, exc, read_qword, write_qword)
+        except DeliveryFailed as why:
+            self.vcpu.handle_triple_fault(f"{exc.note} {why}", exc.rip)
+
+    def _frame_of(self, gva: int, write: bool) -> int:
+        """The pfn behind gva for an access made while delivering an exception (exits as the CPU's would)."""
+        try:
+            gpa = self._walk(gva, write)
+            spte = self._ept(gpa >> PAGE_SHIFT, write)
+        except GuestFault as fault:
+            raise DeliveryFailed(f"and pushing its frame faulted ({fault} at gva {gva:#x})") from None
+        except _Mmio as mmio:
+            raise DeliveryFailed(f"and pushing its frame reached gpa {mmio.gpa:#x}, outside every memslot") from None
+        return (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
 
     def _stop_now(self, note: str | None = None) -> None:
         """Stop before the next instruction (the C hook sees the limit reached)."""
@@ -239,9 +244,21 @@ class UnicornVcpu:
 
     def _make_raw_tlb_fill(self, uc: Uc) -> Any:
         fill = self._tlb_fill
+        # A guest's mov to CR3 raises no event, but the cached upper levels of the walks must go with
+        # it.  QEMU ends the translation block after a CR write, and the CR3 write flushed the TLB and
+        # the TB jump cache, so the next fill is always the fetch of the next instruction: reading
+        # CR3 (a raw call, ~0.4 us) on fetch fills only sees every switch before any data access.
+        reg_read, uch, cr3_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_CR3
+        cr3_buf = ctypes.c_uint64()
+        cr3_ref = ctypes.byref(cr3_buf)
 
         def raw(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
             try:
+                if access == UC_MEM_FETCH:
+                    reg_read(uch, cr3_id, cr3_ref)
+                    if cr3_buf.value != self._cr3:
+                        self._cr3 = cr3_buf.value
+                        self._pscache.clear()
                 return fill(uc, vaddr, access, entry.contents, None)
             except BaseException as exc:  # as the binding's own wrapper: record, stop
                 if uc._hook_exception is None:
@@ -261,12 +278,15 @@ class UnicornVcpu:
             wanted = _SPTE_RA | (_SPTE_WD if write else 0)
             if spte & wanted != wanted:
                 spte = self._ept(gfn, write, access == UC_MEM_FETCH)
-        except _GuestFault as fault:
+        except GuestFault as fault:
             if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
                 entry.paddr = 0
                 entry.perms = UC_PROT_READ | UC_PROT_EXEC
                 return True
-            self._stop_note = f"{fault} at gva {vaddr:#x}"
+            self._stop_note = note = f"{fault} at gva {vaddr:#x}"
+            error_code = fault.error_code | (PF_ERR_WRITE if write else 0)
+            self._pending = PendingException(fault.vector, error_code if fault.vector == PF_VECTOR else 0, -1,
+                                             note, vaddr if fault.vector == PF_VECTOR else None)
             return False
         except _Mmio as mmio:
             self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
@@ -309,16 +329,16 @@ class UnicornVcpu:
         """
         upper = self._pscache.get(gva >> 21)
         if upper is None:
-            upper = self._pscache[gva >> 21] = _walk_levels(self._cr3, gva, _UPPER_SHIFTS, self._read_pte)
+            upper = self._pscache[gva >> 21] = walk_levels(self._cr3, gva, UPPER_SHIFTS, self._read_pte)
         base, large, writable = upper
         if large:
-            gpa = base | (gva & _LARGE_OFFSET)
+            gpa = base | (gva & LARGE_OFFSET)
         else:
-            frame, _, leaf_writable = _walk_levels(base, gva, _LEAF_SHIFT, self._read_pte)
+            frame, _, leaf_writable = walk_levels(base, gva, LEAF_SHIFT, self._read_pte)
             writable = writable and leaf_writable
             gpa = frame | (gva & (PAGE_SIZE - 1))
         if write and not writable:
-            raise _GuestFault("#PF write to a read-only page")
+            raise GuestFault("#PF write to a read-only page", PF_VECTOR, PF_ERR_PRESENT)
         self._guest_writable = writable
         return gpa
 
@@ -354,9 +374,10 @@ class UnicornVcpu:
         return 1
 
     def _syscall(self, uc: Uc, _ud: object) -> None:
-        # EFER.SCE is clear in the boot state: SYSCALL raises #UD, and the guest has no IDT.
-        self._stop_now("#UD syscall with EFER.SCE clear")
-        self.vcpu.handle_triple_fault(self._stop_note or "", int(uc.reg_read(x86.UC_X86_REG_RIP)))
+        # EFER.SCE is clear in the boot state: SYSCALL raises #UD.
+        rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
+        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD syscall with EFER.SCE clear")
+        self._stop_now()
 
     def _invalid_insn(self, uc: Uc, _ud: object) -> bool:
         rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
@@ -365,43 +386,23 @@ class UnicornVcpu:
             uc.reg_write(x86.UC_X86_REG_RAX, _KVM_ENOSYS)
             uc.reg_write(x86.UC_X86_REG_RIP, rip + 3)
             return True
-        self._stop_note = "#UD invalid opcode"
+        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD invalid opcode")
         return False
 
     def _interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
-        name = _EXCEPTION_NAMES.get(intno, f"exception vector {intno}")
-        self._stop_now(f"{name} with no IDT")
-        self.vcpu.handle_triple_fault(self._stop_note or "", int(uc.reg_read(x86.UC_X86_REG_RIP)))
+        # Unicorn hands the exception to this hook instead of the guest's IDT: hvsim delivers it (run()).
+        name = EXCEPTION_NAMES.get(intno, f"exception vector {intno}")
+        self._pending = PendingException(intno, 0, int(uc.reg_read(x86.UC_X86_REG_RIP)), name)
+        self._stop_now()
 
     # --- inspection without exits (reports) ----------------------------------------------
 
     def translate_peek(self, gva: int) -> int | None:
         """gva -> gpa through the guest tables as the VMM reads them (no exits, no faults)."""
-        vm = self.vcpu.vm
-
-        def read_pte(pte_gpa: int) -> int:
-            try:
-                return int.from_bytes(vm.read_guest(Gpa(pte_gpa), 8), "little")
-            except ValueError:
-                raise _GuestFault("page table outside guest memory") from None
-
-        try:
-            base, large, _ = _walk_levels(self._cr3, gva, _UPPER_SHIFTS + _LEAF_SHIFT, read_pte)
-        except _GuestFault:
-            return None
-        return base | (gva & (_LARGE_OFFSET if large else PAGE_SIZE - 1))
+        return translate_peek(self._cr3, gva, self.vcpu.vm.read_guest)
 
     def peek_code(self, gva: int, length: int) -> bytes:
-        out = bytearray()
-        for addr in range(gva, gva + length):
-            gpa = self.translate_peek(addr)
-            if gpa is None:
-                break
-            try:
-                out += self.vcpu.vm.read_guest(Gpa(gpa), 1)
-            except ValueError:
-                break
-        return bytes(out)
+        return peek_bytes(self._cr3, gva, length, self.vcpu.vm.read_guest)
 
     @property
     def retired_in_slice(self) -> int:

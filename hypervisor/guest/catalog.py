@@ -1,4 +1,8 @@
-"""The bundled guests and their --cmdline parameters, read from the header comments of their sources."""
+"""The bundled guests and their --cmdline parameters, read from the header comments of their sources.
+
+Assembly guests (NAME.S, built to NAME.bin) open with `#` comment lines; C guests (NAME.c,
+built with the guest SDK to NAME.elf) with a `/* ... */` block whose lines are read the same way.
+"""
 
 import re
 from dataclasses import dataclass
@@ -18,10 +22,13 @@ class GuestInfo:
 
 def bundled_guests(directory: Path) -> list[GuestInfo]:
     out = []
-    for source in sorted(directory.glob("*.S")):
+    for source in sorted([*directory.glob("*.S"), *directory.glob("*.c")]):
         if source.name == "lib.S":
             continue
         lines = source.read_text().splitlines()
+        image = source.with_suffix(".bin")
+        if source.suffix == ".c":
+            lines, image = _c_header(lines), source.with_suffix(".elf")
         summary = ""
         params = []
         in_title = False
@@ -38,5 +45,20 @@ def bundled_guests(directory: Path) -> list[GuestInfo]:
             param = _PARAM.match(line)
             if param:
                 params.append((param.group(1), param.group(4).strip(), param.group(3)))
-        out.append(GuestInfo(source.stem, source.with_suffix(".bin"), summary, tuple(params)))
+        out.append(GuestInfo(source.stem, image, summary, tuple(params)))
+    return out
+
+
+def _c_header(lines: list[str]) -> list[str]:
+    """The opening /* ... */ comment of a C source, as `#` lines."""
+    out: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("*/") or (out and not stripped.startswith("*")):
+            break
+        if not out and not stripped.startswith("/*"):
+            break
+        out.append("#" + stripped[2:].removesuffix("*/") if stripped.startswith("/*") else "#" + stripped[1:])
+        if stripped.endswith("*/"):
+            break
     return out

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImageError
+from ..errors import ConfigError, ImageError
 from ..kvm.vm import Vm
 from ..types import PAGE_SIZE, Gpa
 from . import layout
@@ -22,6 +22,7 @@ _ELF_MAGIC = b"\x7fELF"
 _PT_LOAD = 1
 _EM_X86_64 = 62
 _ET_EXEC = 2
+_ELF64_PHDR_SIZE = 56
 
 _PTE_P = 1 << 0
 _PTE_RW = 1 << 1
@@ -59,6 +60,9 @@ def read_image(path: str | Path) -> GuestImage:
     except OSError as exc:
         raise ImageError(f"cannot read guest image {str(path)!r}: {exc.strerror}. "
                          "Give the path of a flat binary or ELF64 file (see `hvsim images`).") from None
+    if p.is_dir():
+        raise ImageError(f"guest image {str(path)!r} is a directory: give the path of a flat binary or ELF64 "
+                         "file, or a bundled guest's name (see `hvsim images`).")
     if not p.is_file():
         raise ImageError(f"guest image {str(path)!r} is not a regular file.")
     if size == 0:
@@ -96,8 +100,13 @@ def _parse_elf(path: str, data: bytes) -> GuestImage:
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
     if e_phnum == 0:
         raise bad("it has no program headers")
-    if e_phentsize < 56 or e_phoff + e_phnum * e_phentsize > len(data):
-        raise bad("its program headers lie outside the file")
+    # Linux's exec refuses the same: load_elf_phdrs() in fs/binfmt_elf.c (read in a linux-next tree,
+    # ColinIanKing/linux-next 34480971) fails unless e_phentsize == sizeof(struct elf_phdr).
+    if e_phentsize != _ELF64_PHDR_SIZE:
+        raise bad(f"its e_phentsize is {e_phentsize}, but an ELF64 program header is {_ELF64_PHDR_SIZE} bytes")
+    if e_phoff + e_phnum * e_phentsize > len(data):
+        raise bad(f"its program headers ({e_phnum} at offset {e_phoff:#x}) lie outside the file "
+                  f"({len(data)} bytes)")
     segments = []
     for i in range(e_phnum):
         off = e_phoff + i * e_phentsize
@@ -139,11 +148,24 @@ def check_fits(image: GuestImage, memory_size: int) -> None:
         raise ImageError(f"guest image {image.path!r} extends past the 1 GiB the boot page tables map.")
 
 
+def cmdline_bytes(cmdline: str) -> bytes:
+    """The guest's command line as the boot page holds it: UTF-8, at most CMDLINE_MAX bytes."""
+    try:
+        encoded = cmdline.encode()
+    except UnicodeEncodeError as exc:
+        # Undecodable argv bytes reach Python as lone surrogates U+DC80..U+DCFF (PEP 383).
+        ch = ord(cmdline[exc.start])
+        what = f"byte {ch - 0xDC00:#04x}" if 0xDC80 <= ch <= 0xDCFF else f"character {ch:#x}"
+        raise ConfigError(f"--cmdline is not valid UTF-8 ({what} at offset {exc.start}); "
+                          "guests read their command line as UTF-8 text.") from None
+    if len(encoded) > layout.CMDLINE_MAX:
+        raise ConfigError(f"--cmdline is {len(encoded)} bytes; at most {layout.CMDLINE_MAX} fit the boot page.")
+    return encoded
+
+
 def load(vm: Vm, image: GuestImage, cmdline: str, nr_vms: int) -> BootParams:
     check_fits(image, vm.memory_size)
-    encoded = cmdline.encode()
-    if len(encoded) > layout.CMDLINE_MAX:
-        raise ImageError(f"--cmdline is {len(encoded)} bytes; at most {layout.CMDLINE_MAX} fit the boot page.")
+    encoded = cmdline_bytes(cmdline)
     vm.write_guest(Gpa(layout.GDT_GPA), b"".join(struct.pack("<Q", d) for d in _GDT))
     params = bytearray(PAGE_SIZE)
     struct.pack_into("<QQQQQQ", params, 0, layout.BP_MAGIC, vm.memory_size, vm.vm_id, nr_vms, len(encoded),

@@ -4,10 +4,13 @@
 # Command-line parameters:
 #   pages=N      pages to fill at heap_start                  (default 64)
 #   pattern=B    fill byte (only the low 8 bits are used)     (default 0x5a)
-#   passes=K     read passes                                  (default 20)
-#   spin=S       delay-loop iterations before each pass       (default 20000)
-#   write_at=W   1-based pass that writes, after its spin      (default 10;
+#   passes=K     read passes                                  (default 40)
+#   spin=S       delay-loop iterations before each pass       (default 100000)
+#   write_at=W   1-based pass that writes, after its spin      (default 30;
 #                0 or W > K means never write)
+#
+# With the defaults ksmd (default knobs) has merged the pages, in 1 to 4 VMs,
+# well before pass W breaks them all.
 #
 # Fills all 4096 bytes of N pages at heap_start with byte B.  Then K passes.
 # In pass W, after its spin and before its reads, it writes one byte into every page i
@@ -89,9 +92,9 @@ main:
 
 params:
     param pages, 64
-    param passes, 20
-    param spin, 20000
-    param write_at, 10
+    param passes, 40
+    param spin, 100000
+    param write_at, 30
     .byte 0
 name:          .asciz "cowstorm"
 msg_wrote:     .asciz "cowstorm: wrote "

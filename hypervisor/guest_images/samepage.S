@@ -3,8 +3,11 @@
 # Command-line parameters:
 #   pages=N      pages to fill at heap_start                  (default 64)
 #   pattern=B    fill byte (only the low 8 bits are used)     (default 0x5a)
-#   passes=K     read passes                                  (default 20)
-#   spin=S       delay-loop iterations before each pass       (default 20000)
+#   passes=K     read passes                                  (default 40)
+#   spin=S       delay-loop iterations before each pass       (default 100000)
+#
+# The defaults give ksmd (default knobs) time for several full scans even with
+# one VM, so that `hvsim compare samepage --vms 4` shows what each era does.
 #
 # Fills all 4096 bytes of N pages at heap_start with byte B (rep stosq).  Then
 # K passes; each first spins S iterations of a register-only delay loop (no
@@ -59,7 +62,7 @@ main:
 
 params:
     param pages, 64
-    param passes, 20
-    param spin, 20000
+    param passes, 40
+    param spin, 100000
     .byte 0
 name:   .asciz "samepage"

@@ -45,6 +45,7 @@ class FramePool:
         self.refcount_view = self.refcount.data
         self.mapcount_view = self.mapcount.data
         self.exec_seen_view = self.exec_seen.data
+        self.stable_node_view = self.stable_node.data
         # Deterministic allocation: freed frames first, last freed first; else the lowest
         # never-used frame.  Never-used frames are still calloc's zeros: no clearing.
         self._next_fresh = 1
@@ -69,8 +70,15 @@ class FramePool:
                 f"the simulated host ran out of memory ({self.nr_frames} frames of {PAGE_SIZE} bytes); "
                 "this is a bug in hvsim's frame accounting, please report it with the command line"
             )
+        if self.stable_node_view[pfn] != -1 or self.mapcount_view[pfn] != 0:
+            # prep_new_page()/check_new_page() (2.6.32 mm/page_alloc.c): a free page with a
+            # mapping (PageKsm) or a mapcount is bad_page(); here it is a bug in hvsim.
+            raise AssertionError(f"bad page state: allocating pfn {pfn:#x} with stable_node "
+                                 f"{self.stable_node[pfn]}, mapcount {self.mapcount[pfn]}")
         self.refcount_view[pfn] = 1
         self.allocated += 1
+        # exec_seen is the one state a free frame keeps on purpose: the next content written
+        # into it must still drop the translated code of what it held before.
         if self.exec_seen_view[pfn]:
             self.note_content_change(pfn)
         return pfn
@@ -91,13 +99,19 @@ class FramePool:
         if count == 0:
             if self.mapcount_view[pfn] != 0:
                 raise AssertionError(f"frame {pfn} freed while {self.mapcount[pfn]} ptes map it")
-            self.stable_node[pfn] = -1
+            # free_hot_cold_page(): `if (PageAnon(page)) page->mapping = NULL`, so a freed
+            # KSM page is no longer PageKsm and its stable node, if any, goes stale.
+            self.stable_node_view[pfn] = -1
             self.allocated -= 1
             self._freed.append(pfn)
 
     def page_add_rmap(self, pfn: Pfn) -> None:
         """A pte now maps the frame: the mapping holds a reference (get_page + page_add_*_rmap)."""
         if pfn != ZERO_PFN:
+            if self.refcount_view[pfn] <= 0:
+                # The caller must hold a reference to the page it maps (the kernel's
+                # get_page() on a free page is VM_BUG_ON): mapping a free frame is a bug.
+                raise AssertionError(f"a pte maps free frame {pfn:#x}")
             self.refcount[pfn] += 1
             self.mapcount[pfn] += 1
 

@@ -31,6 +31,7 @@ chains are pruned on every search rather than every
 stable_node_chains_prune_millisecs; 6.7's smart_scan is a knob that is off unless set.
 """
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,7 @@ _HASH_CHUNK = 64  # pages per step: small temporaries (malloc, cache) instead of
 
 
 def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
-    """A 64-bit content hash per frame, vectorised (the trees' key)."""
+    """A 64-bit content hash per frame, vectorised: the trees' key (page_checksum is the change detector)."""
     n = int(pfns.shape[0])
     out: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
     qwords = frames.qwords
@@ -87,15 +88,47 @@ def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.
     return out
 
 
-def checksum_of_hash(h: int) -> int:
-    """calc_checksum(): 32 bits, as the kernel's jhash2/xxhash result."""
-    return (h ^ (h >> 32)) & 0xFFFF_FFFF
+_FOLD_MULT = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
+_MIN_RUN = 8  # consecutive pfns worth a view of their own; shorter runs are gathered
 
 
-def checksums_of_hashes(h: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint32]:
-    """checksum_of_hash() over an array."""
-    out: npt.NDArray[np.uint32] = ((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFF_FFFF)).astype(np.uint32)
-    return out
+def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+    """calc_checksum(): a change detector, the sum of the page's 512 qwords mod 2**64 folded to 32 bits.
+
+    The kernel takes `jhash2(addr, PAGE_SIZE / 4, 17)` (2.6.32 mm/ksm.c calc_checksum)
+    or `xxhash(addr, PAGE_SIZE, 0)` kept as a u32 (6.8 mm/ksm.c calc_checksum);
+    cmp_and_merge_page only compares it with rmap_item->oldchecksum after the stable
+    tree missed, and every merge is confirmed by memcmp_pages, so any function that
+    changes when the content does will do.
+    The sum is the cheapest one numpy vectorises: over a run of consecutive pfns it is
+    one reduction over a view of the frames, no copy (benchmarks/checksums.py measured
+    it against the position-weighted hash on the bundled workloads: the same changes
+    seen).  Blind spot (README, fidelity): a change that keeps the sum, e.g. two qwords
+    swapped, goes unseen for one visit.
+    """
+    n = int(pfns.shape[0])
+    sums: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
+    qwords = frames.qwords
+    starts = np.flatnonzero(np.diff(pfns, prepend=-2) != 1)
+    lengths = np.diff(np.append(starts, n))
+    long = lengths >= _MIN_RUN
+    for start, length in zip(starts[long].tolist(), lengths[long].tolist(), strict=True):
+        first = int(pfns[start])
+        qwords[first : first + length].sum(axis=1, out=sums[start : start + length])
+    scattered = np.flatnonzero(np.repeat(~long, lengths))
+    for lo in range(0, scattered.size, _HASH_CHUNK):
+        sel = scattered[lo : lo + _HASH_CHUNK]
+        sums[sel] = qwords[pfns[sel]].sum(axis=1)
+    # The high half of a multiplicative (Fibonacci) hash: an XOR fold of the halves would let a change
+    # at bit i cancel one at bit i + 32 (benchmarks/checksums.py found one in bootstorm).
+    folded: npt.NDArray[np.uint32] = ((sums * _FOLD_MULT) >> np.uint64(32)).astype(np.uint32)
+    return folded
+
+
+def page_checksum_one(frames: FramePool, pfn: Pfn) -> int:
+    """page_checksum() of one frame, without the batch machinery."""
+    total = int(frames.qwords[pfn].sum(dtype=np.uint64))
+    return ((total * int(_FOLD_MULT)) & 0xFFFF_FFFF_FFFF_FFFF) >> 32
 
 
 class VmaItems:
@@ -126,6 +159,7 @@ class StableNode:
     key: int
     nr_items: int = 0  # rmap_hlist_len
     chain: "StableNodeChain | None" = None
+    checksum: int = 0  # page_checksum of the KSM page (its content cannot change while it is one)
 
 
 @dataclass
@@ -180,7 +214,13 @@ class Ksm:
         self.seqnr = 0  # full_scans
         self.stable_tree: dict[int, list[StableNode | StableNodeChain]] = {}
         self.unstable_tree: dict[int, list[ItemRef]] = {}
+        # Where each rmap_item inserted by this pass sits in the unstable tree (its bucket's
+        # key), so that freeing it takes it out, as remove_rmap_item_from_tree's rb_erase does.
+        self.unstable_key: dict[ItemRef, int] = {}
         self.nodes: dict[int, StableNode] = {}
+        # page_checksum of every stable node's KSM page, with multiplicity: lets a scan batch
+        # rule out a stable match for a page without taking its content hash.
+        self.stable_checksums: Counter[int] = Counter()
         self._next_node_id = 1
         self.rmap_items = 0
         self.unshared = 0
@@ -319,31 +359,33 @@ class Ksm:
             work = np.flatnonzero(~(in_stable & (page_node > 0) & (items.node[idxs] == page_node)))
         if work.size == 0:
             return
-        hashes = page_hash(frames, pfns[work])
+        checksums = page_checksum(frames, pfns[work])
         # Pages whose only effect would be "checksum changed: remember it" (not in any tree,
-        # not a KSM page, no stable key with their hash, and no page of the batch that takes
-        # the slow path, which could create one, has their hash): settled in one step.
+        # not a KSM page, no KSM page of the stable tree with their checksum, and no page of the
+        # batch that takes the slow path, which could create one, has their checksum): settled in
+        # one step.  Equal content means equal checksum, so the filter never lets a match through.
         widx = idxs[work]
-        checksums = checksums_of_hashes(hashes)
         quick = (flags[work] == 0) & (page_node[work] < 0) & (checksums != items.oldchecksum[widx])
-        if self.stable_tree:
-            keys = np.fromiter(self.stable_tree.keys(), dtype=np.uint64, count=len(self.stable_tree))
-            quick &= ~np.isin(hashes, keys)
+        if self.stable_checksums:
+            keys = np.fromiter(self.stable_checksums.keys(), dtype=np.uint32, count=len(self.stable_checksums))
+            quick &= ~np.isin(checksums, keys)
         if quick.any():
             if not quick.all():
-                quick &= ~np.isin(hashes, hashes[~quick])
+                quick &= ~np.isin(checksums, checksums[~quick])
             items.oldchecksum[widx[quick]] = checksums[quick]
             slow = ~quick
-            work, hashes = work[slow], hashes[slow]
-        for pos, h in zip(work.tolist(), hashes.tolist(), strict=True):
+            work, checksums = work[slow], checksums[slow]
+        # The trees' key, only for the pages that look them up.
+        hashes = page_hash(frames, pfns[work])
+        for pos, h, checksum in zip(work.tolist(), hashes.tolist(), checksums.tolist(), strict=True):
             idx, pfn = int(idxs[pos]), Pfn(int(pfns[pos]))
             if single[pos]:
                 hva = items.hva(idx)
                 self.break_cow(items.mm, hva)
                 self.remove_rmap_item_from_tree(items, idx)
-                items.oldchecksum[idx] = checksum_of_hash(h)  # the content did not change
+                items.oldchecksum[idx] = checksum  # the content did not change
             else:
-                self.cmp_and_merge_page(items, idx, pfn, h)
+                self.cmp_and_merge_page(items, idx, pfn, h, checksum)
 
     def _next_batch(self, budget: int) -> tuple[VmaItems, npt.NDArray[np.intp], npt.NDArray[np.int64]] | None:
         """scan_get_next_rmap_item() for up to `budget` consecutive pages of one VMA.
@@ -358,6 +400,7 @@ class Ksm:
         if not cur.in_pass:
             # A new full scan: the unstable tree is rebuilt from scratch.
             self.unstable_tree.clear()
+            self.unstable_key.clear()
             cur.in_pass = True
             cur.slot, cur.address = 0, 0
         while True:
@@ -468,6 +511,7 @@ class Ksm:
 
     def remove_rmap_item_from_tree(self, items: VmaItems, idx: int) -> None:
         flags = int(items.flags[idx])
+        items.flags[idx] = 0  # first: erasing the node below emits an event the checker reads
         if flags & STABLE_FLAG:
             node = self.nodes.get(int(items.node[idx]))
             if node is not None:
@@ -475,13 +519,16 @@ class Ksm:
                 if node.nr_items == 0 and self.frames.stable_node[node.kpfn] != node.id:
                     self._erase_node(node)
         if flags & UNSTABLE_FLAG:
+            # 2.6.32/3.7 remove_rmap_item_from_tree(): an item inserted by this scan is
+            # rb_erase()d ("be careful when an mm is exiting"); left in the tree, a freed item
+            # would be merged later and counted in its stable node forever.
+            self._unstable_erase(items, idx)
             self.unshared -= 1
-        items.flags[idx] = 0
 
     # --- cmp_and_merge_page ------------------------------------------------------------
 
-    def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn, h: int) -> None:
-        """`h` is the page's content hash (taken by the caller, batched)."""
+    def cmp_and_merge_page(self, items: VmaItems, idx: int, pfn: Pfn, h: int, checksum: int | None = None) -> None:
+        """`h` is the page's content hash, `checksum` its page_checksum (taken by the caller, batched)."""
         # A page already merged into the KSM page its rmap_item names never gets here: the
         # batch filter in _scan_batch is the kernel's "rmap_item->head == stable_node" return.
         frames = self.frames
@@ -499,7 +546,8 @@ class Ksm:
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, node.kpfn):
                 self._stable_tree_append(items, idx, node)
             return
-        checksum = checksum_of_hash(h)
+        if checksum is None:
+            checksum = page_checksum_one(frames, pfn)
         if int(items.oldchecksum[idx]) != checksum:
             items.oldchecksum[idx] = checksum
             return
@@ -515,10 +563,14 @@ class Ksm:
         if kpfn is None:
             return
         # The tree item leaves the unstable tree; both join the new stable node.
-        self._unstable_remove(tree_items, tree_idx, h)
+        self._unstable_remove(tree_items, tree_idx)
         new = self.stable_tree_insert(kpfn, h)
         self._stable_tree_append(tree_items, tree_idx, new)
         self._stable_tree_append(items, idx, new)
+        # Only now may the KSM page go (3.7 cmp_and_merge_page: `page` stays referenced across
+        # stable_tree_insert; ksm_do_scan's put_page drops it).  If host events zapped every
+        # pte of it meanwhile, it is freed here, loses PageKsm, and the node is stale.
+        frames.put_page(kpfn)
 
     # --- stable tree ---------------------------------------------------------------------
 
@@ -555,7 +607,12 @@ class Ksm:
         return None
 
     def stable_tree_insert(self, kpfn: Pfn, h: int) -> StableNode:
+        if self.frames.is_free(kpfn):
+            # set_page_stable_node() on a page nobody holds: the node would outlive the frame.
+            raise AssertionError(f"stable_tree_insert on free frame {kpfn:#x}")
         node = StableNode(self._next_node_id, kpfn, h)
+        node.checksum = page_checksum_one(self.frames, kpfn)
+        self.stable_checksums[node.checksum] += 1
         self._next_node_id += 1
         self.nodes[node.id] = node
         self.frames.stable_node[kpfn] = node.id
@@ -585,8 +642,9 @@ class Ksm:
         if node.id not in self.nodes:
             return
         del self.nodes[node.id]
-        if self.trace is not None:
-            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
+        self.stable_checksums[node.checksum] -= 1
+        if not self.stable_checksums[node.checksum]:
+            del self.stable_checksums[node.checksum]
         if node.nr_items:
             for slot in self.slots:
                 for items in slot.vmas:
@@ -610,6 +668,8 @@ class Ksm:
             self.stable_tree.pop(node.key, None)
         if int(self.frames.stable_node[node.kpfn]) == node.id:
             self.frames.stable_node[node.kpfn] = 0
+        if self.trace is not None:  # once the node is gone (the checker runs on events)
+            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
 
     # --- unstable tree ---------------------------------------------------------------------
 
@@ -626,16 +686,21 @@ class Ksm:
             if self.frames.pages_identical(pfn, tree_pfn):
                 return tree_items, tree_idx, tree_pfn
         bucket.append((items, idx))
+        self.unstable_key[(items, idx)] = h
         items.flags[idx] = UNSTABLE_FLAG
         self.unshared += 1
         return None
 
-    def _unstable_remove(self, items: VmaItems, idx: int, h: int) -> None:
-        bucket = self.unstable_tree.get(h, [])
+    def _unstable_erase(self, items: VmaItems, idx: int) -> None:
+        h = self.unstable_key.pop((items, idx), None)
+        bucket = self.unstable_tree.get(h, []) if h is not None else []
         for pos, (it, i) in enumerate(bucket):
             if it is items and i == idx:
                 del bucket[pos]
                 break
+
+    def _unstable_remove(self, items: VmaItems, idx: int) -> None:
+        self._unstable_erase(items, idx)
         if items.flags[idx] & UNSTABLE_FLAG:
             items.flags[idx] = int(items.flags[idx]) & STABLE_FLAG
             self.unshared -= 1
@@ -645,10 +710,19 @@ class Ksm:
     def try_to_merge_two_pages(
         self, items: VmaItems, idx: int, pfn: Pfn, tree_items: VmaItems, tree_idx: int, tree_pfn: Pfn
     ) -> Pfn | None:
+        """Merge two equal pages into one KSM page; on success the caller holds a reference to it.
+
+        The reference keeps the KSM page allocated until the caller has written its stable
+        node (stable_tree_insert), even if host events zapped every pte of it in between:
+        a stable node written into a free frame would survive the frame's reuse (issue #9).
+        """
         hva, tree_hva = items.hva(idx), tree_items.hva(tree_idx)
         frames = self.frames
         if self.profile.ksm_merge_allocates_kpage:
             # 2.6.32: a fresh KSM page, a copy of this page; both pages are replaced by it.
+            # 2.6.32 drops the allocation's reference here, because its stable tree holds
+            # rmap_items, found again through their addresses; hvsim's stable nodes name the
+            # KSM page's pfn (the 2.6.33+ design), so the reference is held as 2.6.33+ holds it.
             kpfn = frames.alloc_page(zero=False)
             frames.copy_page(kpfn, pfn)
             frames.stable_node[kpfn] = 0
@@ -657,20 +731,27 @@ class Ksm:
                 ok = self.try_to_merge_one_page(tree_items.mm, tree_hva, tree_pfn, kpfn)
                 if not ok:
                     self.break_cow(items.mm, hva)
-            frames.put_page(kpfn)  # the allocation's reference; the ptes hold theirs
-            return kpfn if ok else None
+            if not ok:
+                frames.put_page(kpfn)
+                return None
+            return kpfn
         # 2.6.33+: this page becomes the KSM page in place; the tree page is replaced by it.
-        if not self.try_to_merge_one_page(items.mm, hva, pfn, None):
+        # ksmd holds `page` from scan_get_next_rmap_item's follow_page(FOLL_GET) on; hvsim
+        # takes that reference only here, for the merge and the insert (README, fidelity).
+        frames.get_page(pfn)
+        if not self.try_to_merge_one_page(items.mm, hva, pfn, None, ksmd_refs=1):
+            frames.put_page(pfn)
             return None
         if not self.try_to_merge_one_page(tree_items.mm, tree_hva, tree_pfn, pfn):
             self.break_cow(items.mm, hva)
+            frames.put_page(pfn)
             return None
         return pfn
 
-    def try_to_merge_one_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn | None) -> bool:
+    def try_to_merge_one_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn | None, ksmd_refs: int = 0) -> bool:
         if pfn == kpfn:
             return True
-        orig_pte = self.write_protect_page(mm, hva, pfn)
+        orig_pte = self.write_protect_page(mm, hva, pfn, ksmd_refs)
         if orig_pte is None:
             return False
         if kpfn is None:
@@ -682,8 +763,12 @@ class Ksm:
             return False
         return self.replace_page(mm, hva, pfn, kpfn, orig_pte)
 
-    def write_protect_page(self, mm: "HostMm", hva: Hva, pfn: Pfn) -> int | None:
-        """Make the pte read-only (and clean); None if the page is pinned or gone."""
+    def write_protect_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, ksmd_refs: int = 0) -> int | None:
+        """Make the pte read-only (and clean); None if the page is pinned or gone.
+
+        `ksmd_refs`: references ksmd itself holds on the page (3.7's check is
+        `page_mapcount(page) + 1 + swapped != page_count(page)`, the 1 being ksmd's).
+        """
         wrap = self.profile.wrap_pte_updates_in_range
         end = Hva(hva + PAGE_SIZE)
         if wrap:
@@ -694,7 +779,7 @@ class Ksm:
                 return None
             if pte_write(pte) or pte & PAGE_DIRTY:
                 entry = mm.ptep_clear_flush(hva)
-                if int(self.frames.refcount[pfn]) != int(self.frames.mapcount[pfn]):
+                if int(self.frames.refcount[pfn]) != int(self.frames.mapcount[pfn]) + ksmd_refs:
                     # Someone (KVM mid-fault, O_DIRECT) holds a pin: merging could lose its writes.
                     mm.set_pte_at(hva, entry)
                     return None
@@ -765,6 +850,7 @@ class Ksm:
         for node in list(self.nodes.values()):
             self._erase_node(node)
         self.unstable_tree.clear()
+        self.unstable_key.clear()
         self.cursor = KsmCursor()
         self.seqnr = 0
 

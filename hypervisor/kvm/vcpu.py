@@ -10,6 +10,7 @@ from collections import Counter
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from ..errors import GuestError
 from ..guest.layout import COM1_PORT, EXIT_PORT
 from ..types import PAGE_SHIFT, Gfn
 from .exits import (
@@ -71,6 +72,8 @@ class Vcpu:
         self.exit_status: int | None = None
         self.console = bytearray()
         self.failure: str | None = None
+        # Which HvsimError the failure is, so that callers classify it by type, never by its text.
+        self.failure_kind: type[GuestError] | None = None
         self.arch: VcpuBackend = _NoBackend()
         # (exit reason, what the host did for it) -> count; see handle_ept_violation.
         self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
@@ -164,10 +167,12 @@ class Vcpu:
         self._trace_exit(ExitReason.TRIPLE_FAULT, rip)
         self.state = VcpuState.SHUTDOWN
         self.failure = why
+        self.failure_kind = GuestError
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, kind: type[GuestError] = GuestError) -> None:
         self.state = VcpuState.FAILED
         self.failure = why
+        self.failure_kind = kind
 
 
 class _NoBackend:

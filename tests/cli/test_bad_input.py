@@ -36,9 +36,9 @@ def assert_one_paragraph(err: str) -> None:
 
 
 def elf(entry: int = 0x100000, paddr: int = 0x100000, phoff: int = 64, phnum: int = 1, filesz: int = 2,
-        memsz: int = 2, offset: int = 120, machine: int = 62, code: bytes = b"\xf4\xf4") -> bytes:
+        memsz: int = 2, offset: int = 120, machine: int = 62, code: bytes = b"\xf4\xf4", phentsize: int = 56) -> bytes:
     header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    header += struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, entry, phoff, 0, 0, 64, 56, phnum, 0, 0, 0)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, entry, phoff, 0, 0, 64, phentsize, phnum, 0, 0, 0)
     ph = struct.pack("<IIQQQQQQ", 1, 5, offset, paddr, paddr, filesz, memsz, 0x1000)
     return header + ph + code
 
@@ -54,7 +54,9 @@ IMAGES = [
     ("short_elf", b"\x7fELF\x02\x01", "shorter than an ELF64 header"),
     ("elf32", b"\x7fELF\x01\x01" + bytes(58), "not a little-endian ELF64"),
     ("arm_elf", elf(machine=183), "not x86-64"),
-    ("phdrs_outside", elf(phoff=10_000), "program headers lie outside the file"),
+    ("phdrs_outside", elf(phoff=10_000), "program headers (1 at offset 0x2710) lie outside the file (122 bytes)"),
+    ("bad_phentsize", elf(phentsize=32), "e_phentsize is 32, but an ELF64 program header is 56 bytes"),
+    ("large_phentsize", elf(phentsize=64), "e_phentsize is 64, but an ELF64 program header is 56 bytes"),
     ("no_phdrs", elf(phnum=0), "no program headers"),
     ("segment_bytes_outside", elf(offset=5_000), "outside the file"),
     ("filesz_gt_memsz", elf(filesz=8, memsz=2), "larger than p_memsz"),
@@ -93,10 +95,16 @@ OPTIONS = [
     (["--vms", "0"], 2, "--vms 0"),
     (["--vms", "-1"], 2, "--vms -1"),
     (["--max-insns", "0"], 2, "--max-insns"),
-    (["--quantum", "0"], 2, "--quantum"),
+    (["--quantum", "0"], 2, "--quantum 0: a time slice"),
+    (["--insns-per-ms", "-5"], 2, "--insns-per-ms -5: give a positive"),
     (["--profile", "2.4"], 2, "2.4"),
     (["--ksm-run", "3"], 2, "3"),
-    (["--ksm", "--ksm-pages-to-scan", "0"], 2, "pages_to_scan"),
+    (["--ksm", "--ksm-pages-to-scan", "0"], 2, "--ksm-pages-to-scan 0"),
+    (["--ksm", "--ksm-sleep-ms", "-1"], 2, "--ksm-sleep-ms -1"),
+    (["--ksm", "--ksm-max-page-sharing", "1"], 2, "--ksm-max-page-sharing 1: give at least 2"),
+    (["--ksm", "--ksm-run-at", "5:7"], 2, "--ksm-run-at 5:7: /sys/kernel/mm/ksm/run takes 0"),
+    (["--memory", "10T"], 2, "--memory 10T is larger than the 1 GiB"),
+    (["--cmdline", "x" * 5000], 2, "--cmdline is 5000 bytes"),
     (["--ksm-use-zero-pages"], 2, "without --ksm"),
     (["--ksm", "--ksm-run-at", "soon"], 2, "MS:VALUE"),
     (["--inject", "nowhere:cow"], 2, "unknown point"),

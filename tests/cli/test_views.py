@@ -112,7 +112,7 @@ def test_images_lists_every_bundled_guest_with_its_parameters() -> None:
     assert code == 0
     for name in ("hello", "memtouch", "samepage", "cowstorm", "kernels"):
         assert any(line.startswith(name) for line in out.splitlines())
-    assert "pages=256 passes=3" in out and "write_at=10" in out
+    assert "pages=256 passes=3" in out and "write_at=30" in out
 
 
 @pytest.mark.parametrize("command", ["run", "compare", "ksm", "images"])

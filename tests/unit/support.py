@@ -5,7 +5,10 @@ Vmstat, Ksm, HostMm, Vm), so a test reads as a small scenario: make a host,
 map or write some pages, poke an event, look at ptes, sptes and counters.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from hypothesis import strategies as st
 
 from hypervisor.host.frames import FramePool
 from hypervisor.host.ksm import Ksm
@@ -15,6 +18,7 @@ from hypervisor.kvm.mmu import FaultResult
 from hypervisor.kvm.vcpu import Vcpu
 from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
 from hypervisor.profiles import Profile, get_profile
+from hypervisor.races import EVENTS, FAULT_POINTS, KSM_POINTS, RaceInjector, RaceSpec
 from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
 
 ERAS = ("2.6.32", "3.7", "6.10")
@@ -183,4 +187,54 @@ class NotifierLog:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+
+# --- host events fired between the steps of KVM's fault path and of ksmd ----------------------
+
+
+def race_specs() -> st.SearchStrategy[RaceSpec]:
+    """Any `--inject` spec hvsim accepts: a point of races.py, an event, the N-th arrival or every one.
+
+    At the fault point only the first few arrivals: an invalidation at every fault would make
+    every fault lose the retry race forever (a livelock the guest would see too).
+    """
+    fault = st.builds(RaceSpec, st.sampled_from(FAULT_POINTS), st.sampled_from(EVENTS), st.integers(1, 3))
+    ksm = st.builds(RaceSpec, st.sampled_from(KSM_POINTS), st.sampled_from([e for e in EVENTS if e != "ksm_scan"]),
+                    st.one_of(st.none(), st.integers(1, 3)))
+    return st.one_of(fault, ksm)
+
+
+@dataclass
+class RacingWorld:
+    """The parts of a Simulation that RaceInjector wires into: its VMs and KSM."""
+
+    vms: Sequence[Vm]
+    ksm: Ksm
+
+
+class ModelledRaces(RaceInjector):
+    """races.py's injector, armed by a property test: each event it fires is also reported to
+    `on_fire(event, mm, hva)` so that the test's model of guest memory follows (MADV_DONTNEED
+    drops a page's contents) and the test can count what it explored."""
+
+    def __init__(self, world: RacingWorld, specs: list[RaceSpec], on_fire: Callable[[str, str, HostMm, Hva], None]):
+        super().__init__(world, specs)  # type: ignore[arg-type]
+        self.on_fire = on_fire
+        self._point = ""
+
+    def _arrive(self, point: str, mm: HostMm, hva: Hva) -> None:
+        self._point = point
+        super()._arrive(point, mm, hva)
+
+    def _fire(self, event: str, mm: HostMm, hva: Hva) -> None:
+        point = self._point
+        super()._fire(event, mm, hva)
+        self.on_fire(point, event, mm, hva)
+
+
+def disarm_races(world: RacingWorld) -> None:
+    world.ksm.race_points.clear()
+    for vm in world.vms:
+        vm.mmu.race_points.clear()
 

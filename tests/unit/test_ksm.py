@@ -524,3 +524,53 @@ def test_an_mm_registered_mid_pass_is_first_scanned_in_the_next_pass() -> None:
     assert host.ksm.counters()["pages_scanned"] == 3
     late_slot = next(slot for slot in host.ksm.slots if slot.mm is late)
     assert bool(late_slot.vmas[0].has_item[0])  # the new pass starts with it
+
+
+def test_page_checksum_is_the_same_over_frame_views_and_gathered_frames() -> None:
+    """calc_checksum (host/ksm.py page_checksum) is a function of content alone, however the pfns come."""
+    import numpy as np
+
+    from hypervisor.host.frames import FramePool
+    from hypervisor.host.ksm import page_checksum
+
+    frames = FramePool(64)
+    frames.qwords[:] = np.random.default_rng(7).integers(0, 2**63, size=frames.qwords.shape, dtype=np.uint64)
+    frames.qwords[40] = frames.qwords[3]
+    run = np.arange(1, 33, dtype=np.int64)  # one run of consecutive pfns: summed over a view
+    scattered = np.array([31, 7, 3, 40, 12], dtype=np.int64)  # gathered
+    by_view = dict(zip(run.tolist(), page_checksum(frames, run).tolist(), strict=True))
+    by_gather = dict(zip(scattered.tolist(), page_checksum(frames, scattered).tolist(), strict=True))
+    assert all(by_gather[p] == by_view[p] for p in (31, 7, 3, 12))
+    assert by_gather[40] == by_gather[3]  # equal content, equal checksum
+
+
+def test_page_checksum_changes_with_one_qword_and_with_changes_32_bits_apart() -> None:
+    """The change detector sees a one-bit change, and two changes at bits i and i + 32 (bootstorm's case)."""
+    import numpy as np
+
+    from hypervisor.host.frames import FramePool
+    from hypervisor.host.ksm import page_checksum
+
+    frames = FramePool(4)
+    frames.qwords[1, 4] = 0x10000
+    frames.qwords[1, 10] = 0x0101000101000000
+    pfn = np.array([1], dtype=np.int64)
+    before = int(page_checksum(frames, pfn)[0])
+    frames.qwords[1, 4] = 0x10100
+    frames.qwords[1, 10] = 0x0101010101000000
+    after = int(page_checksum(frames, pfn)[0])
+    frames.qwords[1, 7] ^= 1
+    assert len({before, after, int(page_checksum(frames, pfn)[0])}) == 3
+
+
+def test_page_checksum_of_one_frame_equals_the_batched_one() -> None:
+    import numpy as np
+
+    from hypervisor.host.frames import FramePool
+    from hypervisor.host.ksm import page_checksum, page_checksum_one
+    from hypervisor.types import Pfn
+
+    frames = FramePool(8)
+    frames.qwords[:] = np.random.default_rng(3).integers(0, 2**64 - 1, size=frames.qwords.shape, dtype=np.uint64)
+    batched = page_checksum(frames, np.arange(8, dtype=np.int64)).tolist()
+    assert [page_checksum_one(frames, Pfn(p)) for p in range(8)] == batched
