@@ -56,5 +56,5 @@ def test_host_memory_falls_back_to_16_gib_when_the_os_will_not_say(monkeypatch: 
 
 def test_a_scheduled_ksm_run_write_of_a_value_run_does_not_take_is_a_config_error() -> None:
     cfg = SimConfig(image=image("hello.bin"), ksm=KsmConfig(enabled=True, run_at=((10, 3),)))
-    with pytest.raises(ConfigError, match=r"KSM run takes 0 \(stop\), 1 \(run\) or 2"):
+    with pytest.raises(ConfigError, match=r"--ksm-run-at 10:3: .*run takes 0 \(stop\), 1 \(run\) or 2"):
         validate(cfg)
