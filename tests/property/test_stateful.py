@@ -290,7 +290,7 @@ SETTINGS = settings(max_examples=80, stateful_step_count=50, deadline=None)
 # Hypothesis's swarm testing switches rules off at random, so one round of 80 examples now and then never
 # reaches a rare state (a guest page merged while ksmd runs, about 1 round in 10 in 3.7); a machine runs
 # more rounds until it has reached every event kind, and fails only if MAX_ROUNDS rounds did not.
-MAX_ROUNDS = 5
+MAX_ROUNDS = 8
 # Every profile, and without change_pte wherever KVM has it.
 MACHINES = [(name, change_pte) for name, profile in PROFILES.items()
             for change_pte in ((True, False) if profile.kvm_change_pte else (True,))]
