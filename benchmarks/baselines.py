@@ -6,7 +6,7 @@
   permissions): no page walk, no sptes, no KVM.  The floor of this design for
   target 2 and for refills of mapped pages.  With `raw=True` (issue #13's floor) the
   hook is registered through raw ctypes, as hvsim registers its own
-  (cpu/unicorn_vcpu.py `_raw_hook_add`): no binding wrapper between Unicorn and
+  (cpu/clock.py `raw_hook_add`): no binding wrapper between Unicorn and
   the Python fill; without it, through the binding's `hook_add` (issue #6's floor).
 """
 
@@ -27,7 +27,8 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
-from hypervisor.cpu.unicorn_vcpu import _TLB_FILL_CFUNC, UNTIL, _raw_hook_add
+from hypervisor.cpu.clock import raw_hook_add
+from hypervisor.cpu.unicorn_vcpu import _TLB_FILL_CFUNC, UNTIL
 from hypervisor.host.frames import FramePool
 from hypervisor.types import PAGE_SIZE
 
@@ -71,7 +72,7 @@ class BareTlbUnicorn:
                 return fill(uc, vaddr, access, entry.contents, None)
 
             self._raw_cb = _TLB_FILL_CFUNC(raw_fill)
-            _raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._raw_cb, ctypes.c_void_p), None)
+            raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._raw_cb, ctypes.c_void_p), None)
         else:
             uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)

@@ -7,23 +7,43 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import click
 
 from . import __version__
-from .compare import COMPARE_RUNS, render_compare, run_compare
+from .compare import (
+    COMPARE_RUNS,
+    DEFAULT_KERNELS,
+    CompareResult,
+    CompareRun,
+    parse_kernels,
+    render_compare,
+    run_compare,
+)
 from .costs import DEFAULT_CYCLES, CostModel
 from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
 from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import bundled_guests
+from .guest.console import console_paths
+from .history import history_kernels, history_runs, render_history, write_history_plot
+from .kernels import kernels_as_dict, render_kernels
 from .kvm.exits import ExitReason
 from .messages import HvsimGroup, after_run, emit, warn
 from .observers import EXIT_INTERRUPTED, Observers, interruptible
-from .options import OutputFile, check_outputs, cmdline_warnings, given, refuse_given, resolve_image, trace_warnings
+from .options import (
+    OutputFile,
+    check_outputs,
+    cmdline_warnings,
+    given,
+    kernel_of,
+    refuse_given,
+    resolve_image,
+    trace_warnings,
+)
 from .plot import check_plot_file
-from .profiles import DEFAULT_PROFILE, PROFILES
+from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
 from .races import EVENTS, FAULT_POINTS, KSM_POINTS
 from .report import ksm_lines, ksm_scan_note, render_perf_kvm_stat, render_run, to_json
 from .sim import (
@@ -43,7 +63,8 @@ from .sweep.spec import RunPoint
 
 DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
-RUN_ONLY_PARAMS = ("profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz")
+RUN_ONLY_PARAMS = ("kernel", "profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz",
+                   "console_path", "exit_with_guest_status")
 # The KSM knobs (parameter names), refused alike by `run` without --ksm.
 KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
 DEMO_VMS = 4
@@ -89,6 +110,14 @@ _workload_options = _options([
     click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
 ])
 
+_kernel_options = _options([
+    click.option("--kernel", metavar="VERSION", default=None,
+                 help=f"Linux release whose host mm, mmu_notifier, KSM and KVM behaviour to model, "
+                      f"2.6.32 .. 6.12 (default {DEFAULT_PROFILE}); `hvsim kernels` lists what changes."),
+    click.option("--profile", type=click.Choice(list(PROFILE_ALIASES)), default=None,
+                 help="The same as --kernel, for the three eras hvsim first offered."),
+])
+
 _ksm_options = _options([
     click.option("--ksm-pages-to-scan", "pages_to_scan", default=100, show_default=True, type=int,
                  help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
@@ -97,10 +126,12 @@ _ksm_options = _options([
                       "time slices."),
     click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
                  help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
-    click.option("--ksm-smart-scan", "smart_scan", is_flag=True,
-                 help="/sys/kernel/mm/ksm/smart_scan (6.7+): skip pages that keep failing to merge."),
-    click.option("--ksm-max-page-sharing", "max_page_sharing", default=256, show_default=True, type=int,
-                 help="/sys/kernel/mm/ksm/max_page_sharing: mappings per KSM page before a duplicate."),
+    click.option("--ksm-smart-scan/--ksm-no-smart-scan", "smart_scan", default=None,
+                 help="/sys/kernel/mm/ksm/smart_scan (6.7+, on by default there): skip pages that keep "
+                      "failing to merge."),
+    click.option("--ksm-max-page-sharing", "max_page_sharing", default=None, type=int,
+                 help="/sys/kernel/mm/ksm/max_page_sharing (4.13+; default 256): mappings per KSM page "
+                      "before a duplicate."),
     click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
                  help="/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all."),
     click.option("--ksm-run-at", "run_at", multiple=True, metavar="MS:VALUE",
@@ -129,8 +160,8 @@ class Options:
     pages_to_scan: int = 100
     sleep_ms: int = 20
     use_zero_pages: bool = False
-    smart_scan: bool = False
-    max_page_sharing: int = 256
+    smart_scan: bool | None = None
+    max_page_sharing: int | None = None
     ksm_run: int = 1
     run_at: tuple[str, ...] = ()
 
@@ -186,6 +217,9 @@ def _guarded(fn: Callable[[], int]) -> None:
     except HvsimError as err:
         click.echo(f"hvsim: {err}", err=True)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (loading, allocating, writing output): no traceback
+        click.echo("hvsim: interrupted before the run could report anything.", err=True)
+        sys.exit(EXIT_INTERRUPTED[signal.SIGINT])
     except Exception as exc:  # a bug in hvsim: still no traceback unless asked for
         if os.environ.get("HVSIM_DEBUG"):
             traceback.print_exc()
@@ -195,13 +229,54 @@ def _guarded(fn: Callable[[], int]) -> None:
     sys.exit(code)
 
 
+def _open_consoles(path: str | None, vms: int) -> list[BinaryIO]:
+    """--console: open every VM's console file before the run (the path was checked with the other outputs)."""
+    files: list[BinaryIO] = []
+    for name in console_paths(path, vms) if path else []:
+        try:
+            files.append(open(name, "wb"))  # noqa: SIM115 (closed by _close_consoles)
+        except OSError as err:
+            for f in files:
+                f.close()
+            raise ConfigError(f"--console {name!r}: cannot write it ({err.strerror}); give a writable file.") from None
+    return files
+
+
+def _close_consoles(path: str | None, files: list[BinaryIO], sim: Simulation, obs: Observers) -> None:
+    """Close the console files; a write error of the run or of the close is an output error (exit 74)."""
+    error = next((vm.vcpus[0].console.stream_error for vm in sim.vms if vm.vcpus[0].console.stream_error), None)
+    for f in files:
+        try:
+            f.close()
+        except OSError as err:
+            error = error or err
+    if error is not None:
+        obs.write_errors.append(f"--console {path}: writing the console failed ({error.strerror or error}); "
+                                "the file is incomplete, the report is not.")
+
+
+def guest_exit_status(result: RunResult) -> int | None:
+    """--exit-with-guest-status: the first non-zero exit-port status in VM order, else 0; None if a VM
+    did not end through the exit port or HLT (then hvsim's own exit code stands)."""
+    if any(v.state not in ("exited", "halted") or v.exit_status is None for v in result.vms):
+        return None
+    return next((v.exit_status for v in result.vms if v.exit_status), 0)
+
+
 def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
-             render_json: Callable[[RunResult], str] | None = None) -> int:
+             render_json: Callable[[RunResult], str] | None = None, console_path: str | None = None,
+             with_guest_status: bool = False) -> int:
     obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
     sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
+    consoles = _open_consoles(console_path, cfg.vms)
+    for vm, stream in zip(sim.vms, consoles, strict=False):
+        vm.vcpus[0].console.stream = stream
     obs.observe("", sim)
-    with interruptible(obs.stop):
-        result = sim.run()
+    try:
+        with interruptible(obs.stop):
+            result = sim.run()
+    finally:
+        _close_consoles(console_path, consoles, sim, obs)
     obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), profile {result.profile.name}"
                f"{', KSM on' if cfg.ksm.enabled else ''}")
     emit(render_json(result) if opts.as_json and render_json else
@@ -210,16 +285,23 @@ def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
         click.echo(f"hvsim: {line}", err=True)
     if obs.signals:
         click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-    return after_run(obs, [result], _run_exit_code(result, obs.signals))
+    code = after_run(obs, [result], _run_exit_code(result, obs.signals))
+    status = guest_exit_status(result) if with_guest_status and code == 0 else None
+    return code if status is None else status
 
 
-def _compare(opts: Options, cfg: SimConfig) -> int:
-    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json,
-                    len(COMPARE_RUNS))
+def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPARE_RUNS,
+             render: Callable[[CompareResult], str] = render_compare,
+             plot: Callable[[str, CompareResult], None] | None = None) -> int:
+    """Run `runs` and print them (`plot`, if given, draws --plot instead of the time series)."""
+    series_plot = opts.plot_path if plot is None else None
+    obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json, len(runs))
     with interruptible(obs.stop):
-        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe)
-    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel era")
-    emit(to_json(result.as_dict()) if opts.as_json else render_compare(result))
+        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
+    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
+    if plot is not None and opts.plot_path:
+        plot(opts.plot_path, result)
+    emit(to_json(result.as_dict()) if opts.as_json else render(result))
     results = [row.result for row in result.rows]
     errors = [e for r in results for e in r.errors]
     for e in errors:
@@ -230,20 +312,20 @@ def _compare(opts: Options, cfg: SimConfig) -> int:
         code = EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
     elif result.console_mismatches():
         click.echo("hvsim: " + "; ".join(result.console_mismatches()) + ". The guest's own computation must "
-                   "not depend on the kernel era: this is a bug in hvsim.", err=True)
+                   "not depend on the kernel: this is a bug in hvsim.", err=True)
         code = ConsoleMismatch.exit_code
     return after_run(obs, results, code)
 
 
-def _run_config(ctx: click.Context, opts: Options, profile: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
+def _run_config(ctx: click.Context, opts: Options, kernel: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
     """`hvsim run`'s options -> the SimConfig it runs; `hvsim sweep` builds every point through here too."""
     if not ksm_on:
         refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
     opts.prepare(ctx)
-    return opts.config(opts.ksm(ksm_on), profile, not no_change_pte)
+    return opts.config(opts.ksm(ksm_on), kernel, not no_change_pte)
 
 
-def _demo(ctx: click.Context, opts: Options) -> int:
+def _demo(ctx: click.Context, opts: Options, runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> int:
     """`hvsim run` or `hvsim compare` without IMAGE: compare the samepage guest; given options are honoured."""
     opts.image = str(DEMO_IMAGE)
     if not given(ctx, "cmdline"):
@@ -251,7 +333,7 @@ def _demo(ctx: click.Context, opts: Options) -> int:
     if not given(ctx, "vms"):
         opts.vms = DEMO_VMS
     opts.prepare(ctx)
-    return _compare(opts, opts.config(opts.ksm(True)))
+    return _compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
 
 
 @click.group(cls=HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -263,8 +345,9 @@ def main() -> None:
     Examples:
       hvsim run                                  # the change_pte demo (a short `compare`)
       hvsim run hello                            # a bundled guest by name (`hvsim images`)
-      hvsim run samepage --vms 4 --ksm --profile 2.6.32
+      hvsim run samepage --vms 4 --ksm --kernel 2.6.38
       hvsim compare samepage --vms 4
+      hvsim kernels                              # what each kernel version means
       hvsim images
       hvsim sweep examples/change_pte.toml --plot   # a grid of runs -> results.parquet/.csv
       hvsim diff a.json b.json                      # two `run --json` reports side by side
@@ -275,10 +358,9 @@ def main() -> None:
 
 @main.command()
 @_workload_options
-@click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-              help="Kernel era whose host mm, mmu_notifier and KVM semantics to model.")
+@_kernel_options
 @click.option("--no-change-pte", is_flag=True,
-              help="KVM registers its notifier without ->change_pte (it gets ->invalidate_page instead).")
+              help="KVM registers its notifier without ->change_pte (up to 3.6 it then gets ->invalidate_page).")
 @click.option("--ksm", "ksm_on", is_flag=True,
               help="Mark guest RAM MADV_MERGEABLE and run ksmd; the --ksm-* knobs need it.")
 @_ksm_options
@@ -291,8 +373,15 @@ def main() -> None:
                    f"{', '.join(r.name for r in ExitReason)}.")
 @click.option("--cpu-mhz", default=2000, show_default=True, type=int,
               help="With --perf-kvm-stat: the clock of the cost model.")
-def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, exit_cost: tuple[str, ...],
-        cpu_mhz: int, **kw: Any) -> None:
+@click.option("--console", "console_path", metavar="FILE", type=OutputFile(),
+              help="Also write each VM's whole console to FILE (several VMs: FILE.vm0, FILE.vm1, ...); the "
+                   "report keeps its first and last 64 KiB.")
+@click.option("--exit-with-guest-status", is_flag=True,
+              help="Exit with the status the guest wrote to the exit port (several VMs: the first non-zero one), "
+                   "as QEMU's isa-debug-exit users expect; hvsim's own error codes still win.")
+def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool,
+        exit_cost: tuple[str, ...], cpu_mhz: int, console_path: str | None, exit_with_guest_status: bool,
+        **kw: Any) -> None:
     """Run IMAGE in N VMs and report exits, MMU stats and (with --ksm) KSM counters.
 
     Without IMAGE, runs the bundled demo: `hvsim compare` of the samepage guest in 4 VMs.
@@ -301,7 +390,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
     Examples:
       hvsim run hello
       hvsim run memtouch --memory 64M --cmdline "pages=4096 passes=3" --json
-      hvsim run samepage --vms 4 --ksm --profile 2.6.32 --no-change-pte
+      hvsim run samepage --vms 4 --ksm --kernel 2.6.38 --no-change-pte
       hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
     ctx = click.get_current_context()
@@ -317,7 +406,7 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
                          "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
         elif opts.as_json:
             raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
-        cfg = _run_config(ctx, opts, profile, no_change_pte, ksm_on)
+        cfg = _run_config(ctx, opts, kernel_of(kernel, profile), no_change_pte, ksm_on)
         render: Callable[[RunResult], str] = render_run
         if perf_kvm_stat:
             if cpu_mhz <= 0:
@@ -325,40 +414,46 @@ def run(profile: str, no_change_pte: bool, ksm_on: bool, perf_kvm_stat: bool, ex
             model = CostModel(cpu_mhz=cpu_mhz)
             model.override(exit_cost)
             render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
-        return _run_one(opts, cfg, render)
+        return _run_one(opts, cfg, render, console_path=console_path, with_guest_status=exit_with_guest_status)
 
     _guarded(go)
 
 
 @main.command()
 @_workload_options
+@click.option("--kernels", "kernels", metavar="LIST", default=",".join(DEFAULT_KERNELS), show_default=True,
+              help="Comma-separated kernels to run after KSM off; VERSION-no-change-pte is VERSION with KVM's "
+                   "notifier lacking ->change_pte.")
 @_ksm_options
-def compare(**kw: Any) -> None:
-    """Run IMAGE under KSM off, 2.6.32 with and without change_pte, 3.7 and 6.10, and tabulate.
+def compare(kernels: str, **kw: Any) -> None:
+    """Run IMAGE with KSM off and under each kernel of --kernels, tabulate, and attribute each saving.
+
+    By default: 2.6.32 and 2.6.38 each with and without change_pte, 3.7 and 6.10.
 
     \b
     Examples:
       hvsim compare samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000"
+      hvsim compare samepage --vms 4 --kernels 3.6,3.6-no-change-pte,3.7,4.19
       hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
     ctx = click.get_current_context()
     opts = Options(**kw)
 
     def go() -> int:
+        runs = parse_kernels(kernels.split(","))
         if opts.image is None:
-            return _demo(ctx, opts)
+            return _demo(ctx, opts, runs)
         opts.prepare(ctx)
-        return _compare(opts, opts.config(opts.ksm(True)))
+        return _compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
 
     _guarded(go)
 
 
 @main.command()
 @_workload_options
-@click.option("--profile", type=click.Choice(list(PROFILES)), default=DEFAULT_PROFILE, show_default=True,
-              help="Kernel era to model.")
+@_kernel_options
 @_ksm_options
-def ksm(profile: str, **kw: Any) -> None:
+def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
     """Run IMAGE with KSM on and show /sys/kernel/mm/ksm as the run left it.
 
     The knobs are named after the files in /sys/kernel/mm/ksm/ (run, pages_to_scan,
@@ -373,7 +468,7 @@ def ksm(profile: str, **kw: Any) -> None:
 
     def go() -> int:
         opts.prepare(ctx)
-        cfg = opts.config(opts.ksm(True), profile)
+        cfg = opts.config(opts.ksm(True), kernel_of(kernel, profile))
 
         def render(result: RunResult) -> str:
             sim_ms = result.sim_insns / cfg.insns_per_ms
@@ -387,6 +482,50 @@ def ksm(profile: str, **kw: Any) -> None:
         return _run_one(opts, cfg, render, render_json)
 
     _guarded(go)
+
+
+@main.command()
+@_workload_options
+@_ksm_options
+def history(**kw: Any) -> None:
+    """Run IMAGE under every kernel release where a modelled behaviour changes, with and without change_pte.
+
+    Prints EPT_VIOLATION exits and cow_ksm per release (2.6.32 .. 6.12) with the rows of
+    `hvsim kernels` that change there; --plot FILE.png draws them, annotated by commit.
+    Without IMAGE, the samepage demo in 4 VMs.
+
+    \b
+    Example:
+      hvsim history samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000" --plot history.png
+    """
+    ctx = click.get_current_context()
+    opts = Options(**kw)
+
+    def go() -> int:
+        runs = history_runs(history_kernels())
+        if opts.image is None:
+            opts.image = str(DEMO_IMAGE)
+            opts.cmdline = opts.cmdline if given(ctx, "cmdline") else DEMO_CMDLINE
+            opts.vms = opts.vms if given(ctx, "vms") else DEMO_VMS
+        opts.prepare(ctx)
+        return _compare(opts, opts.config(opts.ksm(True), runs[0].profile), runs, render_history, write_history_plot)
+
+    _guarded(go)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the table as one JSON document.")
+def kernels(as_json: bool) -> None:
+    """Print the table of kernel changes hvsim models: version, behaviour, commit, reason.
+
+    `--kernel V` on run/ksm (and each entry of compare's --kernels) applies every row up to V.
+
+    \b
+    Example:
+      hvsim kernels
+      hvsim run samepage --vms 2 --ksm --kernel 2.6.38
+    """
+    click.echo(to_json(kernels_as_dict()) if as_json else render_kernels(), nl=False)
 
 
 @main.command()
@@ -412,7 +551,7 @@ def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
     p = ctx.params
     opts = Options(**{f.name: p[f.name] for f in fields(Options) if f.name in p})
     try:
-        cfg = _run_config(ctx, opts, p["profile"], p["no_change_pte"], p["ksm_on"])
+        cfg = _run_config(ctx, opts, kernel_of(p["kernel"], p["profile"]), p["no_change_pte"], p["ksm_on"])
     except HvsimError as err:
         raise type(err)(f"{where}: {err}") from None
     return RunPoint(cfg, opts.check)

@@ -52,9 +52,15 @@ class InvariantViolation(HvsimError):
 
 
 class OutputWriteError(HvsimError):
-    """An output file (--trace, --plot, the report on stdout) could not be written during or after the run.
+    """An output file (--trace, --plot, --console, the report on stdout) could not be written during or after the run.
 
     Exit code 74 is sysexits.h's EX_IOERR (as 70, an internal error, is EX_SOFTWARE).
     """
 
     exit_code = 74
+
+
+class Livelock(GuestError):
+    """A vCPU kept retrying a fault (mmu_notifier_retry) without retiring an instruction."""
+
+    exit_code = 10

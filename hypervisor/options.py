@@ -17,6 +17,7 @@ from click.core import ParameterSource
 
 from .errors import ConfigError, ImageError
 from .guest.catalog import bundled_guests
+from .profiles import DEFAULT_PROFILE
 from .races import RaceSpec
 from .sim import GUEST_IMAGES, NOTIFIER_CALLBACKS, RunResult
 from .trace import FORMATTED_EVENTS
@@ -182,3 +183,11 @@ def result_warnings(results: Iterable[RunResult]) -> list[str]:
             if not fired.get(str(RaceSpec.parse(text))):
                 out.append(f"--inject {text} never fired: the run never reached that point that many times.")
     return out
+
+
+def kernel_of(kernel: str | None, profile: str | None) -> str:
+    """--kernel VERSION, or its older spelling --profile ERA; both only if they agree."""
+    if kernel is not None and profile is not None and kernel != profile:
+        raise ConfigError(f"--kernel {kernel} and --profile {profile} disagree: give one of them "
+                          "(--profile is the old name of --kernel).")
+    return kernel or profile or DEFAULT_PROFILE

@@ -46,7 +46,8 @@ def stats_lines(stats: dict[str, int], calls: dict[str, int]) -> list[str]:
 def ksm_lines(counters: dict[str, int], vmstat: dict[str, int]) -> list[str]:
     lines = [" /sys/kernel/mm/ksm/"]
     for name in KSM_SYSFS_ORDER:
-        lines.append(f"   {name:<20} {counters.get(name, 0)}")
+        if name in counters:  # a file the modelled kernel did not have is not listed
+            lines.append(f"   {name:<20} {counters[name]}")
     lines.append(f" /proc/vmstat cow_ksm  {vmstat.get('cow_ksm', 0)}")
     return lines
 
@@ -95,6 +96,8 @@ def render_run(result: RunResult) -> str:
     head = (f"hvsim run: {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, profile {result.profile.name}, "
             f"KSM {'on' if result.ksm is not None else 'off'}; simulated time {result.sim_insns} instructions "
             f"= {sim_seconds * 1000:.1f} ms")
+    if result.retry_insns:
+        head += f" ({result.retry_insns} of them the cost of retried faults)"
     lines = [head]
     if result.interrupted:
         lines.append("INTERRUPTED: the counts below are what the run had reached.")

@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__
 from .check import CoherenceChecker
 from .cpu.unicorn_vcpu import UnicornVcpu
-from .errors import ConfigError, GuestError, GuestTimeout, HvsimError, InvariantViolation
+from .errors import ConfigError, GuestError, GuestTimeout, HvsimError, InvariantViolation, Livelock
 from .guest import layout, loader
 from .host.frames import FRAME_SLACK, FramePool
 from .host.ksm import Ksm
@@ -26,7 +26,7 @@ from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
 from .host.mmu_notifier import NotifierEventSink
 from .kvm.vcpu import VcpuState
 from .kvm.vm import GUEST_RAM_HVA, Vm
-from .profiles import Profile, get_profile
+from .profiles import Profile, check_ksm_knobs, get_profile
 from .races import RaceInjector, RaceSpec
 from .sizes import format_size
 from .types import PAGE_SIZE, Hva
@@ -55,9 +55,10 @@ class KsmConfig:
     run: int = 1
     pages_to_scan: int = 100
     sleep_millisecs: int = 20
-    max_page_sharing: int = 256
+    # None: the kernel's default (256 where the knob exists, 4.13+; smart_scan on from 6.7)
+    max_page_sharing: int | None = None
     use_zero_pages: bool = False
-    smart_scan: bool = False
+    smart_scan: bool | None = None
     # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
     run_at: tuple[tuple[int, int], ...] = ()
 
@@ -69,7 +70,7 @@ class SimConfig:
     cmdline: str = ""
     vms: int = 1
     max_insns: int = DEFAULT_MAX_INSNS
-    profile: str = "2.6.32"
+    profile: str = "2.6.32"  # the kernel version modelled (--kernel; --profile is its old name)
     change_pte: bool = True
     ksm: KsmConfig = field(default_factory=KsmConfig)
     quantum: int = DEFAULT_QUANTUM
@@ -106,6 +107,8 @@ class VmResult:
     exit_work: dict[str, dict[str, int]] = field(default_factory=dict)
     # the HvsimError class of `error` (GuestTimeout for --max-insns): exit codes come from it, not from the text
     error_kind: type[GuestError] | None = None
+    # console bytes dropped between the kept head and tail (guest/console.py)
+    console_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -113,6 +116,8 @@ class VmResult:
             "console": self.console, "insns": self.insns, "exits": self.exits, "stats": self.stats,
             "notifier_calls": self.notifier_calls, "exit_work": self.exit_work,
         }
+        if self.console_dropped:
+            d["console_dropped"] = self.console_dropped
         if self.error is not None:
             d["error"] = self.error
             d["where"] = self.where
@@ -133,6 +138,10 @@ class RunResult:
     violation: str | None = None
     checks: int | None = None
     injected: dict[str, int] | None = None
+    # a vCPU livelocked in fault retries: the diagnosis that ended the run
+    livelock: str | None = None
+    # the part of sim_insns that was retried faults' cost (kvm.vcpu.FAULT_RETRY_COST each)
+    retry_insns: int = 0
 
     @property
     def errors(self) -> list[str]:
@@ -161,8 +170,9 @@ class RunResult:
         d: dict[str, Any] = {
             "hvsim_version": __version__,
             "config": self.config.as_dict(),
-            "profile": {"name": self.profile.name, "summary": self.profile.summary},
-            "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms},
+            "profile": {"name": self.profile.name, "kernel": self.profile.version, "summary": self.profile.summary},
+            "sim_time": {"insns": self.sim_insns, "ms": self.sim_insns / self.config.insns_per_ms,
+                         **({"retry_insns": self.retry_insns} if self.retry_insns else {})},
             "vms": [v.as_dict() for v in self.vms],
             "totals": self.totals(),
             "vmstat": self.vmstat,
@@ -176,6 +186,8 @@ class RunResult:
             d["check"] = {"checks_passed": self.checks, "violation": self.violation}
         if self.injected is not None:
             d["injected"] = self.injected
+        if self.livelock is not None:
+            d["livelock"] = self.livelock
         return d
 
 
@@ -227,7 +239,7 @@ def validate(config: SimConfig) -> None:
     if k.sleep_millisecs < 0:
         raise ConfigError(f"--ksm-sleep-ms {k.sleep_millisecs}: give 0 or more milliseconds.")
     # mm/ksm.c max_page_sharing_store() (read in a 6.x tree) returns -EINVAL below 2 likewise.
-    if k.max_page_sharing < 2:
+    if k.max_page_sharing is not None and k.max_page_sharing < 2:
         raise ConfigError(f"--ksm-max-page-sharing {k.max_page_sharing}: give at least 2 (sharing needs two "
                           "mappings; the kernel refuses less too).")
     for spec in config.inject:
@@ -237,6 +249,8 @@ def validate(config: SimConfig) -> None:
         changed = [flag for name, flag in KSM_FLAGS.items() if getattr(k, name) != getattr(default, name)]
         if changed:
             raise ConfigError(f"{', '.join(changed)} given without --ksm: add --ksm to turn KSM on.")
+    check_ksm_knobs(get_profile(config.profile, config.change_pte), k.max_page_sharing, k.use_zero_pages,
+                    k.smart_scan)
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
     if need > have * 3 // 4:
@@ -273,6 +287,7 @@ class Simulation:
             trace = self.checker.trace
         self.trace = trace
         self.failure: HvsimError | None = None
+        self.livelock: Livelock | None = None
         pages = config.memory // PAGE_SIZE
         self.frames = FramePool(config.vms * pages + FRAME_SLACK)
         self.vmstat = Vmstat()
@@ -281,15 +296,19 @@ class Simulation:
             ksm = Ksm(self.frames, self.profile)
             ksm.pages_to_scan = config.ksm.pages_to_scan
             ksm.sleep_millisecs = config.ksm.sleep_millisecs
-            ksm.max_page_sharing = config.ksm.max_page_sharing
+            if config.ksm.max_page_sharing is not None:
+                ksm.max_page_sharing = config.ksm.max_page_sharing
             ksm.use_zero_pages = config.ksm.use_zero_pages
-            ksm.smart_scan = config.ksm.smart_scan
+            if config.ksm.smart_scan is not None:
+                ksm.smart_scan = config.ksm.smart_scan
             if trace is not None:
                 ksm.trace = trace
             self.ksm = ksm
         self.vms: list[Vm] = []
         self.backends: list[UnicornVcpu] = []
         self.insns: list[int] = []
+        # Per VM: simulated time spent in retried faults (kvm.vcpu.FAULT_RETRY_COST each).
+        self.stalls: list[int] = []
         for i in range(config.vms):
             mm = HostMm(self.frames, self.profile, self.vmstat, f"vm{i}", self.ksm)
             vm_trace = None
@@ -302,9 +321,10 @@ class Simulation:
                 # The VMM marks guest RAM mergeable, as QEMU does with -machine mem-merge=on.
                 mm.madvise(GUEST_RAM_HVA, config.memory, MADV_MERGEABLE)
             vcpu = vm.create_vcpu()
-            self.backends.append(UnicornVcpu(vcpu, self.frames, boot))
+            self.backends.append(UnicornVcpu(vcpu, self.frames, boot, config.insns_per_ms))
             self.vms.append(vm)
             self.insns.append(0)
+            self.stalls.append(0)
         if self.checker is not None:
             self.checker.attach(self)
         self.injector = RaceInjector(self, [RaceSpec.parse(t) for t in config.inject]) if config.inject else None
@@ -320,7 +340,7 @@ class Simulation:
     def clock(self) -> int:
         """Simulated time now, in instructions retired, exact inside a time slice too."""
         running = self._running
-        return self.now + (running.retired_in_slice if running is not None else 0)
+        return self.now + (running.time_in_slice if running is not None else 0)
 
     def runnable(self) -> list[int]:
         return [i for i, vm in enumerate(self.vms) if vm.vcpus[0].state is VcpuState.RUNNABLE]
@@ -331,6 +351,8 @@ class Simulation:
             self._run()
         except InvariantViolation as err:
             self.failure = err
+        except Livelock as err:
+            self.livelock = err
         return self.result()
 
     def _run(self) -> None:
@@ -339,21 +361,36 @@ class Simulation:
         ksm_period = cfg.ksm.sleep_millisecs * cfg.insns_per_ms
         next_ksm = ksm_period
         run_at = sorted(cfg.ksm.run_at)
+        while ksm is not None and run_at and run_at[0][0] == 0:
+            ksm.set_run(run_at.pop(0)[1])  # due before the first instruction
         while not self.interrupted:
             order = self.runnable()
             if not order:
                 break
             for i in order:
                 vcpu = self.vms[i].vcpus[0]
-                budget = min(cfg.quantum, cfg.max_insns - self.insns[i])
+                # Retried faults count against --max-insns at their cost: a livelocked vCPU runs out too.
+                budget = min(cfg.quantum, cfg.max_insns - self.insns[i] - self.stalls[i])
                 if budget <= 0:
                     vcpu.fail(f"still running after --max-insns {cfg.max_insns} instructions", GuestTimeout)
                     continue
-                self.context, self._running = ("vcpu", i), self.backends[i]
-                retired = self.backends[i].run(budget)
-                self._running = None
-                self.insns[i] += retired
-                self.now += retired
+                if ksm is not None:
+                    # A slice ends where ksmd is due (or `run` is written), so that ksmd runs at
+                    # its simulated time and not wherever a quantum happens to end.
+                    if ksm_period:
+                        budget = min(budget, next_ksm - self.now)
+                    if run_at:
+                        budget = min(budget, run_at[0][0] * cfg.insns_per_ms - self.now)
+                backend = self.backends[i]
+                self.context, self._running = ("vcpu", i), backend
+                try:
+                    backend.run(budget)
+                finally:
+                    # A slice that ended in an error (livelock, violated invariant) still took its time.
+                    self._running = None
+                    self.insns[i] += backend.slice_retired
+                    self.stalls[i] += backend.stall_in_slice
+                    self.now += backend.slice_retired + backend.stall_in_slice
                 if ksm is not None:
                     self.context = ("ksmd", 0)
                     while run_at and run_at[0][0] * cfg.insns_per_ms <= self.now:
@@ -390,12 +427,13 @@ class Simulation:
             for (reason, kind), n in sorted(vcpu.exit_work.items()):
                 work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
-                                vcpu.console.decode("utf-8", "replace"), self.insns[i], exits, stats, calls,
-                                error, where, work, error_kind))
+                                vcpu.console.text(), self.insns[i], exits, stats, calls,
+                                error, where, work, error_kind, vcpu.console.dropped))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,
                          str(self.failure) if self.failure is not None else None,
                          self.checker.checks if self.checker is not None else None,
-                         dict(self.injector.fired) if self.injector is not None else None)
+                         dict(self.injector.fired) if self.injector is not None else None,
+                         str(self.livelock) if self.livelock is not None else None, sum(self.stalls))
 

@@ -7,10 +7,13 @@
  * written in C so that it costs what Unicorn's costs, with the counter in a struct
  * that Python reads through ctypes:
  *
- *     struct icount { uint64_t counter; uint64_t limit; uc_err (*stop)(void *uc); };
+ *     struct icount { uint64_t counter; uint64_t limit; uc_err (*stop)(void *uc); uint64_t stopped; };
  *
  * The hook runs before each instruction; when the instruction about to run would
- * exceed `limit`, it asks Unicorn to stop, leaving RIP at that instruction.
+ * exceed `limit`, it asks Unicorn to stop, leaving RIP at that instruction, and
+ * sets `stopped`, so that the vCPU can tell the end of a slice from Unicorn
+ * returning on its own (HLT), whether or not the HLT was the slice's last
+ * instruction.  Nothing is added on the path of an instruction that runs.
  * `stop` is Unicorn's uc_emu_stop, passed in by address so that this module does
  * not link against libunicorn.
  */
@@ -22,6 +25,7 @@ struct icount {
     uint64_t counter;
     uint64_t limit;
     int (*stop)(void *uc);
+    uint64_t stopped;
 };
 
 static void icount_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
@@ -30,6 +34,7 @@ static void icount_hook(void *uc, uint64_t address, uint32_t size, void *user_da
     (void)address;
     (void)size;
     if (ic->counter >= ic->limit) {
+        ic->stopped = 1;
         ic->stop(uc);
         return;
     }

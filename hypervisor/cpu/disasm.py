@@ -15,3 +15,10 @@ def disassemble_one(code: bytes, address: int) -> str:
     for insn in _md().disasm(code, address, 1):
         return f"{insn.mnemonic} {insn.op_str}".strip()
     return f"(undecodable bytes {code[:8].hex(' ')})"
+
+
+def decode_one(code: bytes, address: int) -> tuple[str, str, int] | None:
+    """(mnemonic, operands, length) of the first instruction of `code`, or None if it does not decode."""
+    for insn in _md().disasm(code, address, 1):
+        return insn.mnemonic, insn.op_str, insn.size
+    return None

@@ -17,7 +17,12 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   CR3 write is one), so an address-space switch drops the cached walks at once.
 * Time slices are exact: a C code hook (_icount.c) counts instructions and stops
   Unicorn when the slice is used up, so instructions retired are exact even when a
-  slice ends early.
+  slice ends early.  HLT is recognised by decoding the instruction that ended a run,
+  so it is seen wherever the slice ends.  A retried fault costs simulated time
+  (kvm/vcpu.py FAULT_RETRY_COST) and can end the slice; the access is then taken
+  again in the next one.
+* RDTSC/RDTSCP/RDRAND/RDSEED are found on code pages and answered from simulated
+  state (cpu/sensitive_insns.py); CPUID from KVM's fixed table (kvm/cpuid.py).
 """
 
 import ctypes
@@ -27,7 +32,6 @@ from unicorn import (
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
-    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -51,7 +55,7 @@ from ..kvm.mmu import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
-from . import _icount
+from .clock import VcpuClock, raw_hook_add
 from .disasm import disassemble_one
 from .exceptions import (
     EXCEPTION_NAMES,
@@ -62,6 +66,7 @@ from .exceptions import (
     PendingException,
     enter_handler,
 )
+from .sensitive_insns import SensitiveInsns
 from .walk import LARGE_OFFSET, LEAF_SHIFT, UPPER_SHIFTS, GuestFault, peek_bytes, translate_peek, walk_levels
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
@@ -82,6 +87,7 @@ _EFER_LME = 1 << 8
 _EFER_LMA = 1 << 10
 
 _VMCALL = b"\x0f\x01\xc1"
+_HLT = b"\xf4"
 _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
 _UD_VECTOR = 6
@@ -91,17 +97,8 @@ _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint
                                    ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
 
 
-def _raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
-    """uc_hook_add() with a C callback pointer, over the whole address range."""
-    handle = ctypes.c_size_t()
-    err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), htype, callback, user_data, ctypes.c_uint64(1),
-                            ctypes.c_uint64(0))
-    if err != 0:
-        raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
-
-
-class _ICount(ctypes.Structure):
-    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p))
+class _SliceEnd(Exception):
+    """A retried fault used up the slice: the access is abandoned and re-taken next slice."""
 
 
 class _Mmio(Exception):
@@ -114,7 +111,7 @@ class _Mmio(Exception):
 class UnicornVcpu:
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
-    def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams) -> None:
+    def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
         self.vcpu = vcpu
         self.frames = frames
         self.mmu = vcpu.vm.mmu
@@ -129,22 +126,29 @@ class UnicornVcpu:
         self._pscache: dict[int, tuple[int, bool, bool]] = {}
         self._guest_writable = True
         self._pending: PendingException | None = None
+        # The access abandoned by _SliceEnd: "fetch" (no instruction counted yet) or "data".
+        self._abandoned: str | None = None
+        # A TLB fill was refused this run: Unicorn may ask again for the same access (it does
+        # for fetches); the answer stays no, without taking the exit twice.
+        self._refused = False
+        self._emulating = False
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._tlb_cb = _TLB_FILL_CFUNC(self._make_raw_tlb_fill(uc))
-        _raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._tlb_cb, ctypes.c_void_p), None)
+        raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._tlb_cb, ctypes.c_void_p), None)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
-        self._icount = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value)
-        _raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
-                      ctypes.cast(ctypes.pointer(self._icount), ctypes.c_void_p))
+        self.clock = VcpuClock(uc, insns_per_ms)
         self.uc = uc
+        self._frames_2d = frames.frames
+        self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
+                                        lambda: self.clock.stopped)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
@@ -173,17 +177,23 @@ class UnicornVcpu:
             # A frame that held translated code was rewritten by the host.
             self.uc.ctl_flush_tb()
             self._code_epoch = self.frames.code_epoch
-        ic = self._icount
-        ic.counter = 0
-        ic.limit = max_insns
+            self.sensitive.forget_scans()
+        clock = self.clock
+        clock.start_slice(max_insns)
         self._stop_note = None
         self._pending = None
+        self._abandoned = None
+        self._refused = False
         error: UcError | None = None
+        self._emulating = True
         try:
             self.uc.emu_start(self.rip, UNTIL)
         except UcError as exc:
             error = exc
-        retired = int(ic.counter)
+        finally:
+            self._emulating = False
+        # An abandoned data access: its instruction was counted but runs again next slice.
+        retired = clock.end_slice(unfinished=self._abandoned == "data")
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
         raised = self.uc._hook_exception
         if raised is not None:
@@ -194,17 +204,27 @@ class UnicornVcpu:
         if vcpu.state is not VcpuState.RUNNABLE:
             return retired
         pending, self._pending = self._pending, None
-        if pending is not None and (error is not None or pending.vector != PF_VECTOR):
+        if self._abandoned is not None:
+            pass  # the slice ended inside a retried fault; the guest takes it again next slice
+        elif pending is not None and (error is not None or pending.vector != PF_VECTOR):
             self._take_exception(pending)
         elif error is not None:
             vcpu.handle_triple_fault(self._stop_note or f"the CPU model stopped: {error}", self.rip)
-        elif retired < max_insns:
-            if self.rip == UNTIL:
-                vcpu.handle_triple_fault(f"execution reached {UNTIL:#x}, outside guest memory", self.rip)
-            else:
-                # Unicorn returns early only for HLT (our own stops set a state above).
-                vcpu.handle_hlt(self.rip - 1)
+        elif not clock.stopped:
+            # Unicorn returned on its own, not at the end of the slice: the instruction that
+            # ended the run is recognised by what it is, not by how many instructions the
+            # slice retired (an HLT can be the slice's last instruction).
+            self._unicorn_returned()
         return retired
+
+    def _unicorn_returned(self) -> None:
+        if self.rip == UNTIL:
+            self.vcpu.handle_triple_fault(f"execution reached {UNTIL:#x}, outside guest memory", self.rip)
+        elif self.peek_code(self.rip - 1, 1) == _HLT:  # Unicorn leaves RIP after the HLT
+            self.vcpu.handle_hlt(self.rip - 1)
+        else:
+            raise RuntimeError(f"Unicorn stopped at RIP {self.rip:#x} ({self.instruction_at(self.rip)!r}) "
+                               "for no reason hvsim knows")
 
     def _take_exception(self, exc: PendingException) -> None:
         """Deliver exc through the guest's IDT (cpu/exceptions.py), or end the VM with a triple fault."""
@@ -235,7 +255,7 @@ class UnicornVcpu:
 
     def _stop_now(self, note: str | None = None) -> None:
         """Stop before the next instruction (the C hook sees the limit reached)."""
-        self._icount.limit = self._icount.counter
+        self.clock.stop_now()
         if note is not None:
             self._stop_note = note
         self.uc.emu_stop()
@@ -263,12 +283,15 @@ class UnicornVcpu:
             except BaseException as exc:  # as the binding's own wrapper: record, stop
                 if uc._hook_exception is None:
                     uc._hook_exception = exc
+                self._refused = True
                 uc.emu_stop()
                 return False
 
         return raw
 
     def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
+        if self._refused:
+            return False
         write = access == UC_MEM_WRITE
         try:
             gpa = self._walk(vaddr, write)
@@ -287,10 +310,16 @@ class UnicornVcpu:
             error_code = fault.error_code | (PF_ERR_WRITE if write else 0)
             self._pending = PendingException(fault.vector, error_code if fault.vector == PF_VECTOR else 0, -1,
                                              note, vaddr if fault.vector == PF_VECTOR else None)
+            self._refused = True
+            return False
+        except _SliceEnd:
+            self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
+            self._refused = True
             return False
         except _Mmio as mmio:
             self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
                            f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
+            self._refused = True
             return False
         pfn = (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
@@ -300,12 +329,15 @@ class UnicornVcpu:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
         if access == UC_MEM_FETCH:
             self._exec_seen[pfn] = True
+            self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         return True
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False) -> int:
         """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access."""
         sptes = self._sptes_mv
         if gfn >= self._nr_gfns:
+            # Beyond every memslot: still an EPT violation, which KVM passes on as MMIO.
+            self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             raise _Mmio(gfn << PAGE_SHIFT)
         spte = sptes[gfn]
         while not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
@@ -313,12 +345,19 @@ class UnicornVcpu:
             if result is FaultResult.MMIO:
                 raise _Mmio(gfn << PAGE_SHIFT)
             spte = sptes[gfn]
+            if result is FaultResult.RETRY or not (spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)):
+                self._fault_retried(gfn)  # the guest faults again: that costs time, and may livelock
         # The EPT walk sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
         wanted = SPTE_ACCESSED | (SPTE_DIRTY if write else 0)
         if spte & wanted != wanted:
             spte |= wanted
             sptes[gfn] = spte
         return spte
+
+    def _fault_retried(self, gfn: int) -> None:
+        """KVM re-entered the guest, which faults again: charge the retry's time, end the slice if spent."""
+        if self.clock.fault_retried(self.vcpu, gfn) and self._emulating:
+            raise _SliceEnd()
 
     def _walk(self, gva: int, write: bool) -> int:
         """gva -> gpa through the guest's 4-level tables; sets _guest_writable.
@@ -347,6 +386,12 @@ class UnicornVcpu:
         spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
         return int(self._qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
 
+    def _undefined_opcode(self, note: str, rip: int) -> None:
+        """#UD: the instruction does not run (RIP stays on it); the exception is delivered at the slice end."""
+        self._pending = PendingException(_UD_VECTOR, 0, rip, note)
+        self._stop_now()
+        self.uc.reg_write(x86.UC_X86_REG_RIP, rip)
+
     def _rip_for_trace(self) -> int:
         if self.vcpu.vm.trace is None:
             return 0
@@ -366,8 +411,6 @@ class UnicornVcpu:
         leaf = uc.reg_read(x86.UC_X86_REG_EAX)
         subleaf = uc.reg_read(x86.UC_X86_REG_ECX)
         regs = self.vcpu.handle_cpuid(leaf, subleaf, self._rip_for_trace())
-        if regs is None:
-            return 0  # let the CPU model answer
         for reg, value in zip((x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX),
                               regs, strict=True):
             uc.reg_write(reg, value)
@@ -405,8 +448,17 @@ class UnicornVcpu:
         return peek_bytes(self._cr3, gva, length, self.vcpu.vm.read_guest)
 
     @property
-    def retired_in_slice(self) -> int:
-        return int(self._icount.counter)
+    def time_in_slice(self) -> int:
+        """Simulated time of the running slice: instructions retired plus retried faults' cost."""
+        return self.clock.time_in_slice
+
+    @property
+    def slice_retired(self) -> int:
+        return self.clock.slice_retired
+
+    @property
+    def stall_in_slice(self) -> int:
+        return self.clock.stall_in_slice
 
     def instruction_at(self, rip: int) -> str:
         code = self.peek_code(rip, 16)

@@ -38,3 +38,8 @@ GDT_DATA_SELECTOR: Final = 0x10
 
 COM1_PORT: Final = 0x3F8
 EXIT_PORT: Final = 0xF4  # isa-debug-exit, as QEMU: the byte written is the exit status
+
+# The guest's time stamp counter runs at this rate in simulated time (1 GHz: one tick is a
+# simulated nanosecond): RDTSC returns the vCPU's simulated time since it was created,
+# converted at the run's --insns-per-ms.  See cpu/sensitive_insns.py.
+TSC_KHZ: Final = 1_000_000

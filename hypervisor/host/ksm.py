@@ -28,7 +28,8 @@ tables keyed by a 64-bit content hash, each hit confirmed by a whole-page memcmp
 instead of rbtrees ordered by memcmp (same merges for pages that hold still; the
 kernel's unstable tree may also find a page whose content changed since insertion);
 chains are pruned on every search rather than every
-stable_node_chains_prune_millisecs; 6.7's smart_scan is a knob that is off unless set.
+stable_node_chains_prune_millisecs.  The era's differences (chains from 4.13, smart_scan
+on by default from 6.7, ...) come from the Profile (hypervisor/kernels.py).
 """
 
 from collections import Counter
@@ -206,8 +207,8 @@ class Ksm:
         self.sleep_millisecs = 20
         self.max_page_sharing = 256
         self.use_zero_pages = False
-        # 6.7 made smart_scan=1 the default; hvsim leaves it off unless asked (README, fidelity).
-        self.smart_scan = False
+        # The kernel's defaults: smart_scan is on from 6.7 (its knob appeared on); the VMM may change it.
+        self.smart_scan = profile.ksm_smart_scan
         # state
         self.slots: list[MmSlot] = []
         self.cursor = KsmCursor()
@@ -281,8 +282,10 @@ class Ksm:
                         shared += 1
                         sharing += node.nr_items - 1
         volatile = max(0, self.rmap_items - shared - sharing - self.unshared)
-        profit = (sharing + self.ksm_zero_pages) * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
-        return {
+        # general_profit counts KSM's zero pages from 6.6 (xu xin's series), not in 6.4/6.5.
+        zero = self.ksm_zero_pages if self.profile.ksm_counts_zero_pages else 0
+        profit = (sharing + zero) * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
+        out = {
             "run": self.run,
             "pages_to_scan": self.pages_to_scan,
             "sleep_millisecs": self.sleep_millisecs,
@@ -301,6 +304,21 @@ class Ksm:
             "pages_scanned": self.pages_scanned,
             "pages_skipped": self.pages_skipped,
         }
+        # Files the kernel did not have yet (their rows in hypervisor/kernels.py).
+        absent = []
+        if not self.profile.ksm_stable_node_chains:
+            absent += ["max_page_sharing", "stable_node_chains", "stable_node_dups"]
+        if not self.profile.ksm_use_zero_pages:
+            absent.append("use_zero_pages")
+        if not self.profile.ksm_smart_scan:
+            absent += ["smart_scan", "pages_skipped"]
+        if not self.profile.ksm_general_profit:
+            absent.append("general_profit")
+        if not self.profile.ksm_counts_zero_pages:
+            absent.append("ksm_zero_pages")
+        for name in absent:
+            del out[name]
+        return out
 
     def ksm_zero_page_unmapped(self) -> None:
         self.ksm_zero_pages -= 1
@@ -348,9 +366,9 @@ class Ksm:
         flags = items.flags[idxs]
         in_stable = (flags & STABLE_FLAG) != 0
         page_node = frames.stable_node[pfns]
-        if self.profile.ksm_merge_allocates_kpage:
+        if self.profile.ksm_unmerges_unshared_ksm_page:
             # 2.6.32's ksm_do_scan: a KSM page in the stable tree is left alone unless it is
-            # mapped only once, and then it is unmerged.
+            # mapped only once, and then it is unmerged (gone by 2.6.33.3's ksm_do_scan).
             settled = in_stable & (page_node >= 0)
             single = settled & (frames.mapcount[pfns] == 1)
             work = np.flatnonzero(~settled | single)
@@ -546,6 +564,11 @@ class Ksm:
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, node.kpfn):
                 self._stable_tree_append(items, idx, node)
             return
+        if self.profile.ksm_unmerges_unshared_ksm_page and node_id >= 0:
+            # 2.6.32's cmp_and_merge_page (sndrzt/linux-2.6.32 mm/ksm.c): a KSM page the stable
+            # tree no longer knows ("got here by fork", or a failed break_ksm) gets its COW
+            # broken, and the scan goes on with the old KSM page, so a merge of it fails.
+            self.break_cow(items.mm, items.hva(idx))
         if checksum is None:
             checksum = page_checksum_one(frames, pfn)
         if int(items.oldchecksum[idx]) != checksum:
@@ -579,6 +602,8 @@ class Ksm:
         return int(self.frames.stable_node[node.kpfn]) == node.id
 
     def _candidate(self, node: StableNode) -> bool:
+        if not self.profile.ksm_stable_node_chains:
+            return node.nr_items > 0  # before 4.13 a KSM page has no sharing limit
         return 0 < node.nr_items < self.max_page_sharing
 
     def stable_tree_search(self, pfn: Pfn, h: int) -> StableNode | None:
@@ -617,6 +642,9 @@ class Ksm:
         self.nodes[node.id] = node
         self.frames.stable_node[kpfn] = node.id
         entries = self.stable_tree.setdefault(h, [])
+        if not self.profile.ksm_stable_node_chains:
+            entries.append(node)  # no chains before 4.13 (2c653d0ee2ae)
+            return node
         for pos, entry in enumerate(entries):
             if isinstance(entry, StableNodeChain):
                 if entry.dups and self.frames.pages_identical(kpfn, entry.dups[0].kpfn):
@@ -769,7 +797,7 @@ class Ksm:
         `ksmd_refs`: references ksmd itself holds on the page (3.7's check is
         `page_mapcount(page) + 1 + swapped != page_count(page)`, the 1 being ksmd's).
         """
-        wrap = self.profile.wrap_pte_updates_in_range
+        wrap = self.profile.ksm_pte_updates_in_invalidate_range
         end = Hva(hva + PAGE_SIZE)
         if wrap:
             mmu_notifier_invalidate_range_start(mm, hva, end)
@@ -790,7 +818,7 @@ class Ksm:
                 mmu_notifier_invalidate_range_end(mm, hva, end)
 
     def replace_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn, orig_pte: int) -> bool:
-        wrap = self.profile.wrap_pte_updates_in_range
+        wrap = self.profile.ksm_pte_updates_in_invalidate_range
         end = Hva(hva + PAGE_SIZE)
         if wrap:
             mmu_notifier_invalidate_range_start(mm, hva, end)

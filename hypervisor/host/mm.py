@@ -3,7 +3,8 @@
 Mirrors the anonymous-memory paths of mm/memory.c: do_anonymous_page (a read
 fault maps the shared zero page read-only, a write fault allocates a zeroed
 frame), do_wp_page (copy-on-write, with reuse of an exclusively owned anonymous
-page, never of a KSM page or the zero page), get_user_pages and the non-faulting
+page, never of a KSM page or the zero page; "exclusive" by mapcount, or by
+refcount from 5.9), get_user_pages and the non-faulting
 __get_user_pages_fast, madvise and munmap.  Every change to a pte that a
 secondary MMU may have cached goes through host/mmu_notifier.py.
 
@@ -27,7 +28,6 @@ from .frames import ZERO_PFN, FramePool
 from .mmu_notifier import (
     MmuNotifier,
     NotifierEventSink,
-    mmu_notifier_invalidate_page_if_available,
     mmu_notifier_invalidate_range_end,
     mmu_notifier_invalidate_range_start,
     mmu_notifier_release,
@@ -302,15 +302,36 @@ class HostMm:
         vma.ptes_view[idx] = mk_pte(pfn, writable=True, dirty=True)
 
     def do_wp_page(self, vma: Vma, hva: Hva, orig_pte: int) -> None:
-        """Write fault on a present read-only pte: reuse the page if we own it, else copy it."""
+        """Write fault on a present read-only pte: reuse the page if we own it, else copy it.
+
+        Reuse: never a KSM page or the zero page (2.6.32's `PageAnon && !PageKsm`);
+        an anonymous page is ours when its mapcount is 1 (2.6.32's reuse_swap_page,
+        no swap here) or, from 5.9 (09854ba94c6a), when its refcount is 1, so a page
+        someone holds a GUP reference on is copied.  The copy path (mm/memory.c, read
+        in 2.6.32, 3.6.5 and 3.7.2): ptep_clear_flush, set_pte_at_notify with the new
+        writable pte, drop the old page; from 3.7 inside invalidate_range_start/end.
+        2.6.32 sends no other notification: no trailing invalidate_page.
+        """
         old_pfn = pte_pfn(orig_pte)
         frames = self.frames
         is_ksm = not pte_special(orig_pte) and frames.page_ksm(old_pfn)
-        if not pte_special(orig_pte) and not is_ksm and int(frames.refcount[old_pfn]) == 1:
-            # reuse_swap_page(): we hold the only reference; upgrading needs no notification.
+        if self.profile.do_wp_page_reuse_by_refcount:
+            exclusive = not pte_special(orig_pte) and int(frames.refcount[old_pfn]) == 1
+        else:
+            exclusive = not pte_special(orig_pte) and int(frames.mapcount[old_pfn]) == 1
+        if exclusive and not is_ksm:
+            # The page is ours alone: upgrading the pte needs no notification.
             self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
             return
-        wrap = self.profile.wrap_pte_updates_in_range
+        if (is_ksm and self.profile.do_wp_page_reuses_ksm_page and int(frames.refcount[old_pfn]) == 1
+                and int(frames.stable_node[old_pfn]) > 0):
+            # 5.1 .. 5.8 reuse_ksm_page(): the last mapping of a KSM page with a stable node
+            # takes it over (page_move_anon_rmap: it stops being a KSM page); no copy, and
+            # wp_page_reuse sends no notification.  ksmd drops the stale stable node later.
+            frames.stable_node[old_pfn] = -1
+            self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
+            return
+        wrap = self.profile.do_wp_page_copy_in_invalidate_range
         start, end = hva, Hva(hva + PAGE_SIZE)
         if wrap:
             mmu_notifier_invalidate_range_start(self, start, end)
@@ -330,10 +351,6 @@ class HostMm:
         self._drop_pte_mapping(orig_pte)
         if wrap:
             mmu_notifier_invalidate_range_end(self, start, end)
-        else:
-            # 2.6.32 also invalidates the old page's secondary mappings once the pte
-            # lock is dropped (removed by the commit that added the range bracket).
-            mmu_notifier_invalidate_page_if_available(self, hva)
 
     # --- get_user_pages --------------------------------------------------------------
 

@@ -88,12 +88,13 @@ def mmu_notifier_clear_flush_young(mm: "HostMm", address: Hva) -> bool:
 
 
 def mmu_notifier_change_pte(mm: "HostMm", address: Hva, pte: int) -> None:
-    """__mmu_notifier_change_pte(): ->change_pte, or (2.6.32 only) ->invalidate_page where it is missing.
+    """__mmu_notifier_change_pte(): ->change_pte, or (2.6.32 .. 3.6) ->invalidate_page where it is missing.
 
-    The fallback went with the range bracket in 3.7: a notifier without ->change_pte
-    is then covered by the invalidate_range_start/end around the call site.
+    3.7's 6bdb913f0a70 dropped the fallback (mm/mmu_notifier.c, read in 3.6.5 and
+    3.7.2): a notifier without ->change_pte is covered by the invalidate_range_start/end
+    that the same commit put around every set_pte_at_notify caller.
     """
-    fallback = not mm.profile.wrap_pte_updates_in_range
+    fallback = mm.profile.change_pte_falls_back_to_invalidate_page
     for mn in list(mm.mmu_notifiers):
         if mn.ops.change_pte is not None:
             mn.calls["change_pte"] += 1
@@ -110,11 +111,6 @@ def mmu_notifier_invalidate_page(mm: "HostMm", address: Hva) -> None:
             mn.calls["invalidate_page"] += 1
             mn.ops.invalidate_page(mn, mm, address)
     _emit(mm, "invalidate_page", address, Hva(address + PAGE_SIZE))
-
-
-def mmu_notifier_invalidate_page_if_available(mm: "HostMm", address: Hva) -> None:
-    if mm.profile.notifier_has_invalidate_page:
-        mmu_notifier_invalidate_page(mm, address)
 
 
 def mmu_notifier_invalidate_range_start(mm: "HostMm", start: Hva, end: Hva) -> None:
@@ -137,13 +133,21 @@ def mmu_notifier_invalidate_range_end(mm: "HostMm", start: Hva, end: Hva) -> Non
 
 
 def set_pte_at_notify(mm: "HostMm", address: Hva, pte: int) -> None:
-    """Install `pte`, then tell secondary MMUs through ->change_pte (2.6.32's order).
+    """Install `pte` and tell secondary MMUs through ->change_pte, in the kernel's order.
 
-    Where the era has no ->change_pte (6.10) this is plain set_pte_at(): the caller's
-    invalidate_range_start/end bracket is the only notification.
+    include/linux/mmu_notifier.h: 2.6.32 .. 3.6 set the pte, then call change_pte; from
+    3.7 (48af0d7cb3c8) change_pte comes first, so that a secondary MMU never keeps the
+    old page while a CPU can already write the new one (the caller cleared and flushed
+    the pte before).  Where the kernel has no ->change_pte (6.10) this is plain
+    set_pte_at(): the caller's invalidate_range_start/end bracket is the only notification.
     """
-    mm.set_pte_at(address, pte)
-    if mm.profile.notifier_has_change_pte:
+    if not mm.profile.notifier_has_change_pte:
+        mm.set_pte_at(address, pte)
+    elif mm.profile.set_pte_at_notify_change_pte_first:
+        mmu_notifier_change_pte(mm, address, pte)
+        mm.set_pte_at(address, pte)
+    else:
+        mm.set_pte_at(address, pte)
         mmu_notifier_change_pte(mm, address, pte)
 
 

@@ -64,6 +64,8 @@ class TdpMmu:
         self._last_slot: Memslot | None = None
         self.mmu_notifier_seq = 0
         self.mmu_notifier_count = 0
+        # The union of the hva ranges being invalidated (mmu_invalidate_range_start/end in 6.x).
+        self.mmu_notifier_range: tuple[Hva, Hva] | None = None
         self.race_points: dict[str, RacePoint] = {}
         # Test-only: skip mmu_notifier_retry() to show why it exists.
         self.ignore_mmu_notifier_retry = False
@@ -94,10 +96,22 @@ class TdpMmu:
             return wpfn, True
         return pfn, False
 
-    def mmu_notifier_retry(self, mmu_seq: int) -> bool:
+    def mmu_notifier_retry(self, mmu_seq: int, hva: Hva) -> bool:
+        """mmu_notifier_retry(): did a notifier run (or is one running) since mmu_seq was read?
+
+        2.6.32: any invalidation in progress retries.  With the range-based check
+        (mmu_invalidate_retry_gfn in 6.8, include/linux/kvm_host.h) only one whose
+        range holds this fault's address does; a finished one still shows in the seq.
+        """
         if self.ignore_mmu_notifier_retry:
             return False
-        return self.mmu_notifier_count != 0 or self.mmu_notifier_seq != mmu_seq
+        if self.mmu_notifier_count != 0:
+            if not self.profile.kvm_retry_range_based:
+                return True
+            rng = self.mmu_notifier_range
+            if rng is not None and rng[0] <= hva < rng[1]:
+                return True
+        return self.mmu_notifier_seq != mmu_seq
 
     def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultResult:
         slot = self._last_slot
@@ -113,7 +127,7 @@ class TdpMmu:
             if point is not None:
                 point(self, gfn, hva)
         # spin_lock(&kvm->mmu_lock)
-        if self.mmu_notifier_retry(mmu_seq):
+        if self.mmu_notifier_retry(mmu_seq, hva):
             self.mm.put_page(pfn)
             vcpu.stats.pf_retry += 1
             return FaultResult.RETRY
@@ -170,12 +184,26 @@ class TdpMmu:
             self.vm.kvm_flush_remote_tlbs()
 
     def kvm_age_hva(self, hva: Hva) -> bool:
+        """kvm_age_rmapp() under EPT, per the Profile's kvm_age_ept.
+
+        "always_old": 2.6.32 returns 0 when shadow_accessed_mask is 0, as it is for EPT
+        (sndrzt/linux-2.6.32 arch/x86/kvm/mmu.c).  "zap": without EPT A/D bits a present
+        spte counts as young and is zapped, so the next access faults it back (2.6.34
+        .. 3.5 always; urbanspr1nter/linux-2.6.34).  "accessed_bit": with EPT A/D bits
+        (3.6+, enable_ept_ad_bits; hvsim's EPT walk sets them) test and clear the bit.
+        """
+        mode = self.profile.kvm_age_ept
         young = False
-        for lo, _hi in self._gfns_of_range(hva, Hva(hva + PAGE_SIZE)):
-            spte = int(self.sptes[lo])
-            if is_shadow_present_pte(spte) and is_accessed_spte(spte):
-                young = True
-                self.sptes[lo] = spte_clear_accessed(spte)
+        if mode == "always_old":
+            pass
+        elif mode == "zap":
+            young = self.kvm_unmap_hva_range(hva, Hva(hva + PAGE_SIZE))
+        else:
+            for lo, _hi in self._gfns_of_range(hva, Hva(hva + PAGE_SIZE)):
+                spte = int(self.sptes[lo])
+                if is_shadow_present_pte(spte) and is_accessed_spte(spte):
+                    young = True
+                    self.sptes[lo] = spte_clear_accessed(spte)
         if self.vm.trace is not None:
             self.vm.trace("kvm_age_hva", {"hva": hva, "young": young})
         return young
@@ -198,17 +226,28 @@ class TdpMmu:
             self.vm.kvm_flush_remote_tlbs()
 
     def _mn_change_pte(self, mn: MmuNotifier, mm: HostMm, address: Hva, pte: int) -> None:
-        self.mmu_notifier_seq += 1
+        if self.profile.kvm_change_pte_needs_invalidation and self.mmu_notifier_count == 0:
+            # 5.15 .. 6.9: nothing to do unless an invalidation is in progress (whose
+            # range_start already zapped the spte; sndrzt/linux-5.15, linux-6.8 kvm_main.c).
+            return
+        if self.profile.kvm_change_pte_bumps_seq:
+            # 2.6.32 .. 5.12 (read in 2.6.32, 3.7.2, 5.12.9): mmu_notifier_seq++, then rewrite.
+            self.mmu_notifier_seq += 1
         self.kvm_set_spte_hva(address, pte)
 
     def _mn_invalidate_range_start(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
         self.mmu_notifier_count += 1
+        rng = self.mmu_notifier_range
+        # kvm_mmu_invalidate_range_add(): one range, widened while invalidations overlap.
+        self.mmu_notifier_range = (start, end) if rng is None else (min(rng[0], start), max(rng[1], end))
         if self.kvm_unmap_hva_range(start, end):
             self.vm.kvm_flush_remote_tlbs()
 
     def _mn_invalidate_range_end(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
         self.mmu_notifier_seq += 1
         self.mmu_notifier_count -= 1
+        if self.mmu_notifier_count == 0:
+            self.mmu_notifier_range = None
 
     def _mn_clear_flush_young(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> bool:
         young = self.kvm_age_hva(address)

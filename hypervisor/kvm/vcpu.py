@@ -11,8 +11,10 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import GuestError
+from ..guest.console import Console
 from ..guest.layout import COM1_PORT, EXIT_PORT
 from ..types import PAGE_SHIFT, Gfn
+from .cpuid import kvm_find_cpuid_entry
 from .exits import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
@@ -31,9 +33,17 @@ if TYPE_CHECKING:
 
 COM1_LSR_PORT = COM1_PORT + 5
 LSR_THR_EMPTY = 0x60  # transmitter idle: a guest that polls before writing may write
-# The hypervisor CPUID leaf KVM reports (KVM_CPUID_SIGNATURE): "KVMKVMKVM\0\0\0".
-KVM_CPUID_SIGNATURE = 0x40000000
-KVM_SIGNATURE_REGS = (0x4B4D564B, 0x564B4D56, 0x0000004D)
+# A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
+# in KVM that is an exit, an entry and a gfn_to_pfn whose result was dropped.  hvsim charges
+# each retried fault this much of the vCPU's simulated time, in instruction-times (2 us at
+# the default 100,000 instructions per ms: the order of costs.py's "exit" plus
+# "EPT_VIOLATION.retry" cycles), so that ksmd, --max-insns and signals go on while a vCPU
+# retries.  Deterministic: a fixed cost per retry.
+FAULT_RETRY_COST = 200
+# This many retried faults in a row with no instruction retired in between is a livelock
+# (a real race resolves in a retry or two; only a host event fired on every fault, such as
+# an --inject at after_gfn_to_pfn, keeps it going).
+LIVELOCK_RETRIES = 1000
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
@@ -70,7 +80,7 @@ class Vcpu:
         self.stats = VcpuStats()
         self.state = VcpuState.RUNNABLE
         self.exit_status: int | None = None
-        self.console = bytearray()
+        self.console = Console()
         self.failure: str | None = None
         # Which HvsimError the failure is, so that callers classify it by type, never by its text.
         self.failure_kind: type[GuestError] | None = None
@@ -126,7 +136,7 @@ class Vcpu:
             self._trace_exit(ExitReason.IO_INSTRUCTION, rip, qual)
         if is_out:
             if port == COM1_PORT:
-                self.console.append(value & 0xFF)
+                self.console.write(value & 0xFF)
             elif port == EXIT_PORT:
                 self.exit_status = value & 0xFF
                 self.state = VcpuState.EXITED
@@ -144,15 +154,12 @@ class Vcpu:
         self.state = VcpuState.HALTED
         self.exit_status = 0
 
-    def handle_cpuid(self, leaf: int, subleaf: int, rip: int) -> tuple[int, int, int, int] | None:
-        """CPUID always exits under VMX; KVM answers from its table.  None: use the CPU's model."""
+    def handle_cpuid(self, leaf: int, subleaf: int, rip: int) -> tuple[int, int, int, int]:
+        """CPUID always exits under VMX; KVM answers from the VMM's fixed table (kvm/cpuid.py)."""
         self._count_exit(ExitReason.CPUID)
         self.exit_work[(ExitReason.CPUID, "")] += 1
         self._trace_exit(ExitReason.CPUID, rip, leaf, subleaf)
-        if leaf == KVM_CPUID_SIGNATURE:
-            ebx, ecx, edx = KVM_SIGNATURE_REGS
-            return (KVM_CPUID_SIGNATURE + 1, ebx, ecx, edx)
-        return None
+        return kvm_find_cpuid_entry(leaf & 0xFFFF_FFFF)
 
     def handle_vmcall(self, rip: int) -> None:
         """VMCALL: a hypercall; hvsim implements none, so it returns -KVM_ENOSYS like KVM."""

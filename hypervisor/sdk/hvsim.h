@@ -44,7 +44,8 @@ unsigned long hv_heap_size(void);
 unsigned long hv_mem_size(void);
 unsigned hv_vm_index(void);
 
-/* The time stamp counter (rdtsc): simulated time, never the host's clock. */
+/* The time stamp counter (rdtsc): the vCPU's simulated time, never the host's clock; it ticks at
+ * 1 GHz of simulated time (10 ticks per instruction at the default --insns-per-ms). */
 unsigned long hv_rdtsc(void);
 
 /* The compiler emits calls to these. */

@@ -43,7 +43,7 @@ def test_run_json_has_the_documented_keys() -> None:
 
 def test_run_ksm_adds_the_ksm_counters() -> None:
     code, out, _ = invoke("run", SAMEPAGE, "--vms", "2", "--ksm", "--ksm-sleep-ms", "0", "--cmdline",
-                          "pages=8 passes=4 spin=20000", "--json")
+                          "pages=8 passes=4 spin=20000", "--json", "--kernel", "6.4")
     assert code == 0
     doc = json.loads(out)
     assert doc["ksm"]["pages_sharing"] > 0 and "general_profit" in doc["ksm"]
@@ -54,17 +54,63 @@ def test_run_ksm_adds_the_ksm_counters() -> None:
 def test_run_without_an_image_runs_the_change_pte_demo() -> None:
     code, out, err = invoke("run")
     assert code == 0, err
-    assert "2.6.32 no change_pte" in out and "exits avoided" in out and "6.10" in out
+    assert "2.6.38 no change_pte" in out and "attribution" in out and "6.10" in out
 
 
-def test_compare_json_has_runs_and_avoided_exits() -> None:
+def test_compare_json_has_runs_and_the_attribution() -> None:
     code, out, _ = invoke("compare", SAMEPAGE, "--vms", "2", "--cmdline", "pages=16 passes=10 spin=40000",
                           "--ksm-sleep-ms", "2", "--json")
     assert code == 0
     doc = json.loads(out)
-    assert [r["label"] for r in doc["runs"]][:3] == ["ksm off", "2.6.32", "2.6.32 no change_pte"]
-    assert doc["avoided_exits"]["2.6.32 no change_pte"] == 0
-    assert doc["avoided_exits"]["2.6.32"] > 0
+    assert [r["label"] for r in doc["runs"]] == ["ksm off", "2.6.32", "2.6.32 no change_pte", "2.6.38",
+                                                  "2.6.38 no change_pte", "3.7", "6.10"]
+    saved = {a["what"]: a for a in doc["attribution"]}
+    assert saved["change_pte in 2.6.32"]["exits_saved"] > 0
+    assert saved["read-intent pinning (2.6.38)"]["before"] == "2.6.32 no change_pte"
+    assert saved["read-intent pinning (2.6.38)"]["after"] == "2.6.38 no change_pte"
+
+
+def test_compare_kernels_chooses_the_rows() -> None:
+    code, out, err = invoke("compare", SAMEPAGE, "--vms", "2", "--cmdline", "pages=8 passes=4 spin=20000",
+                            "--kernels", "3.6,3.6-no-change-pte,4.19", "--json")
+    assert code == 0, err
+    assert [r["label"] for r in json.loads(out)["runs"]] == ["ksm off", "3.6", "3.6 no change_pte", "4.19"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--kernels", "6.10-no-change-pte"), "Linux 6.10 has no change_pte to turn off"),
+    (("--kernels", "3.8,9.9"), "unknown kernel version '9.9'"),
+])
+def test_compare_kernels_rejects_a_kernel_it_cannot_run(args: tuple[str, ...], message: str) -> None:
+    code, _, err = invoke("compare", SAMEPAGE, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_run_kernel_picks_any_release_and_profile_stays_its_alias() -> None:
+    code, out, err = invoke("run", SAMEPAGE, "--kernel", "4.19", "--cmdline", "pages=2 passes=1 spin=100")
+    assert code == 0, err
+    assert "profile 4.19" in out
+    code, out, _ = invoke("run", SAMEPAGE, "--profile", "3.7", "--cmdline", "pages=2 passes=1 spin=100", "--json")
+    assert code == 0 and json.loads(out)["profile"]["name"] == "3.7"
+    code, _, err = invoke("run", SAMEPAGE, "--kernel", "4.19", "--profile", "3.7")
+    assert code == 2 and "disagree" in err
+
+
+def test_a_ksm_knob_the_kernel_lacked_is_refused_naming_the_release() -> None:
+    code, _, err = invoke("ksm", SAMEPAGE, "--kernel", "4.12", "--ksm-max-page-sharing", "128")
+    assert code == 2 and "appeared in 4.13" in err and "Traceback" not in err
+    code, _, err = invoke("ksm", SAMEPAGE, "--kernel", "6.6", "--ksm-smart-scan")
+    assert code == 2 and "appeared in 6.7" in err
+
+
+def test_kernels_prints_the_table_of_changes() -> None:
+    code, out, _ = invoke("kernels")
+    assert code == 0
+    assert "2.6.38" in out and "kvm_gup_always_write = False" in out and "6bdb913f0a70" in out
+    code, out, _ = invoke("kernels", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["baseline"]["kvm_gup_always_write"] is True
+    assert {"version": "3.7", "commit": "6bdb913f0a70"}.items() <= doc["changes"][6].items()
 
 
 def test_ksm_command_shows_sysfs_files() -> None:
@@ -74,7 +120,7 @@ def test_ksm_command_shows_sysfs_files() -> None:
     assert "pages_shared         1" in out and "pages_sharing        9" in out
 
 
-@pytest.mark.parametrize("command", ["run", "compare", "ksm"])
+@pytest.mark.parametrize("command", ["run", "compare", "ksm", "kernels"])
 def test_every_command_help_has_an_example(command: str) -> None:
     code, out, _ = invoke(command, "--help")
     assert code == 0 and "Example" in out
@@ -128,3 +174,10 @@ def test_triple_fault_names_rip_and_the_instruction(tmp_path: Path) -> None:
     code, out, err = invoke("run", str(img))
     assert code == 4 and "TRIPLE_FAULT" in err
     assert "RIP 0x100001: ud2" in out
+
+
+def test_livelocked_fault_exits_10_with_the_report_printed() -> None:
+    code, out, err = invoke("run", HELLO, "--inject", "after_gfn_to_pfn:invalidate_range@all")
+    assert code == 10
+    assert "livelock" in err and "retried 1000 times" in err
+    assert "kvm_exit(EPT_VIOLATION)" in out and "pf_retry 1000" in out

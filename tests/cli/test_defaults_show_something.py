@@ -28,7 +28,10 @@ def test_compare_samepage_in_four_vms_with_default_parameters_shows_the_eras_apa
     runs = [r for r in doc["runs"] if r["ksm"]]  # type: ignore[attr-defined]
     assert all(r["report"]["ksmd_completed_full_scan"] for r in runs)
     assert all(r["report"]["ksm"]["full_scans"] >= 2 for r in runs)
-    assert all(r["pages_sharing"] > 0 and r["report"]["ksm"]["general_profit"] > 0 for r in runs)
+    assert all(r["pages_sharing"] > 0 for r in runs)
+    # general_profit is a 6.4+ file: only the 6.10 row has it.
+    assert all(r["report"]["ksm"].get("general_profit", 1) > 0 for r in runs)
+    assert "general_profit" in runs[-1]["report"]["ksm"] and "general_profit" not in runs[0]["report"]["ksm"]
     assert len({r["EPT_VIOLATION"] for r in runs}) > 1, "every era row is identical"
 
 
@@ -36,7 +39,8 @@ def test_run_samepage_in_four_vms_under_2_6_32_with_default_parameters_merges_at
     """`hvsim run samepage --vms 4 --ksm --profile 2.6.32` (the --help example)."""
     doc = invoke_json("run", SAMEPAGE, "--vms", "4", "--ksm", "--profile", "2.6.32")
     ksm = doc["ksm"]
-    assert isinstance(ksm, dict) and ksm["pages_sharing"] > 0 and ksm["general_profit"] > 0
+    assert isinstance(ksm, dict) and ksm["pages_sharing"] > 0
+    assert "general_profit" not in ksm  # 2.6.32 had no such file (6.4+)
     assert doc["ksmd_completed_full_scan"] is True
 
 
@@ -47,7 +51,7 @@ def test_cowstorm_with_default_parameters_breaks_pages_ksm_had_merged() -> None:
 
 
 def test_kernels_with_default_parameters_merge_the_kernel_pages_across_two_vms() -> None:
-    doc = invoke_json("run", KERNELS, "--vms", "2", "--ksm")
+    doc = invoke_json("run", KERNELS, "--vms", "2", "--ksm", "--kernel", "6.4")  # general_profit: 6.4+
     ksm = doc["ksm"]
     assert isinstance(ksm, dict) and ksm["pages_sharing"] >= 256 and ksm["general_profit"] > 0
 

@@ -20,8 +20,8 @@ def invoke(*args: str | bytes) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("option", [["--profile", "3.7"], ["--no-change-pte"], ["--ksm"], ["--perf-kvm-stat"],
-                                    ["--exit-cost", "exit=5"], ["--cpu-mhz", "3000"]])
+@pytest.mark.parametrize("option", [["--kernel", "4.19"], ["--profile", "3.7"], ["--no-change-pte"], ["--ksm"],
+                                    ["--perf-kvm-stat"], ["--exit-cost", "exit=5"], ["--cpu-mhz", "3000"]])
 def test_run_without_an_image_refuses_the_options_the_demo_cannot_honour(option: list[str]) -> None:
     code, out, err = invoke("run", *option)
     assert code == 2 and out == ""

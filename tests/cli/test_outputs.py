@@ -92,7 +92,7 @@ def test_a_plot_on_a_full_disk_still_prints_the_table_and_exits_74(tmp_path: Pat
     (tmp_path / "full.png").symlink_to("/dev/full")
     proc = hvsim("compare", "samepage", *SAMEPAGE_SHORT, "--plot", str(tmp_path / "full.png"))
     assert proc.returncode == OutputWriteError.exit_code, proc.stderr
-    assert "exits avoided" in proc.stdout
+    assert "attribution" in proc.stdout
     assert "cannot write the file: No space left on device" in proc.stderr and "Traceback" not in proc.stderr
 
 

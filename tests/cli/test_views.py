@@ -119,3 +119,19 @@ def test_images_lists_every_bundled_guest_with_its_parameters() -> None:
 def test_help_shows_an_example(command: str) -> None:
     code, out, _ = invoke(command, "--help")
     assert code == 0 and "Example" in out
+
+
+def test_history_runs_every_release_where_a_modelled_behaviour_changes_and_plots_it(tmp_path: Path) -> None:
+    from hypervisor.history import history_kernels
+
+    png = tmp_path / "history.png"
+    code, out, err = invoke("history", SAMEPAGE, "--vms", "2", "--cmdline", "pages=8 passes=6 spin=40000",
+                            "--ksm-sleep-ms", "1", "--plot", str(png))
+    assert code == 0, err
+    kernels = history_kernels()
+    assert kernels[0] == "2.6.32" and kernels[-1] == "6.12" and {"2.6.38", "3.7", "4.13", "6.10"} <= set(kernels)
+    rows = [line.split()[0] for line in out.splitlines()[3:]]
+    assert rows == kernels
+    assert "612819c3c6e6" in out and "6bdb913f0a70" in out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

@@ -10,7 +10,8 @@ from hypervisor.sim import GUEST_IMAGES, KsmConfig, SimConfig, Simulation
 
 from .guests import flat_guest, image
 
-PROFILES = [("2.6.32", True), ("2.6.32", False), ("3.7", True), ("6.10", True)]
+PROFILES = [("2.6.32", True), ("2.6.32", False), ("2.6.38", True), ("2.6.38", False), ("3.7", True),
+            ("5.8", True), ("6.10", True)]
 KSM = KsmConfig(enabled=True, pages_to_scan=1000, sleep_millisecs=1)
 
 

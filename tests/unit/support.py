@@ -21,7 +21,7 @@ from hypervisor.profiles import Profile, get_profile
 from hypervisor.races import EVENTS, FAULT_POINTS, KSM_POINTS, RaceInjector, RaceSpec
 from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
 
-ERAS = ("2.6.32", "3.7", "6.10")
+ERAS = ("2.6.32", "2.6.38", "3.7", "6.10")
 # A mapping the tests use when they drive HostMm without a Vm.
 AREA = Hva(0x1000_0000)
 

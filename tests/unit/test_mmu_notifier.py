@@ -110,8 +110,10 @@ def test_every_dispatch_is_reported_to_the_event_sink() -> None:
     ]
 
 
-def test_notifier_without_change_pte_gets_invalidate_page_in_2_6_32() -> None:
-    host = host_with_page("2.6.32")
+@pytest.mark.parametrize("era", ["2.6.32", "2.6.38", "3.6"])
+def test_notifier_without_change_pte_gets_invalidate_page_until_3_6(era: str) -> None:
+    # __mmu_notifier_change_pte's fallback, read in 2.6.32, 2.6.38 and 3.6.5 mm/mmu_notifier.c.
+    host = host_with_page(era)
     log = NotifierLog()
     bare = log.register(host.mm, "bare", change_pte=False)
     log.register(host.mm, "full")
@@ -121,8 +123,10 @@ def test_notifier_without_change_pte_gets_invalidate_page_in_2_6_32() -> None:
     assert bare.calls["invalidate_page"] == 1 and bare.calls["change_pte"] == 0
 
 
-def test_notifier_without_change_pte_gets_nothing_from_change_pte_in_3_7() -> None:
-    host = host_with_page("3.7")
+@pytest.mark.parametrize("era", ["3.7", "4.12"])
+def test_notifier_without_change_pte_gets_nothing_from_change_pte_from_3_7(era: str) -> None:
+    # 6bdb913f0a70 dropped the fallback: the range bracket around every caller covers it.
+    host = host_with_page(era)
     log = NotifierLog()
     log.register(host.mm, "bare", change_pte=False)
     mmu_notifier_change_pte(host.mm, AREA, mk_pte(Pfn(3), writable=False))
@@ -137,23 +141,29 @@ def test_notifier_with_neither_change_pte_nor_invalidate_page_gets_nothing_in_2_
     assert log.entries == []
 
 
-@pytest.mark.parametrize(("era", "sends"), [("2.6.32", True), ("3.7", True), ("6.10", False)])
-def test_set_pte_at_notify_installs_the_pte_then_sends_change_pte_until_6_10(era: str, sends: bool) -> None:
+@pytest.mark.parametrize(("era", "sends", "change_pte_first"),
+                         [("2.6.32", True, False), ("3.6", True, False), ("3.7", True, True), ("6.10", False, False)])
+def test_set_pte_at_notify_calls_change_pte_after_set_pte_at_until_3_6_and_before_it_from_3_7(
+        era: str, sends: bool, change_pte_first: bool) -> None:
+    # include/linux/mmu_notifier.h: 2.6.32 .. 3.6.5 set_pte_at, then mmu_notifier_change_pte;
+    # 3.7 (48af0d7cb3c8) swaps them, so a notifier sees the old (cleared) pte; 6.10 has no
+    # change_pte at all.
     host = host_with_page(era)
     log = NotifierLog()
     seen_pte: list[int] = []
 
     def change_pte(mn: MmuNotifier, mm: HostMm, addr: Hva, pte: int) -> None:
-        seen_pte.append(mm.pte(addr))  # the pte is already in place (2.6.32's order)
+        seen_pte.append(mm.pte(addr))
 
     mmu_notifier_register(MmuNotifier(MmuNotifierOps(change_pte=change_pte)), host.mm)
     log.register(host.mm)
+    old = host.mm.pte(AREA)
     new = mk_pte(Pfn(9), writable=False)
     set_pte_at_notify(host.mm, AREA, new)
     assert host.mm.pte(AREA) == new
     if sends:
         assert log.entries == [("rec", "change_pte", (AREA, new))]
-        assert seen_pte == [new]
+        assert seen_pte == [old if change_pte_first else new]
     else:
         assert log.entries == [] and seen_pte == []
 

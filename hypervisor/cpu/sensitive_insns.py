@@ -1,0 +1,121 @@
+"""Guest instructions that would show host state (RDTSC, RDTSCP, RDRAND, RDSEED), answered from simulated state.
+
+Unicorn 2.1.4 executes RDTSC/RDTSCP with the host's time stamp counter and
+RDRAND/RDSEED with the host's random numbers, and its UC_HOOK_INSN refuses all four
+(UC_ERR_ARG; checked by experiment, see tests/scenario/test_guest_visible_state.py).
+So each guest code page is scanned for their opcode bytes when it is first fetched
+(`scan`, called from the TLB-fill hook), and a one-address code hook is placed wherever
+such an instruction could start: at the opcode and at every legacy or REX prefix byte
+before it.  Unicorn calls a code hook only where an instruction really starts, so the
+same bytes inside another instruction (an immediate, a displacement) cost nothing;
+guest code without these instructions runs with no extra hook at all.  When a hook
+runs, the instruction is decoded and then:
+
+* RDTSC, RDTSCP: EDX:EAX = the vCPU's TSC (`tsc()`), RDTSCP also ECX = TSC_AUX; the
+  instruction is skipped by moving RIP, so Unicorn never executes it.  With KVM's
+  default VMX controls RDTSC does not exit (2.6.32 vmx.c setup_vmcs_config() sets
+  CPU_BASED_USE_TSC_OFFSETING and not CPU_BASED_RDTSC_EXITING), so no exit is counted.
+* RDRAND, RDSEED: #UD (`undefined`).  hvsim's CPUID does not offer them (neither did
+  2.6.32's KVM: its supported cpuid 1.ecx mask has no RDRAND), and a deterministic
+  simulator has no honest random numbers to give; a guest that uses them anyway stops
+  with a clear triple fault instead of seeing host entropy.
+
+Self-modifying code is not supported (as elsewhere in hvsim): a page is scanned once
+per (gva page, pfn), again only after the host rewrote a code frame.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from unicorn import UC_HOOK_CODE, Uc
+from unicorn import x86_const as x86
+
+from ..types import PAGE_SIZE
+from .disasm import decode_one
+
+MSR_TSC_AUX = 0xC0000103
+_MAX_PREFIXES = 14  # an x86 instruction is at most 15 bytes
+_PREFIXES = frozenset([0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3, *range(0x40, 0x50)])
+_MASK32 = 0xFFFF_FFFF
+
+
+def candidate_offsets(page: npt.NDArray[np.uint8]) -> list[int]:
+    """Offsets in a code page where RDTSC (0f 31), RDTSCP (0f 01 f9), RDRAND or RDSEED (0f c7 /6, /7
+    with a register operand) could begin its opcode; an opcode on the page's last bytes counts."""
+    escape = np.flatnonzero(page == 0x0F)
+    out = []
+    for off in escape.tolist():
+        nxt = int(page[off + 1]) if off + 1 < PAGE_SIZE else None
+        third = int(page[off + 2]) if off + 2 < PAGE_SIZE else None
+        rdtsc = nxt in (None, 0x31)
+        rdtscp = nxt == 0x01 and third in (None, 0xF9)
+        rdrand_rdseed = nxt == 0xC7 and (third is None or third & 0xF0 == 0xF0)  # mod=3, reg=6 or 7
+        if rdtsc or rdtscp or rdrand_rdseed:
+            out.append(off)
+    return out
+
+
+class SensitiveInsns:
+    """Finds and answers one vCPU's RDTSC/RDTSCP/RDRAND/RDSEED (see the module docstring)."""
+
+    def __init__(self, uc: Uc, tsc: Callable[[], int], peek_code: Callable[[int, int], bytes],
+                 undefined: Callable[[str, int], None], stopping: Callable[[], bool]) -> None:
+        self.uc = uc
+        self._tsc = tsc
+        self._peek_code = peek_code
+        self._undefined = undefined
+        self._stopping = stopping
+        self._scanned: dict[int, int] = {}  # gva page -> pfn it was scanned at
+        self._hooked: set[int] = set()
+        self.emulated = 0
+
+    def forget_scans(self) -> None:
+        """The host rewrote a frame that held code: scan pages again when next fetched."""
+        self._scanned.clear()
+
+    def scan(self, gva_page: int, pfn: int, frames: npt.NDArray[np.uint8]) -> None:
+        """A TLB fill for an instruction fetch from gva_page, mapped to frame pfn of `frames`."""
+        if self._scanned.get(gva_page) == pfn:
+            return
+        self._scanned[gva_page] = pfn
+        page = frames[pfn]
+        base = gva_page * PAGE_SIZE
+        for off in candidate_offsets(page):
+            start = off
+            while start > 0 and off - start < _MAX_PREFIXES and int(page[start - 1]) in _PREFIXES:
+                start -= 1
+            if start == 0 and off < _MAX_PREFIXES:
+                # Prefixes may begin on the page before: hook every possible start there too.
+                start = off - _MAX_PREFIXES
+            for addr in range(base + start, base + off + 1):
+                self._hook(addr)
+
+    def _hook(self, addr: int) -> None:
+        if addr in self._hooked or addr < 0:
+            return
+        self._hooked.add(addr)
+        # Added from inside the TLB-fill hook, before Unicorn translates any block of this page.
+        self.uc.hook_add(UC_HOOK_CODE, self._at, None, addr, addr)
+
+    def _at(self, uc: Uc, address: int, size: int, _ud: Any) -> None:
+        if self._stopping():
+            return  # the slice ends before this instruction; it runs (and is answered) next slice
+        insn = decode_one(self._peek_code(address, 16), address)
+        if insn is None:
+            return
+        mnemonic, _, length = insn
+        if mnemonic in ("rdtsc", "rdtscp"):
+            tsc = self._tsc()
+            uc.reg_write(x86.UC_X86_REG_RAX, tsc & _MASK32)
+            uc.reg_write(x86.UC_X86_REG_RDX, (tsc >> 32) & _MASK32)
+            if mnemonic == "rdtscp":
+                uc.reg_write(x86.UC_X86_REG_RCX, uc.msr_read(MSR_TSC_AUX) & _MASK32)
+            uc.reg_write(x86.UC_X86_REG_RIP, address + length)  # skip it: Unicorn must not run it
+            self.emulated += 1
+        elif mnemonic in ("rdrand", "rdseed"):
+            self._undefined(f"#UD {mnemonic}: hvsim's CPUID offers no {mnemonic.upper()} (see README)", address)
+
+
+__all__ = ["MSR_TSC_AUX", "SensitiveInsns", "candidate_offsets"]

@@ -1,0 +1,129 @@
+"""Scenario tests: nothing a guest does or is counted for depends on where a time slice ends (--quantum)."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hypervisor.guest.catalog import bundled_guests
+from hypervisor.sim import DEFAULT_QUANTUM, GUEST_IMAGES, KsmConfig, RunResult
+
+from .guests import flat_guest, image, run
+
+QUANTA = (1, 2, 3, 7, 1000, DEFAULT_QUANTUM)
+
+# Small parameters per bundled guest, so that quantum 1 (one emu_start per instruction) stays fast.
+SMALL_CMDLINES = {
+    "hello": "",
+    "memtouch": "pages=2 passes=2",
+    "samepage": "pages=2 passes=2 spin=10",
+    "cowstorm": "pages=2 passes=3 spin=10 write_at=2",
+    "kernels": "kernel=2 private=1 passes=2 spin=10",
+    "bootstorm": "image=2 diverge=1 passes=2 spin=10",
+    "forkserver": "pages=2 children=2 write_pct=50",
+    "kvstore": "keys=16 ops=40 value_size=8",
+    "samepage_c": "pages=2 passes=2 spin=10",
+}
+TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c")
+
+
+def outcome(result: RunResult) -> list[tuple[Any, ...]]:
+    """What must not depend on the quantum: per VM, console, ending, instructions and every exit count."""
+    return [(v.console, v.state, v.exit_status, v.error, v.insns, v.exits, v.stats["pf_fixed"],
+             v.stats["pf_retry"]) for v in result.vms]
+
+
+def same_at_every_quantum(img: str, quanta: tuple[int, ...] = QUANTA, **kwargs: Any) -> list[tuple[Any, ...]]:
+    outcomes = {q: outcome(run(img, quantum=q, **kwargs)) for q in quanta}
+    reference = outcomes[quanta[-1]]
+    for q, got in outcomes.items():
+        assert got == reference, f"quantum {q} differs from quantum {quanta[-1]}"
+    return reference
+
+
+def test_every_bundled_guest_has_small_parameters_for_the_quantum_property() -> None:
+    assert {g.name for g in bundled_guests(GUEST_IMAGES)} == set(SMALL_CMDLINES)
+
+
+@pytest.mark.parametrize("guest", sorted(SMALL_CMDLINES))
+def test_bundled_guest_gives_the_same_console_status_and_counts_at_every_quantum(guest: str) -> None:
+    img = next(str(g.image) for g in bundled_guests(GUEST_IMAGES) if g.name == guest)
+    ref = same_at_every_quantum(img, cmdline=SMALL_CMDLINES[guest], vms=2 if guest in TWO_VMS else 1)
+    assert all(state in ("halted", "exited") for _, state, *_ in ref)
+
+
+def test_elf_guest_gives_the_same_counts_at_every_quantum() -> None:
+    same_at_every_quantum(image("hello.elf"))
+
+
+@pytest.mark.parametrize("profile", ["2.6.32", "3.7"])
+def test_ksm_merging_under_two_vms_gives_the_same_counts_at_every_quantum(profile: str) -> None:
+    # ksmd wakes every simulated ms (1,000 instructions here): slices end where it is due,
+    # so it sees the guests at the same points whatever the quantum.
+    ksm = KsmConfig(enabled=True, sleep_millisecs=1, pages_to_scan=50)
+    kwargs: dict[str, Any] = {"vms": 2, "cmdline": "pages=4 passes=3 spin=1500", "ksm": ksm,
+                              "insns_per_ms": 1000, "profile": profile}
+    ref = same_at_every_quantum(image("samepage.bin"), quanta=(1, 3, 1000, DEFAULT_QUANTUM), **kwargs)
+    merged = run(image("samepage.bin"), **kwargs)
+    assert merged.ksm is not None and merged.ksm["pages_sharing"] > 0
+    if profile == "2.6.32":
+        assert all(v.stats["spte_changed"] > 0 for v in merged.vms)  # change_pte rewrote sptes in place
+    assert all(state == "exited" for _, state, *_ in ref)
+
+
+def test_hlt_that_ends_a_time_slice_halts_the_guest(tmp_path: Path) -> None:
+    # Issue #9 item 1: 1 + 2*4999 + 1 = 10,000 instructions, so the HLT is the last
+    # instruction of the first default slice; the code after it must never run.
+    code = bytes.fromhex("b987130000" "ffc9" "75fc" "f4" "b809000000" "e6f4" "f4")
+    vm = run(flat_guest(tmp_path, "hlt_at_slice_end", code)).vms[0]
+    assert (vm.state, vm.exit_status, vm.insns) == ("halted", 0, DEFAULT_QUANTUM)
+    assert vm.exits.get("IO_INSTRUCTION", 0) == 0 and vm.exits["HLT"] == 1
+
+
+@pytest.mark.parametrize("quantum", [1, 2, 5])
+def test_hello_halts_after_160_instructions_at_small_quanta(quantum: int) -> None:
+    vm = run(image("hello.bin"), quantum=quantum).vms[0]
+    assert (vm.state, vm.insns, vm.exits["HLT"]) == ("halted", 160, 1)
+
+
+# One guest per exit kind, each exit placed so that some quantum in 1..12 ends a slice
+# right before it, right at it and right after it.
+EXIT_GUESTS = {
+    # mov al,'A'; mov dx,0x3f8; out dx,al; nop; mov al,7; out 0xf4,al; hlt
+    "out_then_exit_port": "b041" "66baf803" "ee" "90" "b007" "e6f4" "f4",
+    # mov dx,0x3fd; in al,dx; in al,dx; mov al,3; out 0xf4,al
+    "in": "66bafd03" "ec" "ec" "b003" "e6f4",
+    # cpuid twice (leaf 0, then the KVM signature leaf), then hlt
+    "cpuid": "31c0" "0fa2" "b800000040" "0fa2" "f4",
+    # vmcall twice, then hlt
+    "vmcall": "0f01c1" "90" "0f01c1" "f4",
+    # nop; nop; ud2: a fatal #UD
+    "ud2": "90" "90" "0f0b",
+    # xor ecx,ecx; div ecx: a fatal #DE
+    "divide_error": "31c9" "f7f1",
+    # write 3 fresh heap pages (EPT violations mid-slice and at slice ends), then hlt
+    "ept_violations": "48c7c000002000" "c60001" "480500100000" "c60001" "480500100000" "c60001" "f4",
+    # read a gpa beyond the memslots (128 MiB): MMIO the VMM does not emulate
+    "mmio": "90" "48a10000000800000000" "f4",
+    # jmp to a non-canonical address: a fatal fault in the page walk
+    "noncanonical": "90" "48b80000000000800000" "ffe0",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXIT_GUESTS))
+def test_each_exit_kind_gives_the_same_result_wherever_a_slice_ends(kind: str, tmp_path: Path) -> None:
+    img = flat_guest(tmp_path, kind, bytes.fromhex(EXIT_GUESTS[kind]))
+    ref = same_at_every_quantum(img, quanta=(*range(1, 13), DEFAULT_QUANTUM))
+    assert ref[0][1] in ("halted", "exited", "shutdown", "failed")
+
+
+@pytest.mark.parametrize(("profile", "change_pte"), [("2.6.32", True), ("2.6.32", False), ("3.7", True)])
+def test_one_vm_with_ksm_gives_the_same_ksm_counters_at_every_quantum(profile: str, change_pte: bool) -> None:
+    # With one vCPU, simulated time is its own: ksmd wake-ups and the `run` write at 9 ms
+    # (unmerge everything) land on the same instruction whatever the quantum.
+    ksm = KsmConfig(enabled=True, sleep_millisecs=1, pages_to_scan=50, run_at=((9, 2),))
+    results = [run(image("samepage.bin"), quantum=q, cmdline="pages=4 passes=4 spin=1500", ksm=ksm,
+                   insns_per_ms=1000, profile=profile, change_pte=change_pte) for q in (1, 3, 1000, DEFAULT_QUANTUM)]
+    assert all((r.ksm, r.vmstat, outcome(r)) == (results[0].ksm, results[0].vmstat, outcome(results[0]))
+               for r in results)
+    assert results[0].ksm is not None and results[0].ksm["pages_scanned"] > 0
