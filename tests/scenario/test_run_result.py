@@ -60,3 +60,10 @@ def test_a_ksm_run_value_run_does_not_take_is_a_config_error_naming_the_option(k
     # The CLI refuses --ksm-run 3 itself (a click choice); validate() says it for API callers too.
     with pytest.raises(ConfigError, match=rf"{option}: .*run takes 0 \(stop\), 1 \(run\) or 2"):
         validate(SimConfig(image=image("hello.bin"), ksm=ksm))
+
+
+def test_a_livelocked_run_names_the_livelock_in_its_json() -> None:
+    # Every fault zapped between gfn_to_pfn and the retry check: no fault ever completes.
+    sim = Simulation(SimConfig(image=image("hello.bin"), inject=("after_gfn_to_pfn:invalidate_range@all",)))
+    d = sim.run().as_dict()
+    assert "livelock" in d["livelock"] and d["vms"][0]["state"] == "failed"
