@@ -6,11 +6,10 @@
   permissions): no page walk, no sptes, no KVM.  The floor of this design for
   target 2 and for refills of mapped pages.  With `raw=True` (issue #13's floor) the
   hook is registered through raw ctypes, as hvsim registers its own
-  (cpu/clock.py `raw_hook_add`): no binding wrapper between Unicorn and
+  (cpu/binding.py `add_tlb_fill_hook`): no binding wrapper between Unicorn and
   the Python fill; without it, through the binding's `hook_add` (issue #6's floor).
 """
 
-import ctypes
 from typing import Any
 
 import numpy as np
@@ -27,8 +26,8 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
-from hypervisor.cpu.clock import raw_hook_add
-from hypervisor.cpu.unicorn_vcpu import _TLB_FILL_CFUNC, UNTIL
+from hypervisor.cpu.binding import add_tlb_fill_hook
+from hypervisor.cpu.unicorn_vcpu import UNTIL
 from hypervisor.host.frames import FramePool
 from hypervisor.types import PAGE_SIZE
 
@@ -67,12 +66,7 @@ class BareTlbUnicorn:
         uc.mem_map_ptr(0, memory, UC_PROT_ALL, self.frames.data.ctypes.data)
         if raw:
             fill = self._fill
-
-            def raw_fill(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
-                return fill(uc, vaddr, access, entry.contents, None)
-
-            self._raw_cb = _TLB_FILL_CFUNC(raw_fill)
-            raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._raw_cb, ctypes.c_void_p), None)
+            self._raw_cb = add_tlb_fill_hook(uc, lambda vaddr, access, entry: fill(uc, vaddr, access, entry, None))
         else:
             uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)

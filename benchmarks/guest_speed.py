@@ -59,7 +59,7 @@ def hvsim_run(w: Workload, quantum: int) -> tuple[int, float, bytes]:
     seconds = time.perf_counter() - t0
     if result.errors or result.vms[0].exit_status != 0:
         raise BenchmarkError(f"{w.guest} failed under hvsim: {result.errors or result.vms[0].state}")
-    return result.sim_insns, seconds, bytes(sim.vms[0].vcpus[0].console)
+    return result.sim_insns, seconds, bytes(sim.devices[0].console)
 
 
 def hookfree_run(w: Workload, quantum: int | None) -> tuple[float, bytes]:

@@ -1,6 +1,6 @@
 """The benchmark guests: two tiny flat x86-64 images, kept here as bytes with their source.
 
-They follow the boot protocol of hypervisor/guest/layout.py (flat image loaded and
+They follow the boot protocol of hypervisor/vmm/layout.py (flat image loaded and
 entered at 0x100000, long mode, first 1 GiB identity mapped) and use no boot
 parameters: the two qwords right after the first instruction (`npages` at image
 offset 8, `passes` at offset 16) are patched in before the image is written out,

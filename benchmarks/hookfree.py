@@ -1,6 +1,6 @@
 """Issue #13's honest guest-speed baseline: a bundled guest on hook-free Unicorn, the best Unicorn can do.
 
-The same boot state hvsim gives a guest (guest/loader.py writes the boot page
+The same boot state hvsim gives a guest (vmm/loader.py writes the boot page
 tables, GDT, boot parameters and image into a stand-in for the VM), in Unicorn's
 own soft-MMU: all of guest memory `mem_map`ped up front (gpa = Unicorn address),
 Unicorn walks the guest's page tables itself, no TLB-fill hook, no instruction
@@ -24,20 +24,18 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
 from hypervisor.cpu.unicorn_vcpu import UNTIL
-from hypervisor.guest import loader
 from hypervisor.sim import GUEST_IMAGES
+from hypervisor.vmm import loader
+from hypervisor.x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
 
 COM1 = 0x3F8
 EXIT_PORT = 0xF4
 # The control registers hvsim's vCPU starts with (cpu/unicorn_vcpu.py: long mode, paging, WP).
-_CR0 = (1 << 0) | (1 << 16) | (1 << 31) | 0x10
-_CR4_PAE = 1 << 5
-_EFER_MSR = 0xC0000080
-_EFER = (1 << 8) | (1 << 10)
+_CR0 = CR0_PE | CR0_ET | CR0_WP | CR0_PG
 
 
 class _PhysicalMemory:
-    """What guest/loader.py writes the boot state through (Vm.write_guest), backed by Unicorn memory."""
+    """What vmm/loader.py writes the boot state through (Vm.write_guest), backed by Unicorn memory."""
 
     def __init__(self, uc: Uc, memory_size: int, vm_id: int) -> None:
         self.uc = uc
@@ -58,8 +56,8 @@ class HookFreeGuest:
         boot = loader.load(cast(Any, _PhysicalMemory(uc, memory, vm_id)), image, cmdline, nr_vms)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
-        uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
-        uc.msr_write(_EFER_MSR, _EFER)
+        uc.reg_write(x86.UC_X86_REG_CR4, CR4_PAE)
+        uc.msr_write(MSR_EFER, EFER_LME | EFER_LMA)
         uc.reg_write(x86.UC_X86_REG_CR0, _CR0)
         uc.reg_write(x86.UC_X86_REG_RSP, boot.rsp)
         uc.reg_write(x86.UC_X86_REG_RSI, boot.rsi)

@@ -23,9 +23,9 @@ import sys
 import time
 from typing import Any
 
-from hypervisor.guest.layout import HEAP_START_GPA
 from hypervisor.sim import GUEST_IMAGES, KsmConfig, SimConfig, Simulation
 from hypervisor.types import PAGE_SIZE
+from hypervisor.vmm.layout import HEAP_START_GPA
 
 from .baselines import BenchmarkError
 from .common import REPO_ROOT, Figure, Target, at_most, ratio
@@ -92,7 +92,7 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
             s.interrupted = True
         if state["ksm_started_ms"] is None:
             # echo 1 > /sys/kernel/mm/ksm/run once every guest has loaded its kernel
-            if all(b"kernels: pass 1 " in vm.vcpus[0].console.head for vm in s.vms):
+            if all(b"kernels: pass 1 " in d.console.head for d in s.devices):
                 ksm.set_run(1)
                 state["ksm_started_ms"] = s.now / s.config.insns_per_ms
                 state["ksm_started_s"] = time.perf_counter() - run_start

@@ -33,6 +33,7 @@ import numpy as np
 from .errors import InvariantViolation
 from .host.frames import ZERO_PFN
 from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
+from .host.pgtable_types import _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from .trace import format_fields
 from .types import PAGE_SHIFT, Gfn
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
     from .sim import Simulation
 
 RING_SIZE = 24
-_PTE_PRESENT = 1
-_PTE_RW = 2
-_PTE_SPECIAL = 1 << 9
 
 TraceFn = Callable[[str, dict[str, Any]], None]
 
@@ -101,10 +99,10 @@ class CoherenceChecker:
             mm = vm.mm
             for vma in mm.vmas:
                 ptes = vma.ptes
-                normal = np.flatnonzero((ptes & _PTE_PRESENT).astype(bool) & ~(ptes & _PTE_SPECIAL).astype(bool))
+                normal = np.flatnonzero((ptes & _PAGE_PRESENT).astype(bool) & ~(ptes & _PAGE_SPECIAL).astype(bool))
                 pfns = ptes[normal] >> PAGE_SHIFT
                 np.add.at(mapped, pfns, 1)
-                ksm_writable = np.flatnonzero((frames.stable_node[pfns] >= 0) & (ptes[normal] & _PTE_RW).astype(bool))
+                ksm_writable = np.flatnonzero((frames.stable_node[pfns] >= 0) & (ptes[normal] & _PAGE_RW).astype(bool))
                 if ksm_writable.size:
                     hva = vma.start + (int(normal[ksm_writable[0]]) << PAGE_SHIFT)
                     self._fail("ksm-page-stable", f"vm{vm.vm_id} hva {hva:#x} maps KSM page pfn "
@@ -123,16 +121,16 @@ class CoherenceChecker:
                 first = slot_vma.index(slot.userspace_addr)
                 host = slot_vma.ptes[first + present]
                 spte_pfn = (window[present] & SPTE_PFN_MASK) >> PAGE_SHIFT
-                bad = np.flatnonzero(((host & _PTE_PRESENT) == 0) | ((host >> PAGE_SHIFT) != spte_pfn))
+                bad = np.flatnonzero(((host & _PAGE_PRESENT) == 0) | ((host >> PAGE_SHIFT) != spte_pfn))
                 if bad.size:
                     i = int(present[bad[0]])
                     gfn = Gfn(slot.base_gfn + i)
                     hva = slot.gfn_to_hva(gfn)
                     pte = int(host[bad[0]])
-                    now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PTE_PRESENT else "no page"
+                    now = f"pfn {pte >> PAGE_SHIFT:#x}" if pte & _PAGE_PRESENT else "no page"
                     self._fail("spte-follows-pte", f"vm{vm.vm_id} gfn {gfn:#x} hva {hva:#x}: the spte maps pfn "
                                f"{int(spte_pfn[bad[0]]):#x} but the host pte maps {now}")
-                wr = np.flatnonzero((window[present] & SPTE_WRITABLE).astype(bool) & ((host & _PTE_RW) == 0))
+                wr = np.flatnonzero((window[present] & SPTE_WRITABLE).astype(bool) & ((host & _PAGE_RW) == 0))
                 if wr.size:
                     gfn = Gfn(slot.base_gfn + int(present[wr[0]]))
                     self._fail("writable-spte", f"vm{vm.vm_id} gfn {gfn:#x} hva {slot.gfn_to_hva(gfn):#x} pfn "

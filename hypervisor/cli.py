@@ -1,74 +1,49 @@
 """The `hvsim` command line: parses options, runs a Simulation (or a comparison), renders the report."""
 
-import os
-import signal
-import sys
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, commands
 from .compare import (
-    COMPARE_RUNS,
     DEFAULT_KERNELS,
-    CompareResult,
-    CompareRun,
-    parse_kernels,
-    render_compare,
-    run_compare,
 )
-from .costs import DEFAULT_CYCLES, CostModel
+from .costs import DEFAULT_CYCLES
 from .diff import diff_reports, load_report, render_diff
-from .errors import ConfigError, ConsoleMismatch, HvsimError, InvariantViolation
+from .errors import ConfigError, HvsimError
 from .guest.build import SDK_DIR, build_guest
-from .guest.catalog import bundled_guests
-from .guest.console import console_paths
-from .history import history_kernels, history_runs, render_history, write_history_plot
+from .guest.catalog import render_catalog
 from .kernels import kernels_as_dict, render_kernels
 from .kvm.exits import ExitReason
-from .messages import HvsimGroup, after_run, emit, warn
-from .observers import EXIT_INTERRUPTED, Observers, interruptible
+from .messages import HvsimGroup, guarded
 from .options import (
     OutputFile,
     check_outputs,
-    cmdline_warnings,
-    given,
     kernel_of,
     refuse_given,
-    resolve_image,
-    trace_warnings,
 )
 from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
 from .races import EVENTS, FAULT_POINTS, KSM_POINTS
-from .report import ksm_lines, ksm_scan_note, render_perf_kvm_stat, render_run, to_json
+from .report import render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
     DEFAULT_MAX_INSNS,
     DEFAULT_QUANTUM,
     GUEST_IMAGES,
-    KsmConfig,
-    RunResult,
     SimConfig,
-    Simulation,
-    validate,
 )
-from .sizes import parse_size
 from .sweep.options import parse_settings
 from .sweep.spec import RunPoint
 
-DEMO_IMAGE = GUEST_IMAGES / "samepage.bin"
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
 RUN_ONLY_PARAMS = ("kernel", "profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz",
                    "console_path", "exit_with_guest_status")
 # The KSM knobs (parameter names), refused alike by `run` without --ksm.
 KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
-DEMO_VMS = 4
-DEMO_CMDLINE = "pages=64 passes=40 spin=100000"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -139,201 +114,13 @@ _ksm_options = _options([
 ])
 
 
-@dataclass
-class Options:
-    """Everything the three commands share, parsed once."""
-
-    image: str | None
-    memory: str
-    cmdline: str
-    vms: int
-    max_insns: int
-    quantum: int
-    insns_per_ms: int
-    as_json: bool
-    check: bool
-    inject: tuple[str, ...]
-    trace_path: str | None
-    trace_events: str | None
-    plot_path: str | None
-    quiet: bool
-    pages_to_scan: int = 100
-    sleep_ms: int = 20
-    use_zero_pages: bool = False
-    smart_scan: bool | None = None
-    max_page_sharing: int | None = None
-    ksm_run: int = 1
-    run_at: tuple[str, ...] = ()
-
-    def ksm(self, enabled: bool) -> KsmConfig:
-        out = []
-        for v in self.run_at:
-            try:
-                ms, run = v.split(":")
-                out.append((int(ms), int(run)))
-            except ValueError:
-                raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
-            if out[-1][0] < 0:
-                raise ConfigError(f"--ksm-run-at {v!r}: MS is a simulated time, from 0 on.")
-        return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
-                         sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
-                         use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan, run_at=tuple(out))
-
-    def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
-        if self.image is None:
-            raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
-        cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
-                         max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
-                         quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
-        validate(cfg)
-        for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):
-            warn(line)
-        return cfg
-
-    def prepare(self, ctx: click.Context) -> None:
-        """Before anything runs: IMAGE by name or path, and every output file."""
-        if self.image is not None:
-            self.image = resolve_image(self.image)
-        check_outputs(ctx, [self.image] if self.image else [])
-
-
-def _run_exit_code(result: RunResult, signals: list[int]) -> int:
-    if signals:
-        return EXIT_INTERRUPTED.get(signal.Signals(signals[0]), 130)
-    if result.violation is not None:
-        return InvariantViolation.exit_code
-    kinds = [v.error_kind for v in result.vms if v.error_kind is not None]
-    return max(kind.exit_code for kind in kinds) if kinds else 0
-
-
-def _guarded(fn: Callable[[], int]) -> None:
-    """Every failure is a one-paragraph message and an exit code, never a traceback."""
-    try:
-        code = fn()
-    except BrokenPipeError:
-        # The reader went away (`hvsim run ... | head`): stop quietly, as other Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except HvsimError as err:
-        click.echo(f"hvsim: {err}", err=True)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C outside a run (loading, allocating, writing output): no traceback
-        click.echo("hvsim: interrupted before the run could report anything.", err=True)
-        sys.exit(EXIT_INTERRUPTED[signal.SIGINT])
-    except Exception as exc:  # a bug in hvsim: still no traceback unless asked for
-        if os.environ.get("HVSIM_DEBUG"):
-            traceback.print_exc()
-        click.echo(f"hvsim: internal error: {type(exc).__name__}: {exc}. This is a bug in hvsim; "
-                   "rerun with HVSIM_DEBUG=1 for the traceback and report it.", err=True)
-        sys.exit(70)
-    sys.exit(code)
-
-
-def _open_consoles(path: str | None, vms: int) -> list[BinaryIO]:
-    """--console: open every VM's console file before the run (the path was checked with the other outputs)."""
-    files: list[BinaryIO] = []
-    for name in console_paths(path, vms) if path else []:
-        try:
-            files.append(open(name, "wb"))  # noqa: SIM115 (closed by _close_consoles)
-        except OSError as err:
-            for f in files:
-                f.close()
-            raise ConfigError(f"--console {name!r}: cannot write it ({err.strerror}); give a writable file.") from None
-    return files
-
-
-def _close_consoles(path: str | None, files: list[BinaryIO], sim: Simulation, obs: Observers) -> None:
-    """Close the console files; a write error of the run or of the close is an output error (exit 74)."""
-    error = next((vm.vcpus[0].console.stream_error for vm in sim.vms if vm.vcpus[0].console.stream_error), None)
-    for f in files:
-        try:
-            f.close()
-        except OSError as err:
-            error = error or err
-    if error is not None:
-        obs.write_errors.append(f"--console {path}: writing the console failed ({error.strerror or error}); "
-                                "the file is incomplete, the report is not.")
-
-
-def guest_exit_status(result: RunResult) -> int | None:
-    """--exit-with-guest-status: the first non-zero exit-port status in VM order, else 0; None if a VM
-    did not end through the exit port or HLT (then hvsim's own exit code stands)."""
-    if any(v.state not in ("exited", "halted") or v.exit_status is None for v in result.vms):
-        return None
-    return next((v.exit_status for v in result.vms if v.exit_status), 0)
-
-
-def _run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
-             render_json: Callable[[RunResult], str] | None = None, console_path: str | None = None,
-             with_guest_status: bool = False) -> int:
-    obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
-    sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
-    consoles = _open_consoles(console_path, cfg.vms)
-    for vm, stream in zip(sim.vms, consoles, strict=False):
-        vm.vcpus[0].console.stream = stream
-    obs.observe("", sim)
-    try:
-        with interruptible(obs.stop):
-            result = sim.run()
-    finally:
-        _close_consoles(console_path, consoles, sim, obs)
-    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), profile {result.profile.name}"
-               f"{', KSM on' if cfg.ksm.enabled else ''}")
-    emit(render_json(result) if opts.as_json and render_json else
-         to_json(result.as_dict()) if opts.as_json else render(result))
-    for line in result.errors:
-        click.echo(f"hvsim: {line}", err=True)
-    if obs.signals:
-        click.echo("hvsim: interrupted; the report above is what the run had reached.", err=True)
-    code = after_run(obs, [result], _run_exit_code(result, obs.signals))
-    status = guest_exit_status(result) if with_guest_status and code == 0 else None
-    return code if status is None else status
-
-
-def _compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPARE_RUNS,
-             render: Callable[[CompareResult], str] = render_compare,
-             plot: Callable[[str, CompareResult], None] | None = None) -> int:
-    """Run `runs` and print them (`plot`, if given, draws --plot instead of the time series)."""
-    series_plot = opts.plot_path if plot is None else None
-    obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json, len(runs))
-    with interruptible(obs.stop):
-        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
-    obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
-    if plot is not None and opts.plot_path:
-        plot(opts.plot_path, result)
-    emit(to_json(result.as_dict()) if opts.as_json else render(result))
-    results = [row.result for row in result.rows]
-    errors = [e for r in results for e in r.errors]
-    for e in errors:
-        click.echo(f"hvsim: {e}", err=True)
-    code = max((_run_exit_code(r, []) for r in results), default=0)
-    if obs.signals:
-        click.echo("hvsim: interrupted; the table above is what the runs had reached.", err=True)
-        code = EXIT_INTERRUPTED.get(signal.Signals(obs.signals[0]), 130)
-    elif result.console_mismatches():
-        click.echo("hvsim: " + "; ".join(result.console_mismatches()) + ". The guest's own computation must "
-                   "not depend on the kernel: this is a bug in hvsim.", err=True)
-        code = ConsoleMismatch.exit_code
-    return after_run(obs, results, code)
-
-
-def _run_config(ctx: click.Context, opts: Options, kernel: str, no_change_pte: bool, ksm_on: bool) -> SimConfig:
+def _run_config(ctx: click.Context, opts: commands.Options, kernel: str, no_change_pte: bool,
+                ksm_on: bool) -> SimConfig:
     """`hvsim run`'s options -> the SimConfig it runs; `hvsim sweep` builds every point through here too."""
     if not ksm_on:
         refuse_given(ctx, KSM_PARAMS, "given without --ksm: add --ksm to turn KSM on.")
     opts.prepare(ctx)
     return opts.config(opts.ksm(ksm_on), kernel, not no_change_pte)
-
-
-def _demo(ctx: click.Context, opts: Options, runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> int:
-    """`hvsim run` or `hvsim compare` without IMAGE: compare the samepage guest; given options are honoured."""
-    opts.image = str(DEMO_IMAGE)
-    if not given(ctx, "cmdline"):
-        opts.cmdline = DEMO_CMDLINE
-    if not given(ctx, "vms"):
-        opts.vms = DEMO_VMS
-    opts.prepare(ctx)
-    return _compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
 
 
 @click.group(cls=HvsimGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -394,29 +181,23 @@ def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bo
       hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
     ctx = click.get_current_context()
-    opts = Options(**kw)
+    opts = commands.Options(**kw)
 
     def go() -> int:
         if opts.image is None:
             refuse_given(ctx, RUN_ONLY_PARAMS, "cannot be given without IMAGE: `hvsim run` alone runs the demo, a "
                          "`compare` of every era; name an image for one run, e.g. `hvsim run samepage --ksm`.")
-            return _demo(ctx, opts)
+            return commands.demo(ctx, opts)
         if not perf_kvm_stat:
             refuse_given(ctx, ("exit_cost", "cpu_mhz"),
                          "given without --perf-kvm-stat, whose times they set: add --perf-kvm-stat.")
         elif opts.as_json:
             raise ConfigError("--perf-kvm-stat and --json are two report formats: give one of them.")
         cfg = _run_config(ctx, opts, kernel_of(kernel, profile), no_change_pte, ksm_on)
-        render: Callable[[RunResult], str] = render_run
-        if perf_kvm_stat:
-            if cpu_mhz <= 0:
-                raise ConfigError("--cpu-mhz must be positive.")
-            model = CostModel(cpu_mhz=cpu_mhz)
-            model.override(exit_cost)
-            render = lambda result: render_perf_kvm_stat(result, model)  # noqa: E731
-        return _run_one(opts, cfg, render, console_path=console_path, with_guest_status=exit_with_guest_status)
+        render = commands.perf_kvm_stat_render(exit_cost, cpu_mhz) if perf_kvm_stat else render_run
+        return commands.run_one(opts, cfg, render, console_path=console_path, with_guest_status=exit_with_guest_status)
 
-    _guarded(go)
+    guarded(go)
 
 
 @main.command()
@@ -437,16 +218,9 @@ def compare(kernels: str, **kw: Any) -> None:
       hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
     ctx = click.get_current_context()
-    opts = Options(**kw)
+    opts = commands.Options(**kw)
 
-    def go() -> int:
-        runs = parse_kernels(kernels.split(","))
-        if opts.image is None:
-            return _demo(ctx, opts, runs)
-        opts.prepare(ctx)
-        return _compare(opts, opts.config(opts.ksm(True), runs[1].profile), runs)
-
-    _guarded(go)
+    guarded(lambda: commands.compare_kernels(ctx, opts, kernels))
 
 
 @main.command()
@@ -464,24 +238,13 @@ def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
       hvsim ksm samepage --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
     ctx = click.get_current_context()
-    opts = Options(**kw)
+    opts = commands.Options(**kw)
 
     def go() -> int:
         opts.prepare(ctx)
-        cfg = opts.config(opts.ksm(True), kernel_of(kernel, profile))
+        return commands.ksm_run(opts, opts.config(opts.ksm(True), kernel_of(kernel, profile)))
 
-        def render(result: RunResult) -> str:
-            sim_ms = result.sim_insns / cfg.insns_per_ms
-            lines = ksm_lines(result.ksm or {}, result.vmstat) + ksm_scan_note(result.ksm or {}, sim_ms)
-            return "\n".join(lines) + "\n"
-
-        def render_json(result: RunResult) -> str:
-            return to_json({"ksm": result.ksm, "vmstat": result.vmstat, "config": cfg.as_dict(),
-                            "ksmd_completed_full_scan": result.ksmd_completed_full_scan})
-
-        return _run_one(opts, cfg, render, render_json)
-
-    _guarded(go)
+    guarded(go)
 
 
 @main.command()
@@ -499,18 +262,9 @@ def history(**kw: Any) -> None:
       hvsim history samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000" --plot history.png
     """
     ctx = click.get_current_context()
-    opts = Options(**kw)
+    opts = commands.Options(**kw)
 
-    def go() -> int:
-        runs = history_runs(history_kernels())
-        if opts.image is None:
-            opts.image = str(DEMO_IMAGE)
-            opts.cmdline = opts.cmdline if given(ctx, "cmdline") else DEMO_CMDLINE
-            opts.vms = opts.vms if given(ctx, "vms") else DEMO_VMS
-        opts.prepare(ctx)
-        return _compare(opts, opts.config(opts.ksm(True), runs[0].profile), runs, render_history, write_history_plot)
-
-    _guarded(go)
+    guarded(lambda: commands.history(ctx, opts))
 
 
 @main.command()
@@ -537,19 +291,14 @@ def images() -> None:
       hvsim images
       hvsim run memtouch --cmdline "pages=4096 passes=3"
     """
-    click.echo("Run one with `hvsim run NAME` (every command takes a NAME or the path of an image file).\n")
-    for guest in bundled_guests(GUEST_IMAGES):
-        params = " ".join(f"{name}={default}" for name, default, _ in guest.params) or "(no parameters)"
-        click.echo(f"{guest.name:<10} {guest.summary}")
-        click.echo(f"{'':<10} {params}")
-        click.echo(f"{'':<10} {guest.image}")
+    click.echo(render_catalog(GUEST_IMAGES), nl=False)
 
 
 def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
     """A sweep point's settings through `hvsim run`'s own parser and config path."""
     ctx = parse_settings(run, settings, where)
     p = ctx.params
-    opts = Options(**{f.name: p[f.name] for f in fields(Options) if f.name in p})
+    opts = commands.Options(**{f.name: p[f.name] for f in fields(commands.Options) if f.name in p})
     try:
         cfg = _run_config(ctx, opts, kernel_of(p["kernel"], p["profile"]), p["no_change_pte"], p["ksm_on"])
     except HvsimError as err:
@@ -592,7 +341,7 @@ def sweep(spec: str, results_dir: str | None, jobs: int | None, scheduler: str |
             click.echo(f"hvsim: {line}", err=True)
         return outcome.exit_code
 
-    _guarded(go)
+    guarded(go)
 
 
 @main.command()
@@ -617,7 +366,7 @@ def diff(a: str, b: str, fail_on_diff: bool, changed_only: bool) -> None:
         click.echo(render_diff(result, a, b, changed_only), nl=False)
         return 1 if fail_on_diff and result.differs else 0
 
-    _guarded(go)
+    guarded(go)
 
 
 @main.command("build-guest")
@@ -647,4 +396,4 @@ def build_guest_cmd(sources: tuple[Path, ...], output: str | None, print_include
         click.echo(f"hvsim build-guest: wrote {built.path} ({built.size} bytes); run it with `hvsim run {built.path}`")
         return 0
 
-    _guarded(go)
+    guarded(go)

@@ -60,6 +60,15 @@ class OutputWriteError(HvsimError):
     exit_code = 74
 
 
+class UnsupportedUnicorn(HvsimError):
+    """The installed Unicorn is not the version hvsim's CPU model was written for (cpu/binding.py).
+
+    Exit code 69 is sysexits.h's EX_UNAVAILABLE.
+    """
+
+    exit_code = 69
+
+
 class Livelock(GuestError):
     """A vCPU kept retrying a fault (mmu_notifier_retry) without retiring an instruction."""
 

@@ -1,12 +1,18 @@
 """How hvsim talks to its user: one `hvsim:` line per refusal (click's usage errors included), warnings,
-the report on stdout, and the exit code after the report when an output file failed."""
+the report on stdout, the exit code after the report when an output file failed, and `guarded`: every
+failure of a command as one line and an exit code, never a traceback."""
 
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from .errors import OutputWriteError
-from .observers import Observers
+from .errors import HvsimError, OutputWriteError
+from .observers import EXIT_INTERRUPTED, Observers
 from .options import result_warnings
 from .sim import RunResult
 
@@ -71,3 +77,26 @@ def after_run(obs: Observers, results: list[RunResult], code: int) -> int:
     for line in obs.write_errors:
         click.echo(f"hvsim: {line}", err=True)
     return code or (OutputWriteError.exit_code if obs.write_errors else 0)
+
+
+def guarded(fn: Callable[[], int]) -> None:
+    """Every failure is a one-paragraph message and an exit code, never a traceback."""
+    try:
+        code = fn()
+    except BrokenPipeError:
+        # The reader went away (`hvsim run ... | head`): stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except HvsimError as err:
+        click.echo(f"hvsim: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside a run (loading, allocating, writing output): no traceback
+        click.echo("hvsim: interrupted before the run could report anything.", err=True)
+        sys.exit(EXIT_INTERRUPTED[signal.SIGINT])
+    except Exception as exc:  # a bug in hvsim: still no traceback unless asked for
+        if os.environ.get("HVSIM_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"hvsim: internal error: {type(exc).__name__}: {exc}. This is a bug in hvsim; "
+                   "rerun with HVSIM_DEBUG=1 for the traceback and report it.", err=True)
+        sys.exit(70)
+    sys.exit(code)

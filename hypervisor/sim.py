@@ -19,7 +19,6 @@ from . import __version__
 from .check import CoherenceChecker
 from .cpu.unicorn_vcpu import UnicornVcpu
 from .errors import ConfigError, GuestError, GuestTimeout, HvsimError, InvariantViolation, Livelock
-from .guest import layout, loader
 from .host.frames import FRAME_SLACK, FramePool
 from .host.ksm import Ksm
 from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
@@ -30,6 +29,8 @@ from .profiles import Profile, check_ksm_knobs, get_profile
 from .races import RaceInjector, RaceSpec
 from .sizes import format_size
 from .types import PAGE_SIZE, Hva
+from .vmm import layout, loader
+from .vmm.devices import LegacyDevices, legacy_devices
 
 DEFAULT_QUANTUM = 10_000
 DEFAULT_INSNS_PER_MS = 100_000  # a 100-MIPS CPU: about what Unicorn runs at, so 1 ms ~ 1 ms of wall time
@@ -107,7 +108,7 @@ class VmResult:
     exit_work: dict[str, dict[str, int]] = field(default_factory=dict)
     # the HvsimError class of `error` (GuestTimeout for --max-insns): exit codes come from it, not from the text
     error_kind: type[GuestError] | None = None
-    # console bytes dropped between the kept head and tail (guest/console.py)
+    # console bytes dropped between the kept head and tail (vmm/console.py)
     console_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -306,6 +307,7 @@ class Simulation:
             self.ksm = ksm
         self.vms: list[Vm] = []
         self.backends: list[UnicornVcpu] = []
+        self.devices: list[LegacyDevices] = []  # per VM: the VMM's port bus, COM1 and the exit port
         self.insns: list[int] = []
         # Per VM: simulated time spent in retried faults (kvm.vcpu.FAULT_RETRY_COST each).
         self.stalls: list[int] = []
@@ -321,6 +323,9 @@ class Simulation:
                 # The VMM marks guest RAM mergeable, as QEMU does with -machine mem-merge=on.
                 mm.madvise(GUEST_RAM_HVA, config.memory, MADV_MERGEABLE)
             vcpu = vm.create_vcpu()
+            devices = legacy_devices(vcpu.vmm_exit)
+            vcpu.pio = devices.bus
+            self.devices.append(devices)
             self.backends.append(UnicornVcpu(vcpu, self.frames, boot, config.insns_per_ms))
             self.vms.append(vm)
             self.insns.append(0)
@@ -427,8 +432,8 @@ class Simulation:
             for (reason, kind), n in sorted(vcpu.exit_work.items()):
                 work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
-                                vcpu.console.text(), self.insns[i], exits, stats, calls,
-                                error, where, work, error_kind, vcpu.console.dropped))
+                                self.devices[i].console.text(), self.insns[i], exits, stats, calls,
+                                error, where, work, error_kind, self.devices[i].console.dropped))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,

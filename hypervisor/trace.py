@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .flows import CausalFlows
 from .kvm.exits import ExitReason
+from .kvm.spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 
 if TYPE_CHECKING:
     from .sim import Simulation
@@ -42,7 +43,8 @@ def _cat(event: str) -> str:
 
 
 def _perms(spte: int) -> str:
-    return ("r" if spte & 1 else "-") + ("w" if spte & 2 else "-") + ("x" if spte & 4 else "-")
+    return (("r" if spte & SPTE_READABLE else "-") + ("w" if spte & SPTE_WRITABLE else "-")
+            + ("x" if spte & SPTE_EXECUTABLE else "-"))
 
 
 _FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {

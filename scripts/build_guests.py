@@ -15,7 +15,7 @@ GUEST_DIR = REPO_ROOT / "hypervisor" / "guest_images"
 LIB_SOURCE = "lib.S"
 # Guests that are also kept as ELF64 executables (for the ELF loader tests).
 ELF_GUESTS = ("hello",)
-# Must match hypervisor/guest/layout.py (IMAGE_LOAD_GPA, MAX_FLAT_IMAGE_SIZE); not
+# Must match hypervisor/vmm/layout.py (IMAGE_LOAD_GPA, MAX_FLAT_IMAGE_SIZE); not
 # imported so that this script runs without the simulator package.
 IMAGE_LOAD_GPA = 0x100000
 MAX_FLAT_IMAGE_SIZE = 0x100000

@@ -8,38 +8,19 @@ and the scheduler see.  Retries with no instruction retired in between are count
 for the livelock diagnosis.
 """
 
-import ctypes
-
-from unicorn import UC_HOOK_CODE, Uc
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn import Uc
 
 from ..errors import Livelock
-from ..guest.layout import TSC_KHZ
 from ..kvm.vcpu import FAULT_RETRY_COST, LIVELOCK_RETRIES, Vcpu
 from ..types import PAGE_SHIFT
-from . import _icount
-
-
-class _ICount(ctypes.Structure):
-    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
-                ("stopped", ctypes.c_uint64))
-
-
-def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
-    """uc_hook_add() with a C callback pointer, over the whole address range."""
-    handle = ctypes.c_size_t()
-    err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), htype, callback, user_data, ctypes.c_uint64(1),
-                            ctypes.c_uint64(0))
-    if err != 0:
-        raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
+from ..vmm.layout import TSC_KHZ
+from .binding import add_icount_hook
 
 
 class VcpuClock:
     def __init__(self, uc: Uc, insns_per_ms: int) -> None:
         self._insns_per_ms = insns_per_ms
-        self.ic = _ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0)
-        raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
-                     ctypes.cast(ctypes.pointer(self.ic), ctypes.c_void_p))
+        self.ic = add_icount_hook(uc)
         # This slice: instructions retired, and time spent in retried faults (part of ic.counter).
         self.slice_retired = 0
         self.stall_in_slice = 0
@@ -101,4 +82,4 @@ class VcpuClock:
         return (self._time_before + int(self.ic.counter) - 1) * TSC_KHZ // self._insns_per_ms
 
 
-__all__ = ["VcpuClock", "raw_hook_add"]
+__all__ = ["VcpuClock"]

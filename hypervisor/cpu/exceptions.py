@@ -16,9 +16,6 @@ fault), and a #PF's CR2 is the page address of the access, because Unicorn's TLB
 fill hook sees only the page.
 """
 
-import contextlib
-import ctypes
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -118,7 +115,8 @@ def enter_handler(uc: Any, exc: PendingException, read_qword: Callable[[int], in
     """Deliver exc on the Unicorn CPU uc: push the frame, load the handler's state; return its RIP."""
     from unicorn import x86_const as x86
 
-    from ..guest.layout import GDT_CODE64_SELECTOR
+    from ..vmm.layout import GDT_CODE64_SELECTOR
+    from .binding import reset_old_exception
 
     idtr = uc.reg_read(x86.UC_X86_REG_IDTR)
     cs = int(uc.reg_read(x86.UC_X86_REG_CS)) or GDT_CODE64_SELECTOR  # Unicorn boots with a null CS selector
@@ -134,64 +132,3 @@ def enter_handler(uc: Any, exc: PendingException, read_qword: Callable[[int], in
     if exc.vector != PF_VECTOR:
         reset_old_exception(uc)  # the CPU model raised it: undo QEMU's double-fault bookkeeping
     return entry.rip
-
-
-class OldExceptionReset:
-    """Clears QEMU's `env->old_exception` after hvsim delivered an exception raised by the CPU model.
-
-    QEMU's check_exception() (target/i386/excp_helper.c) turns a second
-    contributory fault into #DF, and a third into a shutdown, unless do_interrupt()
-    reset old_exception to -1 in between; Unicorn never calls do_interrupt(), so
-    after two handled #DE the model would report a #DF.  The field is found once
-    per process by a probe (a #DE on a scratch Uc: the one int32 of the saved
-    context that goes from -1 to 0), then reset through uc_context_save/restore.
-    """
-
-    _offset: int | None = None
-    _probed = False
-
-    @classmethod
-    def offset(cls, probe: Callable[[], tuple[bytes, bytes]]) -> int | None:
-        if not cls._probed:
-            cls._probed = True
-            before, after = probe()
-            hits = [off for off in range(0, min(len(before), len(after)) - 3, 4)
-                    if struct.unpack_from("<i", before, off)[0] == -1 and struct.unpack_from("<i", after, off)[0] == 0]
-            cls._offset = hits[0] if len(hits) == 1 else None
-        return cls._offset
-
-    @staticmethod
-    def patch(buffer_address: int, size: int, offset: int) -> None:
-        if offset + 4 <= size:
-            ctypes.memmove(buffer_address + offset, struct.pack("<i", -1), 4)
-
-
-def probe_old_exception() -> tuple[bytes, bytes]:
-    """Saved contexts of a scratch Uc before and after a #DE that its UC_HOOK_INTR caught (see OldExceptionReset)."""
-    from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, Uc, UcError
-    from unicorn import x86_const as x86
-
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
-    uc.mem_map(0, 0x10000)
-    uc.mem_write(0x1000, bytes.fromhex("31c9f7f1"))  # xor ecx, ecx; div ecx
-    uc.reg_write(x86.UC_X86_REG_RSP, 0x8000)
-    before = context_bytes(uc)
-    uc.hook_add(UC_HOOK_INTR, lambda u, _n, _d: u.emu_stop())
-    with contextlib.suppress(UcError):
-        uc.emu_start(0x1000, 0x2000)
-    return before, context_bytes(uc)
-
-
-def context_bytes(uc: Any) -> bytes:
-    ctx = uc.context_save()
-    return ctypes.string_at(ctx.context, ctx.size)
-
-
-def reset_old_exception(uc: Any) -> None:
-    """Set env->old_exception back to -1, as QEMU's do_interrupt() does after a delivery."""
-    offset = OldExceptionReset.offset(probe_old_exception)
-    if offset is None:
-        return
-    ctx = uc.context_save()
-    OldExceptionReset.patch(ctypes.cast(ctx.context, ctypes.c_void_p).value or 0, ctx.size, offset)
-    uc.context_restore(ctx)

@@ -5,12 +5,16 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 * Unicorn runs in virtual-TLB mode over one mapping of the whole FramePool, so a
   Unicorn "physical" address is pfn * 4096 and every VM's vCPU sees the same frames.
 * Each TLB miss calls `_tlb_fill`: it walks the guest's 4-level page tables
-  (gva -> gpa; the walk's own reads of page-table pages go through the sptes, as a
-  real EPT walk does) and then looks up the leaf spte (gfn -> pfn).  A missing or
+  (cpu/walk.py `walk_gva`, gva -> gpa; the walk's own reads of page-table pages go
+  through the sptes, as a real EPT walk does) and then looks up the leaf spte
+  (gfn -> pfn).  A missing or
   read-only spte for the access is an EPT_VIOLATION exit, handled right there by
   KVM's fault path (kvm/vcpu.py); a retried fault is another exit.  The guest
   instruction then completes against the frame the spte maps.
-* Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it.
+* Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it
+  (cpu/exit_dispatch.py; HLT here, in `run`).
+* Every use of the Unicorn binding's private state (raw hooks, the engine handle,
+  hook exceptions) goes through cpu/binding.py, which checks the Unicorn version.
 * A guest exception (from the walk or from the CPU model) is delivered through the
   guest's IDT by cpu/exceptions.py at the end of the slice; with no IDT it is a
   triple fault.  CR3 is read on every instruction-fetch TLB fill (the first fill after any
@@ -25,76 +29,51 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   state (cpu/sensitive_insns.py); CPUID from KVM's fixed table (kvm/cpuid.py).
 """
 
-import ctypes
 from typing import Any
 
 from unicorn import (
-    UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
-    UC_HOOK_INSN,
-    UC_HOOK_INSN_INVALID,
-    UC_HOOK_INTR,
-    UC_HOOK_TLB_FILL,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
-    UC_MODE_64,
     UC_PROT_ALL,
     UC_PROT_EXEC,
     UC_PROT_READ,
     UC_TLB_VIRTUAL,
-    Uc,
-    UcError,
 )
 from unicorn import x86_const as x86
-from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
 
-from ..guest.loader import BootParams
 from ..host.frames import FramePool
 from ..kvm.mmu import FaultResult
-from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_READABLE, SPTE_WRITABLE
+from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
-from .clock import VcpuClock, raw_hook_add
+from ..vmm.loader import BootParams
+from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
+from .binding import add_tlb_fill_hook, cr3_reader, emu_start, new_x86_64, take_hook_exception
+from .clock import VcpuClock
 from .disasm import disassemble_one
 from .exceptions import (
-    EXCEPTION_NAMES,
-    PF_ERR_PRESENT,
     PF_ERR_WRITE,
     PF_VECTOR,
     DeliveryFailed,
     PendingException,
     enter_handler,
 )
+from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
-from .walk import LARGE_OFFSET, LEAF_SHIFT, UPPER_SHIFTS, GuestFault, peek_bytes, translate_peek, walk_levels
+from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
 # address (it is above the canonical guest's identity map), so it is given the zero page.
 UNTIL = 0xFFFF_FFFF_FFFF_F000
 _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 
-_SPTE_PFN_MASK = 0x000F_FFFF_FFFF_F000
 _SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
 _SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
 
-_CR0_PE = 1 << 0
-_CR0_WP = 1 << 16
-_CR0_PG = 1 << 31
-_CR4_PAE = 1 << 5
-_EFER_MSR = 0xC0000080
-_EFER_LME = 1 << 8
-_EFER_LMA = 1 << 10
-
-_VMCALL = b"\x0f\x01\xc1"
 _HLT = b"\xf4"
-_KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
-_UD_VECTOR = 6
-
-
-_TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
-                                   ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
 
 
 class _SliceEnd(Exception):
@@ -108,7 +87,7 @@ class _Mmio(Exception):
         self.gpa = gpa
 
 
-class UnicornVcpu:
+class UnicornVcpu(ExitDispatch):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
@@ -122,9 +101,7 @@ class UnicornVcpu:
         self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
         self._stop_note: str | None = None
-        # Paging-structure cache: 2 MiB region of gva -> (base gpa, large page, writable).
-        self._pscache: dict[int, tuple[int, bool, bool]] = {}
-        self._guest_writable = True
+        self._pscache: PagingStructureCache = {}
         self._pending: PendingException | None = None
         # The access abandoned by _SliceEnd: "fetch" (no instruction counted yet) or "data".
         self._abandoned: str | None = None
@@ -132,18 +109,13 @@ class UnicornVcpu:
         # for fetches); the answer stays no, without taking the exit twice.
         self._refused = False
         self._emulating = False
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc = new_x86_64()
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
-        self._tlb_cb = _TLB_FILL_CFUNC(self._make_raw_tlb_fill(uc))
-        raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(self._tlb_cb, ctypes.c_void_p), None)
-        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
-        uc.hook_add(UC_HOOK_INTR, self._interrupt)
+        self._read_cr3 = cr3_reader(uc)
+        self._tlb_cb = add_tlb_fill_hook(uc, self._tlb_fill, self._refuse)
+        self._add_exit_hooks(uc)
         self.clock = VcpuClock(uc, insns_per_ms)
         self.uc = uc
         self._frames_2d = frames.frames
@@ -152,9 +124,9 @@ class UnicornVcpu:
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
-        uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
-        uc.msr_write(_EFER_MSR, _EFER_LME | _EFER_LMA)
-        uc.reg_write(x86.UC_X86_REG_CR0, _CR0_PE | _CR0_WP | _CR0_PG | 0x10)
+        uc.reg_write(x86.UC_X86_REG_CR4, CR4_PAE)
+        uc.msr_write(MSR_EFER, EFER_LME | EFER_LMA)
+        uc.reg_write(x86.UC_X86_REG_CR0, CR0_PE | CR0_ET | CR0_WP | CR0_PG)
         uc.reg_write(x86.UC_X86_REG_RSP, boot.rsp)
         uc.reg_write(x86.UC_X86_REG_RSI, boot.rsi)
         self.rip = boot.rip
@@ -184,22 +156,18 @@ class UnicornVcpu:
         self._pending = None
         self._abandoned = None
         self._refused = False
-        error: UcError | None = None
         self._emulating = True
         try:
-            self.uc.emu_start(self.rip, UNTIL)
-        except UcError as exc:
-            error = exc
+            error = emu_start(self.uc, self.rip, UNTIL)
         finally:
             self._emulating = False
         # An abandoned data access: its instruction was counted but runs again next slice.
         retired = clock.end_slice(unfinished=self._abandoned == "data")
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
-        raised = self.uc._hook_exception
+        raised = take_hook_exception(self.uc)
         if raised is not None:
             # An exception in one of our hooks (an invariant violation, a bug): Unicorn
             # reports it as a failed run; the exception is what happened.
-            self.uc._hook_exception = None
             raise raised
         if vcpu.state is not VcpuState.RUNNABLE:
             return retired
@@ -245,13 +213,13 @@ class UnicornVcpu:
     def _frame_of(self, gva: int, write: bool) -> int:
         """The pfn behind gva for an access made while delivering an exception (exits as the CPU's would)."""
         try:
-            gpa = self._walk(gva, write)
+            gpa, _ = walk_gva(self._cr3, gva, write, self._read_pte, self._pscache)
             spte = self._ept(gpa >> PAGE_SHIFT, write)
         except GuestFault as fault:
             raise DeliveryFailed(f"and pushing its frame faulted ({fault} at gva {gva:#x})") from None
         except _Mmio as mmio:
             raise DeliveryFailed(f"and pushing its frame reached gpa {mmio.gpa:#x}, outside every memslot") from None
-        return (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
+        return (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
 
     def _stop_now(self, note: str | None = None) -> None:
         """Stop before the next instruction (the C hook sees the limit reached)."""
@@ -262,39 +230,31 @@ class UnicornVcpu:
 
     # --- the MMU: guest page walk + EPT ----------------------------------------------------
 
-    def _make_raw_tlb_fill(self, uc: Uc) -> Any:
-        fill = self._tlb_fill
-        # A guest's mov to CR3 raises no event, but the cached upper levels of the walks must go with
-        # it.  QEMU ends the translation block after a CR write, and the CR3 write flushed the TLB and
-        # the TB jump cache, so the next fill is always the fetch of the next instruction: reading
-        # CR3 (a raw call, ~0.4 us) on fetch fills only sees every switch before any data access.
-        reg_read, uch, cr3_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_CR3
-        cr3_buf = ctypes.c_uint64()
-        cr3_ref = ctypes.byref(cr3_buf)
+    def _refuse(self) -> None:
+        """A hook raised inside the TLB fill: refuse every further fill of this run."""
+        self._refused = True
 
-        def raw(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
-            try:
-                if access == UC_MEM_FETCH:
-                    reg_read(uch, cr3_id, cr3_ref)
-                    if cr3_buf.value != self._cr3:
-                        self._cr3 = cr3_buf.value
-                        self._pscache.clear()
-                return fill(uc, vaddr, access, entry.contents, None)
-            except BaseException as exc:  # as the binding's own wrapper: record, stop
-                if uc._hook_exception is None:
-                    uc._hook_exception = exc
-                self._refused = True
-                uc.emu_stop()
-                return False
-
-        return raw
-
-    def _tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
+    def _tlb_fill(self, vaddr: int, access: int, entry: Any) -> bool:
+        """The hardware MMU on a Unicorn TLB miss: guest walk (gva -> gpa), then the EPT (gfn -> pfn)."""
+        if access == UC_MEM_FETCH:
+            # A guest's mov to CR3 raises no event, but the cached upper levels of the walks must go
+            # with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging on
+            # (cpu_x86_update_cr3) and ends the translation block after a mov to CR; the next
+            # instruction is looked up afresh, which fills its page for a fetch before it can make
+            # any data access.  So the first fill after a CR3 write is a fetch fill, and reading
+            # CR3 on fetch fills only (a raw call, ~0.4 us) sees every switch before the new
+            # address space is used.  (tests/unit/test_guest_walk.py: the cache keeps the old root
+            # until emptied; tests/sdk/test_workloads.py: forkserver switches CR3 per child with the
+            # same counts at any --quantum.)
+            cr3 = self._read_cr3()
+            if cr3 != self._cr3:
+                self._cr3 = cr3
+                self._pscache.clear()
         if self._refused:
             return False
         write = access == UC_MEM_WRITE
         try:
-            gpa = self._walk(vaddr, write)
+            gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
             gfn = gpa >> PAGE_SHIFT
             spte = self._sptes_mv[gfn] if gfn < self._nr_gfns else 0
             # Fast path: a present spte that permits the access, with its A (and D) bits set.
@@ -321,9 +281,9 @@ class UnicornVcpu:
                            f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
             self._refused = True
             return False
-        pfn = (spte & _SPTE_PFN_MASK) >> PAGE_SHIFT
+        pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
-        if spte & SPTE_WRITABLE and self._guest_writable:
+        if spte & SPTE_WRITABLE and guest_writable:
             entry.perms = UC_PROT_ALL
         else:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
@@ -359,84 +319,16 @@ class UnicornVcpu:
         if self.clock.fault_retried(self.vcpu, gfn) and self._emulating:
             raise _SliceEnd()
 
-    def _walk(self, gva: int, write: bool) -> int:
-        """gva -> gpa through the guest's 4-level tables; sets _guest_writable.
-
-        The upper levels (PML4E, PDPTE, PDE) of each 2 MiB region are cached, as the
-        hardware's paging-structure caches do, until the next TLB flush or CR3 change;
-        every read of a guest page-table page that is not cached goes through the EPT.
-        """
-        upper = self._pscache.get(gva >> 21)
-        if upper is None:
-            upper = self._pscache[gva >> 21] = walk_levels(self._cr3, gva, UPPER_SHIFTS, self._read_pte)
-        base, large, writable = upper
-        if large:
-            gpa = base | (gva & LARGE_OFFSET)
-        else:
-            frame, _, leaf_writable = walk_levels(base, gva, LEAF_SHIFT, self._read_pte)
-            writable = writable and leaf_writable
-            gpa = frame | (gva & (PAGE_SIZE - 1))
-        if write and not writable:
-            raise GuestFault("#PF write to a read-only page", PF_VECTOR, PF_ERR_PRESENT)
-        self._guest_writable = writable
-        return gpa
-
     def _read_pte(self, pte_gpa: int) -> int:
         """A guest page-table entry, read through the EPT as the hardware walker does."""
         spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
-        return int(self._qwords[(spte & _SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
+        return int(self._qwords[(spte & SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
 
     def _undefined_opcode(self, note: str, rip: int) -> None:
         """#UD: the instruction does not run (RIP stays on it); the exception is delivered at the slice end."""
-        self._pending = PendingException(_UD_VECTOR, 0, rip, note)
+        self._pending = PendingException(UD_VECTOR, 0, rip, note)
         self._stop_now()
         self.uc.reg_write(x86.UC_X86_REG_RIP, rip)
-
-    def _rip_for_trace(self) -> int:
-        if self.vcpu.vm.trace is None:
-            return 0
-        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
-
-    # --- other exits -----------------------------------------------------------------
-
-    def _out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
-        self.vcpu.handle_io(port, size, value, True, self._rip_for_trace())
-        if self.vcpu.state is not VcpuState.RUNNABLE:
-            self._stop_now()
-
-    def _in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
-        return self.vcpu.handle_io(port, size, 0, False, self._rip_for_trace())
-
-    def _cpuid(self, uc: Uc, _ud: object) -> int:
-        leaf = uc.reg_read(x86.UC_X86_REG_EAX)
-        subleaf = uc.reg_read(x86.UC_X86_REG_ECX)
-        regs = self.vcpu.handle_cpuid(leaf, subleaf, self._rip_for_trace())
-        for reg, value in zip((x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX),
-                              regs, strict=True):
-            uc.reg_write(reg, value)
-        return 1
-
-    def _syscall(self, uc: Uc, _ud: object) -> None:
-        # EFER.SCE is clear in the boot state: SYSCALL raises #UD.
-        rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
-        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD syscall with EFER.SCE clear")
-        self._stop_now()
-
-    def _invalid_insn(self, uc: Uc, _ud: object) -> bool:
-        rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
-        if self.peek_code(rip, 3) == _VMCALL:
-            self.vcpu.handle_vmcall(rip)
-            uc.reg_write(x86.UC_X86_REG_RAX, _KVM_ENOSYS)
-            uc.reg_write(x86.UC_X86_REG_RIP, rip + 3)
-            return True
-        self._pending = PendingException(_UD_VECTOR, 0, rip, "#UD invalid opcode")
-        return False
-
-    def _interrupt(self, uc: Uc, intno: int, _ud: object) -> None:
-        # Unicorn hands the exception to this hook instead of the guest's IDT: hvsim delivers it (run()).
-        name = EXCEPTION_NAMES.get(intno, f"exception vector {intno}")
-        self._pending = PendingException(intno, 0, int(uc.reg_read(x86.UC_X86_REG_RIP)), name)
-        self._stop_now()
 
     # --- inspection without exits (reports) ----------------------------------------------
 

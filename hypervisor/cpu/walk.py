@@ -1,14 +1,17 @@
-"""The guest's 4-level page walk (gva -> gpa), as the hardware walker does it; pure logic over a pte reader."""
+"""The guest's 4-level page walk (gva -> gpa), as the hardware walker does it; pure logic over a pte reader.
+
+`walk_gva` is what the vCPU's TLB fill runs: it takes the pte reader (which, in the
+vCPU, reads guest page-table pages through the EPT, taking exits) and the
+paging-structure cache it may use and fill, and returns (gpa, writable) or raises
+GuestFault; it keeps no state of its own.
+"""
 
 from collections.abc import Callable
 
 from ..types import PAGE_SIZE, Gpa
-from .exceptions import PF_VECTOR
+from ..x86 import CANONICAL_HIGH_START, CANONICAL_LOW_END, PTE_ADDR_MASK, PTE_P, PTE_PS, PTE_RW
+from .exceptions import PF_ERR_PRESENT, PF_VECTOR
 
-_PTE_P = 1 << 0
-_PTE_RW = 1 << 1
-_PTE_PS = 1 << 7
-_PTE_ADDR = 0x000F_FFFF_FFFF_F000
 UPPER_SHIFTS = (39, 30, 21)
 LEAF_SHIFT = (12,)
 LARGE_OFFSET = (1 << 21) - 1  # a large page is cached and handed out per 2 MiB region
@@ -24,6 +27,10 @@ class GuestFault(Exception):
         self.error_code = error_code
 
 
+# The paging-structure cache: 2 MiB region of gva (gva >> 21) -> walk_levels' result for
+# the upper levels (PML4E, PDPTE, PDE): (next table or 2 MiB region base, large, writable).
+PagingStructureCache = dict[int, tuple[int, bool, bool]]
+
 
 def walk_levels(table: int, gva: int, shifts: tuple[int, ...],
                  read_pte: Callable[[int], int]) -> tuple[int, bool, bool]:
@@ -33,20 +40,45 @@ def walk_levels(table: int, gva: int, shifts: tuple[int, ...],
     level, or, when a PDPTE/PDE maps a large page, the base of the 2 MiB region of
     `gva` inside it (large); writable is the AND of the R/W bits on the way.
     """
-    if not (gva < 0x0000_8000_0000_0000 or gva >= 0xFFFF_8000_0000_0000):
+    if not (gva < CANONICAL_LOW_END or gva >= CANONICAL_HIGH_START):
         raise GuestFault("#GP non-canonical address", _GP_VECTOR)
-    table &= _PTE_ADDR
+    table &= PTE_ADDR_MASK
     writable = True
     for shift in shifts:
         pte = read_pte(table + (((gva >> shift) & 511) << 3))
-        if not pte & _PTE_P:
+        if not pte & PTE_P:
             raise GuestFault("#PF page not present", PF_VECTOR)
-        writable = writable and bool(pte & _PTE_RW)
-        if shift in (30, 21) and pte & _PTE_PS:
+        writable = writable and bool(pte & PTE_RW)
+        if shift in (30, 21) and pte & PTE_PS:
             size_mask = (1 << shift) - 1
-            return (pte & _PTE_ADDR & ~size_mask) | (gva & size_mask & ~LARGE_OFFSET), True, writable
-        table = pte & _PTE_ADDR
+            return (pte & PTE_ADDR_MASK & ~size_mask) | (gva & size_mask & ~LARGE_OFFSET), True, writable
+        table = pte & PTE_ADDR_MASK
     return table, False, writable
+
+
+def walk_gva(cr3: int, gva: int, write: bool, read_pte: Callable[[int], int],
+             pscache: PagingStructureCache) -> tuple[int, bool]:
+    """gva -> (gpa, writable) through the guest's 4-level tables rooted at cr3; raises GuestFault.
+
+    The upper levels of each 2 MiB region come from `pscache` when it has them (as the
+    hardware's paging-structure caches do) and are added to it otherwise; the caller
+    empties it on a TLB flush or a CR3 change.  `writable` is the AND of the R/W bits
+    of every level (the walk's result for a read); a write through a read-only level
+    is a #PF with the present bit set in its error code.
+    """
+    upper = pscache.get(gva >> 21)
+    if upper is None:
+        upper = pscache[gva >> 21] = walk_levels(cr3, gva, UPPER_SHIFTS, read_pte)
+    base, large, writable = upper
+    if large:
+        gpa = base | (gva & LARGE_OFFSET)
+    else:
+        frame, _, leaf_writable = walk_levels(base, gva, LEAF_SHIFT, read_pte)
+        writable = writable and leaf_writable
+        gpa = frame | (gva & (PAGE_SIZE - 1))
+    if write and not writable:
+        raise GuestFault("#PF write to a read-only page", PF_VECTOR, PF_ERR_PRESENT)
+    return gpa, writable
 
 
 def translate_peek(cr3: int, gva: int, read_guest: Callable[[Gpa, int], bytes]) -> int | None:
@@ -59,10 +91,9 @@ def translate_peek(cr3: int, gva: int, read_guest: Callable[[Gpa, int], bytes]) 
             raise GuestFault("page table outside guest memory", PF_VECTOR) from None
 
     try:
-        base, large, _ = walk_levels(cr3, gva, UPPER_SHIFTS + LEAF_SHIFT, read_pte)
+        return walk_gva(cr3, gva, False, read_pte, {})[0]
     except GuestFault:
         return None
-    return base | (gva & (LARGE_OFFSET if large else PAGE_SIZE - 1))
 
 
 def peek_bytes(cr3: int, gva: int, length: int, read_guest: Callable[[Gpa, int], bytes]) -> bytes:

@@ -1,1 +1,1 @@
-"""Guest-side conventions: the boot layout and the image loader."""
+"""Guest programs: the bundled guests' catalog and the C guest SDK's build (the boot protocol is in vmm/)."""

@@ -62,3 +62,12 @@ def _c_header(lines: list[str]) -> list[str]:
         if stripped.endswith("*/"):
             break
     return out
+
+
+def render_catalog(directory: Path) -> str:
+    """`hvsim images`: every bundled guest, its --cmdline parameters and its image file."""
+    lines = ["Run one with `hvsim run NAME` (every command takes a NAME or the path of an image file).", ""]
+    for guest in bundled_guests(directory):
+        params = " ".join(f"{name}={default}" for name, default, _ in guest.params) or "(no parameters)"
+        lines += [f"{guest.name:<10} {guest.summary}", f"{'':<10} {params}", f"{'':<10} {guest.image}"]
+    return "\n".join(lines) + "\n"

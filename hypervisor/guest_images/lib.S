@@ -1,6 +1,6 @@
 # lib.S - routines shared by the bundled hvsim guests (.include'd by each guest).
 #
-# Boot protocol (see hypervisor/guest/layout.py): 64-bit long mode, ring 0,
+# Boot protocol (see hypervisor/vmm/layout.py): 64-bit long mode, ring 0,
 # interrupts off, no IDT, the first 1 GiB identity mapped (gva == gpa), the flat
 # image loaded at 0x100000 and entered at its first byte, RSI = boot-parameters
 # page (0x2000), RSP = 0x80000.  The image is never written: working data lives at

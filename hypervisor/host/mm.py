@@ -34,20 +34,19 @@ from .mmu_notifier import (
     ptep_clear_flush_young_notify,
     set_pte_at_notify,
 )
+from .pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_KSM_ZERO,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+)
 
 if TYPE_CHECKING:
     from .ksm import Ksm
 
-_PAGE_PRESENT = 1 << 0
-_PAGE_RW = 1 << 1
-_PAGE_ACCESSED = 1 << 5
-_PAGE_DIRTY = 1 << 6
 PAGE_DIRTY = _PAGE_DIRTY
-_PAGE_SPECIAL = 1 << 9  # a pte with no struct page behind it: the zero page
-# 6.x marks a zero-page pte installed by KSM (use_zero_pages) so that ksm_zero_pages
-# can be decremented when it goes; hvsim keeps that mark in a software bit.
-_PAGE_KSM_ZERO = 1 << 10
-_PTE_FLAGS_MASK = (1 << PAGE_SHIFT) - 1
 
 VM_READ = 1 << 0
 VM_WRITE = 1 << 1

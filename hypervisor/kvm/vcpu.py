@@ -3,7 +3,7 @@
 The instruction-level backend (cpu/unicorn_vcpu.py) executes guest code and calls
 these handlers on every exit it takes; this module decides what each exit means
 (as arch/x86/kvm/vmx.c's kvm_vmx_exit_handlers do, plus the VMM's handling of the
-exits KVM passes to userspace: port I/O for the console and the exit port).
+exits KVM passes to userspace: port I/O goes to the VMM's port bus, vmm/devices.py).
 """
 
 from collections import Counter
@@ -11,8 +11,6 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import GuestError
-from ..guest.console import Console
-from ..guest.layout import COM1_PORT, EXIT_PORT
 from ..types import PAGE_SHIFT, Gfn
 from .cpuid import kvm_find_cpuid_entry
 from .exits import (
@@ -31,8 +29,6 @@ from .stats import VcpuStats
 if TYPE_CHECKING:
     from .vm import Vm
 
-COM1_LSR_PORT = COM1_PORT + 5
-LSR_THR_EMPTY = 0x60  # transmitter idle: a guest that polls before writing may write
 # A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
 # in KVM that is an exit, an entry and a gfn_to_pfn whose result was dropped.  hvsim charges
 # each retried fault this much of the vCPU's simulated time, in instruction-times (2 us at
@@ -65,6 +61,14 @@ class VcpuBackend(Protocol):
     def flush_tlb(self) -> None: ...
 
 
+class PortIoBus(Protocol):
+    """The VMM's port I/O bus, where KVM_EXIT_IO accesses go (vmm/devices.py PortBus)."""
+
+    def pio_read(self, port: int, size: int) -> int: ...
+
+    def pio_write(self, port: int, size: int, value: int) -> None: ...
+
+
 class VcpuState(Enum):
     RUNNABLE = "runnable"
     HALTED = "halted"  # HLT with interrupts off: the VM is done (status 0)
@@ -80,7 +84,8 @@ class Vcpu:
         self.stats = VcpuStats()
         self.state = VcpuState.RUNNABLE
         self.exit_status: int | None = None
-        self.console = Console()
+        # The VMM attaches its port bus (vmm/devices.py); until then nothing decodes any port.
+        self.pio: PortIoBus = _FloatingBus()
         self.failure: str | None = None
         # Which HvsimError the failure is, so that callers classify it by type, never by its text.
         self.failure_kind: type[GuestError] | None = None
@@ -126,7 +131,7 @@ class Vcpu:
         return result
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
-        """IO_INSTRUCTION: KVM exits to userspace, where the VMM emulates the device."""
+        """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""
         self._count_exit(ExitReason.IO_INSTRUCTION)
         self.stats.io_exits += 1
         self.exit_work[(ExitReason.IO_INSTRUCTION, "userspace")] += 1
@@ -135,15 +140,14 @@ class Vcpu:
             qual = (size - 1) | ((0 if is_out else 1) << 3) | (port << 16)
             self._trace_exit(ExitReason.IO_INSTRUCTION, rip, qual)
         if is_out:
-            if port == COM1_PORT:
-                self.console.write(value & 0xFF)
-            elif port == EXIT_PORT:
-                self.exit_status = value & 0xFF
-                self.state = VcpuState.EXITED
+            self.pio.pio_write(port, size, value)
             return 0
-        if port == COM1_LSR_PORT:
-            return LSR_THR_EMPTY
-        return (1 << (8 * size)) - 1  # nothing decodes the port: the bus floats high
+        return self.pio.pio_read(port, size)
+
+    def vmm_exit(self, status: int) -> None:
+        """The VMM ends the VM with this exit status (the isa-debug-exit device was written)."""
+        self.exit_status = status
+        self.state = VcpuState.EXITED
 
     def handle_hlt(self, rip: int) -> None:
         """HLT with interrupts disabled can never wake up: the VMM ends the VM with status 0."""
@@ -184,4 +188,12 @@ class Vcpu:
 
 class _NoBackend:
     def flush_tlb(self) -> None:
+        pass
+
+
+class _FloatingBus:
+    def pio_read(self, port: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def pio_write(self, port: int, size: int, value: int) -> None:
         pass

@@ -1,7 +1,7 @@
 /* crt0.S - the hvsim guest SDK's entry point and exception stubs.
  *
  * _start is entered in long mode with RSI = the boot-parameters page and RSP = the top
- * of the boot stack (hypervisor/guest/layout.py).  It keeps the boot-parameters pointer,
+ * of the boot stack (hypervisor/vmm/layout.py).  It keeps the boot-parameters pointer,
  * puts the VM index at the top of the stack (so that no two VMs' stack pages are
  * identical, as the assembly guests do), and calls hv_start (hvsim.c), which never
  * returns.  hv_isr_stubs[v] is vector v's IDT entry point: it pushes a zero error code

@@ -7,8 +7,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from hypervisor.cli import main
-from hypervisor.guest.console import HEAD_BYTES, TAIL_BYTES
 from hypervisor.sim import GUEST_IMAGES
+from hypervisor.vmm.console import HEAD_BYTES, TAIL_BYTES
 
 HELLO = str(GUEST_IMAGES / "hello.bin")
 # mov ecx,10000; mov dx,0x3f8; 1: mov al,'a'; 2: out dx,al; inc al; cmp al,'z'+1; jne 2b;

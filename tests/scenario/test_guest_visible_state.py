@@ -16,9 +16,9 @@ from unicorn import x86_const as x86
 
 from hypervisor.cli import main
 from hypervisor.cpu.sensitive_insns import candidate_offsets
-from hypervisor.guest.layout import TSC_KHZ
 from hypervisor.kvm.cpuid import CPUID_TABLE, kvm_find_cpuid_entry
 from hypervisor.sim import DEFAULT_INSNS_PER_MS, DEFAULT_QUANTUM
+from hypervisor.vmm.layout import TSC_KHZ
 
 from .guests import flat_guest, run
 

@@ -42,7 +42,7 @@ def run_with_manual_ksmd(img: str, cmdline: str, profile: str, change_pte: bool 
     phases = Phases(sim)
 
     def watch(s: Simulation) -> None:
-        lines = bytes(s.vms[0].vcpus[0].console).decode().count("\n")
+        lines = bytes(s.devices[0].console).decode().count("\n")
         if lines not in phases.at_line:
             phases.at_line[lines] = _exits(s)
             if lines == merge_after_pass:

@@ -1,8 +1,8 @@
-"""Unit tests of the VMM's bounded COM1 console (guest/console.py)."""
+"""Unit tests of the VMM's bounded COM1 console (vmm/console.py)."""
 
 import io
 
-from hypervisor.guest.console import HEAD_BYTES, TAIL_BYTES, Console, console_paths
+from hypervisor.vmm.console import HEAD_BYTES, TAIL_BYTES, Console, console_paths
 
 
 def fill(console: Console, data: bytes) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import ConfigError, ImageError
 from ..kvm.vm import Vm
 from ..types import PAGE_SIZE, Gpa
+from ..x86 import PTE_P, PTE_PS, PTE_RW
 from . import layout
 
 # Larger images than this are refused before anything is read into memory.
@@ -24,9 +25,6 @@ _EM_X86_64 = 62
 _ET_EXEC = 2
 _ELF64_PHDR_SIZE = 56
 
-_PTE_P = 1 << 0
-_PTE_RW = 1 << 1
-_PTE_PS = 1 << 7
 _GDT = (
     0x0000000000000000,  # null
     0x00AF9B000000FFFF,  # 0x08: 64-bit code, DPL 0
@@ -172,10 +170,10 @@ def load(vm: Vm, image: GuestImage, cmdline: str, nr_vms: int) -> BootParams:
                      layout.HEAP_START_GPA)
     params[layout.BP_OFF_CMDLINE : layout.BP_OFF_CMDLINE + len(encoded)] = encoded
     vm.write_guest(Gpa(layout.BOOT_PARAMS_GPA), bytes(params[: layout.BP_OFF_CMDLINE + len(encoded) + 1]))
-    vm.write_guest(Gpa(layout.PML4_GPA), struct.pack("<Q", layout.PDPT_GPA | _PTE_P | _PTE_RW))
-    vm.write_guest(Gpa(layout.PDPT_GPA), struct.pack("<Q", layout.PD_GPA | _PTE_P | _PTE_RW))
+    vm.write_guest(Gpa(layout.PML4_GPA), struct.pack("<Q", layout.PDPT_GPA | PTE_P | PTE_RW))
+    vm.write_guest(Gpa(layout.PDPT_GPA), struct.pack("<Q", layout.PD_GPA | PTE_P | PTE_RW))
     vm.write_guest(Gpa(layout.PD_GPA),
-                   b"".join(struct.pack("<Q", (i << 21) | _PTE_P | _PTE_RW | _PTE_PS) for i in range(512)))
+                   b"".join(struct.pack("<Q", (i << 21) | PTE_P | PTE_RW | PTE_PS) for i in range(512)))
     for seg in image.segments:
         if seg.data:
             vm.write_guest(Gpa(seg.gpa), seg.data)

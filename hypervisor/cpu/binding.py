@@ -1,0 +1,221 @@
+"""The one place hvsim reaches past the public API of Unicorn's Python binding: written for Unicorn 2.1.4 only.
+
+What it reaches into, and why (everything else in cpu/ uses the public API):
+
+* `uclib` (the loaded libunicorn) and `Uc._uch` (the engine handle): the TLB-fill hook and
+  the instruction counter of _icount.c are registered as raw C callbacks with
+  uc_hook_add(), without the binding's two Python wrapper layers per call; CR3 is read
+  with a raw uc_reg_read() from inside the TLB-fill hook; _icount.c gets uc_emu_stop()'s
+  address.
+* `uc_tlb_entry`: the struct a TLB-fill hook fills.
+* `Uc._hook_exception`: where the binding's own hook wrappers keep an exception raised
+  in a hook; the raw TLB-fill hook keeps its exceptions there too, and `emu_start` here
+  re-raises it.
+* `UcContext.context` / `.size`: the saved CPU state, patched to reset QEMU's
+  `env->old_exception` (see `reset_old_exception`).
+
+`require_unicorn()` checks both the binding (`unicorn.__version__`) and the library
+(`uc_version()`) and refuses any other version with a clear HvsimError, since these are
+not interfaces Unicorn keeps stable.
+"""
+
+import contextlib
+import ctypes
+import struct
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import unicorn
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, Uc, UcError
+from unicorn import x86_const as x86
+
+from ..errors import UnsupportedUnicorn
+from . import _icount
+
+try:
+    from unicorn.unicorn_py3.unicorn import uc_tlb_entry, uclib
+except ImportError:  # another Unicorn: require_unicorn() says which, before anything here is used
+    uc_tlb_entry = uclib = None
+
+UNICORN_VERSION = "2.1.4"
+# uc_version()'s combined number is major << 24 | minor << 16 | patch << 8 | extra.
+_UC_VERSION_COMBINED = 0x02_01_04
+
+_TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                                   ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
+
+
+@cache
+def unicorn_version_problem() -> str | None:
+    """What is wrong with the installed Unicorn for this module, or None."""
+    binding = getattr(unicorn, "__version__", "unknown")
+    if binding != UNICORN_VERSION:
+        return f"the installed Unicorn Python binding is {binding}"
+    major, minor, combined = unicorn.uc_version()
+    if combined >> 8 != _UC_VERSION_COMBINED:
+        return f"the loaded libunicorn is {major}.{minor} (uc_version {combined:#x})"
+    if uclib is None:
+        return "the Unicorn binding has no unicorn.unicorn_py3.unicorn module"
+    return None
+
+
+def require_unicorn() -> None:
+    problem = unicorn_version_problem()
+    if problem is not None:
+        raise UnsupportedUnicorn(
+            f"{problem}, but hvsim's CPU model uses private parts of Unicorn {UNICORN_VERSION}'s binding "
+            f"(hypervisor/cpu/binding.py) and runs on that version only: install it with "
+            f"`pip install unicorn=={UNICORN_VERSION}` (the README's install command does).")
+
+
+def new_x86_64() -> Uc:
+    """A 64-bit x86 Unicorn instance, after checking that this module fits the installed Unicorn."""
+    require_unicorn()
+    return Uc(UC_ARCH_X86, UC_MODE_64)
+
+
+def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
+    """uc_hook_add() with a C callback pointer, over the whole address range."""
+    handle = ctypes.c_size_t()
+    err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), htype, callback, user_data, ctypes.c_uint64(1),
+                            ctypes.c_uint64(0))
+    if err != 0:
+        raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
+
+
+def add_tlb_fill_hook(uc: Uc, fill: Callable[[int, int, Any], bool],
+                      on_exception: Callable[[], None] | None = None) -> object:
+    """Register fill(vaddr, access, entry) as the raw UC_HOOK_TLB_FILL callback; entry is a uc_tlb_entry.
+
+    An exception in fill is kept as the binding's own wrappers keep it (re-raised by
+    `emu_start`), after calling on_exception; the fill is refused and the run stops.
+    Returns the ctypes callback, which must stay alive as long as uc.
+    """
+
+    def raw(_handle: int, vaddr: int, access: int, entry: Any, _ud: object) -> bool:
+        try:
+            return fill(vaddr, access, entry.contents)
+        except BaseException as exc:  # as the binding's own wrapper: record, stop
+            if uc._hook_exception is None:
+                uc._hook_exception = exc
+            if on_exception is not None:
+                on_exception()
+            uc.emu_stop()
+            return False
+
+    callback = _TLB_FILL_CFUNC(raw)
+    raw_hook_add(uc, UC_HOOK_TLB_FILL, ctypes.cast(callback, ctypes.c_void_p), None)
+    return callback
+
+
+def cr3_reader(uc: Uc) -> Callable[[], int]:
+    """A cheap CR3 read (a raw uc_reg_read, about 0.4 us) for use inside the TLB-fill hook."""
+    reg_read, uch, cr3_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_CR3
+    buf = ctypes.c_uint64()
+    ref = ctypes.byref(buf)
+
+    def read() -> int:
+        reg_read(uch, cr3_id, ref)
+        return buf.value
+
+    return read
+
+
+def emu_start(uc: Uc, begin: int, until: int) -> UcError | None:
+    """uc.emu_start(): the UcError of a run the CPU model failed (None: it ended normally).
+
+    When a hook raised and the run still ended normally, the binding raises that
+    exception here; when the hook also failed the run (a refused TLB fill), the run's
+    UcError is returned and the exception is left for `take_hook_exception`.
+    """
+    try:
+        uc.emu_start(begin, until)
+    except UcError as exc:
+        return exc
+    return None
+
+
+def take_hook_exception(uc: Uc) -> BaseException | None:
+    """The exception a hook raised in the last run (an invariant violation, a bug), cleared; None if none."""
+    raised: BaseException | None = uc._hook_exception
+    uc._hook_exception = None
+    return raised
+
+
+class ICount(ctypes.Structure):
+    """_icount.c's struct icount, which Python reads and writes between and during runs."""
+
+    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
+                ("stopped", ctypes.c_uint64))
+
+
+def add_icount_hook(uc: Uc) -> ICount:
+    """Register _icount.c's instruction counter as a raw UC_HOOK_CODE; returns its (zeroed) struct."""
+    ic = ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0)
+    raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
+                 ctypes.cast(ctypes.pointer(ic), ctypes.c_void_p))
+    return ic
+
+
+class OldExceptionReset:
+    """Clears QEMU's `env->old_exception` after hvsim delivered an exception raised by the CPU model.
+
+    QEMU's check_exception() (target/i386/excp_helper.c) turns a second
+    contributory fault into #DF, and a third into a shutdown, unless do_interrupt()
+    reset old_exception to -1 in between; Unicorn never calls do_interrupt(), so
+    after two handled #DE the model would report a #DF.  The field is found once
+    per process by a probe (a #DE on a scratch Uc: the one int32 of the saved
+    context that goes from -1 to 0), then reset through uc_context_save/restore.
+    """
+
+    _offset: int | None = None
+    _probed = False
+
+    @classmethod
+    def offset(cls, probe: Callable[[], tuple[bytes, bytes]]) -> int | None:
+        if not cls._probed:
+            cls._probed = True
+            before, after = probe()
+            hits = [off for off in range(0, min(len(before), len(after)) - 3, 4)
+                    if struct.unpack_from("<i", before, off)[0] == -1 and struct.unpack_from("<i", after, off)[0] == 0]
+            cls._offset = hits[0] if len(hits) == 1 else None
+        return cls._offset
+
+    @staticmethod
+    def patch(buffer_address: int, size: int, offset: int) -> None:
+        if offset + 4 <= size:
+            ctypes.memmove(buffer_address + offset, struct.pack("<i", -1), 4)
+
+
+def probe_old_exception() -> tuple[bytes, bytes]:
+    """Saved contexts of a scratch Uc before and after a #DE that its UC_HOOK_INTR caught (see OldExceptionReset)."""
+    uc = new_x86_64()
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, bytes.fromhex("31c9f7f1"))  # xor ecx, ecx; div ecx
+    uc.reg_write(x86.UC_X86_REG_RSP, 0x8000)
+    before = context_bytes(uc)
+    uc.hook_add(UC_HOOK_INTR, lambda u, _n, _d: u.emu_stop())
+    with contextlib.suppress(UcError):
+        uc.emu_start(0x1000, 0x2000)
+    return before, context_bytes(uc)
+
+
+def context_bytes(uc: Uc) -> bytes:
+    ctx = uc.context_save()
+    return ctypes.string_at(ctx.context, ctx.size)
+
+
+def reset_old_exception(uc: Uc) -> None:
+    """Set env->old_exception back to -1, as QEMU's do_interrupt() does after a delivery."""
+    offset = OldExceptionReset.offset(probe_old_exception)
+    if offset is None:
+        return
+    ctx = uc.context_save()
+    OldExceptionReset.patch(ctypes.cast(ctx.context, ctypes.c_void_p).value or 0, ctx.size, offset)
+    uc.context_restore(ctx)
+
+
+__all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_tlb_fill_hook", "cr3_reader", "emu_start",
+           "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception", "take_hook_exception",
+           "unicorn_version_problem"]
