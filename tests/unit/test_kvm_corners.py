@@ -56,9 +56,3 @@ def test_a_vmm_write_that_runs_past_the_end_of_guest_ram_is_refused_whole() -> N
         g.vm.write_guest(Gpa(4 * PAGE_SIZE - 2), b"abcd")
     assert g.mm.nr_faults == 0  # nothing was written, not even the bytes that fit
 
-
-def test_an_out_to_a_port_no_device_decodes_exits_to_the_vmm_and_is_dropped() -> None:
-    g = make_guest()
-    assert g.vcpu.handle_io(0x80, 1, 0x42, is_out=True, rip=0) == 0  # the POST-code port: no device
-    assert g.vcpu.stats.io_exits == 1
-    assert g.vcpu.console.total == 0 and g.vcpu.exit_status is None and g.vcpu.state.value == "runnable"
