@@ -168,6 +168,19 @@ def test_fuzz_elf_headers_never_make_hvsim_raise(tmp_path: Path, data: bytes, en
         Simulation(SimConfig(image=path, memory=4 << 20, max_insns=3000)).run()
 
 
+def wait_for_cpu_seconds(pid: int, seconds: float) -> None:
+    """Wait until the process has run `seconds` of CPU time: a wall-clock sleep measures nothing on a
+    busy machine (under `-n 2` the child may get a fraction of a core)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / ticks >= seconds:  # utime + stime
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the child ran less than {seconds} s of CPU in 120 s")
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_run_prints_its_report_so_far_marked_interrupted(sig: signal.Signals, code: int) -> None:
     env = dict(os.environ)
@@ -175,7 +188,7 @@ def test_an_interrupted_run_prints_its_report_so_far_marked_interrupted(sig: sig
         [sys.executable, "-m", "hypervisor", "run", str(GUEST_IMAGES / "samepage.bin"), "--json",
          "--cmdline", "pages=64 passes=1000000 spin=100000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(2.0)
+    wait_for_cpu_seconds(proc.pid, 2.0)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
