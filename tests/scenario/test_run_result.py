@@ -50,7 +50,7 @@ def test_host_memory_falls_back_to_16_gib_when_the_os_will_not_say(monkeypatch: 
     def no_sysconf(name: str) -> int:
         raise ValueError(name)
 
-    monkeypatch.setattr("hypervisor.sim.os.sysconf", no_sysconf)
+    monkeypatch.setattr("hypervisor.config.os.sysconf", no_sysconf)
     assert host_memory_bytes() == 16 << 30
 
 
