@@ -4,14 +4,17 @@
 Overview.  Simulated time is instructions retired (plus retried faults' cost), summed over
 all vCPUs, as if they shared one host CPU round-robin.  `Environment` is a heap of timed
 events in the manner of SimPy's: an event is (time, sequence number, action), and ties go
-in the order the events were scheduled.  Only vCPU slices move the clock: each runnable
-vCPU in turn runs for at most `quantum` instructions, and a slice also ends where the next
-host event is due, so that ksmd runs at its simulated time and not wherever a quantum
-happens to end.  After a slice, the host events due by then run (in time order), then the
-end-of-slice checks and hooks, then the next vCPU's slice.  ksmd wakes every
-`sleep_millisecs` (at `insns_per_ms`); with sleep_millisecs=0 it runs after every slice.
-ksmd's own work takes no simulated time.  Same inputs -> same counts, byte for byte, at
-every quantum.
+in the order the events were scheduled.  Only vCPU slices move the clock.  Each runnable
+vCPU in turn holds the host CPU for one `HOST_TIMESLICE` of simulated time (the host
+scheduler's slice, a constant of the model), and a turn ends early where the vCPU stops or
+where the next host event is due (ksmd preempts it; the next vCPU runs after ksmd), so that
+ksmd runs at its simulated time.  hvsim executes a turn in chunks of at most `quantum`
+instructions (checks, progress and Ctrl-C happen between chunks); since every rule above is
+in simulated time, the quantum changes no result.  After a chunk, the host events due by
+then run (in time order), then the end-of-chunk checks and hooks, then the next chunk.
+ksmd wakes every `sleep_millisecs` (at `insns_per_ms`); with sleep_millisecs=0 it runs after
+every turn.  ksmd's own work takes no simulated time.  Same inputs -> same counts, byte for
+byte, at every quantum.
 """
 
 import heapq
@@ -28,6 +31,10 @@ Action = Callable[[], None]
 
 # At one time, host events go first, then the end-of-slice checks and hooks, then the next slice.
 HOST, END_OF_SLICE, SLICE = 0, 1, 2
+# The host scheduler's time slice, in instructions: how long a runnable vCPU keeps the shared host
+# CPU before the next one runs.  A model constant (the old default quantum), so that how VMs
+# interleave, and so everything ksmd finds, never depends on --quantum.
+HOST_TIMESLICE = 10_000
 
 
 class Environment:
@@ -63,6 +70,8 @@ class Scheduler:
         cfg = sim.config
         self.ksm_period = cfg.ksm.sleep_millisecs * cfg.insns_per_ms
         self._next_tick = self.ksm_period
+        # What is left of the running vCPU's turn on the host CPU.
+        self._turn_left = HOST_TIMESLICE
 
     def run(self) -> None:
         sim = self.sim
@@ -95,7 +104,7 @@ class Scheduler:
     def _budget(self, i: int) -> int:
         sim, cfg = self.sim, self.sim.config
         # Retried faults count against --max-insns at their cost: a livelocked vCPU runs out too.
-        budget = min(cfg.quantum, cfg.max_insns - sim.insns[i] - sim.stalls[i])
+        budget = min(cfg.quantum, self._turn_left, cfg.max_insns - sim.insns[i] - sim.stalls[i])
         due = self.env.next_time()
         if budget > 0 and due is not None:
             budget = min(budget, due - sim.now)
@@ -107,9 +116,11 @@ class Scheduler:
         if budget <= 0:
             sim.vms[i].vcpus[0].fail(f"still running after --max-insns {sim.config.max_insns} instructions",
                                      GuestTimeout)
+            self._turn_left = HOST_TIMESLICE
             self._continue_after(i)
             return
         backend = sim.backends[i]
+        due = self.env.next_time()
         sim.context, sim._running = ("vcpu", i), backend
         try:
             backend.run(budget)
@@ -120,18 +131,29 @@ class Scheduler:
             sim.stalls[i] += backend.stall_in_slice
             sim.now += backend.slice_retired + backend.stall_in_slice
             sim.context = ("vmm", 0)
-        if sim.ksm is not None and self.ksm_period == 0:
-            self.env.schedule(sim.now, self._ksmd_wakeup)
-        self.env.schedule(sim.now, lambda: self._end_of_slice(i), END_OF_SLICE)
+            self._turn_left -= backend.slice_retired + backend.stall_in_slice
+        # The turn goes on unless it is used up, the vCPU stopped, or a host event is due: all
+        # points of simulated time, never where a chunk happened to end.
+        preempted = due is not None and sim.now >= due
+        turn_over = self._turn_left <= 0 or preempted or i not in sim.runnable()
+        if turn_over:
+            self._turn_left = HOST_TIMESLICE
+            if sim.ksm is not None and self.ksm_period == 0:
+                self.env.schedule(sim.now, self._ksmd_wakeup)
+        self.env.schedule(sim.now, lambda: self._end_of_slice(i, turn_over), END_OF_SLICE)
 
-    def _end_of_slice(self, i: int) -> None:
+    def _end_of_slice(self, i: int, turn_over: bool) -> None:
         sim = self.sim
         if sim.checker is not None:
             sim.checker.end_of_slice()
         for hook in sim.on_slice:
             hook(sim)
-        if not sim.interrupted:
+        if sim.interrupted:
+            return
+        if turn_over:
             self._continue_after(i)
+        else:
+            self.env.schedule(sim.now, lambda: self._slice(i), SLICE)
 
     def _as_ksmd(self, work: Action) -> None:
         sim = self.sim

@@ -127,3 +127,28 @@ def test_one_vm_with_ksm_gives_the_same_ksm_counters_at_every_quantum(profile: s
     assert all((r.ksm, r.vmstat, outcome(r)) == (results[0].ksm, results[0].vmstat, outcome(results[0]))
                for r in results)
     assert results[0].ksm is not None and results[0].ksm["pages_scanned"] > 0
+
+
+def whole_report(result: RunResult) -> dict[str, Any]:
+    """The run's JSON report without the quantum it was run at."""
+    report = result.as_dict()
+    report["config"].pop("quantum")
+    return report
+
+
+@pytest.mark.parametrize(("profile", "change_pte", "sleep_ms", "guest", "cmdline"), [
+    ("2.6.32", False, 0, "samepage.bin", "pages=8 passes=6 spin=5000"),
+    ("2.6.32", False, 1, "samepage.bin", "pages=8 passes=6 spin=5000"),
+    ("3.7", True, 0, "cowstorm.bin", "pages=8 passes=6 spin=5000 write_at=3"),
+])
+def test_several_vms_with_ksm_give_the_same_whole_report_at_every_quantum(
+        profile: str, change_pte: bool, sleep_ms: int, guest: str, cmdline: str) -> None:
+    # Three VMs share the host CPU in turns of HOST_TIMESLICE simulated instructions, and ksmd
+    # preempts a turn where it is due (or runs after each turn with sleep_millisecs=0): all
+    # points of simulated time.  So the VMs interleave, and ksmd finds them, the same way at
+    # every quantum, down to the COW breaks and re-merges of 2.6.32 without change_pte.
+    ksm = KsmConfig(enabled=True, sleep_millisecs=sleep_ms, pages_to_scan=50)
+    reports = [whole_report(run(image(guest), quantum=q, vms=3, cmdline=cmdline, ksm=ksm, insns_per_ms=10_000,
+                                profile=profile, change_pte=change_pte)) for q in (7, 997, DEFAULT_QUANTUM)]
+    assert reports[0] == reports[1] == reports[2]
+    assert reports[0]["ksm"]["full_scans"] > 1
