@@ -14,6 +14,7 @@ from typing import BinaryIO
 import click
 
 from .compare import COMPARE_RUNS, CompareResult, CompareRun, parse_kernels, render_compare, run_compare
+from .config import parse_run_at
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, InvariantViolation
 from .history import history_kernels, history_runs, render_history, write_history_plot
@@ -58,18 +59,10 @@ class Options:
     run_at: tuple[str, ...] = ()
 
     def ksm(self, enabled: bool) -> KsmConfig:
-        out = []
-        for v in self.run_at:
-            try:
-                ms, run = v.split(":")
-                out.append((int(ms), int(run)))
-            except ValueError:
-                raise ConfigError(f"--ksm-run-at {v!r}: write MS:VALUE, e.g. 500:2.") from None
-            if out[-1][0] < 0:
-                raise ConfigError(f"--ksm-run-at {v!r}: MS is a simulated time, from 0 on.")
         return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
                          sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
-                         use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan, run_at=tuple(out))
+                         use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan,
+                         run_at=parse_run_at(self.run_at))
 
     def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
         if self.image is None:
