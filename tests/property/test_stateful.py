@@ -53,7 +53,7 @@ from hypervisor.kvm.spte import spte_permits, spte_to_pfn
 from hypervisor.kvm.vcpu import Vcpu
 from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
 from hypervisor.profiles import get_profile
-from hypervisor.races import RaceSpec
+from hypervisor.races import EVENTS, KSM_POINTS, RaceSpec
 from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
 
 from ..unit.support import ModelledRaces, RacingWorld, disarm_races, race_specs
@@ -265,6 +265,21 @@ class CoherenceMachine(RuleBasedStateMachine):
         world = RacingWorld(self.world.vms, self.world.ksm)
         ModelledRaces(world, list(self.races), self._race_fired)
         self.seen("arm_race")
+
+    @rule(point=st.sampled_from(KSM_POINTS), event=st.sampled_from([e for e in EVENTS if e != "ksm_scan"]),
+          vms=st.permutations(range(NR_VMS)), gfn=st.integers(0, NR_PAGES - 1), value=st.sampled_from([0x5A, 0xA5]))
+    def merge_under_race(self, point: str, event: str, vms: list[int], gfn: int, value: int) -> None:
+        """Two VMs write the same page and ksmd merges it while a race is armed at one of KSM's points.
+
+        Random rules alone reach a merge with a KSM race armed only now and then (swarm testing switches
+        rules off), so this rule walks there on purpose: the race fires inside replace_page's window."""
+        spec = RaceSpec(point, event, None)
+        self.arm_race(spec)
+        self.world.ksm.set_run(1)
+        for vm in vms[:2]:
+            self.world.vms[vm].mm.madvise(GUEST_RAM_HVA, NR_PAGES * PAGE_SIZE, MADV_MERGEABLE)
+            self._write(vm, gfn, value)
+        self.ksmd_full_scans(3)
 
     @rule()
     def disarm_race(self) -> None:
