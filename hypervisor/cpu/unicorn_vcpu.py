@@ -19,12 +19,17 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   guest's IDT by cpu/exceptions.py at the end of the slice; with no IDT it is a
   triple fault.  CR3 is read on every instruction-fetch TLB fill (the first fill after any
   CR3 write is one), so an address-space switch drops the cached walks at once.
-* Time slices are exact: a C code hook (_icount.c) counts instructions and stops
-  Unicorn when the slice is used up, so instructions retired are exact even when a
-  slice ends early.  HLT is recognised by decoding the instruction that ended a run,
-  so it is seen wherever the slice ends.  A retried fault costs simulated time
-  (kvm/vcpu.py FAULT_RETRY_COST) and can end the slice; the access is then taken
-  again in the next one.
+* Time is exact without a per-instruction hook: a C block hook (_icount.c) adds each
+  translated block's instruction count and ends a slice at the first block boundary
+  at or after its limit; where a run stops inside a block (an exception, a shutdown,
+  an abandoned access) the clock counts from the block's start to RIP (cpu/clock.py,
+  cpu/blocks.py).  The counts are cached per block address and dropped when a fetch
+  fill maps a code page to another frame, a guest writes to a frame it executed
+  from, or the host rewrites one.  HLT is recognised by decoding the instruction
+  that ended a run, so it is seen wherever the slice ends.  A retried fault costs
+  simulated time (kvm/vcpu.py FAULT_RETRY_COST) and ends the slice (whatever its
+  limit, so that where slices end never depends on the quantum); the access is
+  then taken again in the next one.
 * RDTSC/RDTSCP/RDRAND/RDSEED are found on code pages and answered from simulated
   state (cpu/sensitive_insns.py); CPUID from KVM's fixed table (kvm/cpuid.py).
 """
@@ -51,6 +56,7 @@ from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from ..vmm.loader import BootParams
 from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
 from .binding import add_tlb_fill_hook, close_uc, cr3_reader, emu_start, new_x86_64, take_hook_exception
+from .blocks import read_code
 from .clock import VcpuClock
 from .disasm import disassemble_one
 from .exceptions import (
@@ -104,6 +110,10 @@ class UnicornVcpu(ExitDispatch):
         self._qwords = frames.qwords
         self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
+        # gva page -> the frame its code was last fetched from (the block counts hold for those frames).
+        self._code_frames: dict[int, int] = {}
+        # An instruction after which a run was stopped inside a block (a shutdown by port I/O).
+        self._resume_rip: int | None = None
         self._stop_note: str | None = None
         self._pscache: PagingStructureCache = {}
         self._pending: PendingException | None = None
@@ -118,13 +128,13 @@ class UnicornVcpu(ExitDispatch):
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
-        self._tlb_cb = add_tlb_fill_hook(uc, self._tlb_fill, self._refuse)
+        self._tlb_cb = add_tlb_fill_hook(uc, self._fill_hook, self._refuse)
         self._add_exit_hooks(uc)
-        self.clock = VcpuClock(uc, insns_per_ms)
+        self.clock = VcpuClock(uc, insns_per_ms, self._read_code)
         self.uc = uc
         self._frames_2d = frames.frames
         self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
-                                        lambda: self.clock.stopped)
+                                        lambda: self.clock.stopped, self.clock.leave_block)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
@@ -145,6 +155,7 @@ class UnicornVcpu(ExitDispatch):
         # The raw TLB-fill callback goes with the Uc that calls it: its closure holds the Uc.
         del self._tlb_cb
         del self.sensitive  # it holds this vCPU's bound methods
+        self.clock.close()
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND
 
@@ -154,6 +165,11 @@ class UnicornVcpu(ExitDispatch):
         """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._pscache.clear()
+        self._forget_code()
+
+    def _forget_code(self) -> None:
+        self._code_frames.clear()
+        self.clock.forget_blocks()
 
     # --- running ---------------------------------------------------------------------
 
@@ -165,21 +181,22 @@ class UnicornVcpu(ExitDispatch):
             self.uc.ctl_flush_tb()
             self._code_epoch = self.frames.code_epoch
             self.sensitive.forget_scans()
+            self._forget_code()
         clock = self.clock
         clock.start_slice(max_insns)
         self._stop_note = None
         self._pending = None
         self._abandoned = None
         self._refused = False
-        self._emulating = True
+        self._resume_rip = None
+        self._emulating = clock.running = True
         try:
             error = emu_start(self.uc, self.rip, UNTIL)
         finally:
-            self._emulating = False
-        # An abandoned data access: its instruction was counted but runs again next slice.
-        retired = clock.end_slice(unfinished=self._abandoned == "data")
-        self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
-        raised = take_hook_exception(self.uc)
+            self._emulating = clock.running = clock.fetching = False
+        retired = clock.end_slice()
+        self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP) if self._resume_rip is None else self._resume_rip
+        raised = take_hook_exception(self.uc) or clock.miss_error
         if raised is not None:
             # An exception in one of our hooks (an invariant violation, a bug): Unicorn
             # reports it as a failed run; the exception is what happened.
@@ -236,9 +253,19 @@ class UnicornVcpu(ExitDispatch):
             raise DeliveryFailed(f"and pushing its frame reached gpa {mmio.gpa:#x}, outside every memslot") from None
         return (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
 
-    def _stop_now(self, note: str | None = None) -> None:
-        """Stop before the next instruction (the C hook sees the limit reached)."""
-        self.clock.stop_now()
+    def _stop_now(self, note: str | None = None, after: bool = False) -> None:
+        """Stop in the instruction being executed (it counts as begun), or `after` it: no other runs.
+
+        Unicorn acts on the stop request at its next check (an exception stops at once; after
+        port I/O, at the next memory access or block); an instruction it runs meanwhile is not
+        counted and RIP is put back after the one that asked.
+        """
+        clock = self.clock
+        if self._emulating:
+            clock.stop_at(clock.exact())
+            if after and self._resume_rip is None:
+                self._resume_rip = clock.next_rip()
+        clock.stop_now()
         if note is not None:
             self._stop_note = note
         self.uc.emu_stop()
@@ -248,6 +275,15 @@ class UnicornVcpu(ExitDispatch):
     def _refuse(self) -> None:
         """A hook raised inside the TLB fill: refuse every further fill of this run."""
         self._refused = True
+
+    def _fill_hook(self, vaddr: int, access: int, entry: Any) -> bool:
+        """The TLB-fill hook: `_tlb_fill`, with the clock told whether this fill is for a fetch."""
+        clock = self.clock
+        clock.fetching = access == UC_MEM_FETCH
+        try:
+            return self._tlb_fill(vaddr, access, entry)
+        finally:
+            clock.fetching = False
 
     def _tlb_fill(self, vaddr: int, access: int, entry: Any) -> bool:
         """The hardware MMU on a Unicorn TLB miss: guest walk (gva -> gpa), then the EPT (gfn -> pfn)."""
@@ -288,6 +324,7 @@ class UnicornVcpu(ExitDispatch):
                 entry.paddr = 0
                 entry.perms = UC_PROT_READ | UC_PROT_EXEC
                 return True
+            self.clock.stop_at(self.clock.exact())
             self._stop_note = note = f"{fault} at gva {vaddr:#x}"
             error_code = fault.error_code | (PF_ERR_WRITE if write else 0)
             self._pending = PendingException(fault.vector, error_code if fault.vector == PF_VECTOR else 0, -1,
@@ -295,10 +332,13 @@ class UnicornVcpu(ExitDispatch):
             self._refused = True
             return False
         except _SliceEnd:
+            # The access is abandoned: its instruction (if it began) runs again next slice.
+            self.clock.stop_at(self.clock.exact(begun=False))
             self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
             self._refused = True
             return False
         except _Mmio as mmio:
+            self.clock.stop_at(self.clock.exact())
             self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
                            f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
             self._refused = True
@@ -312,6 +352,11 @@ class UnicornVcpu(ExitDispatch):
         if access == UC_MEM_FETCH:
             self._exec_seen[pfn] = True
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
+            if self._code_frames.get(vaddr >> PAGE_SHIFT, pfn) != pfn:
+                self.clock.forget_blocks()  # this address's code now comes from another frame
+            self._code_frames[vaddr >> PAGE_SHIFT] = pfn
+        elif write and self._exec_seen[pfn]:
+            self._forget_code()  # the guest writes to a frame it executed from
         return True
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
@@ -336,8 +381,13 @@ class UnicornVcpu(ExitDispatch):
         return spte
 
     def _fault_retried(self, gfn: int) -> None:
-        """KVM re-entered the guest, which faults again: charge the retry's time, end the slice if spent."""
-        if self.clock.fault_retried(self.vcpu, gfn) and self._emulating:
+        """KVM re-entered the guest, which faults again: charge the retry's time and end the slice.
+
+        Always, not only when the slice is spent: the access is taken again from RIP, in the middle
+        of a block, and where blocks start must not depend on where a slice's limit fell.
+        """
+        self.clock.fault_retried(self.vcpu, gfn)
+        if self._emulating:
             raise _SliceEnd()
 
     def _read_pte(self, pte_gpa: int) -> int:
@@ -359,6 +409,11 @@ class UnicornVcpu(ExitDispatch):
 
     def peek_code(self, gva: int, length: int) -> bytes:
         return peek_bytes(self._cr3, gva, length, self.vcpu.vm.read_guest)
+
+    def _read_code(self, gva: int, length: int) -> bytes:
+        """A translated block's bytes, read a page at a time through the guest's tables (no exits)."""
+        read_guest = self.vcpu.vm.read_guest
+        return read_code(gva, length, lambda addr: translate_peek(self._cr3, addr, read_guest), read_guest)
 
     @property
     def time_in_slice(self) -> int:
