@@ -31,7 +31,7 @@ class VcpuClock:
         self.blocks = BlockMap(peek_code)
         self.miss_error: BaseException | None = None
         self.ic, self._miss_cb = add_icount_hook(uc, self._miss)
-        self._read_rip = rip_reader(uc)
+        self._read_rip = self.read_rip = rip_reader(uc)
         # This slice: instructions retired, and time spent in retried faults (part of the counter).
         self.slice_retired = 0
         self.stall_in_slice = 0

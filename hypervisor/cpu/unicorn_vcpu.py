@@ -195,7 +195,7 @@ class UnicornVcpu(ExitDispatch):
         finally:
             self._emulating = clock.running = clock.fetching = False
         retired = clock.end_slice()
-        self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP) if self._resume_rip is None else self._resume_rip
+        self.rip = clock.read_rip() if self._resume_rip is None else self._resume_rip
         raised = take_hook_exception(self.uc) or clock.miss_error
         if raised is not None:
             # An exception in one of our hooks (an invariant violation, a bug): Unicorn
