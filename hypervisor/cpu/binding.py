@@ -192,11 +192,12 @@ def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, ob
     count of a block the cache lacks (0: it failed).  Returns the (zeroed) struct and the ctypes callback,
     which must stay alive as long as uc."""
     callback = MISS_CFUNC(miss)
-    ic = ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0)
+    # Addresses read without ctypes.cast, whose reference cycles would keep the 128 KiB struct
+    # alive until a full GC.
+    ic = ICount(0, 0, _code_address(uclib.uc_emu_stop).value, 0)
     ic.miss = _code_address(callback).value
     ic.generation = 1  # the zeroed cache entries are of generation 0: never a hit
-    raw_hook_add(uc, UC_HOOK_BLOCK, ctypes.c_void_p(_icount.hook_address()),
-                 ctypes.cast(ctypes.pointer(ic), ctypes.c_void_p))
+    raw_hook_add(uc, UC_HOOK_BLOCK, ctypes.c_void_p(_icount.hook_address()), ctypes.c_void_p(ctypes.addressof(ic)))
     return ic, callback
 
 

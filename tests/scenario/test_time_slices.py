@@ -152,3 +152,16 @@ def test_several_vms_with_ksm_give_the_same_whole_report_at_every_quantum(
                                 profile=profile, change_pte=change_pte)) for q in (7, 997, DEFAULT_QUANTUM)]
     assert reports[0] == reports[1] == reports[2]
     assert reports[0]["ksm"]["full_scans"] > 1
+
+
+def test_a_slice_ends_at_the_first_block_boundary_at_or_after_its_limit() -> None:
+    from hypervisor.cpu.blocks import MAX_BLOCK_INSNS
+    from hypervisor.sim import SimConfig, Simulation
+
+    cfg = SimConfig(image=image("samepage.bin"), memory=4 << 20, cmdline="pages=2 passes=2 spin=1000")
+    with Simulation(cfg) as sim:
+        backend = sim.backends[0]
+        for limit in (1, 7, 50):
+            retired = backend.run(limit)
+            assert limit <= retired < limit + MAX_BLOCK_INSNS
+            assert backend.clock.stopped  # stopped by the block hook, before a block
