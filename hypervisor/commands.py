@@ -129,7 +129,7 @@ def run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
             render_json: Callable[[RunResult], str] | None = None, console_path: str | None = None,
             with_guest_status: bool = False) -> int:
     obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
-    sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
+    sim = Simulation(cfg, tracer=obs.tracer, check=opts.check)
     consoles = _open_consoles(console_path, cfg.vms)
     for devices, stream in zip(sim.devices, consoles, strict=False):
         devices.console.stream = stream
@@ -159,7 +159,7 @@ def compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPAR
     series_plot = opts.plot_path if plot is None else None
     obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json, len(runs))
     with interruptible(obs.stop):
-        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
+        result = run_compare(cfg, check=opts.check, tracer=obs.tracer, observe=obs.observe, runs=runs)
     obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
     if plot is not None and opts.plot_path:
         plot(opts.plot_path, result)

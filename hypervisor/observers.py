@@ -9,9 +9,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TextIO
 
 from .errors import OutputWriteError
+from .events import NULL_TRACER, Tracer
 from .plot import write_plot
 from .series import TimeSeries
 from .sim import Simulation
@@ -88,8 +89,8 @@ class Observers:
         self.write_errors: list[str] = []
 
     @property
-    def trace_fn(self) -> Callable[[str, dict[str, Any]], None] | None:
-        return self.trace.event if self.trace is not None else None
+    def tracer(self) -> Tracer:
+        return self.trace if self.trace is not None else NULL_TRACER
 
     def observe(self, label: str, sim: Simulation) -> None:
         self.sims.append(sim)
