@@ -6,15 +6,15 @@ cli.py parses and calls these; nothing here reads the command line.
 """
 
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
 from .compare import COMPARE_RUNS, CompareResult, CompareRun, parse_kernels, render_compare, run_compare
-from .config import parse_run_at
+from .config import KsmKnobs
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, InvariantViolation
 from .history import history_kernels, history_runs, render_history, write_history_plot
@@ -50,19 +50,19 @@ class Options:
     trace_events: str | None
     plot_path: str | None
     quiet: bool
-    pages_to_scan: int = 100
-    sleep_ms: int = 20
-    use_zero_pages: bool = False
-    smart_scan: bool | None = None
-    max_page_sharing: int | None = None
-    ksm_run: int = 1
-    run_at: tuple[str, ...] = ()
+    # The KSM knobs as click parsed them, by KsmKnobs field name (cli.py makes one option per field).
+    ksm_values: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "Options":
+        """A command's click parameters -> Options: its own fields, and every KsmKnobs knob given."""
+        knobs = {f.name for f in KsmKnobs.knobs()}
+        own = {f.name for f in fields(cls)} - {"ksm_values"}
+        return cls(**{k: v for k, v in params.items() if k in own},
+                   ksm_values={k: v for k, v in params.items() if k in knobs})
 
     def ksm(self, enabled: bool) -> KsmConfig:
-        return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
-                         sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
-                         use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan,
-                         run_at=parse_run_at(self.run_at))
+        return KsmKnobs.from_options(enabled, self.ksm_values)
 
     def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
         if self.image is None:
