@@ -30,6 +30,14 @@ def _matplotlib() -> object:
     return matplotlib
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or the ConfigError that says how to install it."""
+    _matplotlib()
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def check_plot_file(flag: str, path: str) -> None:
     """Before the run: matplotlib is there and can write this file type (by its suffix)."""
     _matplotlib()
