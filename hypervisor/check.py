@@ -49,25 +49,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from . import coherence
+from . import events as ev
 from .errors import InvariantViolation
-from .events import (
-    NULL_TRACER,
-    CowKsm,
-    Event,
-    KsmMergeOnePage,
-    KsmMergeWithKsmPage,
-    KsmRemoveKsmPage,
-    KsmStartScan,
-    KsmStopScan,
-    KvmAgeHva,
-    KvmExit,
-    KvmMmuSetSpte,
-    KvmPageFault,
-    KvmSetSpteHva,
-    KvmUnmapHvaRange,
-    MmuNotifierCall,
-    Tracer,
-)
 from .kvm.mmu import check_spte_change
 from .trace import format_event
 from .types import PAGE_SHIFT, PAGE_SIZE
@@ -85,14 +68,14 @@ SWEEP_EVERY = 1000
 
 
 class CoherenceChecker:
-    """A `Tracer` (events.py) that checks each event, then passes it downstream (the trace file)."""
+    """A `ev.Tracer` (events.py) that checks each event, then passes it downstream (the trace file)."""
 
     enabled = True
 
-    def __init__(self, downstream: Tracer = NULL_TRACER, sweep_every: int = SWEEP_EVERY) -> None:
+    def __init__(self, downstream: ev.Tracer = ev.NULL_TRACER, sweep_every: int = SWEEP_EVERY) -> None:
         self.sim: Simulation | None = None
         # (simulated time, event, its VM), formatted only when a violation is reported.
-        self.ring: deque[tuple[int, Event | None, int | None]] = deque(maxlen=RING_SIZE)
+        self.ring: deque[tuple[int, ev.Event | None, int | None]] = deque(maxlen=RING_SIZE)
         self.downstream = downstream
         self.sweep_every = sweep_every
         self.checks = 0
@@ -112,7 +95,7 @@ class CoherenceChecker:
 
     # --- event intake --------------------------------------------------------------------
 
-    def event(self, record: Event, vm: int | None = None) -> None:
+    def event(self, record: ev.Event, vm: int | None = None) -> None:
         if self.downstream.enabled:
             self.downstream.event(record, vm)
         sim = self.sim
@@ -253,10 +236,10 @@ class CoherenceChecker:
         raise InvariantViolation(f"invariant {invariant} violated: {detail}. Last events:\n{events}")
 
 
-def _format(now: int, record: Event | None, vm: int | None) -> str:
+def _format(now: int, record: ev.Event | None, vm: int | None) -> str:
     if record is None:
         return f"[insn {now}] slice_end:"
-    who = f"vm{vm} " if vm is not None and not isinstance(record, MmuNotifierCall) else ""
+    who = f"vm{vm} " if vm is not None and not isinstance(record, ev.MmuNotifierCall) else ""
     return f"[insn {now}] {who}{record.name}: {format_event(record, vm)}".rstrip()
 
 
@@ -266,30 +249,30 @@ def _format(now: int, record: Event | None, vm: int | None) -> str:
 Handler = Callable[[CoherenceChecker, "Simulation", Any, "int | None"], None]
 
 
-def _on_page_fault(c: CoherenceChecker, sim: "Simulation", e: KvmPageFault, vm: int | None) -> None:
+def _on_page_fault(c: CoherenceChecker, sim: "Simulation", e: ev.KvmPageFault, vm: int | None) -> None:
     # Before the fault path runs: the gfn as it stands, and remembered for the slice end,
     # where the pin the fault took must be gone.
     if vm is not None:
         c._gfn(sim, vm, e.address >> PAGE_SHIFT)
 
 
-def _on_set_spte(c: CoherenceChecker, sim: "Simulation", e: KvmMmuSetSpte, vm: int | None) -> None:
+def _on_set_spte(c: CoherenceChecker, sim: "Simulation", e: ev.KvmMmuSetSpte, vm: int | None) -> None:
     if vm is not None:
         c._gfn(sim, vm, e.gfn)
 
 
-def _on_vm_hva(c: CoherenceChecker, sim: "Simulation", e: KvmSetSpteHva | KvmAgeHva | CowKsm,
+def _on_vm_hva(c: CoherenceChecker, sim: "Simulation", e: ev.KvmSetSpteHva | ev.KvmAgeHva | ev.CowKsm,
                vm: int | None) -> None:
     # kvm_set_spte_hva, kvm_age_hva, cow_ksm: one hva of the VM's mm (and the pfns named).
     if vm is not None:
         c._hva(sim, vm, e.hva)
-    if isinstance(e, CowKsm):
+    if isinstance(e, ev.CowKsm):
         c._named_pfns(sim, e.pfn, e.ksm_pfn)
-    elif isinstance(e, KvmSetSpteHva):
+    elif isinstance(e, ev.KvmSetSpteHva):
         c._named_pfns(sim, e.pfn)
 
 
-def _on_vm_range(c: CoherenceChecker, sim: "Simulation", e: KvmUnmapHvaRange | MmuNotifierCall,
+def _on_vm_range(c: CoherenceChecker, sim: "Simulation", e: ev.KvmUnmapHvaRange | ev.MmuNotifierCall,
                  vm: int | None) -> None:
     # kvm_unmap_hva_range and every mmu_notifier_* call: [start, end) of the VM's mm.
     start, end = e.start, e.end
@@ -299,7 +282,7 @@ def _on_vm_range(c: CoherenceChecker, sim: "Simulation", e: KvmUnmapHvaRange | M
         c._range(sim, vm, start, end)
 
 
-def _on_ksm_page(c: CoherenceChecker, sim: "Simulation", e: KsmMergeOnePage | KsmMergeWithKsmPage,
+def _on_ksm_page(c: CoherenceChecker, sim: "Simulation", e: ev.KsmMergeOnePage | ev.KsmMergeWithKsmPage,
                  vm: int | None) -> None:
     # ksm_merge_one_page, ksm_merge_with_ksm_page: an hva of the mm named, the KSM page and the page.
     of_mm = c._vm_of_mm.get(e.mm)
@@ -308,12 +291,12 @@ def _on_ksm_page(c: CoherenceChecker, sim: "Simulation", e: KsmMergeOnePage | Ks
     c._named_pfns(sim, e.pfn, e.ksm_pfn)
 
 
-def _on_pfn(c: CoherenceChecker, sim: "Simulation", e: KsmRemoveKsmPage, vm: int | None) -> None:
+def _on_pfn(c: CoherenceChecker, sim: "Simulation", e: ev.KsmRemoveKsmPage, vm: int | None) -> None:
     # ksm_remove_ksm_page: the frame of a stable node just removed.
     c._named_pfns(sim, e.pfn)
 
 
-def _on_exit(c: CoherenceChecker, sim: "Simulation", e: KvmExit, vm: int | None) -> None:
+def _on_exit(c: CoherenceChecker, sim: "Simulation", e: ev.KvmExit, vm: int | None) -> None:
     # kvm_exit names a page only for EPT_VIOLATION (info2, the gpa), checked at the
     # kvm_page_fault that follows it; the other exits (I/O, HLT, CPUID, VMCALL, triple
     # fault) change no pte, spte or frame.
@@ -321,18 +304,18 @@ def _on_exit(c: CoherenceChecker, sim: "Simulation", e: KvmExit, vm: int | None)
 
 
 # Events that name no page: what changes with them is judged by the sweep.
-NAMES_NO_PAGE: frozenset[type] = frozenset({KsmStartScan, KsmStopScan})
+NAMES_NO_PAGE: frozenset[type] = frozenset({ev.KsmStartScan, ev.KsmStopScan})
 
 _HANDLERS: dict[type, Handler] = {
-    KvmExit: _on_exit,
-    KvmPageFault: _on_page_fault,
-    KvmMmuSetSpte: _on_set_spte,
-    KvmUnmapHvaRange: _on_vm_range,
-    KvmSetSpteHva: _on_vm_hva,
-    KvmAgeHva: _on_vm_hva,
-    CowKsm: _on_vm_hva,
-    KsmMergeOnePage: _on_ksm_page,
-    KsmMergeWithKsmPage: _on_ksm_page,
-    KsmRemoveKsmPage: _on_pfn,
-    MmuNotifierCall: _on_vm_range,
+    ev.KvmExit: _on_exit,
+    ev.KvmPageFault: _on_page_fault,
+    ev.KvmMmuSetSpte: _on_set_spte,
+    ev.KvmUnmapHvaRange: _on_vm_range,
+    ev.KvmSetSpteHva: _on_vm_hva,
+    ev.KvmAgeHva: _on_vm_hva,
+    ev.CowKsm: _on_vm_hva,
+    ev.KsmMergeOnePage: _on_ksm_page,
+    ev.KsmMergeWithKsmPage: _on_ksm_page,
+    ev.KsmRemoveKsmPage: _on_pfn,
+    ev.MmuNotifierCall: _on_vm_range,
 }

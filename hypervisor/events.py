@@ -20,11 +20,12 @@ from typing import Any, ClassVar, Protocol, Union
 class _Record:
     """What every record has: its tracepoint name, and its fields as the trace's argument dict."""
 
-    __slots__: tuple[str, ...] = ()
+    __slots__ = ()
     name: ClassVar[str]
+    __match_args__: ClassVar[tuple[str, ...]]  # the dataclass's field names, in order
 
     def fields(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in self.__match_args__}
 
 
 # --- kvm/ ---------------------------------------------------------------------------------
@@ -95,37 +96,43 @@ class KvmAgeHva(_Record):
 
 
 @dataclass(frozen=True, slots=True)
-class KsmStartScan(_Record):
+class _KsmScanMark(_Record):
+    seq: int
+    rmap_items: int
+
+
+@dataclass(frozen=True, slots=True)
+class KsmStartScan(_KsmScanMark):
+    """ksm_start_scan: a ksmd wake-up begins (its full-scan count, its rmap_items)."""
+
     name: ClassVar[str] = "ksm_start_scan"
-    seq: int
-    rmap_items: int
 
 
 @dataclass(frozen=True, slots=True)
-class KsmStopScan(_Record):
+class KsmStopScan(_KsmScanMark):
     name: ClassVar[str] = "ksm_stop_scan"
-    seq: int
-    rmap_items: int
 
 
 @dataclass(frozen=True, slots=True)
-class KsmMergeOnePage(_Record):
+class _KsmPageMerge(_Record):
+    mm: str
+    hva: int
+    ksm_pfn: int
+    pfn: int
+
+
+@dataclass(frozen=True, slots=True)
+class KsmMergeOnePage(_KsmPageMerge):
     """ksm_merge_one_page: replace_page() mapped the KSM page at `hva` of mm `mm`."""
 
     name: ClassVar[str] = "ksm_merge_one_page"
-    mm: str
-    hva: int
-    ksm_pfn: int
-    pfn: int
 
 
 @dataclass(frozen=True, slots=True)
-class KsmMergeWithKsmPage(_Record):
+class KsmMergeWithKsmPage(_KsmPageMerge):
+    """ksm_merge_with_ksm_page: the page matched a stable-tree KSM page (the merge may still fail)."""
+
     name: ClassVar[str] = "ksm_merge_with_ksm_page"
-    mm: str
-    hva: int
-    ksm_pfn: int
-    pfn: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,8 @@ useful until 2.6.38 mostly by hiding 2.6.32's write pins, dead from 3.7, deleted
 from typing import Any
 
 from .compare import CompareResult, CompareRow, CompareRun
-from .errors import ConfigError
 from .kernels import CHANGES, NEWEST, OLDEST, version_key
-from .plot import pyplot
+from .plot import pyplot, save_figure
 from .profiles import get_profile
 from .sim import image_label
 
@@ -125,9 +124,4 @@ def write_history_plot(path: str, result: CompareResult) -> None:
     _draw_cow(bottom, points)
     fig.tight_layout()
     fig.subplots_adjust(bottom=0.4)
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise ConfigError(f"--plot {path!r}: cannot write the file: {exc.strerror}.") from None
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path, 110, f"--plot {path!r}: cannot write the file")

@@ -124,13 +124,9 @@ class Observers:
 
 
 @contextmanager
-def interruptible(stop: Callable[[int], None]) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the simulation to stop after the current time slice."""
+def signals_handled_by(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler(signum, frame)` inside the block; the previous handlers after it."""
     previous = {s: signal.getsignal(s) for s in EXIT_INTERRUPTED}
-
-    def handler(signum: int, _frame: object) -> None:
-        stop(signum)
-
     for s in EXIT_INTERRUPTED:
         signal.signal(s, handler)
     try:
@@ -138,3 +134,14 @@ def interruptible(stop: Callable[[int], None]) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def interruptible(stop: Callable[[int], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the simulation to stop after the current time slice."""
+
+    def handler(signum: int, _frame: object) -> None:
+        stop(signum)
+
+    with signals_handled_by(handler):
+        yield

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import ConfigError
-from ..plot import pyplot
+from ..plot import pyplot, save_figure
 from .report import HEADLINE
 from .spec import Axis, SweepSpec
 
@@ -109,11 +109,6 @@ def plot_sweep(table: pd.DataFrame, spec: SweepSpec, wanted: list[str], director
             fig.suptitle(f"{spec.path.name}: {figure}{suffix.replace('-', ' ', 1) if suffix else ''}", fontsize=11)
             fig.tight_layout()
             path = directory / f"{_slug(figure + suffix)}.png"
-            try:
-                fig.savefig(path, dpi=100)
-            except OSError as err:
-                raise ConfigError(f"--plot: cannot write {str(path)!r}: {err.strerror}.") from None
-            finally:
-                plt.close(fig)
+            save_figure(plt, fig, path, 100, f"--plot: cannot write {str(path)!r}")
             written.append(path)
     return written
