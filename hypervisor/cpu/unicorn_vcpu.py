@@ -21,15 +21,11 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   CR3 write is one), so an address-space switch drops the cached walks at once.
 * Time is exact without a per-instruction hook: a C block hook (_icount.c) adds each
   translated block's instruction count and ends a slice at the first block boundary
-  at or after its limit; where a run stops inside a block (an exception, a shutdown,
-  an abandoned access) the clock counts from the block's start to RIP (cpu/clock.py,
-  cpu/blocks.py).  The counts are cached per block address and dropped when a fetch
-  fill maps a code page to another frame, a guest writes to a frame it executed
-  from, or the host rewrites one.  HLT is recognised by decoding the instruction
-  that ended a run, so it is seen wherever the slice ends.  A retried fault costs
-  simulated time (kvm/vcpu.py FAULT_RETRY_COST) and ends the slice (whatever its
-  limit, so that where slices end never depends on the quantum); the access is
-  then taken again in the next one.
+  at or after its limit; where a run stops inside a block the clock counts from the
+  block's start to RIP (cpu/clock.py, cpu/blocks.py, cpu/code_pages.py).  HLT is
+  recognised by decoding the instruction that ended a run.  A retried fault costs
+  simulated time (kvm/vcpu.py FAULT_RETRY_COST) and always ends the slice (so that
+  where slices end never depends on the quantum); the access is taken again next.
 * RDTSC/RDTSCP/RDRAND/RDSEED are found on code pages and answered from simulated
   state (cpu/sensitive_insns.py); CPUID from KVM's fixed table (kvm/cpuid.py).
 """
@@ -56,8 +52,8 @@ from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from ..vmm.loader import BootParams
 from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
 from .binding import add_tlb_fill_hook, close_uc, cr3_reader, emu_start, new_x86_64, take_hook_exception
-from .blocks import read_code
 from .clock import VcpuClock
+from .code_pages import CodePages
 from .disasm import disassemble_one
 from .exceptions import (
     PF_ERR_WRITE,
@@ -108,10 +104,8 @@ class UnicornVcpu(ExitDispatch):
         # A gpa above every memslot is MMIO without asking the MMU (no spte can exist there).
         self._nr_gfns = int(vcpu.vm.memslots.max_gfn)
         self._qwords = frames.qwords
-        self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
-        # gva page -> the frame its code was last fetched from (the block counts hold for those frames).
-        self._code_frames: dict[int, int] = {}
+        self._code = CodePages(vcpu.vm, lambda: self._cr3, frames.exec_seen_view)
         # An instruction after which a run was stopped inside a block (a shutdown by port I/O).
         self._resume_rip: int | None = None
         self._stop_note: str | None = None
@@ -130,7 +124,7 @@ class UnicornVcpu(ExitDispatch):
         self._read_cr3 = cr3_reader(uc)
         self._tlb_cb = add_tlb_fill_hook(uc, self._fill_hook, self._refuse)
         self._add_exit_hooks(uc)
-        self.clock = VcpuClock(uc, insns_per_ms, self._read_code)
+        self.clock = self._code.clock = VcpuClock(uc, insns_per_ms, self._code.read)
         self.uc = uc
         self._frames_2d = frames.frames
         self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
@@ -156,6 +150,7 @@ class UnicornVcpu(ExitDispatch):
         del self._tlb_cb
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
+        del self._code  # it reads CR3 through this vCPU
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND
 
@@ -165,11 +160,7 @@ class UnicornVcpu(ExitDispatch):
         """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._pscache.clear()
-        self._forget_code()
-
-    def _forget_code(self) -> None:
-        self._code_frames.clear()
-        self.clock.forget_blocks()
+        self._code.forget()
 
     # --- running ---------------------------------------------------------------------
 
@@ -181,7 +172,7 @@ class UnicornVcpu(ExitDispatch):
             self.uc.ctl_flush_tb()
             self._code_epoch = self.frames.code_epoch
             self.sensitive.forget_scans()
-            self._forget_code()
+            self._code.forget()
         clock = self.clock
         clock.start_slice(max_insns)
         self._stop_note = None
@@ -254,12 +245,9 @@ class UnicornVcpu(ExitDispatch):
         return (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
 
     def _stop_now(self, note: str | None = None, after: bool = False) -> None:
-        """Stop in the instruction being executed (it counts as begun), or `after` it: no other runs.
-
-        Unicorn acts on the stop request at its next check (an exception stops at once; after
-        port I/O, at the next memory access or block); an instruction it runs meanwhile is not
-        counted and RIP is put back after the one that asked.
-        """
+        """Stop in the instruction being executed (it counts as begun), or `after` it.  Unicorn stops at
+        its next check (after port I/O: the next memory access or block); what it runs meanwhile is not
+        counted, and RIP is put back."""
         clock = self.clock
         if self._emulating:
             clock.stop_at(clock.exact())
@@ -285,18 +273,18 @@ class UnicornVcpu(ExitDispatch):
         finally:
             clock.fetching = False
 
+    # CR3 on fetch fills: a guest's mov to CR3 raises no event, but the cached upper levels of the
+    # walks must go with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging
+    # on (cpu_x86_update_cr3) and ends the translation block after a mov to CR; the next
+    # instruction is looked up afresh, which fills its page for a fetch before it can make any data
+    # access.  So the first fill after a CR3 write is a fetch fill, and reading CR3 on fetch fills
+    # only (a raw call, ~0.4 us) sees every switch before the new address space is used.
+    # (tests/unit/test_guest_walk.py: the cache keeps the old root until emptied;
+    # tests/sdk/test_workloads.py: forkserver switches CR3 per child with the same counts at any
+    # --quantum.)
     def _tlb_fill(self, vaddr: int, access: int, entry: Any) -> bool:
         """The hardware MMU on a Unicorn TLB miss: guest walk (gva -> gpa), then the EPT (gfn -> pfn)."""
-        if access == UC_MEM_FETCH:
-            # A guest's mov to CR3 raises no event, but the cached upper levels of the walks must go
-            # with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging on
-            # (cpu_x86_update_cr3) and ends the translation block after a mov to CR; the next
-            # instruction is looked up afresh, which fills its page for a fetch before it can make
-            # any data access.  So the first fill after a CR3 write is a fetch fill, and reading
-            # CR3 on fetch fills only (a raw call, ~0.4 us) sees every switch before the new
-            # address space is used.  (tests/unit/test_guest_walk.py: the cache keeps the old root
-            # until emptied; tests/sdk/test_workloads.py: forkserver switches CR3 per child with the
-            # same counts at any --quantum.)
+        if access == UC_MEM_FETCH:  # see above: a CR3 write shows first at a fetch fill
             cr3 = self._read_cr3()
             if cr3 != self._cr3:
                 self._cr3 = cr3
@@ -350,13 +338,10 @@ class UnicornVcpu(ExitDispatch):
         else:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
         if access == UC_MEM_FETCH:
-            self._exec_seen[pfn] = True
+            self._code.fetched(vaddr, pfn)
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
-            if self._code_frames.get(vaddr >> PAGE_SHIFT, pfn) != pfn:
-                self.clock.forget_blocks()  # this address's code now comes from another frame
-            self._code_frames[vaddr >> PAGE_SHIFT] = pfn
-        elif write and self._exec_seen[pfn]:
-            self._forget_code()  # the guest writes to a frame it executed from
+        elif write:
+            self._code.written(pfn)
         return True
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
@@ -381,11 +366,8 @@ class UnicornVcpu(ExitDispatch):
         return spte
 
     def _fault_retried(self, gfn: int) -> None:
-        """KVM re-entered the guest, which faults again: charge the retry's time and end the slice.
-
-        Always, not only when the slice is spent: the access is taken again from RIP, in the middle
-        of a block, and where blocks start must not depend on where a slice's limit fell.
-        """
+        """KVM re-entered the guest, which faults again: charge the retry's time and end the slice (always:
+        the access is retaken mid-block, and where blocks start must not depend on the slice's limit)."""
         self.clock.fault_retried(self.vcpu, gfn)
         if self._emulating:
             raise _SliceEnd()
@@ -409,11 +391,6 @@ class UnicornVcpu(ExitDispatch):
 
     def peek_code(self, gva: int, length: int) -> bytes:
         return peek_bytes(self._cr3, gva, length, self.vcpu.vm.read_guest)
-
-    def _read_code(self, gva: int, length: int) -> bytes:
-        """A translated block's bytes, read a page at a time through the guest's tables (no exits)."""
-        read_guest = self.vcpu.vm.read_guest
-        return read_code(gva, length, lambda addr: translate_peek(self._cr3, addr, read_guest), read_guest)
 
     @property
     def time_in_slice(self) -> int:

@@ -6,6 +6,7 @@ the tree's buckets are the compact structures of host/ksm_nodes.py; here a node 
 
 import numpy as np
 
+from ..events import KsmRemoveKsmPage
 from ..types import Pfn
 from .ksm_items import (
     STABLE_FLAG,
@@ -120,5 +121,5 @@ class KsmStableTree(KsmState):
         kpfn = Pfn(nodes.kpfn_view[node_id])
         if self.frames.stable_node_view[kpfn] == node_id:
             self.frames.stable_node[kpfn] = 0
-        if self.trace is not None:  # once the node is gone (the checker runs on events)
-            self.trace("ksm_remove_ksm_page", {"pfn": int(kpfn)})
+        if self.tracer.enabled:  # once the node is gone (the checker runs on events)
+            self.tracer.event(KsmRemoveKsmPage(int(kpfn)))
