@@ -57,6 +57,7 @@ class Options:
     max_page_sharing: int | None = None
     ksm_run: int = 1
     run_at: tuple[str, ...] = ()
+    vcpus: int = 1
 
     def ksm(self, enabled: bool) -> KsmConfig:
         return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
@@ -68,7 +69,7 @@ class Options:
         if self.image is None:
             raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
         cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
-                         max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
+                         vcpus=self.vcpus, max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
                          quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
         validate(cfg)
         for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):

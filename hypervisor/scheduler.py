@@ -114,14 +114,14 @@ class Scheduler:
         sim = self.sim
         budget = self._budget(i)
         if budget <= 0:
-            sim.vms[i].vcpus[0].fail(f"still running after --max-insns {sim.config.max_insns} instructions",
+            sim.backends[i].vcpu.fail(f"still running after --max-insns {sim.config.max_insns} instructions",
                                      GuestTimeout)
             self._turn_left = HOST_TIMESLICE
             self._continue_after(i)
             return
         backend = sim.backends[i]
         due = self.env.next_time()
-        sim.context, sim._running = ("vcpu", i), backend
+        sim.context, sim._running = ("vcpu", sim.vm_of[i]), backend
         try:
             backend.run(budget)
         finally:

@@ -159,7 +159,7 @@ class TraceWriter:
         kind, who = sim.context
         vm = fields.get("vm", who if kind == "vcpu" else None)
         if event == "kvm_exit" and vm is not None:
-            fields = {**fields, "insn": self._insn(vm, int(fields["rip"]))}
+            fields = {**fields, "insn": self._insn(vm, int(fields.get("vcpu", 0)), int(fields["rip"]))}
         self.written += 1
         if self.json:
             ts = insns * 1000.0 / sim.config.insns_per_ms
@@ -184,11 +184,11 @@ class TraceWriter:
         task = f"{comm}-{pid}"
         self._write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_fields(event, fields)}\n")
 
-    def _insn(self, vm: int, rip: int) -> str:
+    def _insn(self, vm: int, vcpu: int, rip: int) -> str:
         key = (vm, rip)
         text = self._insn_cache.get(key)
         if text is None and self.sim is not None:
-            text = self._insn_cache[key] = self.sim.backends[vm].instruction_at(rip)
+            text = self._insn_cache[key] = self.sim.backend_of(vm, vcpu).instruction_at(rip)
         return text or "?"
 
     def _sample(self, sim: "Simulation") -> None:
@@ -197,7 +197,7 @@ class TraceWriter:
             return
         ts = sim.now * 1000.0 / sim.config.insns_per_ms
         for vm in sim.vms:
-            n = vm.vcpus[0].stats.exit_reasons.get(_EPT, 0)
+            n = sum(v.stats.exit_reasons.get(_EPT, 0) for v in vm.vcpus)
             if self._changed(self._pid(vm.vm_id), (n,)):
                 self._json({"name": "EPT_VIOLATION exits", "ph": "C", "ts": ts, "pid": self._pid(vm.vm_id),
                             "args": {"exits": n}})

@@ -133,6 +133,7 @@ class UnicornVcpu(ExitDispatch):
         uc.reg_write(x86.UC_X86_REG_CR0, CR0_PE | CR0_ET | CR0_WP | CR0_PG)
         uc.reg_write(x86.UC_X86_REG_RSP, boot.rsp)
         uc.reg_write(x86.UC_X86_REG_RSI, boot.rsi)
+        uc.reg_write(x86.UC_X86_REG_RDI, boot.rdi)
         self.rip = boot.rip
         self._cr3 = boot.cr3
         vcpu.arch = self

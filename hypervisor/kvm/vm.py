@@ -13,6 +13,7 @@ from ..profiles import Profile
 from ..types import PAGE_SHIFT, Gfn, Gpa, Hva
 from .memslot import Memslot, Memslots
 from .mmu import TdpMmu
+from .requests import kvm_flush_remote_tlbs
 from .stats import VmStats
 from .vcpu import Vcpu
 
@@ -37,6 +38,8 @@ class Vm:
         self.mmu = TdpMmu(self)
         mmu_notifier_register(self.mmu.notifier, mm)
         self.vcpus: list[Vcpu] = []
+        # The vCPU whose thread is in KVM handling its own exit (the flusher's "me"), if any.
+        self.running: Vcpu | None = None
 
     def create_vcpu(self) -> Vcpu:
         vcpu = Vcpu(self, len(self.vcpus))
@@ -50,15 +53,14 @@ class Vm:
         if self.mmu.notifier in self.mm.mmu_notifiers:
             self.mm.mmu_notifiers.remove(self.mmu.notifier)
         self.vcpus.clear()
+        self.running = None
         self.mmu.race_points.clear()
         del self.mmu.vm, self.mmu.notifier  # the notifier's ops are bound methods of the MMU
         self.trace = None
 
     def kvm_flush_remote_tlbs(self) -> None:
-        self.stats.remote_tlb_flush += 1
-        for vcpu in self.vcpus:
-            vcpu.stats.tlb_flush += 1
-            vcpu.arch.flush_tlb()
+        """KVM_REQ_TLB_FLUSH on every vCPU, kicks per the kernel's rule (kvm/requests.py)."""
+        kvm_flush_remote_tlbs(self)
 
     def gpa_to_hva(self, gpa: Gpa) -> Hva | None:
         slot = self.memslots.gfn_to_memslot(Gfn(gpa >> PAGE_SHIFT))
