@@ -27,7 +27,7 @@ from .options import (
 )
 from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
-from .races import EVENTS, FAULT_POINTS, KSM_POINTS
+from .races import EVENTS, FAULT_POINTS, FLUSH_POINTS, KSM_POINTS
 from .report import render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
@@ -76,8 +76,9 @@ _workload_options = _options([
     click.option("--inject", multiple=True, metavar="POINT:EVENT[@N|@all]",
                  help="Fire a host event at a named point of the fault path or ksmd (repeatable), the N-th time "
                       "(default 1) or @all times it is reached, e.g. after_gfn_to_pfn:cow@3. "
-                      f"POINT: {', '.join(FAULT_POINTS + KSM_POINTS)} (ksm_* need KSM on). "
-                      f"EVENT: {', '.join(EVENTS)} (ksm_scan only at after_gfn_to_pfn)."),
+                      f"POINT: {', '.join(FAULT_POINTS + KSM_POINTS + FLUSH_POINTS)} (ksm_* need KSM on). "
+                      f"EVENT: {', '.join(EVENTS)} (ksm_scan only at after_gfn_to_pfn, lost_flush only at "
+                      "kvm_flush_remote_tlbs)."),
     click.option("--trace", "trace_path", metavar="FILE", type=OutputFile(),
                  help="Write every event with its tracepoint name; FILE.json is Chrome trace JSON for Perfetto, "
                       "any other name trace-cmd-style text."),

@@ -66,6 +66,9 @@ def kvm_flush_remote_tlbs(vm: "Vm") -> None:
             if vcpu.cpu != -1 and vcpu is not me and vcpu.mode is not VcpuMode.OUTSIDE_GUEST_MODE:
                 ipi = True
                 kicked.append(vcpu)
+    # --inject kvm_flush_remote_tlbs:lost_flush: the requests are served but nobody flushes (a bug
+    # to show that --check catches a vCPU left with stale translations).
+    lost = vm.flush_lost is not None and vm.flush_lost()
     if profile.kvm_counts_flush_requests:
         vm.stats.remote_tlb_flush_requests += 1
     if ipi:
@@ -73,10 +76,17 @@ def kvm_flush_remote_tlbs(vm: "Vm") -> None:
     # smp_call_function_many(ack_flush, wait=1): each target in guest mode VM-exits, and
     # (hvsim's timing rule) serves the request before the flusher goes on.
     for vcpu in kicked:
+        if lost:
+            vcpu.requests &= ~KVM_REQ_TLB_FLUSH
         vcpu.handle_external_interrupt()
     if me is not None:
         # The flusher's own vCPU serves it before re-entry; nothing runs in between in hvsim.
+        if lost:
+            me.requests &= ~KVM_REQ_TLB_FLUSH
         vcpu_service_requests(me)
+    if vm.trace is not None:
+        # hvsim's event for the call (the kernel counts it in remote_tlb_flush when it IPI'd).
+        vm.trace("kvm_flush_remote_tlbs", {"ipi": ipi, "kicks": len(kicked)})
 
 
 def vcpu_service_requests(vcpu: "Vcpu") -> None:

@@ -40,6 +40,8 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         # The vCPU whose thread is in KVM handling its own exit (the flusher's "me"), if any.
         self.running: Vcpu | None = None
+        # Test-only (--inject kvm_flush_remote_tlbs:lost_flush): true -> this flush is lost.
+        self.flush_lost: Callable[[], bool] | None = None
 
     def create_vcpu(self) -> Vcpu:
         vcpu = Vcpu(self, len(self.vcpus))
@@ -54,6 +56,7 @@ class Vm:
             self.mm.mmu_notifiers.remove(self.mmu.notifier)
         self.vcpus.clear()
         self.running = None
+        self.flush_lost = None
         self.mmu.race_points.clear()
         del self.mmu.vm, self.mmu.notifier  # the notifier's ops are bound methods of the MMU
         self.trace = None
