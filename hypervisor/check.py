@@ -89,7 +89,7 @@ class CoherenceChecker:
         self._gfns: set[tuple[int, int]] = set()
 
     def attach(self, sim: "Simulation") -> None:
-        for backend in sim.backends:
+        for backend in getattr(sim, "backends", ()):
             backend.tlb_entries = {}  # the fills record what each vCPU's TLB may hold
         for vm in sim.vms:
             vm.mmu.spte_check = check_spte_change  # the spte rules at each point of change (kvm/mmu.py)
@@ -291,7 +291,7 @@ def _on_remote_flush(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) 
     # kvm_flush_remote_tlbs has returned: every vCPU of the VM has flushed or has the request
     # pending (served before it runs a guest instruction).
     vm = f["vm"]
-    for slot, backend in enumerate(sim.backends):
+    for slot, backend in enumerate(getattr(sim, "backends", ())):
         if sim.vm_of[slot] == vm and backend.tlb_entries is not None:
             coherence.check_vcpu_tlb(backend.vcpu, backend.tlb_entries, c._fail)
 

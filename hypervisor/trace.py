@@ -56,6 +56,9 @@ _FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
                                    f"{'spte updated' if f['changed'] else 'no spte'})"),
     "kvm_unmap_hva_range": lambda f: (f"mmu notifier unmap range: {f['start']:#018x} -- {f['end']:#018x} "
                                       f"({f['zapped']} zapped)"),
+    # hvsim's events for KVM_REQ_TLB_FLUSH: the remote flush call, and one vCPU serving it.
+    "kvm_flush_remote_tlbs": lambda f: f"ipi {int(f['ipi'])} kicks {f['kicks']}",
+    "kvm_tlb_flush": lambda f: f"vcpu {f['vcpu']}",
     "kvm_age_hva": lambda f: f"mmu notifier age hva: {f['hva']:#018x} young {int(f['young'])}",
     "ksm_start_scan": lambda f: f"seq {f['seq']} rmap_items {f['rmap_items']}",
     "ksm_stop_scan": lambda f: f"seq {f['seq']} rmap_items {f['rmap_items']}",
