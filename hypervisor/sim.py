@@ -96,6 +96,7 @@ class Simulation:
         self.context: tuple[str, int] = ("vmm", 0)
         self._running: UnicornVcpu | None = None
         self.interrupted = False
+        # Called where a vCPU turn on the host CPU ends (scheduler.py), never where a --quantum chunk ends.
         self.on_slice: list[Callable[[Simulation], None]] = []
 
     def __enter__(self) -> "Simulation":
