@@ -95,6 +95,16 @@ def test_3_7_a_flush_from_a_vcpus_own_fault_kicks_only_its_siblings() -> None:
     assert all(row["irq_exits"] <= flushes for row in vm.vcpus)
 
 
+@pytest.mark.parametrize(("guest", "cmdline"), [("samepage_smp", "pages=7 passes=3 spin=3000"),
+                                               ("kernels_smp", "kernel=7 private=3 passes=3 spin=3000")])
+def test_smp_variants_print_the_same_lines_for_every_number_of_vcpus(guest: str, cmdline: str) -> None:
+    # Each vCPU works on its share of the pages; the shares' sums meet in `lock add`ed totals.
+    consoles = {n: [v.console for v in run(image(f"{guest}.bin"), vcpus=n, vms=2, cmdline=cmdline).vms]
+                for n in (1, 2, 3, 4)}
+    assert consoles[1] == consoles[2] == consoles[3] == consoles[4]
+    assert consoles[1][0].count("\n") == 3
+
+
 @pytest.mark.parametrize("vcpus", [1, 2, 4])
 def test_smpcount_counts_every_locked_increment_of_every_vcpu(vcpus: int) -> None:
     result = one_vm("smpcount.bin", "2.6.32", vcpus=vcpus, ksm=False, cmdline="count=15000")

@@ -25,8 +25,9 @@ SMALL_CMDLINES = {
     "samepage_c": "pages=2 passes=2 spin=10",
     "smpcount": "count=30",
     "samepage_smp": "pages=3 passes=2 spin=10",
+    "kernels_smp": "kernel=3 private=2 passes=2 spin=10",
 }
-TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c")
+TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c", "kernels_smp")
 
 
 def outcome(result: RunResult) -> list[tuple[Any, ...]]:
