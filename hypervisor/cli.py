@@ -65,7 +65,7 @@ _workload_options = _options([
     click.option("--vcpus", default=1, show_default=True, type=int,
                  help="vCPUs per VM, each its own CPU over the VM's one memory (see README, SMP guests)."),
     click.option("--max-insns", default=DEFAULT_MAX_INSNS, show_default=True, type=int,
-                 help="Per-VM instruction budget; a guest still running then is reported as runaway."),
+                 help="Per-vCPU instruction budget; a guest still running then is reported as runaway."),
     click.option("--quantum", default=DEFAULT_QUANTUM, show_default=True, type=int,
                  help="Instructions per vCPU time slice."),
     click.option("--insns-per-ms", default=DEFAULT_INSNS_PER_MS, show_default=True, type=int,
