@@ -129,3 +129,17 @@ def test_each_vcpu_finds_its_index_in_rdi_and_cpuid_and_the_count_in_boot_params
     vm = result.vms[0]
     assert vm.state == "halted" and vm.exits["HLT"] == 3
     assert sorted(vm.console[i:i + 4] for i in range(0, 12, 4)) == ["0033", "1133", "2233"]
+
+
+@pytest.mark.parametrize("profile", ["2.6.32", "3.7"])
+def test_kicks_and_every_count_are_the_same_at_every_quantum(profile: str) -> None:
+    # ksmd preempts a vCPU's turn where it is due and kicks the vCPUs runnable at that simulated
+    # moment: points of simulated time, never where a --quantum chunk ends.
+    reports = []
+    for quantum in (7, 997, 10_000):
+        report = one_vm("samepage_smp.bin", profile, vcpus=2, vms=2, quantum=quantum,
+                        cmdline="pages=6 passes=4 spin=3000").as_dict()
+        report["config"].pop("quantum")
+        reports.append(report)
+    assert reports[0] == reports[1] == reports[2]
+    assert sum(vm["exits"].get("EXTERNAL_INTERRUPT", 0) for vm in reports[0]["vms"]) > 0
