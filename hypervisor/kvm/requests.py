@@ -29,6 +29,8 @@ never lasts past a kick.
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from ..events import KvmFlushRemoteTlbs, KvmTlbFlush
+
 if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import Vm
@@ -84,9 +86,8 @@ def kvm_flush_remote_tlbs(vm: "Vm") -> None:
         if lost:
             me.requests &= ~KVM_REQ_TLB_FLUSH
         vcpu_service_requests(me)
-    if vm.trace is not None:
-        # hvsim's event for the call (the kernel counts it in remote_tlb_flush when it IPI'd).
-        vm.trace("kvm_flush_remote_tlbs", {"ipi": ipi, "kicks": len(kicked)})
+    if vm.tracer.enabled:
+        vm.tracer.event(KvmFlushRemoteTlbs(ipi, len(kicked)))
 
 
 def vcpu_service_requests(vcpu: "Vcpu") -> None:
@@ -102,7 +103,6 @@ def vcpu_service_requests(vcpu: "Vcpu") -> None:
     if vcpu.vm.profile.kvm_tlb_flush_stat_counts_requests:
         vcpu.stats.tlb_flush += 1
     vcpu.arch.flush_tlb()
-    trace = vcpu.vm.trace
-    if trace is not None:
-        # hvsim's event (no kernel tracepoint marks a served KVM_REQ_TLB_FLUSH).
-        trace("kvm_tlb_flush", {"vcpu": vcpu.vcpu_id})
+    tracer = vcpu.vm.tracer
+    if tracer.enabled:
+        tracer.event(KvmTlbFlush(vcpu.vcpu_id))

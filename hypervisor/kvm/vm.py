@@ -5,8 +5,8 @@ mmu_notifier on the VMM's mm and resolves pfns through GUP (inside kvm/mmu.py).
 """
 
 from collections.abc import Callable
-from typing import Any
 
+from ..events import NULL_TRACER, Tracer
 from ..host.mm import HostMm
 from ..host.mmu_notifier import mmu_notifier_register
 from ..profiles import Profile
@@ -20,16 +20,13 @@ from .vcpu import Vcpu
 # Where the VMM maps guest RAM in its own address space (as QEMU's anonymous RAM block).
 GUEST_RAM_HVA = Hva(0x7F00_0000_0000)
 
-TraceFn = Callable[[str, dict[str, Any]], None]
-
-
 class Vm:
-    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, trace: TraceFn | None = None):
+    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, tracer: Tracer = NULL_TRACER):
         self.vm_id = vm_id
         self.mm = mm
         self.profile = profile
         self.memory_size = memory_size
-        self.trace = trace
+        self.tracer = tracer
         self.stats = VmStats()
         self.memslots = Memslots()
         # KVM_SET_USER_MEMORY_REGION for slot 0: all of guest RAM from gpa 0.
@@ -57,9 +54,9 @@ class Vm:
         self.vcpus.clear()
         self.running = None
         self.flush_lost = None
-        self.mmu.race_points.clear()
+        self.mmu.hooks = None
         del self.mmu.vm, self.mmu.notifier  # the notifier's ops are bound methods of the MMU
-        self.trace = None
+        self.tracer = NULL_TRACER
 
     def kvm_flush_remote_tlbs(self) -> None:
         """KVM_REQ_TLB_FLUSH on every vCPU, kicks per the kernel's rule (kvm/requests.py)."""
