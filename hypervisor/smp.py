@@ -24,6 +24,15 @@ class VmTotals:
     per_vcpu: list[dict[str, Any]] = field(default_factory=list)
 
 
+def stop_vm_after_failure(vm: Vm) -> None:
+    """A vCPU shut down (triple fault) or failed: the VMM ends the whole VM, as QEMU does on
+    KVM_EXIT_SHUTDOWN with -no-reboot; its other vCPUs stop where they are."""
+    if any(v.state in _FAILED for v in vm.vcpus):
+        for vcpu in vm.vcpus:
+            if vcpu.state is VcpuState.RUNNABLE:
+                vcpu.vmm_stop()
+
+
 def vm_state_vcpu(vm: Vm) -> Vcpu:
     """The vCPU that speaks for the VM: the first failed one, else the first that saw the exit port,
     else the first still runnable (the run was cut short), else vCPU 0 (all halted)."""

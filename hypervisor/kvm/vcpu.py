@@ -85,6 +85,7 @@ class VcpuState(Enum):
     EXITED = "exited"  # a byte was written to the exit port
     SHUTDOWN = "shutdown"  # triple fault
     FAILED = "failed"  # an exit the VMM cannot handle (MMIO outside memslots)
+    STOPPED = "stopped"  # the VMM stopped the VM because a sibling vCPU shut down or failed
 
 
 class Vcpu:
@@ -184,6 +185,11 @@ class Vcpu:
         """The VMM ends the VM with this exit status (the isa-debug-exit device was written)."""
         self.exit_status = status
         self.state = VcpuState.EXITED
+        self._leave_guest()
+
+    def vmm_stop(self) -> None:
+        """The VMM stops this vCPU's thread (it ends the VM after another vCPU's shutdown or failure)."""
+        self.state = VcpuState.STOPPED
         self._leave_guest()
 
     def handle_hlt(self, rip: int) -> None:

@@ -143,3 +143,15 @@ def test_kicks_and_every_count_are_the_same_at_every_quantum(profile: str) -> No
         reports.append(report)
     assert reports[0] == reports[1] == reports[2]
     assert sum(vm["exits"].get("EXTERNAL_INTERRUPT", 0) for vm in reports[0]["vms"]) > 0
+
+
+def test_a_vcpu_that_triple_faults_ends_the_whole_vm(tmp_path: Any) -> None:
+    from .guests import flat_guest
+
+    # test rdi,rdi; jz +2; ud2; jmp $  -- vCPU 0 spins forever, vCPU 1 takes #UD with no IDT.
+    img = flat_guest(tmp_path, "one_faults", bytes.fromhex("4885ff" "7402" "0f0b" "ebfe"))
+    vm = run(img, vcpus=2).vms[0]
+    assert vm.state == "shutdown" and vm.error is not None and "TRIPLE_FAULT" in vm.error
+    assert vm.where is not None and vm.where.startswith("vCPU 1 ")
+    assert [row["state"] for row in vm.vcpus] == ["stopped", "shutdown"]
+    assert vm.insns < 3 * 10_000  # the spinning sibling stopped with the VM, not at --max-insns
