@@ -151,7 +151,9 @@ class TraceWriter:
             for vm in sim.vms:
                 pid = self._pid(vm.vm_id)
                 self._json({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"{prefix}vm{vm.vm_id}"}})
-                self._json({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "vcpu0"}})
+                for vcpu in vm.vcpus:  # one thread (track) per vCPU
+                    self._json({"name": "thread_name", "ph": "M", "pid": pid, "tid": vcpu.vcpu_id,
+                                "args": {"name": f"vcpu{vcpu.vcpu_id}"}})
             if sim.ksm is not None:
                 pid = self._pid(None)
                 self._json({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"{prefix}ksmd"}})
@@ -181,6 +183,10 @@ class TraceWriter:
         if vm is None and kind == "vcpu":
             vm = who
         insn = self._insn(vm, ev.vcpu, ev.rip) if isinstance(ev, KvmExit) and vm is not None else None
+        # A vCPU's event is its thread's, even when ksmd's flush caused it (a kick's exit).
+        vcpu: int | None = getattr(ev, "vcpu", None)
+        if vcpu is not None and vm is not None:
+            kind = "vcpu"
         self.written += 1
         if self.json:
             ts = insns * 1000.0 / sim.config.insns_per_ms
@@ -188,7 +194,7 @@ class TraceWriter:
             args = ev.fields()
             if insn is not None:
                 args["insn"] = insn
-            record: dict[str, Any] = {"name": event, "cat": _cat(event), "ts": ts, "pid": pid, "tid": 0,
+            record: dict[str, Any] = {"name": event, "cat": _cat(event), "ts": ts, "pid": pid, "tid": vcpu or 0,
                                       "args": args}
             if event == "ksm_start_scan":
                 record.update(name="ksmd scan", ph="B")

@@ -155,3 +155,24 @@ def test_a_vcpu_that_triple_faults_ends_the_whole_vm(tmp_path: Any) -> None:
     assert vm.where is not None and vm.where.startswith("vCPU 1 ")
     assert [row["state"] for row in vm.vcpus] == ["stopped", "shutdown"]
     assert vm.insns < 3 * 10_000  # the spinning sibling stopped with the VM, not at --max-insns
+
+
+def test_a_kick_is_traced_on_the_kicked_vcpus_own_track(tmp_path: Any) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from hypervisor.cli import main as cli_main
+
+    out = tmp_path / "kicks.json"
+    result = CliRunner().invoke(cli_main, ["run", "samepage_smp", "--vcpus", "2", "--ksm", "--ksm-sleep-ms", "1",
+                                           "--insns-per-ms", "10000", "--cmdline", "pages=4 passes=3 spin=20000",
+                                           "--trace", str(out)])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(out.read_text())
+    events = doc["traceEvents"] if isinstance(doc, dict) else doc
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    kicks = [e for e in events if e.get("args", {}).get("reason") == "EXTERNAL_INTERRUPT"]
+    assert kicks and {threads[(e["pid"], e["tid"])] for e in kicks} == {"vcpu0", "vcpu1"}
+    served = [e for e in events if e.get("name") == "kvm_tlb_flush"]
+    assert len(served) >= len(kicks)  # every kicked vCPU served its flush request
