@@ -81,11 +81,10 @@ def kvm_flush_remote_tlbs(vm: "Vm") -> None:
         if lost:
             vcpu.requests &= ~KVM_REQ_TLB_FLUSH
         vcpu.handle_external_interrupt()
-    if me is not None:
-        # The flusher's own vCPU serves it before re-entry; nothing runs in between in hvsim.
-        if lost:
-            me.requests &= ~KVM_REQ_TLB_FLUSH
-        vcpu_service_requests(me)
+    if me is not None and lost:
+        me.requests &= ~KVM_REQ_TLB_FLUSH
+    # The flusher's own vCPU (me) keeps the request: Vcpu.handle_ept_violation serves it in
+    # vcpu_enter_guest, once however many flushes its fault raised.
     if vm.tracer.enabled:
         vm.tracer.event(KvmFlushRemoteTlbs(ipi, len(kicked)))
 
