@@ -50,6 +50,7 @@ class Options:
     trace_events: str | None
     plot_path: str | None
     quiet: bool
+    vcpus: int = 1
     # The KSM knobs as click parsed them, by KsmKnobs field name (cli.py makes one option per field).
     ksm_values: dict[str, Any] = field(default_factory=dict)
 
@@ -68,7 +69,7 @@ class Options:
         if self.image is None:
             raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
         cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
-                         max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
+                         vcpus=self.vcpus, max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
                          quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
         validate(cfg)
         for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):

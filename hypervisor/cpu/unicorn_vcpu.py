@@ -117,6 +117,9 @@ class UnicornVcpu(ExitDispatch):
         # for fetches); the answer stays no, without taking the exit twice.
         self._refused = False
         self._emulating = False
+        # --check: what this vCPU's TLB may hold since its last flush, gva page -> (gfn, pfn,
+        # writable), as the fills answered Unicorn (None: not recorded).
+        self.tlb_entries: dict[int, tuple[int, int, bool]] | None = None
         uc = new_x86_64()
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
@@ -137,6 +140,7 @@ class UnicornVcpu(ExitDispatch):
         uc.reg_write(x86.UC_X86_REG_CR0, CR0_PE | CR0_ET | CR0_WP | CR0_PG)
         uc.reg_write(x86.UC_X86_REG_RSP, boot.rsp)
         uc.reg_write(x86.UC_X86_REG_RSI, boot.rsi)
+        uc.reg_write(x86.UC_X86_REG_RDI, boot.rdi)
         self.rip = boot.rip
         self._cr3 = boot.cr3
         vcpu.arch = self
@@ -161,6 +165,8 @@ class UnicornVcpu(ExitDispatch):
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._pscache.clear()
         self._code.forget()
+        if self.tlb_entries is not None:
+            self.tlb_entries.clear()
 
     # --- running ---------------------------------------------------------------------
 
@@ -342,6 +348,8 @@ class UnicornVcpu(ExitDispatch):
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         elif write:
             self._code.written(pfn)
+        if self.tlb_entries is not None:
+            self.tlb_entries[vaddr >> PAGE_SHIFT] = (gfn, pfn, entry.perms == UC_PROT_ALL)
         return True
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:

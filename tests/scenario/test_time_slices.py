@@ -23,8 +23,11 @@ SMALL_CMDLINES = {
     "forkserver": "pages=2 children=2 write_pct=50",
     "kvstore": "keys=16 ops=40 value_size=8",
     "samepage_c": "pages=2 passes=2 spin=10",
+    "smpcount": "count=30",
+    "samepage_smp": "pages=3 passes=2 spin=10",
+    "kernels_smp": "kernel=3 private=2 passes=2 spin=10",
 }
-TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c")
+TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c", "kernels_smp")
 
 
 def outcome(result: RunResult) -> list[tuple[Any, ...]]:
@@ -45,10 +48,13 @@ def test_every_bundled_guest_has_small_parameters_for_the_quantum_property() -> 
     assert {g.name for g in bundled_guests(GUEST_IMAGES)} == set(SMALL_CMDLINES)
 
 
+@pytest.mark.parametrize("vcpus", [1, 2])
 @pytest.mark.parametrize("guest", sorted(SMALL_CMDLINES))
-def test_bundled_guest_gives_the_same_console_status_and_counts_at_every_quantum(guest: str) -> None:
+def test_bundled_guest_gives_the_same_console_status_and_counts_at_every_quantum(guest: str, vcpus: int) -> None:
+    # With two vCPUs per VM each vCPU runs the guest over the VM's one memory (the SMP guests
+    # split the work; the others each do all of it), in turns on the shared host CPU.
     img = next(str(g.image) for g in bundled_guests(GUEST_IMAGES) if g.name == guest)
-    ref = same_at_every_quantum(img, cmdline=SMALL_CMDLINES[guest], vms=2 if guest in TWO_VMS else 1)
+    ref = same_at_every_quantum(img, cmdline=SMALL_CMDLINES[guest], vms=2 if guest in TWO_VMS else 1, vcpus=vcpus)
     assert all(state in ("halted", "exited") for _, state, *_ in ref)
 
 
