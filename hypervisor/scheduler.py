@@ -116,8 +116,13 @@ class Scheduler:
 
     def _next_runnable(self, after: int) -> int | None:
         """Round-robin: the first runnable vCPU after index `after`, wrapping round."""
-        order = self.sim.runnable()
-        return next((i for i in order if i > after), order[0] if order else None)
+        backends = self.sim.backends
+        n = len(backends)
+        for k in range(after + 1, after + 1 + n):
+            i = k % n
+            if backends[i].vcpu.state is VcpuState.RUNNABLE:
+                return i
+        return None
 
     def _budget(self, i: int) -> int:
         sim, cfg = self.sim, self.sim.config
