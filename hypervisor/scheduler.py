@@ -36,6 +36,9 @@ Action = Callable[[], None]
 # CPU before the next one runs.  A model constant (the old default quantum), so that how VMs
 # interleave, and so everything ksmd finds, never depends on --quantum.
 HOST_TIMESLICE = 10_000
+# The fast path for a lone vCPU (`Scheduler._lone`): its turns follow each other inside one run of
+# at most this many instructions (a few milliseconds of wall time: Ctrl-C is seen between runs).
+LONE_RUN = 100 * HOST_TIMESLICE
 
 
 class Environment:
@@ -145,9 +148,15 @@ class Scheduler:
             return None
         backend = sim.backends[i]
         due = self.env.next_time()
+        lone = self._lone(i)
         sim.context, sim._running = ("vcpu", sim.vm_of[i]), backend
         try:
-            backend.run(budget)
+            if lone:
+                # Up to the next host event, --max-insns or LONE_RUN; the turns end inside the run.
+                hard = min(LONE_RUN, sim.config.max_insns - sim.insns[i] - sim.stalls[i])
+                backend.run(hard if due is None else min(hard, due - sim.now), self._turn_left, HOST_TIMESLICE)
+            else:
+                backend.run(budget)
         finally:
             # A slice that ended in an error (livelock, violated invariant) still took its time.
             sim._running = None
@@ -156,7 +165,11 @@ class Scheduler:
             sim.stalls[i] += backend.stall_in_slice
             sim.now += took
             sim.context = ("vmm", 0)
-            self._turn_left -= took
+            turns, turn_start = backend.clock.turns_ended if lone else (0, 0)
+            if turns:
+                self._turn_left = HOST_TIMESLICE - (took - turn_start)
+            else:
+                self._turn_left -= took
         stop_vm_after_failure(sim.vms[sim.vm_of[i]])
         # The turn goes on unless it is used up, the vCPU stopped, or a host event is due: all
         # points of simulated time, never where a chunk happened to end.
@@ -167,6 +180,16 @@ class Scheduler:
             if sim.ksm is not None and self.ksm_period == 0:
                 self.env.schedule(sim.now, self._ksmd_wakeup)
         return turn_over
+
+    def _lone(self, i: int) -> bool:
+        """Whether vCPU i's turns may follow each other inside one run: it is the only runnable vCPU (so
+        the next turn is its own), and nothing happens where a turn ends (no --check, no per-turn
+        samples, ksmd not woken after every turn); the host events bound the run.  The turns end
+        where the scheduler would end them (_icount.c), so the results are the same."""
+        sim = self.sim
+        if sim.checker is not None or sim.on_slice or (sim.ksm is not None and self.ksm_period == 0):
+            return False
+        return not any(b.vcpu.state is VcpuState.RUNNABLE for j, b in enumerate(sim.backends) if j != i)
 
     def _end_of_slice(self, turn_over: bool) -> None:
         sim = self.sim

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from hypervisor.guest.catalog import bundled_guests
+from hypervisor.scheduler import HOST_TIMESLICE
 from hypervisor.sim import DEFAULT_QUANTUM, GUEST_IMAGES, KsmConfig, RunResult
 
 from .guests import flat_guest, image, run
@@ -190,3 +191,51 @@ def test_the_trace_and_the_plot_series_do_not_depend_on_the_quantum(tmp_path: Pa
         outputs.append(trace.read_bytes() + (tmp_path / f"p{q}.png").read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
     assert b'"ph": "C"' in outputs[0] or b'"ph":"C"' in outputs[0]
+
+
+def _report(img: str, turn_by_turn: bool, **kwargs: Any) -> tuple[dict[str, Any], int]:
+    """(whole report, emu_start runs): plain, or with a per-turn hook, which makes every host turn a run
+    of its own (the scheduler's lone-vCPU fast path stays off while anything happens where a turn ends)."""
+    from hypervisor.sim import SimConfig, Simulation
+
+    ksm = kwargs.pop("ksm", KsmConfig())
+    sim = Simulation(SimConfig(image=img, ksm=ksm, **kwargs))
+    backend = sim.backends[0]
+    runs = 0
+    run_once = backend.run
+
+    def counted(*args: int) -> int:
+        nonlocal runs
+        runs += 1
+        return run_once(*args)
+
+    backend.run = counted  # type: ignore[method-assign,assignment]  # a count only (cpu/ is never compiled)
+    if turn_by_turn:
+        sim.on_slice.append(lambda _sim: None)
+    return whole_report(sim.run()), runs
+
+
+@pytest.mark.parametrize("guest", sorted(set(SMALL_CMDLINES) - {"smpcount", "samepage_smp", "kernels_smp"}))
+def test_a_lone_vcpu_runs_its_turns_in_one_run_with_the_same_report_as_turn_by_turn(guest: str) -> None:
+    # One runnable vCPU and nothing to do where its turn ends: _icount.c starts its next turn at the
+    # block boundary where the scheduler would have, inside the same emu_start.
+    img = next(str(g.image) for g in bundled_guests(GUEST_IMAGES) if g.name == guest)
+    ksm = KsmConfig(enabled=True, sleep_millisecs=1, pages_to_scan=50)
+    fast, _ = _report(img, False, cmdline=SMALL_CMDLINES[guest], ksm=ksm, insns_per_ms=20_000)
+    slow, _ = _report(img, True, cmdline=SMALL_CMDLINES[guest], ksm=ksm, insns_per_ms=20_000, quantum=7)
+    assert fast == slow
+
+
+@pytest.mark.parametrize(("profile", "sleep_ms"), [("2.6.32", 1), ("3.7", 3)])
+def test_a_lone_vcpu_with_ksmd_and_run_writes_gives_the_same_report_in_far_fewer_runs(profile: str,
+                                                                                      sleep_ms: int) -> None:
+    # ksmd's wake-ups and the `run` writes are host events: the runs end where they are due.
+    ksm = KsmConfig(enabled=True, sleep_millisecs=sleep_ms, pages_to_scan=50, run_at=((9, 2), (30, 1)))
+    kwargs: dict[str, Any] = {"cmdline": "pages=8 passes=6 spin=400000", "ksm": ksm, "insns_per_ms": 50_000,
+                              "profile": profile}
+    fast, fast_runs = _report(image("samepage.bin"), False, **kwargs)
+    slow, slow_runs = _report(image("samepage.bin"), True, **kwargs)
+    assert fast == slow
+    assert fast["ksm"]["full_scans"] > 1
+    turns = fast["sim_time"]["insns"] // HOST_TIMESLICE
+    assert slow_runs >= turns > 4 * fast_runs
