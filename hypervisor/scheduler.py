@@ -13,6 +13,10 @@ ksmd runs at its simulated time.  hvsim executes a turn in chunks of at most `qu
 instructions (checks, progress and Ctrl-C happen between chunks); since every rule above is
 in simulated time, the quantum changes no result.  After a chunk, the host events due by
 then run (in time order), then the end-of-chunk checks and hooks, then the next chunk.
+A lone runnable vCPU with nothing to do where its turn ends (`_lone`) runs its turns one
+after another inside one run, up to the next host event or `LONE_RUN` instructions: the C block
+hook (cpu/_icount.c) starts each next turn at the block boundary where the turn ended, as this
+loop would, so that saves a Unicorn run and the scheduler's round trip per turn, and nothing else.
 ksmd wakes every `sleep_millisecs` (at `insns_per_ms`); with sleep_millisecs=0 it runs after
 every turn.  ksmd's own work takes no simulated time.  Same inputs -> same counts, byte for
 byte, at every quantum.
