@@ -204,6 +204,8 @@ class Scheduler:
             # simulated time, so that they do not depend on --quantum either.
             for hook in sim.on_slice:
                 hook(sim)
+        for hook in sim.on_display:
+            hook(sim)
 
     def _as_ksmd(self, work: Action) -> None:
         sim = self.sim
