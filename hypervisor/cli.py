@@ -83,6 +83,11 @@ _workload_options = _options([
     click.option("--plot", "plot_path", metavar="FILE.png", type=OutputFile(check_plot_file),
                  help="Plot EPT_VIOLATION exits per simulated ms and KSM sharing (needs matplotlib)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
+    click.option("--mmu", type=click.Choice(["tdp", "shadow"]), default="tdp", show_default=True,
+                 help="KVM's MMU: tdp (EPT) or shadow (shadow page tables, a host without EPT)."),
+    click.option("--mmu-pages", type=int, default=None, metavar="N",
+                 help="--mmu shadow: the shadow page cache size (KVM_SET_NR_MMU_PAGES, at least 64; default "
+                      "max(guest pages * 20 / 1000, 64))."),
 ])
 
 _kernel_options = _options([

@@ -57,6 +57,8 @@ class Options:
     max_page_sharing: int | None = None
     ksm_run: int = 1
     run_at: tuple[str, ...] = ()
+    mmu: str = "tdp"
+    mmu_pages: int | None = None
 
     def ksm(self, enabled: bool) -> KsmConfig:
         return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
@@ -69,7 +71,8 @@ class Options:
             raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
         cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
                          max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
-                         quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
+                         quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject,
+                         mmu=self.mmu, mmu_pages=self.mmu_pages)
         validate(cfg)
         for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):
             warn(line)

@@ -76,6 +76,7 @@ BASELINE: dict[str, bool | str] = {
     "kvm_change_pte_bumps_seq": True,
     "kvm_change_pte_needs_invalidation": False,
     "kvm_retry_range_based": False,
+    "kvm_bypass_guest_pf": True,
     "ksm_general_profit": False,
     "ksm_counts_zero_pages": False,
 }
@@ -103,6 +104,11 @@ CHANGES: tuple[KernelChange, ...] = (
         "hva_to_pfn pins with the fault's own intent; a read fault maps a write-protected (KSM) pte "
         "read-only instead of COW-breaking it",
         "srinugnt2000/linux-2.6.37, zekezang/linux-2.6.38 virt/kvm/kvm_main.c, arch/x86/kvm/mmu.c", False),
+    KernelChange(
+        "kvm_bypass_guest_pf", False, "2.6.39", "-", "(KVM: MMU: remove bypass_guest_pf)",
+        "shadow paging: the bypass_guest_pf module parameter and the trap/notrap non-present sptes are "
+        "gone, so every guest #PF exits and is injected by KVM (only --mmu shadow is affected)",
+        "sndrzt/linux-2.6.32, zekezang/linux-2.6.38, robacklin/linux-2.6.39.4 arch/x86/kvm/vmx.c", False),
     KernelChange(
         "kvm_age_ept", "accessed_bit", "3.6", "-", "(KVM: VMX: EPT accessed and dirty bits)",
         "kvm_age_rmapp tests and clears the EPT accessed bit when the CPU has one (hvsim's does) "

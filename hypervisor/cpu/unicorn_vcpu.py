@@ -45,6 +45,7 @@ from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
 from ..kvm.mmu_interface import FaultResult, KvmMmu
+from ..kvm.shadow_mmu import ShadowMmu
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import NO_BACKEND, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
@@ -62,6 +63,7 @@ from .exceptions import (
 )
 from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
+from .shadow_fill import ShadowFill, ShadowPtWrite
 from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
@@ -87,7 +89,7 @@ class _Mmio(Exception):
         self.gpa = gpa
 
 
-class UnicornVcpu(ExitDispatch):
+class UnicornVcpu(ExitDispatch, ShadowFill):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
@@ -113,12 +115,17 @@ class UnicornVcpu(ExitDispatch):
         # for fetches); the answer stays no, without taking the exit twice.
         self._refused = False
         self._emulating = False
+        # --mmu shadow: the fill walks KVM's shadow tables (cpu/shadow_fill.py).
+        self._shadow = isinstance(self.mmu, ShadowMmu)
+        self._ptwrite: ShadowPtWrite | None = None
+        if isinstance(self.mmu, ShadowMmu):
+            self.mmu.state(vcpu).cr3 = boot.cr3  # KVM_SET_SREGS: the VMM's CR3, no exit
         uc = new_x86_64()
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
-        self._tlb_cb = add_tlb_fill_hook(uc, self._tlb_fill, self._refuse)
+        self._tlb_cb = add_tlb_fill_hook(uc, self._shadow_tlb_fill if self._shadow else self._tlb_fill, self._refuse)
         self._add_exit_hooks(uc)
         self.clock = VcpuClock(uc, insns_per_ms)
         self.uc = uc
@@ -180,6 +187,8 @@ class UnicornVcpu(ExitDispatch):
         retired = clock.end_slice(unfinished=self._abandoned == "data")
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
         raised = take_hook_exception(self.uc)
+        if self._ptwrite is not None and raised is None:
+            self._finish_ptwrite()
         if raised is not None:
             # An exception in one of our hooks (an invariant violation, a bug): Unicorn
             # reports it as a failed run; the exception is what happened.
@@ -228,6 +237,8 @@ class UnicornVcpu(ExitDispatch):
     def _frame_of(self, gva: int, write: bool) -> int:
         """The pfn behind gva for an access made while delivering an exception (exits as the CPU's would)."""
         try:
+            if self._shadow:
+                return self._shadow_frame_of(gva, write)
             gpa, _ = walk_gva(self._cr3, gva, write, self._read_pte, self._pscache)
             spte = self._ept(gpa >> PAGE_SHIFT, write)
         except GuestFault as fault:
@@ -283,26 +294,8 @@ class UnicornVcpu(ExitDispatch):
                 spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
             if not spte:
                 spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
-        except GuestFault as fault:
-            if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
-                entry.paddr = 0
-                entry.perms = UC_PROT_READ | UC_PROT_EXEC
-                return True
-            self._stop_note = note = f"{fault} at gva {vaddr:#x}"
-            error_code = fault.error_code | (PF_ERR_WRITE if write else 0)
-            self._pending = PendingException(fault.vector, error_code if fault.vector == PF_VECTOR else 0, -1,
-                                             note, vaddr if fault.vector == PF_VECTOR else None)
-            self._refused = True
-            return False
-        except _SliceEnd:
-            self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
-            self._refused = True
-            return False
-        except _Mmio as mmio:
-            self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
-                           f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
-            self._refused = True
-            return False
+        except (GuestFault, _SliceEnd, _Mmio) as why:
+            return self._fill_refused(vaddr, access, why, entry)
         pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
         if spte & SPTE_WRITABLE and guest_writable:
@@ -313,6 +306,38 @@ class UnicornVcpu(ExitDispatch):
             self._exec_seen[pfn] = True
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         return True
+
+    def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
+        """A TLB fill that cannot complete: a guest exception, a slice ended by a retry, MMIO."""
+        write = access == UC_MEM_WRITE
+        if isinstance(why, GuestFault):
+            if vaddr >> PAGE_SHIFT == _UNTIL_PAGE and entry is not None:
+                entry.paddr = 0
+                entry.perms = UC_PROT_READ | UC_PROT_EXEC
+                return True
+            self._stop_note = note = f"{why} at gva {vaddr:#x}"
+            error_code = why.error_code | (PF_ERR_WRITE if write else 0)
+            self._pending = PendingException(why.vector, error_code if why.vector == PF_VECTOR else 0, -1,
+                                             note, vaddr if why.vector == PF_VECTOR else None)
+        elif isinstance(why, _SliceEnd):
+            self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
+        elif isinstance(why, _Mmio):
+            self.vcpu.fail(f"guest access to gpa {why.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
+                           f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
+        else:
+            raise why
+        self._refused = True
+        return False
+
+    def _mmio_at(self, gpa: int) -> Exception:
+        return _Mmio(gpa)
+
+    def _stop_after_instruction(self) -> None:
+        """The C hook stops before the next instruction: the one running completes first."""
+        self.clock.stop_now()
+
+    def _current_rip(self) -> int:
+        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
         """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access.

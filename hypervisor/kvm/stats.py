@@ -23,6 +23,8 @@ class VcpuStats:
     mmio_exits: int = 0
     halt_exits: int = 0
     hypercalls: int = 0
+    insn_emulation: int = 0
+    insn_emulation_fail: int = 0
     # hvsim: faults that lost the mmu_notifier_retry race and were retried by the guest.
     pf_retry: int = 0
     exit_reasons: Counter[ExitReason] = field(default_factory=Counter)
@@ -41,6 +43,7 @@ class VmStats:
     mmu_flooded: int = 0
     mmu_recycled: int = 0
     mmu_cache_miss: int = 0
+    mmu_pde_zapped: int = 0
     remote_tlb_flush: int = 0
     # hvsim: leaf sptes dropped by a notifier callback or by release.
     spte_zapped: int = 0

@@ -23,6 +23,7 @@ from .exits import (
     ExitReason,
 )
 from .mmu_interface import FaultResult, FaultWork
+from .shadow_mmu import ShadowFault, ShadowMmu
 from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import VcpuStats
 
@@ -125,6 +126,31 @@ class Vcpu:
             self.stats.mmio_exits += 1
         self.exit_work[_EPT_WORK[outcome.work]] += 1
         return outcome.result
+
+    # --- shadow paging's exits (kvm/shadow_mmu.py; vmx.c handle_exception, handle_cr, handle_invlpg) ---
+
+    def handle_shadow_pf(self, gva: int, error_code: int, rip: int) -> "ShadowFault":
+        """EXCEPTION_NMI with vector 14: FNAME(page_fault) once (kvm_mmu_page_fault)."""
+        self._count_exit(ExitReason.EXCEPTION_NMI)
+        self._trace_exit(ExitReason.EXCEPTION_NMI, rip, gva, error_code)
+        mmu = self.vm.mmu
+        assert isinstance(mmu, ShadowMmu)
+        result = mmu.shadow_page_fault(self, gva, error_code)
+        self.exit_work[(ExitReason.EXCEPTION_NMI, result.value)] += 1
+        if result is ShadowFault.MMIO:
+            self.stats.mmio_exits += 1
+        elif result is ShadowFault.EMULATE:
+            self.stats.insn_emulation += 1
+        return result
+
+    def handle_cr3_load(self, cr3: int, rip: int) -> None:
+        """CR_ACCESS (mov to cr3): kvm_set_cr3 switches the shadow root."""
+        self._count_exit(ExitReason.CR_ACCESS)
+        self.exit_work[(ExitReason.CR_ACCESS, "")] += 1
+        self._trace_exit(ExitReason.CR_ACCESS, rip, 3)
+        mmu = self.vm.mmu
+        assert isinstance(mmu, ShadowMmu)
+        mmu.kvm_set_cr3(self, cr3)
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
         """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""

@@ -13,6 +13,7 @@ from ..profiles import Profile
 from ..types import PAGE_SHIFT, Gfn, Gpa, Hva
 from .memslot import Memslot, Memslots
 from .mmu import TdpMmu
+from .shadow_mmu import ShadowMmu
 from .stats import VmStats
 from .vcpu import Vcpu
 
@@ -23,7 +24,8 @@ TraceFn = Callable[[str, dict[str, Any]], None]
 
 
 class Vm:
-    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, trace: TraceFn | None = None):
+    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, trace: TraceFn | None = None,
+                 mmu: str = "tdp", mmu_pages: int | None = None):
         self.vm_id = vm_id
         self.mm = mm
         self.profile = profile
@@ -34,7 +36,10 @@ class Vm:
         # KVM_SET_USER_MEMORY_REGION for slot 0: all of guest RAM from gpa 0.
         mm.mmap(GUEST_RAM_HVA, memory_size)
         self.memslots.add(Memslot(0, Gfn(0), memory_size >> PAGE_SHIFT, GUEST_RAM_HVA))
-        self.mmu = TdpMmu(self)
+        # --mmu: EPT (TdpMmu) or shadow paging (ShadowMmu; mmu_pages models KVM_SET_NR_MMU_PAGES).  Both
+        # implement kvm.mmu_interface.KvmMmu; the attribute is typed TdpMmu so that the TDP-only code and
+        # tests reach its spte array, and shadow-only code narrows with isinstance(vm.mmu, ShadowMmu).
+        self.mmu: TdpMmu = ShadowMmu(self, mmu_pages) if mmu == "shadow" else TdpMmu(self)  # type: ignore[assignment]
         mmu_notifier_register(self.mmu.notifier, mm)
         self.vcpus: list[Vcpu] = []
 
