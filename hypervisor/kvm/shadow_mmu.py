@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from ..host.mm import HostMm
 from ..types import PAGE_SHIFT, Gfn
 from .guest_walker import GuestWalker, gpte_to_gfn, walk_addr
@@ -58,10 +61,23 @@ from .shadow_page import (
     shadow_index,
     spte_to_pfn,
 )
+from .spte import SPTE_DIRTY, SPTE_HOST_WRITEABLE, SPTE_WRITABLE, make_spte
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import Vm
+
+
+def to_ept_format(spte: int) -> int:
+    """A shadow leaf spte in kvm/spte.py's EPT format (0 if not present), for the checks both MMUs share."""
+    if not is_shadow_present_pte(spte):
+        return 0
+    ept = make_spte(spte_to_pfn(spte), False, bool(spte & PT_ACCESSED))  # type: ignore[arg-type]
+    if spte & PT_WRITABLE:
+        ept |= SPTE_WRITABLE | SPTE_DIRTY
+    if spte & SPTE_HOST_WRITEABLE_X86:
+        ept |= SPTE_HOST_WRITEABLE
+    return ept
 
 
 class ShadowFault(Enum):
@@ -96,6 +112,9 @@ class ShadowMmu(ShadowNotifier):
         self.profile = vm.profile
         self.mm: HostMm = vm.mm
         self.leaf_sptes: memoryview | None = None
+        # For --check and tests, not for the fill: per gfn, its rmap's sptes summed up in the EPT
+        # format of kvm/spte.py (the pfn they map; writable if one is), kept by set_spte.
+        self.sptes: npt.NDArray[np.int64] = np.zeros(int(vm.memslots.max_gfn), dtype=np.int64)
         # bypass_guest_pf (2.6.32 .. 2.6.38): a trap and a notrap non-present value; later both 0.
         self.trap = SPTE_TRAP if self.profile.kvm_bypass_guest_pf else SPTE_NOTRAP
         nr_pages = int(vm.memslots.max_gfn)
@@ -121,8 +140,11 @@ class ShadowMmu(ShadowNotifier):
         old = int(sp.view[index])
         sp.view[index] = new
         leaf = sp.role.level == 1
-        if self.spte_check is not None and leaf:
-            self.spte_check(Gfn(int(sp.gfns[index])), old, new, change)
+        if leaf:
+            gfn = int(sp.gfns[index])
+            if self.spte_check is not None:
+                self.spte_check(Gfn(gfn), to_ept_format(old), to_ept_format(new), change)
+            self.summarize(gfn)
         stats = self.vm.stats
         if change is SpteChange.INSTALL:
             if leaf:
@@ -143,6 +165,16 @@ class ShadowMmu(ShadowNotifier):
         if change is SpteChange.PROTECT:
             return bool(old & ~new & PT_WRITABLE)
         return False  # WALK: the CPU set A
+
+    def summarize(self, gfn: int) -> None:
+        """Recompute sptes[gfn] from the rmap of gfn."""
+        best = 0
+        for sp, index in self.rmap.heads.get(gfn, ()):
+            ept = to_ept_format(int(sp.view[index]))
+            if ept & SPTE_WRITABLE or not best:
+                best = ept
+        if gfn < self.sptes.shape[0]:
+            self.sptes[gfn] = best
 
     def spte(self, gfn: int) -> int:
         """The first leaf spte on gfn's rmap (0 if none)."""
@@ -388,6 +420,7 @@ class ShadowMmu(ShadowNotifier):
         if is_shadow_present_pte(old):
             if pfn != spte_to_pfn(old):
                 self.rmap.rmap_remove(sp, index)
+                self.summarize(int(sp.gfns[index]))
             else:
                 was_rmapped = True
         spte = PT_PRESENT | PT_DIRTY | (0 if speculative else PT_ACCESSED) | (pfn << PAGE_SHIFT)
@@ -408,9 +441,12 @@ class ShadowMmu(ShadowNotifier):
         self.set_spte(sp, index, spte, SpteChange.INSTALL)
         if refused:
             vcpu.arch.flush_tlb()  # kvm_x86_ops->tlb_flush: the local flush with no counter
-        if not was_rmapped and self.rmap.rmap_add(gfn, sp, index) > RMAP_RECYCLE_THRESHOLD:
-            self.kvm_unmap_rmapp(gfn)  # rmap_recycle
-            self.vm.kvm_flush_remote_tlbs()
+        if not was_rmapped:
+            count = self.rmap.rmap_add(gfn, sp, index)
+            self.summarize(gfn)
+            if count > RMAP_RECYCLE_THRESHOLD:
+                self.kvm_unmap_rmapp(gfn)  # rmap_recycle
+                self.vm.kvm_flush_remote_tlbs()
         if speculative:
             st = self.state(vcpu)
             st.last_pte_updated, st.last_pte_gfn = (sp, index), gfn
