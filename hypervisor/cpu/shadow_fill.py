@@ -22,6 +22,7 @@ its TLB on every CR3 write) and taken as a CR_ACCESS exit; a reload of the same 
 a read of CR3 are not seen (README).
 """
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ from .walk import GuestFault
 # Unicorn translates the page of unicorn_vcpu.UNTIL - 1 when a run starts; it gets the zero page.
 UNTIL_PAGE = (0xFFFF_FFFF_FFFF_F000 - 1) >> PAGE_SHIFT
 _SIZES = {"byte": 1, "word": 2, "dword": 4, "qword": 8}
+_PTR_SIZE = re.compile(r"\b(byte|word|dword|qword) ptr")
 
 
 class ShadowPtWrite:
@@ -172,9 +174,9 @@ class ShadowFill:
         if insn is None:
             return 8
         mnemonic, ops, _ = insn
-        for word, size in _SIZES.items():
-            if f"{word} ptr" in ops:
-                return size
+        match = _PTR_SIZE.search(ops)
+        if match is not None:
+            return _SIZES[match.group(1)]
         return {"stosb": 1, "stosw": 2, "stosd": 4}.get(mnemonic, 8)
 
 
