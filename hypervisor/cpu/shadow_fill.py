@@ -61,6 +61,7 @@ class ShadowFill:
     _frames_2d: npt.NDArray[np.uint8]
     _exec_seen: Any
     sensitive: Any
+    shadow_insns: Any
     _ptwrite: ShadowPtWrite | None
 
     _read_cr3: Callable[[], int]
@@ -98,10 +99,8 @@ class ShadowFill:
         """The CPU's walk of the shadow tables on a Unicorn TLB miss (exits handled here)."""
         fetch = access == UC_MEM_FETCH
         if fetch:
-            cr3 = self._read_cr3()
-            if cr3 != self._cr3:
-                self._cr3 = cr3
-                self.vcpu.handle_cr3_load(cr3, self._rip_for_trace())
+            # The load itself exited at its code hook (cpu/shadow_insns.py); here only the walks' view.
+            self._cr3 = self._read_cr3()
         if self._refused:
             return False
         write = access == UC_MEM_WRITE
@@ -122,6 +121,7 @@ class ShadowFill:
         if fetch:
             self._exec_seen[pfn] = True
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
+            self.shadow_insns.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         return True
 
     def _shadow_translate(self, vaddr: int, write: bool) -> tuple[int, bool]:

@@ -64,6 +64,7 @@ from .exceptions import (
 from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
 from .shadow_fill import ShadowFill, ShadowPtWrite
+from .shadow_insns import ShadowInsns
 from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
@@ -132,6 +133,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         self._frames_2d = frames.frames
         self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
                                         lambda: self.clock.stopped)
+        if self._shadow:
+            self.shadow_insns = ShadowInsns(uc, vcpu, self.peek_code, lambda: self.clock.stopped)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
@@ -152,6 +155,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         # The raw TLB-fill callback goes with the Uc that calls it: its closure holds the Uc.
         del self._tlb_cb
         del self.sensitive  # it holds this vCPU's bound methods
+        self.__dict__.pop("shadow_insns", None)
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND
 
@@ -172,6 +176,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
             self.uc.ctl_flush_tb()
             self._code_epoch = self.frames.code_epoch
             self.sensitive.forget_scans()
+            if self._shadow:
+                self.shadow_insns.forget_scans()
         clock = self.clock
         clock.start_slice(max_insns)
         self._stop_note = None

@@ -63,7 +63,7 @@ def kvm_mmu_pte_write(mmu: "ShadowMmu", vcpu: "Vcpu", gpa: int, nbytes: int, gue
         slot = vm.memslots.gfn_to_memslot(Gfn(gpte_to_gfn(gentry)))
         if slot is not None:
             seq = mmu.mmu_notifier_seq
-            pfn, writable, _host = gfn_to_pfn(mmu.mm, mmu.profile, slot.gfn_to_hva(Gfn(gpte_to_gfn(gentry))), True)
+            pfn, _writable, _host = gfn_to_pfn(mmu.mm, mmu.profile, slot.gfn_to_hva(Gfn(gpte_to_gfn(gentry))), True)
             guess = (gpte_to_gfn(gentry), pfn, seq)
     # kvm_mmu_access_page: an emulated access to the last speculatively mapped gfn counts as a use.
     last = st.last_pte_updated

@@ -237,8 +237,14 @@ class ShadowMmu(ShadowNotifier):
                 self.pages.free(root)
 
     def kvm_set_cr3(self, vcpu: "Vcpu", cr3: int) -> None:
-        """A CR3 load (a CR_ACCESS exit): paging_new_cr3 drops the root; the next entry loads the new one."""
+        """A CR3 load (a CR_ACCESS exit), 2.6.32 x86.c kvm_set_cr3: the same value syncs the roots (no
+        unsync pages here) and flushes the TLB (kvm_mmu_flush_tlb); a new one drops the root
+        (paging_new_cr3) and the next entry loads the new one (kvm_mmu_load: a hash hit or a miss)."""
         st = self.state(vcpu)
+        if cr3 == st.cr3 and st.root is not None:
+            vcpu.stats.tlb_flush += 1
+            vcpu.arch.flush_tlb()
+            return
         st.cr3 = cr3
         self.mmu_free_roots(st)
         self.kvm_mmu_load(vcpu)
@@ -452,8 +458,25 @@ class ShadowMmu(ShadowNotifier):
             st.last_pte_updated, st.last_pte_gfn = (sp, index), gfn
         return refused and write_fault
 
-    def kvm_mmu_invlpg(self, vcpu: "Vcpu", gva: int) -> int:
-        """FNAME(invlpg): the leaf slot of gva becomes trap; returns the gpa of its guest pte (-1 if none)."""
+    def kvm_mmu_invlpg(self, vcpu: "Vcpu", gva: int) -> None:
+        """kvm_mmu_invlpg (2.6.32 mmu.c): FNAME(invlpg), then a present and accessed guest pte is
+        re-shadowed through kvm_mmu_pte_write (not guest-initiated); kvm_mmu_flush_tlb; invlpg+1."""
+        from .pte_write import kvm_mmu_pte_write
+
+        pte_gpa = self.fname_invlpg(vcpu, gva)
+        if pte_gpa >= 0:
+            gpte = self._read_gpte(pte_gpa)
+            if gpte & PT_PRESENT and gpte & PT_ACCESSED:
+                kvm_mmu_pte_write(self, vcpu, pte_gpa, 8, False)
+        vcpu.stats.tlb_flush += 1
+        vcpu.arch.flush_tlb()
+        vcpu.stats.invlpg += 1
+
+    def fname_invlpg(self, vcpu: "Vcpu", gva: int) -> int:
+        """FNAME(invlpg): the leaf slot of gva becomes trap; returns the gpa of its guest pte (-1 if none).
+
+        As in 2.6.32, a slot of a direct page (a guest large page) is taken for a guest pte at
+        sp->gfn + index ("FIXME: properly handle invlpg on large guest pages")."""
         st = self.state(vcpu)
         sp = st.root
         if sp is None or sp.invalid:

@@ -152,6 +152,21 @@ class Vcpu:
         assert isinstance(mmu, ShadowMmu)
         mmu.kvm_set_cr3(self, cr3)
 
+    def handle_cr3_read(self, rip: int) -> None:
+        """CR_ACCESS (mov from cr3): KVM hands the guest its own CR3."""
+        self._count_exit(ExitReason.CR_ACCESS)
+        self.exit_work[(ExitReason.CR_ACCESS, "")] += 1
+        self._trace_exit(ExitReason.CR_ACCESS, rip, 0x13)
+
+    def handle_invlpg(self, gva: int, rip: int) -> None:
+        """INVLPG: kvm_mmu_invlpg drops the spte of that gva."""
+        self._count_exit(ExitReason.INVLPG)
+        self.exit_work[(ExitReason.INVLPG, "")] += 1
+        self._trace_exit(ExitReason.INVLPG, rip, gva)
+        mmu = self.vm.mmu
+        assert isinstance(mmu, ShadowMmu)
+        mmu.kvm_mmu_invlpg(self, gva)
+
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
         """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""
         self._count_exit(ExitReason.IO_INSTRUCTION)
