@@ -110,7 +110,7 @@ def test_kernels_prints_the_table_of_changes() -> None:
     code, out, _ = invoke("kernels", "--json")
     doc = json.loads(out)
     assert code == 0 and doc["baseline"]["kvm_gup_always_write"] is True
-    assert {"version": "3.7", "commit": "6bdb913f0a70"}.items() <= doc["changes"][6].items()
+    assert any({"version": "3.7", "commit": "6bdb913f0a70"}.items() <= c.items() for c in doc["changes"])
 
 
 def test_ksm_command_shows_sysfs_files() -> None:
