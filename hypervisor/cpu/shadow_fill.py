@@ -17,9 +17,7 @@ natively against a writable mapping of the page-table frame given for this fill 
 CPU stops after that instruction, the TLB is flushed, and the bytes that changed (with the
 store size decoded from the instruction) are handed to kvm_mmu_pte_write.  Every store form
 works (mov, stos, xchg, cmpxchg, or, and); a store that leaves the bytes as they were is
-not seen.  A CR3 load is noticed on the first instruction fetch after it (Unicorn flushes
-its TLB on every CR3 write) and taken as a CR_ACCESS exit; a reload of the same value and
-a read of CR3 are not seen (README).
+not seen.  CR3 loads and INVLPG exit at their own code hooks (cpu/shadow_insns.py).
 """
 
 import re
