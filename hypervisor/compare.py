@@ -71,7 +71,8 @@ class CompareRow:
 
     @property
     def ept_violations(self) -> int:
-        return self.result.totals()["exits"].get("EPT_VIOLATION", 0)
+        """The MMU's fault exits: EPT_VIOLATION, or under --mmu shadow the #PF exits (EXCEPTION_NMI)."""
+        return self.result.totals()["exits"].get(fault_exit(self.result.config.mmu), 0)
 
     @property
     def cow_ksm(self) -> int:
@@ -85,7 +86,9 @@ class CompareRow:
             "kernel": self.run.profile,
             "change_pte": self.run.change_pte,
             "ksm": self.run.ksm,
-            "EPT_VIOLATION": self.ept_violations,
+            "EPT_VIOLATION": self.ept_violations if self.result.config.mmu == "tdp" else 0,
+            "fault_exit": fault_exit(self.result.config.mmu),
+            "fault_exits": self.ept_violations,
             "exits": t["stats"].get("exits", 0),
             "change_pte_calls": t["notifier_calls"].get("change_pte", 0),
             "sptes_rewritten": t["stats"].get("spte_changed", 0),
@@ -219,17 +222,23 @@ def _table(cols: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     return [fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
 
 
+def fault_exit(mmu: str) -> str:
+    """The exit a missing or read-only mapping costs: an EPT violation, or a #PF exit under shadow paging."""
+    return "EPT_VIOLATION" if mmu == "tdp" else "EXCEPTION_NMI"
+
+
 def render_compare(result: CompareResult) -> str:
     cfg = result.base
+    exit_name = fault_exit(cfg.mmu)
     base = result.rows[0].ept_violations if result.rows and not result.rows[0].run.ksm else None
-    cols = ("run", "EPT_VIOLATION", "over ksm off", "cow_ksm", "pages_sharing", "change_pte", "sptes rewritten",
+    cols = ("run", exit_name, "over ksm off", "cow_ksm", "pages_sharing", "change_pte", "sptes rewritten",
             "sptes zapped", "invalidate_page", "range_start/end", "remote TLB flushes")
     rows = []
     for row in result.rows:
         s = row.summary()
         rows.append((
-            row.run.label, str(s["EPT_VIOLATION"]),
-            "-" if base is None or not row.run.ksm else f"{s['EPT_VIOLATION'] - base:+d}",
+            row.run.label, str(s["fault_exits"]),
+            "-" if base is None or not row.run.ksm else f"{s['fault_exits'] - base:+d}",
             str(s["cow_ksm"]), str(s["pages_sharing"]) if row.run.ksm else "-",
             str(s["change_pte_calls"]), str(s["sptes_rewritten"]), str(s["sptes_zapped"]),
             str(s["invalidate_page_calls"]),
@@ -238,6 +247,7 @@ def render_compare(result: CompareResult) -> str:
         ))
     lines = [
         f"hvsim compare: {image_label(cfg.image)}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
+        f"{'shadow paging, ' if cfg.mmu == 'shadow' else ''}"
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}",
         *_table(cols, rows),
     ]
@@ -246,7 +256,7 @@ def render_compare(result: CompareResult) -> str:
         lines += ["", "attribution (each line compares two runs of this table):"]
         for sv in savings:
             verb = "saved" if sv.exits >= 0 else "cost"
-            lines.append(f"  {sv.what}: {verb} {abs(sv.exits)} EPT_VIOLATION exits and {abs(sv.cow_ksm)} cow_ksm "
+            lines.append(f"  {sv.what}: {verb} {abs(sv.exits)} {exit_name} exits and {abs(sv.cow_ksm)} cow_ksm "
                          f"('{sv.before}' -> '{sv.after}')")
             if sv.also_differs:
                 lines.append(f"    (the two kernels also differ in: {'; '.join(sv.also_differs)})")
