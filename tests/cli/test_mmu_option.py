@@ -1,7 +1,9 @@
 """`--mmu tdp|shadow` and `--mmu-pages` on the command line."""
 
 import json
+from pathlib import Path
 
+import pandas as pd
 from click.testing import CliRunner
 
 from hypervisor.cli import main
@@ -34,3 +36,13 @@ def test_bad_mmu_options_are_clear_errors() -> None:
 def test_compare_under_shadow_paging_labels_its_fault_exits() -> None:
     code, out, _ = invoke("compare", "hello", "--mmu", "shadow", "--kernels", "2.6.32,3.7", "-q")
     assert code == 0 and "shadow paging" in out and "EXCEPTION_NMI" in out.splitlines()[1]
+
+
+def test_mmu_is_a_sweep_axis(tmp_path: Path) -> None:
+    spec = tmp_path / "mmu.toml"
+    spec.write_text('[run]\nimage = "hello"\n[axes]\nmmu = ["tdp", "shadow"]\n')
+    code, _, err = invoke("sweep", str(spec), "-o", str(tmp_path / "out"), "-q")
+    assert code == 0, err
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert list(table["mmu"]) == ["tdp", "shadow"]
+    assert list(table["totals.exits.EXCEPTION_NMI"].fillna(0)) == [0, 3]

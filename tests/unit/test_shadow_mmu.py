@@ -1,7 +1,8 @@
 """The shadow MMU's pure parts and its rmap walks, without Unicorn (kvm/guest_walker.py, kvm/rmap.py,
 kvm/shadow_page.py, kvm/shadow_mmu.py, kvm/shadow_notifier.py, kvm/pte_write.py, cpu/shadow_insns.py)."""
 
-from typing import Any
+import contextlib
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from hypervisor.build import build_host, build_vm
 from hypervisor.config import SimConfig, validate
 from hypervisor.cpu.shadow_insns import candidate_offsets, effective_address
-from hypervisor.errors import ConfigError
+from hypervisor.errors import ConfigError, InvariantViolation
 from hypervisor.host.mm import pte_pfn
 from hypervisor.kvm.guest_walker import walk_addr
 from hypervisor.kvm.pte_write import need_remote_flush
@@ -33,6 +34,7 @@ from hypervisor.kvm.shadow_page import (
 from hypervisor.kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from hypervisor.kvm.vm import Vm
 from hypervisor.profiles import get_profile
+from hypervisor.shadow_check import check_shadow
 from hypervisor.sim import GUEST_IMAGES
 from hypervisor.types import PAGE_SIZE, Gpa, Hva
 
@@ -262,3 +264,43 @@ def test_mmu_pages_is_refused_without_shadow_and_below_kvms_minimum() -> None:
         validate(SimConfig(image=image, mmu="shadow", mmu_pages=10))
     with pytest.raises(ConfigError, match="tdp"):
         validate(SimConfig(image=image, mmu="ept"))
+
+
+def violations(vm: Vm) -> list[str]:
+    found: list[str] = []
+
+    def fail(invariant: str, detail: str) -> NoReturn:
+        found.append(invariant)
+        raise InvariantViolation(detail)
+
+    with contextlib.suppress(InvariantViolation):
+        check_shadow(vm, fail)
+    return found
+
+
+def test_check_finds_a_writable_spte_on_a_shadowed_page_table() -> None:
+    vm = shadow_vm()
+    assert violations(vm) == []
+    mmu = vm.mmu
+    assert isinstance(mmu, ShadowMmu)
+    # Map the leaf table (gfn 0xb) itself at gva 0x3000 writable, as data, behind KVM's back.
+    sp, index = mmu.rmap.sptes(1)[0]
+    mmu.rmap.rmap_add(0xB, sp, 3)
+    sp.view[3] = (spte_to_pfn(int(sp.view[index])) << 12) | 0x263
+    assert violations(vm) in (["shadowed-gfn-write-protected"], ["shadow-spte-follows-guest"],
+                              ["spte-follows-pte"])
+
+
+def test_check_finds_an_spte_missing_from_its_rmap() -> None:
+    vm = shadow_vm()
+    mmu = vm.mmu
+    assert isinstance(mmu, ShadowMmu)
+    sp, index = mmu.rmap.sptes(1)[0]
+    mmu.rmap.rmap_remove(sp, index)
+    assert violations(vm) == ["spte-on-rmap"]
+
+
+def test_check_finds_an_spte_that_no_longer_follows_its_guest_pte() -> None:
+    vm = shadow_vm()
+    vm.write_guest(Gpa(0xB000 + 8), (0x2000 | 3).to_bytes(8, "little"))  # gva 0x1000 -> gfn 2, unseen
+    assert violations(vm) == ["shadow-spte-follows-guest"]
