@@ -39,6 +39,9 @@ from .walk import GuestFault
 
 # Unicorn translates the page of unicorn_vcpu.UNTIL - 1 when a run starts; it gets the zero page.
 UNTIL_PAGE = (0xFFFF_FFFF_FFFF_F000 - 1) >> PAGE_SHIFT
+# A fault that KVM reports fixed and the walk still refuses, this many times in a row, is a bug
+# (retries lost to the mmu_notifier race are bounded by the clock's livelock check instead).
+_MAX_FIXES = 10_000
 _SIZES = {"byte": 1, "word": 2, "dword": 4, "qword": 8}
 _PTR_SIZE = re.compile(r"\b(byte|word|dword|qword) ptr")
 
@@ -128,7 +131,7 @@ class ShadowFill:
         vcpu = self.vcpu
         mmu = vcpu.vm.mmu
         assert isinstance(mmu, ShadowMmu)
-        while True:
+        for _ in range(_MAX_FIXES):
             spte, error_code = mmu.walk_shadow(vcpu, vaddr, write)
             if spte:
                 return spte, False
@@ -145,6 +148,8 @@ class ShadowFill:
                 return spte, True
             if result is ShadowFault.RETRY:
                 self._fault_retried(vaddr >> PAGE_SHIFT)
+        raise RuntimeError(f"hvsim bug: {_MAX_FIXES} #PF exits at gva {vaddr:#x} were fixed by KVM but the shadow "
+                           "walk still refuses the access")
 
     def _shadow_frame_of(self, gva: int, write: bool) -> int:
         """The pfn behind gva for an access made while delivering an exception."""
