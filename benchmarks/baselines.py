@@ -26,9 +26,10 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
+from hypervisor.build import build_host
 from hypervisor.cpu.binding import add_tlb_fill_hook
 from hypervisor.cpu.unicorn_vcpu import UNTIL
-from hypervisor.host.frames import FramePool
+from hypervisor.profiles import get_profile
 from hypervisor.types import PAGE_SIZE
 
 from .guests import IMAGE_BASE, STACK_TOP
@@ -55,8 +56,8 @@ class BareTlbUnicorn:
     """Virtual-TLB Unicorn whose Python TLB-fill hook does nothing but fill (identity map)."""
 
     def __init__(self, image: bytes, memory: int, raw: bool = False) -> None:
-        # Allocated as hvsim allocates host memory, so both see the same host page-fault costs.
-        self.frames = FramePool(memory // PAGE_SIZE)
+        # A host's frames as build.py allocates them for a run, so both see the same host page-fault costs.
+        self.frames = build_host(get_profile("6.12"), memory // PAGE_SIZE).frames
         self.frames.data[IMAGE_BASE : IMAGE_BASE + len(image)] = np.frombuffer(image, dtype=np.uint8)
         self.memory = memory
         self.fills = 0

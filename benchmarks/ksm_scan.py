@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hypervisor.build import build_host, build_mm
+from hypervisor.config import KsmKnobs
 from hypervisor.host.frames import FRAME_SLACK, FramePool
-from hypervisor.host.ksm import _HASH_MULT, _HASH_SALT, Ksm, page_hash
-from hypervisor.host.mm import MADV_MERGEABLE, HostMm, Vmstat
+from hypervisor.host.ksm import _HASH_MULT, _HASH_SALT, page_hash
+from hypervisor.host.mm import MADV_MERGEABLE, HostMm
 from hypervisor.profiles import get_profile
 from hypervisor.types import PAGE_SHIFT, PAGE_SIZE, Hva
 
@@ -58,15 +60,15 @@ class KsmWorkload:
         if n_pages % per_mm:
             raise ValueError(f"{n_pages} pages do not split into mms of {per_mm}")
         self.n_pages = n_pages
-        prof = get_profile(profile)
-        self.frames = FramePool(n_pages + 1 + FRAME_SLACK)
-        self.ksm = Ksm(self.frames, prof)
-        self.ksm.pages_to_scan = n_pages + 1
-        vmstat = Vmstat()
+        # The host as build.py wires every run's: frames, vmstat, ksmd with its knobs; one mm per "VM".
+        host = build_host(get_profile(profile), n_pages + 1 + FRAME_SLACK,
+                          KsmKnobs(enabled=True, pages_to_scan=n_pages + 1))
+        assert host.ksm is not None
+        self.frames, self.ksm = host.frames, host.ksm
         self.mms: list[HostMm] = []
         half = n_pages // 2
         for k in range(n_pages // per_mm):
-            mm = HostMm(self.frames, prof, vmstat, f"mm{k}", self.ksm)
+            mm = build_mm(host, f"mm{k}")
             vma = mm.mmap(AREA, per_mm * PAGE_SIZE)
             for i in range(per_mm):
                 mm.handle_mm_fault(Hva(AREA + (i << PAGE_SHIFT)), write=True)

@@ -1,5 +1,5 @@
 """`python -m hypervisor` is the `hvsim` command."""
 
-from .cli import main
+from .entry import main
 
 main()

@@ -6,23 +6,18 @@ benchmarks, so that every caller wires the layers the same way: the trace hooks 
 mm, guest RAM marked MADV_MERGEABLE when KSM is on, the ksmd knobs set from KsmKnobs.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from .config import KsmKnobs
 from .cpu.unicorn_vcpu import UnicornVcpu
+from .events import NULL_TRACER, Tracer, VmTracer
 from .host.frames import FramePool
 from .host.ksm import Ksm
 from .host.mm import MADV_MERGEABLE, HostMm, Vmstat
-from .host.mmu_notifier import NotifierEventSink
 from .kvm.vm import GUEST_RAM_HVA, Vm
 from .profiles import Profile
-from .types import Hva
 from .vmm import loader
 from .vmm.devices import LegacyDevices, legacy_devices
-
-TraceFn = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -33,24 +28,10 @@ class Host:
     frames: FramePool
     vmstat: Vmstat
     ksm: Ksm | None
-    trace: TraceFn | None = None
+    tracer: Tracer = NULL_TRACER
 
 
-def events_of_vm(trace: TraceFn, vm_id: int) -> TraceFn:
-    def emit(event: str, fields: dict[str, Any]) -> None:
-        trace(event, {"vm": vm_id, **fields})
-
-    return emit
-
-
-def notifier_events_to(trace: TraceFn, vm_id: int) -> NotifierEventSink:
-    def sink(callback: str, mm: HostMm, start: Hva, end: Hva) -> None:
-        trace(f"mmu_notifier_{callback}", {"vm": vm_id, "start": start, "end": end})
-
-    return sink
-
-
-def build_host(profile: Profile, nr_frames: int, ksm: KsmKnobs | None = None, trace: TraceFn | None = None) -> Host:
+def build_host(profile: Profile, nr_frames: int, ksm: KsmKnobs | None = None, tracer: Tracer = NULL_TRACER) -> Host:
     """Frames and vmstat; KSM when `ksm` is enabled, its sysfs knobs set (`run` is written by the caller,
     once every mm is registered, as a VMM writes it after starting its guests)."""
     frames = FramePool(nr_frames)
@@ -59,16 +40,15 @@ def build_host(profile: Profile, nr_frames: int, ksm: KsmKnobs | None = None, tr
         ksmd = Ksm(frames, profile)
         for name, value in ksm.sysfs().items():
             setattr(ksmd, name, value)
-        ksmd.trace = trace
-    return Host(profile, frames, Vmstat(), ksmd, trace)
+        ksmd.tracer = tracer
+    return Host(profile, frames, Vmstat(), ksmd, tracer)
 
 
 def build_mm(host: Host, name: str, vm_id: int | None = None) -> HostMm:
-    """A VMM process's mm; with a trace, its events (and its notifier calls) carry `vm_id`."""
+    """A VMM process's mm; with a tracer, its events (and its notifier calls) carry `vm_id`."""
     mm = HostMm(host.frames, host.profile, host.vmstat, name, host.ksm)
-    if host.trace is not None and vm_id is not None:
-        mm.notifier_event_sink = notifier_events_to(host.trace, vm_id)
-        mm.trace = events_of_vm(host.trace, vm_id)
+    if host.tracer.enabled and vm_id is not None:
+        mm.tracer = VmTracer(host.tracer, vm_id)
     return mm
 
 
@@ -77,7 +57,7 @@ def build_vm(host: Host, vm_id: int, memory: int, mm: HostMm | None = None, mmu:
     """A VM with `memory` bytes of guest RAM in memslot 0, in its own VMM process unless `mm` is given."""
     if mm is None:
         mm = build_mm(host, f"vm{vm_id}", vm_id)
-    return Vm(vm_id, mm, host.profile, memory, mm.trace, mmu, mmu_pages)
+    return Vm(vm_id, mm, host.profile, memory, mm.tracer, mmu, mmu_pages)
 
 
 def boot_vcpu(host: Host, vm: Vm, image: loader.GuestImage, cmdline: str, nr_vms: int,

@@ -49,9 +49,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from . import coherence
+from . import events as ev
 from .errors import InvariantViolation
 from .kvm.mmu import check_spte_change
-from .trace import format_fields
+from .trace import format_event
 from .types import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -65,14 +66,16 @@ RING_SIZE = 24
 # one slice late, and costs about as much as checking a few hundred events.
 SWEEP_EVERY = 1000
 
-TraceFn = Callable[[str, dict[str, Any]], None]
-
 
 class CoherenceChecker:
-    def __init__(self, downstream: TraceFn | None = None, sweep_every: int = SWEEP_EVERY) -> None:
+    """A `ev.Tracer` (events.py) that checks each event, then passes it downstream (the trace file)."""
+
+    enabled = True
+
+    def __init__(self, downstream: ev.Tracer = ev.NULL_TRACER, sweep_every: int = SWEEP_EVERY) -> None:
         self.sim: Simulation | None = None
-        # (simulated time, event, fields), formatted only when a violation is reported.
-        self.ring: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=RING_SIZE)
+        # (simulated time, event, its VM), formatted only when a violation is reported.
+        self.ring: deque[tuple[int, ev.Event | None, int | None]] = deque(maxlen=RING_SIZE)
         self.downstream = downstream
         self.sweep_every = sweep_every
         self.checks = 0
@@ -92,18 +95,18 @@ class CoherenceChecker:
 
     # --- event intake --------------------------------------------------------------------
 
-    def trace(self, event: str, fields: dict[str, Any]) -> None:
-        if self.downstream is not None:
-            self.downstream(event, fields)
+    def event(self, record: ev.Event, vm: int | None = None) -> None:
+        if self.downstream.enabled:
+            self.downstream.event(record, vm)
         sim = self.sim
-        self.ring.append((sim.clock() if sim is not None else 0, event, fields))
+        self.ring.append((sim.clock() if sim is not None else 0, record, vm))
         if sim is None or self._in_check:
             return
         self._in_check = True
         try:
-            handler = _HANDLERS.get(event)
+            handler = _HANDLERS.get(type(record))
             if handler is not None:
-                handler(self, sim, fields)
+                handler(self, sim, record, vm)
             self._since_sweep += 1
             if self._since_sweep >= 2 * self.sweep_every:  # no slice end came to sweep at
                 self._sweep(sim, strict=False)
@@ -114,7 +117,7 @@ class CoherenceChecker:
     def end_of_slice(self) -> None:
         """No fault is in flight: the frames this slice touched must have exact counts."""
         sim = self.sim
-        self.ring.append((sim.clock() if sim is not None else 0, "slice_end", {}))
+        self.ring.append((sim.clock() if sim is not None else 0, None, None))
         if sim is None or self._in_check:
             return
         self._in_check = True
@@ -196,10 +199,9 @@ class CoherenceChecker:
                 mapped and (free or frames.mapcount_view[pfn] <= 0)):
             self._exact(sim, [pfn], strict=False)
 
-    def _named_pfns(self, sim: "Simulation", fields: dict[str, Any]) -> None:
-        for key in ("pfn", "ksm_pfn"):
-            pfn = fields.get(key)
-            if pfn is not None and 0 <= pfn < sim.frames.nr_frames:
+    def _named_pfns(self, sim: "Simulation", *pfns: int) -> None:
+        for pfn in pfns:
+            if 0 <= pfn < sim.frames.nr_frames:
                 self._pfn(sim, pfn)
 
     def _exact(self, sim: "Simulation", pfns: list[int], strict: bool) -> None:
@@ -230,58 +232,71 @@ class CoherenceChecker:
     # --- reporting ------------------------------------------------------------------------
 
     def _fail(self, invariant: str, detail: str) -> NoReturn:
-        events = "\n".join("    " + _format(now, event, fields) for now, event, fields in self.ring)
+        events = "\n".join("    " + _format(now, record, vm) for now, record, vm in self.ring)
         raise InvariantViolation(f"invariant {invariant} violated: {detail}. Last events:\n{events}")
 
 
-def _format(now: int, event: str, fields: dict[str, Any]) -> str:
-    who = f"vm{fields['vm']} " if "vm" in fields and not event.startswith("mmu_notifier_") else ""
-    return f"[insn {now}] {who}{event}: {format_fields(event, fields)}".rstrip()
+def _format(now: int, record: ev.Event | None, vm: int | None) -> str:
+    if record is None:
+        return f"[insn {now}] slice_end:"
+    who = f"vm{vm} " if vm is not None and not isinstance(record, ev.MmuNotifierCall) else ""
+    return f"[insn {now}] {who}{record.name}: {format_event(record, vm)}".rstrip()
 
 
 # --- what each event names, and so what is checked at it ---------------------------------------
+# A handler gets the event's VM (None: a host-wide event; the VM-scoped ones always carry it).
 
-Handler = Callable[[CoherenceChecker, "Simulation", dict[str, Any]], None]
+Handler = Callable[[CoherenceChecker, "Simulation", Any, "int | None"], None]
 
 
-def _on_page_fault(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+def _on_page_fault(c: CoherenceChecker, sim: "Simulation", e: ev.KvmPageFault, vm: int | None) -> None:
     # Before the fault path runs: the gfn as it stands, and remembered for the slice end,
     # where the pin the fault took must be gone.
-    c._gfn(sim, f["vm"], f["address"] >> PAGE_SHIFT)
+    if vm is not None:
+        c._gfn(sim, vm, e.address >> PAGE_SHIFT)
 
 
-def _on_set_spte(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
-    c._gfn(sim, f["vm"], f["gfn"])
+def _on_set_spte(c: CoherenceChecker, sim: "Simulation", e: ev.KvmMmuSetSpte, vm: int | None) -> None:
+    if vm is not None:
+        c._gfn(sim, vm, e.gfn)
 
 
-def _on_vm_hva(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+def _on_vm_hva(c: CoherenceChecker, sim: "Simulation", e: ev.KvmSetSpteHva | ev.KvmAgeHva | ev.CowKsm,
+               vm: int | None) -> None:
     # kvm_set_spte_hva, kvm_age_hva, cow_ksm: one hva of the VM's mm (and the pfns named).
-    c._hva(sim, f["vm"], f["hva"])
-    c._named_pfns(sim, f)
+    if vm is not None:
+        c._hva(sim, vm, e.hva)
+    if isinstance(e, ev.CowKsm):
+        c._named_pfns(sim, e.pfn, e.ksm_pfn)
+    elif isinstance(e, ev.KvmSetSpteHva):
+        c._named_pfns(sim, e.pfn)
 
 
-def _on_vm_range(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+def _on_vm_range(c: CoherenceChecker, sim: "Simulation", e: ev.KvmUnmapHvaRange | ev.MmuNotifierCall,
+                 vm: int | None) -> None:
     # kvm_unmap_hva_range and every mmu_notifier_* call: [start, end) of the VM's mm.
-    start, end = f["start"], f["end"]
+    start, end = e.start, e.end
     if start == end == 0:  # mmu_notifier_release: the whole address space
         start, end = 0, 1 << 64
-    c._range(sim, f["vm"], start, end)
-
-
-def _on_ksm_page(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
-    # ksm_merge_one_page, ksm_merge_with_ksm_page: an hva of the mm named, the KSM page and the page.
-    vm = c._vm_of_mm.get(f["mm"])
     if vm is not None:
-        c._hva(sim, vm, f["hva"])
-    c._named_pfns(sim, f)
+        c._range(sim, vm, start, end)
 
 
-def _on_pfn(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+def _on_ksm_page(c: CoherenceChecker, sim: "Simulation", e: ev.KsmMergeOnePage | ev.KsmMergeWithKsmPage,
+                 vm: int | None) -> None:
+    # ksm_merge_one_page, ksm_merge_with_ksm_page: an hva of the mm named, the KSM page and the page.
+    of_mm = c._vm_of_mm.get(e.mm)
+    if of_mm is not None:
+        c._hva(sim, of_mm, e.hva)
+    c._named_pfns(sim, e.pfn, e.ksm_pfn)
+
+
+def _on_pfn(c: CoherenceChecker, sim: "Simulation", e: ev.KsmRemoveKsmPage, vm: int | None) -> None:
     # ksm_remove_ksm_page: the frame of a stable node just removed.
-    c._named_pfns(sim, f)
+    c._named_pfns(sim, e.pfn)
 
 
-def _on_exit(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
+def _on_exit(c: CoherenceChecker, sim: "Simulation", e: ev.KvmExit, vm: int | None) -> None:
     # kvm_exit names a page only for EPT_VIOLATION (info2, the gpa), checked at the
     # kvm_page_fault that follows it; the other exits (I/O, HLT, CPUID, VMCALL, triple
     # fault) change no pte, spte or frame.
@@ -289,20 +304,18 @@ def _on_exit(c: CoherenceChecker, sim: "Simulation", f: dict[str, Any]) -> None:
 
 
 # Events that name no page: what changes with them is judged by the sweep.
-NAMES_NO_PAGE = frozenset({"ksm_start_scan", "ksm_stop_scan"})
+NAMES_NO_PAGE: frozenset[type] = frozenset({ev.KsmStartScan, ev.KsmStopScan})
 
-_HANDLERS: dict[str, Handler] = {
-    "kvm_exit": _on_exit,
-    "kvm_page_fault": _on_page_fault,
-    "kvm_mmu_set_spte": _on_set_spte,
-    "kvm_unmap_hva_range": _on_vm_range,
-    "kvm_set_spte_hva": _on_vm_hva,
-    "kvm_age_hva": _on_vm_hva,
-    "cow_ksm": _on_vm_hva,
-    "ksm_merge_one_page": _on_ksm_page,
-    "ksm_merge_with_ksm_page": _on_ksm_page,
-    "ksm_remove_ksm_page": _on_pfn,
-    **{f"mmu_notifier_{cb}": _on_vm_range for cb in ("release", "clear_flush_young", "change_pte",
-                                                      "invalidate_page", "invalidate_range_start",
-                                                      "invalidate_range_end")},
+_HANDLERS: dict[type, Handler] = {
+    ev.KvmExit: _on_exit,
+    ev.KvmPageFault: _on_page_fault,
+    ev.KvmMmuSetSpte: _on_set_spte,
+    ev.KvmUnmapHvaRange: _on_vm_range,
+    ev.KvmSetSpteHva: _on_vm_hva,
+    ev.KvmAgeHva: _on_vm_hva,
+    ev.CowKsm: _on_vm_hva,
+    ev.KsmMergeOnePage: _on_ksm_page,
+    ev.KsmMergeWithKsmPage: _on_ksm_page,
+    ev.KsmRemoveKsmPage: _on_pfn,
+    ev.MmuNotifierCall: _on_vm_range,
 }

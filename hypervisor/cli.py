@@ -1,7 +1,7 @@
 """The `hvsim` command line: parses options, runs a Simulation (or a comparison), renders the report."""
 
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import Field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -11,6 +11,7 @@ from . import __version__, commands
 from .compare import (
     DEFAULT_KERNELS,
 )
+from .config import KsmKnobs
 from .costs import DEFAULT_CYCLES
 from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, HvsimError
@@ -42,8 +43,8 @@ from .sweep.spec import RunPoint
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
 RUN_ONLY_PARAMS = ("kernel", "profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz",
                    "console_path", "exit_with_guest_status")
-# The KSM knobs (parameter names), refused alike by `run` without --ksm.
-KSM_PARAMS = ("pages_to_scan", "sleep_ms", "use_zero_pages", "smart_scan", "max_page_sharing", "ksm_run", "run_at")
+# The KSM knobs (parameter names = KsmKnobs field names), refused alike by `run` without --ksm.
+KSM_PARAMS = tuple(f.name for f in KsmKnobs.knobs())
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,25 +99,24 @@ _kernel_options = _options([
                  help="The same as --kernel, for the three eras hvsim first offered."),
 ])
 
-_ksm_options = _options([
-    click.option("--ksm-pages-to-scan", "pages_to_scan", default=100, show_default=True, type=int,
-                 help="/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up."),
-    click.option("--ksm-sleep-ms", "sleep_ms", default=20, show_default=True, type=int,
-                 help="/sys/kernel/mm/ksm/sleep_millisecs (simulated); 0 runs ksmd between every two guest "
-                      "time slices."),
-    click.option("--ksm-use-zero-pages", "use_zero_pages", is_flag=True,
-                 help="/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page."),
-    click.option("--ksm-smart-scan/--ksm-no-smart-scan", "smart_scan", default=None,
-                 help="/sys/kernel/mm/ksm/smart_scan (6.7+, on by default there): skip pages that keep "
-                      "failing to merge."),
-    click.option("--ksm-max-page-sharing", "max_page_sharing", default=None, type=int,
-                 help="/sys/kernel/mm/ksm/max_page_sharing (4.13+; default 256): mappings per KSM page "
-                      "before a duplicate."),
-    click.option("--ksm-run", "ksm_run", default=1, show_default=True, type=click.IntRange(0, 2),
-                 help="/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all."),
-    click.option("--ksm-run-at", "run_at", multiple=True, metavar="MS:VALUE",
-                 help="Write VALUE to /sys/kernel/mm/ksm/run at simulated millisecond MS (repeatable)."),
-])
+def _ksm_option(knob: "Field[Any]") -> Callable[[F], F]:
+    """The click option of a KsmKnobs field, from its default and metadata (config.knob)."""
+    m, default = knob.metadata, knob.default
+    kw: dict[str, Any] = {"default": default, "help": m["help"], "metavar": m["metavar"]}
+    if m["off_flag"] is not None:
+        return click.option(f"{m['flag']}/{m['off_flag']}", knob.name, **kw)
+    if default is False:
+        kw["is_flag"] = True
+    elif isinstance(default, tuple):
+        kw["multiple"] = True
+    else:
+        kw["type"] = click.IntRange(*m["int_range"]) if m["int_range"] else int
+        kw["show_default"] = default is not None
+    return click.option(m["flag"], knob.name, **kw)
+
+
+# One option per KsmKnobs field: adding a knob there adds its option to run, compare, ksm and history.
+_ksm_options = _options([_ksm_option(f) for f in KsmKnobs.knobs()])
 
 
 def _run_config(ctx: click.Context, opts: commands.Options, kernel: str, no_change_pte: bool,
@@ -186,7 +186,7 @@ def run(kernel: str | None, profile: str | None, no_change_pte: bool, ksm_on: bo
       hvsim run samepage --vms 4 --ksm --perf-kvm-stat --trace run.json
     """
     ctx = click.get_current_context()
-    opts = commands.Options(**kw)
+    opts = commands.Options.from_params(kw)
 
     def go() -> int:
         if opts.image is None:
@@ -223,7 +223,7 @@ def compare(kernels: str, **kw: Any) -> None:
       hvsim compare samepage --vms 4 --plot eras.png --trace eras.json
     """
     ctx = click.get_current_context()
-    opts = commands.Options(**kw)
+    opts = commands.Options.from_params(kw)
 
     guarded(lambda: commands.compare_kernels(ctx, opts, kernels))
 
@@ -243,7 +243,7 @@ def ksm(kernel: str | None, profile: str | None, **kw: Any) -> None:
       hvsim ksm samepage --cmdline "pages=10 passes=6 spin=20000" --ksm-sleep-ms 0
     """
     ctx = click.get_current_context()
-    opts = commands.Options(**kw)
+    opts = commands.Options.from_params(kw)
 
     def go() -> int:
         opts.prepare(ctx)
@@ -267,7 +267,7 @@ def history(**kw: Any) -> None:
       hvsim history samepage --vms 4 --cmdline "pages=64 passes=40 spin=100000" --plot history.png
     """
     ctx = click.get_current_context()
-    opts = commands.Options(**kw)
+    opts = commands.Options.from_params(kw)
 
     guarded(lambda: commands.history(ctx, opts))
 
@@ -303,7 +303,7 @@ def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
     """A sweep point's settings through `hvsim run`'s own parser and config path."""
     ctx = parse_settings(run, settings, where)
     p = ctx.params
-    opts = commands.Options(**{f.name: p[f.name] for f in fields(commands.Options) if f.name in p})
+    opts = commands.Options.from_params(p)
     try:
         cfg = _run_config(ctx, opts, kernel_of(p["kernel"], p["profile"]), p["no_change_pte"], p["ksm_on"])
     except HvsimError as err:

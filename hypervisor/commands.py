@@ -6,15 +6,15 @@ cli.py parses and calls these; nothing here reads the command line.
 """
 
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
 from .compare import COMPARE_RUNS, CompareResult, CompareRun, parse_kernels, render_compare, run_compare
-from .config import parse_run_at
+from .config import KsmKnobs
 from .costs import CostModel
 from .errors import ConfigError, ConsoleMismatch, InvariantViolation
 from .history import history_kernels, history_runs, render_history, write_history_plot
@@ -50,21 +50,21 @@ class Options:
     trace_events: str | None
     plot_path: str | None
     quiet: bool
-    pages_to_scan: int = 100
-    sleep_ms: int = 20
-    use_zero_pages: bool = False
-    smart_scan: bool | None = None
-    max_page_sharing: int | None = None
-    ksm_run: int = 1
-    run_at: tuple[str, ...] = ()
     mmu: str = "tdp"
     mmu_pages: int | None = None
+    # The KSM knobs as click parsed them, by KsmKnobs field name (cli.py makes one option per field).
+    ksm_values: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "Options":
+        """A command's click parameters -> Options: its own fields, and every KsmKnobs knob given."""
+        knobs = {f.name for f in KsmKnobs.knobs()}
+        own = {f.name for f in fields(cls)} - {"ksm_values"}
+        return cls(**{k: v for k, v in params.items() if k in own},
+                   ksm_values={k: v for k, v in params.items() if k in knobs})
 
     def ksm(self, enabled: bool) -> KsmConfig:
-        return KsmConfig(enabled=enabled, run=self.ksm_run, pages_to_scan=self.pages_to_scan,
-                         sleep_millisecs=self.sleep_ms, max_page_sharing=self.max_page_sharing,
-                         use_zero_pages=self.use_zero_pages, smart_scan=self.smart_scan,
-                         run_at=parse_run_at(self.run_at))
+        return KsmKnobs.from_options(enabled, self.ksm_values)
 
     def config(self, ksm: KsmConfig, profile: str = DEFAULT_PROFILE, change_pte: bool = True) -> SimConfig:
         if self.image is None:
@@ -132,7 +132,7 @@ def run_one(opts: Options, cfg: SimConfig, render: Callable[[RunResult], str],
             render_json: Callable[[RunResult], str] | None = None, console_path: str | None = None,
             with_guest_status: bool = False) -> int:
     obs = Observers(opts.trace_path, opts.trace_events, opts.plot_path, not opts.quiet and not opts.as_json)
-    sim = Simulation(cfg, trace=obs.trace_fn, check=opts.check)
+    sim = Simulation(cfg, tracer=obs.tracer, check=opts.check)
     consoles = _open_consoles(console_path, cfg.vms)
     for devices, stream in zip(sim.devices, consoles, strict=False):
         devices.console.stream = stream
@@ -162,7 +162,7 @@ def compare(opts: Options, cfg: SimConfig, runs: tuple[CompareRun, ...] = COMPAR
     series_plot = opts.plot_path if plot is None else None
     obs = Observers(opts.trace_path, opts.trace_events, series_plot, not opts.quiet and not opts.as_json, len(runs))
     with interruptible(obs.stop):
-        result = run_compare(cfg, check=opts.check, trace=obs.trace_fn, observe=obs.observe, runs=runs)
+        result = run_compare(cfg, check=opts.check, tracer=obs.tracer, observe=obs.observe, runs=runs)
     obs.finish(f"{Path(cfg.image).name}: {cfg.vms} VM(s), EPT_VIOLATION exits and KSM sharing per kernel")
     if plot is not None and opts.plot_path:
         plot(opts.plot_path, result)

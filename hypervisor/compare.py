@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError
+from .events import NULL_TRACER, Tracer
 from .kernels import changes_up_to, version_key
 from .profiles import Profile, get_profile
 from .races import KSM_POINTS, RaceSpec
@@ -196,7 +197,7 @@ class CompareResult:
 
 
 def run_compare(base: SimConfig, check: bool = False,
-                trace: Callable[[str, dict[str, Any]], None] | None = None,
+                tracer: Tracer = NULL_TRACER,
                 observe: Callable[[str, Simulation], None] | None = None,
                 runs: tuple[CompareRun, ...] = COMPARE_RUNS) -> CompareResult:
     """Run every kernel of `runs`; `observe(label, sim)` sees each Simulation before it runs (traces, plots)."""
@@ -206,7 +207,7 @@ def run_compare(base: SimConfig, check: bool = False,
         # Without KSM there is no ksmd to inject into: the ksm_* injections apply to the KSM runs only.
         inject = base.inject if spec.ksm else tuple(t for t in base.inject if RaceSpec.parse(t).point not in KSM_POINTS)
         cfg = replace(base, profile=spec.profile, change_pte=spec.change_pte, ksm=ksm, inject=inject)
-        sim = Simulation(cfg, trace=trace, check=check)
+        sim = Simulation(cfg, tracer=tracer, check=check)
         if observe is not None:
             observe(spec.label, sim)
         result = sim.run()

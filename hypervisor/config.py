@@ -63,11 +63,19 @@ def _run_at_refused(value: tuple[tuple[int, int], ...]) -> str | None:
     return f"{bad[0]}: /sys/kernel/mm/ksm/run {_RUN_VALUES}" if bad else None
 
 
-def knob(default: Any, flag: str, *, sysfs: bool = True, parse: Callable[[Any], Any] | None = None,
-         refuse: Callable[[Any], str | None] | None = None) -> Any:
-    """A KsmKnobs field: its flag, whether Ksm gets it as a sysfs attribute at start, how the CLI's value
-    is parsed, and `refuse(value)` -> why the kernel would refuse it (None: accepted)."""
-    return field(default=default, metadata={"flag": flag, "sysfs": sysfs, "parse": parse, "refuse": refuse})
+def knob(default: Any, flag: str, help: str, *, sysfs: bool = True, parse: Callable[[Any], Any] | None = None,
+         refuse: Callable[[Any], str | None] | None = None, off_flag: str | None = None,
+         metavar: str | None = None, int_range: tuple[int, int] | None = None, since: str | None = None) -> Any:
+    """A KsmKnobs field: its flag and --help text, whether Ksm gets it as a sysfs attribute at start, how the
+    CLI's value is parsed, and `refuse(value)` -> why the kernel would refuse it (None: accepted).
+
+    cli.py makes the click option from this alone (its kind from the default: False a flag, a tuple
+    repeatable, an int or None an integer; `off_flag` the flag that turns a None-default bool off;
+    `int_range` a range click enforces).  `since`: the Profile field that says the kernel has the knob
+    (given on a kernel without it, it is refused, naming the release that added it)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "sysfs": sysfs, "parse": parse,
+                                            "refuse": refuse, "off_flag": off_flag, "metavar": metavar,
+                                            "int_range": int_range, "since": since})
 
 
 @dataclass(frozen=True)
@@ -75,21 +83,30 @@ class KsmKnobs:
     """/sys/kernel/mm/ksm as the run starts (and `run` writes during it)."""
 
     enabled: bool = False
-    run: int = knob(1, "--ksm-run", sysfs=False, refuse=_run_refused)
-    pages_to_scan: int = knob(100, "--ksm-pages-to-scan",
+    run: int = knob(1, "--ksm-run", "/sys/kernel/mm/ksm/run at start: 0 stop, 1 run, 2 stop and unmerge all.",
+                    sysfs=False, refuse=_run_refused, int_range=(0, 2))
+    pages_to_scan: int = knob(100, "--ksm-pages-to-scan", "/sys/kernel/mm/ksm/pages_to_scan: pages per ksmd wake-up.",
                               refuse=lambda v: None if v > 0 else "give at least 1 page per ksmd wake-up")
-    sleep_millisecs: int = knob(20, "--ksm-sleep-ms",
+    sleep_millisecs: int = knob(20, "--ksm-sleep-ms", "/sys/kernel/mm/ksm/sleep_millisecs (simulated); 0 runs ksmd "
+                                "between every two guest time slices.",
                                 refuse=lambda v: None if v >= 0 else "give 0 or more milliseconds")
     # mm/ksm.c max_page_sharing_store() (read in a 6.x tree) returns -EINVAL below 2 likewise.
     # None: the kernel's default (256 where the knob exists, 4.13+; smart_scan on from 6.7)
     max_page_sharing: int | None = knob(
-        None, "--ksm-max-page-sharing", refuse=lambda v: None if v is None or v >= 2
-        else "give at least 2 (sharing needs two mappings; the kernel refuses less too)")
-    use_zero_pages: bool = knob(False, "--ksm-use-zero-pages")
-    smart_scan: bool | None = knob(None, "--ksm-smart-scan")
+        None, "--ksm-max-page-sharing", "/sys/kernel/mm/ksm/max_page_sharing (4.13+; default 256): mappings per "
+        "KSM page before a duplicate.", refuse=lambda v: None if v is None or v >= 2
+        else "give at least 2 (sharing needs two mappings; the kernel refuses less too)",
+        since="ksm_stable_node_chains")
+    use_zero_pages: bool = knob(False, "--ksm-use-zero-pages",
+                                "/sys/kernel/mm/ksm/use_zero_pages: merge all-zero pages with the zero page.",
+                                since="ksm_use_zero_pages")
+    smart_scan: bool | None = knob(None, "--ksm-smart-scan", "/sys/kernel/mm/ksm/smart_scan (6.7+, on by default "
+                                   "there): skip pages that keep failing to merge.", off_flag="--ksm-no-smart-scan",
+                                   since="ksm_smart_scan")
     # (simulated ms, value): write /sys/kernel/mm/ksm/run at that time
-    run_at: tuple[tuple[int, int], ...] = knob((), "--ksm-run-at", sysfs=False, parse=parse_run_at,
-                                               refuse=_run_at_refused)
+    run_at: tuple[tuple[int, int], ...] = knob(
+        (), "--ksm-run-at", "Write VALUE to /sys/kernel/mm/ksm/run at simulated millisecond MS (repeatable).",
+        sysfs=False, parse=parse_run_at, refuse=_run_at_refused, metavar="MS:VALUE")
 
     @staticmethod
     def knobs() -> tuple[Field[Any], ...]:
@@ -127,6 +144,11 @@ class KsmKnobs:
             if why is not None:
                 # A repeatable knob's `why` names the item it refuses.
                 raise ConfigError(f"{f.metadata['flag']} {why if isinstance(value, tuple) else f'{value}: {why}'}.")
+
+    def release_gated(self) -> list[tuple[str, str, str]]:
+        """(flag, sysfs file, Profile field) of every knob given that not every kernel had."""
+        return [(f.metadata["flag"], f.name, f.metadata["since"]) for f in self.knobs()
+                if f.metadata["since"] is not None and getattr(self, f.name) != f.default]
 
     def check_given(self) -> None:
         """Knobs changed from their defaults while KSM is off."""
@@ -214,8 +236,7 @@ def validate(config: SimConfig) -> None:
         RaceSpec.parse(spec)
     config.ksm.check_given()
     k = config.ksm
-    check_ksm_knobs(get_profile(config.profile, config.change_pte), k.max_page_sharing, k.use_zero_pages,
-                    k.smart_scan)
+    check_ksm_knobs(get_profile(config.profile, config.change_pte), k.release_gated())
     need = config.vms * config.memory * (PAGE_SIZE + _BYTES_PER_PAGE_OVERHEAD) // PAGE_SIZE
     have = host_memory_bytes()
     if need > have * 3 // 4:

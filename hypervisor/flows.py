@@ -27,6 +27,7 @@ zapped.
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .events import Event, KsmMergeOnePage, KvmExit, KvmUnmapHvaRange
 from .types import PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 FLOW_NAME = "ksmd -> kvm_exit"
 FLOW_CAT = "ksm"
-SOURCES = ("ksm_merge_one_page", "kvm_unmap_hva_range")
+SOURCES = (KsmMergeOnePage, KvmUnmapHvaRange)
 
 
 class CausalFlows:
@@ -49,34 +50,37 @@ class CausalFlows:
     def new_run(self) -> None:
         self.pending.clear()
 
-    def _pages(self, sim: "Simulation", event: str, fields: dict[str, Any]) -> list[tuple[int, int]]:
-        if event == "ksm_merge_one_page":
-            vms = [vm for vm in sim.vms if vm.mm.name == fields["mm"]]
-            start, end = int(fields["hva"]), int(fields["hva"]) + PAGE_SIZE
+    def _pages(self, sim: "Simulation", ev: KsmMergeOnePage | KvmUnmapHvaRange,
+               vm_id: int | None) -> list[tuple[int, int]]:
+        if isinstance(ev, KsmMergeOnePage):
+            vms = [vm for vm in sim.vms if vm.mm.name == ev.mm]
+            start, end = ev.hva, ev.hva + PAGE_SIZE
+        elif vm_id is not None:
+            vms = [sim.vms[vm_id]]
+            start, end = ev.start, ev.end
         else:
-            vms = [sim.vms[int(fields["vm"])]]
-            start, end = int(fields["start"]), int(fields["end"])
+            return []
         out = []
         for vm in vms:
             ranges = vm.memslots.hva_to_gfns(Hva(start), Hva(end))
             pages = [(vm.vm_id, gfn) for _, lo, hi in ranges for gfn in range(lo, hi)]
-            if event == "kvm_unmap_hva_range" and len(pages) != int(fields["zapped"]):
+            if isinstance(ev, KvmUnmapHvaRange) and len(pages) != ev.zapped:
                 continue  # some pages had no spte: which ones the event does not say
             out += pages
         return out
 
-    def before(self, sim: "Simulation", event: str, fields: dict[str, Any], record: dict[str, Any]) -> None:
-        """Called right before `record` (the trace record of `event`) is written: flow ends bind to it."""
-        if event == "kvm_exit" and fields.get("reason") == "EPT_VIOLATION" and "vm" in fields:
-            for flow in self.pending.pop((int(fields["vm"]), int(fields["info2"]) // PAGE_SIZE), []):
+    def before(self, ev: Event, vm: int | None, record: dict[str, Any]) -> None:
+        """Called right before `record` (the trace record of `ev`) is written: flow ends bind to it."""
+        if isinstance(ev, KvmExit) and ev.reason == "EPT_VIOLATION" and vm is not None:
+            for flow in self.pending.pop((vm, ev.info2 // PAGE_SIZE), []):
                 self.linked += 1
                 self.write({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "f", "id": flow, "ts": record["ts"],
                             "pid": record["pid"], "tid": record["tid"]})
 
-    def after(self, sim: "Simulation", event: str, fields: dict[str, Any], record: dict[str, Any]) -> None:
+    def after(self, sim: "Simulation", ev: Event, vm: int | None, record: dict[str, Any]) -> None:
         """Called right after `record` is written: flow starts bind to it."""
-        if event in SOURCES and sim.context[0] == "ksmd":
-            for page in self._pages(sim, event, fields):
+        if isinstance(ev, SOURCES) and sim.context[0] == "ksmd":
+            for page in self._pages(sim, ev, vm):
                 flow = self.next_id
                 self.next_id += 1
                 self.pending.setdefault(page, []).append(flow)

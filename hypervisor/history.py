@@ -8,9 +8,11 @@ release's rows annotated by commit, which is the picture of change_pte's history
 useful until 2.6.38 mostly by hiding 2.6.32's write pins, dead from 3.7, deleted in 6.10.
 """
 
+from typing import Any
+
 from .compare import CompareResult, CompareRow, CompareRun, fault_exit
-from .errors import ConfigError
 from .kernels import CHANGES, NEWEST, OLDEST, version_key
+from .plot import pyplot, save_figure
 from .profiles import get_profile
 from .sim import image_label
 
@@ -61,24 +63,11 @@ def render_history(result: CompareResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_history_plot(path: str, result: CompareResult) -> None:
-    """EPT_VIOLATION and cow_ksm per release, with and without change_pte, each release's commits below it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError('--plot needs matplotlib, which is an optional extra: pip install "hvsim[plot]".') from None
-    points = _by_kernel(result)
-    if not points:
-        return
+def _draw_exits(top: Any, result: CompareResult, points: list[tuple[str, CompareRow, CompareRow | None]]) -> None:
+    """EPT_VIOLATION per release, with and without change_pte; a red mark where a curve moves."""
     xs = list(range(len(points)))
     labels = [v for v, _, _ in points]
-    base = result.rows[0].ept_violations
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 9), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
-    top.axhline(base, color="grey", linewidth=1, linestyle=":", label="KSM off")
+    top.axhline(result.rows[0].ept_violations, color="grey", linewidth=1, linestyle=":", label="KSM off")
     top.plot(xs, [r.ept_violations for _, r, _ in points], marker="o", linewidth=2, label="with change_pte")
     bare = [(x, b.ept_violations) for x, (_, _, b) in zip(xs, points, strict=True) if b is not None]
     top.plot([x for x, _ in bare], [y for _, y in bare], marker="s", linestyle="--", linewidth=2,
@@ -101,26 +90,39 @@ def write_history_plot(path: str, result: CompareResult) -> None:
                   "exits and KSM COW breaks per kernel release")
     top.legend(fontsize=8, loc="upper right")
     top.grid(alpha=0.3)
+
+
+def _draw_cow(bottom: Any, points: list[tuple[str, CompareRow, CompareRow | None]]) -> None:
+    """cow_ksm per release as bars, each release's kernels.py rows (by commit) under its tick."""
+    xs = list(range(len(points)))
+    labels = [v for v, _, _ in points]
+    bare = [x for x, (_, _, b) in zip(xs, points, strict=True) if b is not None]
     width = 0.38
     bottom.bar([x - width / 2 for x in xs], [r.cow_ksm for _, r, _ in points], width, label="with change_pte")
-    bottom.bar([x + width / 2 for x, _ in bare], [b.cow_ksm for _, _, b in points if b is not None], width,
+    bottom.bar([x + width / 2 for x in bare], [b.cow_ksm for _, _, b in points if b is not None], width,
                label="KVM without change_pte")
     bottom.set_ylabel("cow_ksm")
     bottom.legend(fontsize=8, loc="upper right")
     bottom.grid(alpha=0.3, axis="y")
     bottom.set_xticks(xs)
     bottom.set_xticklabels(labels)
-    # Each release's rows, by commit, under its tick.
     for x, v in zip(xs, labels, strict=True):
         here = [f"{c.commit if c.commit != '-' else '?'} {c.field}" for c in CHANGES if c.version == v]
         if here:
             bottom.annotate("\n".join(here), xy=(x, 0), xycoords=("data", "axes fraction"), xytext=(0, -22),
                             textcoords="offset points", rotation=90, ha="center", va="top", fontsize=6)
+
+
+def write_history_plot(path: str, result: CompareResult) -> None:
+    """EPT_VIOLATION and cow_ksm per release, with and without change_pte, each release's commits below it."""
+    plt = pyplot()
+    points = _by_kernel(result)
+    if not points:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 9), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    _draw_exits(top, result, points)
+    _draw_cow(bottom, points)
     fig.tight_layout()
     fig.subplots_adjust(bottom=0.4)
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise ConfigError(f"--plot {path!r}: cannot write the file: {exc.strerror}.") from None
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path, 110, f"--plot {path!r}: cannot write the file")

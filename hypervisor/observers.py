@@ -9,9 +9,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TextIO
 
 from .errors import OutputWriteError
+from .events import NULL_TRACER, Tracer
 from .plot import write_plot
 from .series import TimeSeries
 from .sim import Simulation
@@ -88,8 +89,8 @@ class Observers:
         self.write_errors: list[str] = []
 
     @property
-    def trace_fn(self) -> Callable[[str, dict[str, Any]], None] | None:
-        return self.trace.event if self.trace is not None else None
+    def tracer(self) -> Tracer:
+        return self.trace if self.trace is not None else NULL_TRACER
 
     def observe(self, label: str, sim: Simulation) -> None:
         self.sims.append(sim)
@@ -123,13 +124,9 @@ class Observers:
 
 
 @contextmanager
-def interruptible(stop: Callable[[int], None]) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the simulation to stop after the current time slice."""
+def signals_handled_by(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler(signum, frame)` inside the block; the previous handlers after it."""
     previous = {s: signal.getsignal(s) for s in EXIT_INTERRUPTED}
-
-    def handler(signum: int, _frame: object) -> None:
-        stop(signum)
-
     for s in EXIT_INTERRUPTED:
         signal.signal(s, handler)
     try:
@@ -137,3 +134,14 @@ def interruptible(stop: Callable[[int], None]) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def interruptible(stop: Callable[[int], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the simulation to stop after the current time slice."""
+
+    def handler(signum: int, _frame: object) -> None:
+        stop(signum)
+
+    with signals_handled_by(handler):
+        yield

@@ -30,6 +30,24 @@ def _matplotlib() -> object:
     return matplotlib
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or the ConfigError that says how to install it."""
+    _matplotlib()
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt: Any, fig: Any, path: str | Path, dpi: int, cannot: str) -> None:
+    """Write `fig` and close it; an OSError becomes the ConfigError `cannot` + the reason."""
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as exc:
+        raise ConfigError(f"{cannot}: {exc.strerror}.") from None
+    finally:
+        plt.close(fig)
+
+
 def check_plot_file(flag: str, path: str) -> None:
     """Before the run: matplotlib is there and can write this file type (by its suffix)."""
     _matplotlib()

@@ -8,6 +8,7 @@ into a Profile, and the model reads the Profile.  The named eras of the first
 hvsim (2.6.32, 3.7, 6.10) are simply kernel versions.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 
 from .errors import ConfigError
@@ -113,14 +114,13 @@ def get_profile(name: str, change_pte: bool = True) -> Profile:
     return profile if change_pte else profile.without_change_pte()
 
 
-def check_ksm_knobs(profile: Profile, max_page_sharing: int | None, use_zero_pages: bool,
-                    smart_scan: bool | None) -> None:
-    """A KSM knob the kernel did not have is an error naming the release that introduced it."""
-    wanted = [("--ksm-max-page-sharing", "max_page_sharing", "ksm_stable_node_chains", max_page_sharing is not None),
-              ("--ksm-use-zero-pages", "use_zero_pages", "ksm_use_zero_pages", use_zero_pages),
-              ("--ksm-smart-scan", "smart_scan", "ksm_smart_scan", smart_scan is not None)]
-    for option, knob, field, given in wanted:
-        if given and not getattr(profile, field):
+def check_ksm_knobs(profile: Profile, given: Iterable[tuple[str, str, str]]) -> None:
+    """A KSM knob the kernel did not have is an error naming the release that introduced it.
+
+    `given`: (flag, /sys/kernel/mm/ksm file, the Profile field that says the kernel has it) of each
+    knob given (config.KsmKnobs.release_gated)."""
+    for option, knob, field in given:
+        if not getattr(profile, field):
             row = introduced(field)
             raise ConfigError(f"{option}: Linux {profile.version} has no /sys/kernel/mm/ksm/{knob}; it appeared "
                               f"in {row.version} (commit {row.commit}, \"{row.title}\"). Choose --kernel "

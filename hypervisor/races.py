@@ -17,16 +17,15 @@ Events:
 """
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .host.mm import MADV_DONTNEED, HostMm
+from .kvm.mmu_interface import FaultHooks, KvmMmu
 from .types import PAGE_SIZE, Gfn, Hva
 
 if TYPE_CHECKING:
-    from .kvm.mmu import TdpMmu
     from .sim import Simulation
 
 FAULT_POINTS = ("after_gfn_to_pfn",)
@@ -63,7 +62,9 @@ class RaceSpec:
         return f"{self.point}:{self.event}@{'all' if self.nth is None else self.nth}"
 
 
-class RaceInjector:
+class RaceInjector(FaultHooks):
+    """The fault path's hooks (kvm/mmu_interface.FaultPathHooks) and ksmd's (host/ksm_items.KsmHooks)."""
+
     def __init__(self, sim: "Simulation", specs: list[RaceSpec]) -> None:
         self.sim = sim
         self.specs = specs
@@ -72,19 +73,18 @@ class RaceInjector:
         if any(s.point in KSM_POINTS for s in specs) and sim.ksm is None:
             raise ConfigError("--inject at a ksm_* point needs --ksm.")
         for vm in sim.vms:
-            vm.mmu.race_points["after_gfn_to_pfn"] = self._at_fault
+            vm.mmu.hooks = self
         if sim.ksm is not None:
-            for point in KSM_POINTS:
-                sim.ksm.race_points[point] = self._ksm_point(point)
+            sim.ksm.hooks = self
 
-    def _at_fault(self, mmu: "TdpMmu", gfn: Gfn, hva: Hva) -> None:
+    def after_gfn_to_pfn(self, mmu: KvmMmu, gfn: Gfn, hva: Hva) -> None:
         self._arrive("after_gfn_to_pfn", mmu.mm, hva)
 
-    def _ksm_point(self, point: str) -> Callable[[HostMm, Hva], None]:
-        def fire(mm: HostMm, hva: Hva) -> None:
-            self._arrive(point, mm, hva)
+    def ksm_before_replace_page(self, mm: HostMm, hva: Hva) -> None:
+        self._arrive("ksm_before_replace_page", mm, hva)
 
-        return fire
+    def ksm_after_replace_page(self, mm: HostMm, hva: Hva) -> None:
+        self._arrive("ksm_after_replace_page", mm, hva)
 
     def _arrive(self, point: str, mm: HostMm, hva: Hva) -> None:
         self.arrivals[point] += 1

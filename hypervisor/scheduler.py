@@ -146,8 +146,11 @@ class Scheduler:
         sim = self.sim
         if sim.checker is not None:
             sim.checker.end_of_slice()
-        for hook in sim.on_slice:
-            hook(sim)
+        if turn_over:
+            # Samples (--plot, trace counters, progress) are taken where a turn ends, a point of
+            # simulated time, so that they do not depend on --quantum either.
+            for hook in sim.on_slice:
+                hook(sim)
         if sim.interrupted:
             return
         if turn_over:

@@ -1,4 +1,4 @@
-"""Time series of a run, sampled at the end of every time slice (for `--plot`)."""
+"""Time series of a run, sampled at the end of every vCPU turn on the host CPU (for `--plot`)."""
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING

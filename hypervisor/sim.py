@@ -6,9 +6,8 @@ scheduler (scheduler.py) on simulated time, and reported as a RunResult (results
 """
 
 from collections.abc import Callable
-from typing import Any
 
-from .build import boot_vcpu, build_host, build_vm, events_of_vm, notifier_events_to
+from .build import boot_vcpu, build_host, build_vm
 from .check import CoherenceChecker
 from .config import (
     DEFAULT_INSNS_PER_MS,
@@ -27,6 +26,7 @@ from .config import (
 )
 from .cpu.unicorn_vcpu import UnicornVcpu
 from .errors import GuestError, HvsimError, InvariantViolation, Livelock
+from .events import NULL_TRACER, Tracer
 from .host.frames import FRAME_SLACK
 from .kvm.vcpu import FLOATING_BUS, VcpuState
 from .kvm.vm import Vm
@@ -41,26 +41,25 @@ from .vmm.devices import LegacyDevices
 # Names that moved to config.py, results.py and build.py, still importable from here.
 __all__ = ["DEFAULT_INSNS_PER_MS", "DEFAULT_MAX_INSNS", "DEFAULT_QUANTUM", "GUEST_IMAGES", "KSM_FLAGS", "MAX_VMS",
            "MIN_MEMORY", "NOTIFIER_CALLBACKS", "KsmConfig", "KsmKnobs", "RunResult", "SimConfig", "Simulation",
-           "VmResult", "events_of_vm", "host_memory_bytes", "image_label", "notifier_events_to", "validate"]
+           "VmResult", "host_memory_bytes", "image_label", "validate"]
 
 
 class Simulation:
-    def __init__(self, config: SimConfig, trace: Callable[[str, dict[str, Any]], None] | None = None,
-                 check: bool = False) -> None:
+    def __init__(self, config: SimConfig, tracer: Tracer = NULL_TRACER, check: bool = False) -> None:
         validate(config)
         self.profile = get_profile(config.profile, config.change_pte)
         image = loader.read_image(config.image)
         loader.check_fits(image, config.memory)
         self.config = config
         self.image = image
-        self.checker = CoherenceChecker(trace) if check else None
+        self.checker = CoherenceChecker(tracer) if check else None
         if self.checker is not None:
-            trace = self.checker.trace
-        self.trace = trace
+            tracer = self.checker
+        self.tracer = tracer
         self.failure: HvsimError | None = None
         self.livelock: Livelock | None = None
         pages = config.memory // PAGE_SIZE
-        host = build_host(self.profile, config.vms * pages + FRAME_SLACK, config.ksm, trace)
+        host = build_host(self.profile, config.vms * pages + FRAME_SLACK, config.ksm, tracer)
         self.frames, self.vmstat, self.ksm = host.frames, host.vmstat, host.ksm
         self.vms: list[Vm] = []
         self.backends: list[UnicornVcpu] = []
@@ -86,6 +85,7 @@ class Simulation:
         self.context: tuple[str, int] = ("vmm", 0)
         self._running: UnicornVcpu | None = None
         self.interrupted = False
+        # Called where a vCPU turn on the host CPU ends (scheduler.py), never where a --quantum chunk ends.
         self.on_slice: list[Callable[[Simulation], None]] = []
 
     def __enter__(self) -> "Simulation":
@@ -110,12 +110,13 @@ class Simulation:
             vm.destroy()
             # exit_mmap()'s end of the VMM process: its mm leaves KSM; the traces held the checker.
             vm.mm.ksm = None
-            vm.mm.trace = vm.mm.notifier_event_sink = None
+            vm.mm.tracer = NULL_TRACER
         if self.ksm is not None:
-            self.ksm.trace = None
-            self.ksm.race_points.clear()
+            self.ksm.tracer = NULL_TRACER
+            self.ksm.hooks = None
         self.on_slice.clear()
-        self.trace = self.checker = self.injector = None
+        self.tracer = NULL_TRACER
+        self.checker = self.injector = None
 
     def clock(self) -> int:
         """Simulated time now, in instructions retired, exact inside a time slice too."""

@@ -19,6 +19,23 @@ import json
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
+from .events import (
+    RECORDS,
+    CowKsm,
+    Event,
+    KsmMergeOnePage,
+    KsmMergeWithKsmPage,
+    KsmRemoveKsmPage,
+    KsmStartScan,
+    KsmStopScan,
+    KvmAgeHva,
+    KvmExit,
+    KvmMmuSetSpte,
+    KvmPageFault,
+    KvmSetSpteHva,
+    KvmUnmapHvaRange,
+    MmuNotifierCall,
+)
 from .flows import CausalFlows
 from .kvm.exits import ExitReason
 from .kvm.spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
@@ -47,41 +64,37 @@ def _perms(spte: int) -> str:
             + ("x" if spte & SPTE_EXECUTABLE else "-"))
 
 
-_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "kvm_exit": lambda f: (f"vcpu {f['vcpu']} reason {f['reason']} rip {f['rip']:#x} info1 {f['info1']:#018x} "
-                           f"info2 {f['info2']:#018x}" + (f" insn \"{f['insn']}\"" if "insn" in f else "")),
-    "kvm_page_fault": lambda f: f"address {f['address']:x} error_code {f['error_code']:x}",
-    "kvm_mmu_set_spte": lambda f: f"gfn {f['gfn']:x} spte {f['spte']:x} ({_perms(f['spte'])}) level {f['level']}",
-    "kvm_set_spte_hva": lambda f: (f"hva {f['hva']:#x} (pfn {f['pfn']:#x}, "
-                                   f"{'spte updated' if f['changed'] else 'no spte'})"),
-    "kvm_unmap_hva_range": lambda f: (f"mmu notifier unmap range: {f['start']:#018x} -- {f['end']:#018x} "
-                                      f"({f['zapped']} zapped)"),
-    "kvm_age_hva": lambda f: f"mmu notifier age hva: {f['hva']:#018x} young {int(f['young'])}",
-    "ksm_start_scan": lambda f: f"seq {f['seq']} rmap_items {f['rmap_items']}",
-    "ksm_stop_scan": lambda f: f"seq {f['seq']} rmap_items {f['rmap_items']}",
-    "ksm_merge_one_page": lambda f: f"ksm pfn {f['ksm_pfn']:#x} mm {f['mm']} hva {f['hva']:#x} pfn {f['pfn']:#x}",
-    "ksm_merge_with_ksm_page": lambda f: (f"ksm pfn {f['ksm_pfn']:#x} mm {f['mm']} hva {f['hva']:#x} "
-                                          f"pfn {f['pfn']:#x}"),
-    "ksm_remove_ksm_page": lambda f: f"pfn {f['pfn']:#x}",
-    "cow_ksm": lambda f: f"hva {f['hva']:#x} ksm pfn {f['ksm_pfn']:#x} new pfn {f['pfn']:#x}",
+# One format per record type (events.py); the fields are the record's, by name.
+_FORMATS: dict[type, Callable[[Any], str]] = {
+    KvmExit: lambda e: (f"vcpu {e.vcpu} reason {e.reason} rip {e.rip:#x} info1 {e.info1:#018x} "
+                        f"info2 {e.info2:#018x}"),
+    KvmPageFault: lambda e: f"address {e.address:x} error_code {e.error_code:x}",
+    KvmMmuSetSpte: lambda e: f"gfn {e.gfn:x} spte {e.spte:x} ({_perms(e.spte)}) level {e.level}",
+    KvmSetSpteHva: lambda e: f"hva {e.hva:#x} (pfn {e.pfn:#x}, {'spte updated' if e.changed else 'no spte'})",
+    KvmUnmapHvaRange: lambda e: f"mmu notifier unmap range: {e.start:#018x} -- {e.end:#018x} ({e.zapped} zapped)",
+    KvmAgeHva: lambda e: f"mmu notifier age hva: {e.hva:#018x} young {int(e.young)}",
+    KsmStartScan: lambda e: f"seq {e.seq} rmap_items {e.rmap_items}",
+    KsmStopScan: lambda e: f"seq {e.seq} rmap_items {e.rmap_items}",
+    KsmMergeOnePage: lambda e: f"ksm pfn {e.ksm_pfn:#x} mm {e.mm} hva {e.hva:#x} pfn {e.pfn:#x}",
+    KsmMergeWithKsmPage: lambda e: f"ksm pfn {e.ksm_pfn:#x} mm {e.mm} hva {e.hva:#x} pfn {e.pfn:#x}",
+    KsmRemoveKsmPage: lambda e: f"pfn {e.pfn:#x}",
+    CowKsm: lambda e: f"hva {e.hva:#x} ksm pfn {e.ksm_pfn:#x} new pfn {e.pfn:#x}",
 }
 
 
-FORMATTED_EVENTS = tuple(_FORMATS)
+FORMATTED_EVENTS = tuple(record.name for record in RECORDS)
 
 
-def format_fields(event: str, fields: dict[str, Any]) -> str:
-    fmt = _FORMATS.get(event)
-    if fmt is not None:
-        return fmt(fields)
-    if event.startswith("mmu_notifier_"):
-        return f"vm{fields['vm']} {fields['start']:#x} -- {fields['end']:#x}"
-    return " ".join(f"{k} {v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}"
-                    for k, v in fields.items() if k != "vm")
+def format_event(record: Event, vm: int | None, insn: str | None = None) -> str:
+    """The text after `name: ` in a trace-cmd-style line (and in --check's last events)."""
+    if isinstance(record, MmuNotifierCall):
+        return f"vm{vm} {record.start:#x} -- {record.end:#x}"
+    text = _FORMATS[type(record)](record)
+    return text + f" insn \"{insn}\"" if insn is not None else text
 
 
 class TraceWriter:
-    """A trace consumer: pass `writer.event` as a Simulation's trace, then `bind` the simulation.
+    """A `Tracer` (events.py): pass the writer as a Simulation's tracer, then `bind` the simulation.
 
     The file is created when the first run is bound (so a run refused before it starts leaves
     none).  A write that fails (a full disk) stops the trace, not the run: `error` says why.
@@ -149,7 +162,10 @@ class TraceWriter:
         self._write(("" if self._first_json else ",\n") + json.dumps(obj, separators=(",", ":")))
         self._first_json = False
 
-    def event(self, event: str, fields: dict[str, Any]) -> None:
+    enabled = True
+
+    def event(self, ev: Event, vm: int | None = None) -> None:
+        event = ev.name
         if self.error is not None or not self.wants(event):
             return
         sim = self.sim
@@ -157,15 +173,18 @@ class TraceWriter:
             return  # before the run starts (the loader): not traced
         insns = sim.clock()
         kind, who = sim.context
-        vm = fields.get("vm", who if kind == "vcpu" else None)
-        if event == "kvm_exit" and vm is not None:
-            fields = {**fields, "insn": self._insn(vm, int(fields["rip"]))}
+        if vm is None and kind == "vcpu":
+            vm = who
+        insn = self._insn(vm, ev.rip) if isinstance(ev, KvmExit) and vm is not None else None
         self.written += 1
         if self.json:
             ts = insns * 1000.0 / sim.config.insns_per_ms
             pid = self._pid(None if kind == "ksmd" else vm)
+            args = ev.fields()
+            if insn is not None:
+                args["insn"] = insn
             record: dict[str, Any] = {"name": event, "cat": _cat(event), "ts": ts, "pid": pid, "tid": 0,
-                                      "args": {k: v for k, v in fields.items() if k != "vm"}}
+                                      "args": args}
             if event == "ksm_start_scan":
                 record.update(name="ksmd scan", ph="B")
             elif event == "ksm_stop_scan":
@@ -173,16 +192,16 @@ class TraceWriter:
             else:
                 record.update(ph="i", s="t")
             if self.flows is not None:
-                self.flows.before(sim, event, fields, record)
+                self.flows.before(ev, vm, record)
             self._json(record)
             if self.flows is not None:
-                self.flows.after(sim, event, fields, record)
+                self.flows.after(sim, ev, vm, record)
             return
         seconds = insns / sim.config.insns_per_ms / 1000.0
         comm = "ksmd" if kind == "ksmd" else f"qemu-vm{vm}"
         pid = KSMD_PID if kind == "ksmd" else VMM_PID_BASE + (vm or 0)
         task = f"{comm}-{pid}"
-        self._write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_fields(event, fields)}\n")
+        self._write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_event(ev, vm, insn)}\n")
 
     def _insn(self, vm: int, rip: int) -> str:
         key = (vm, rip)

@@ -41,7 +41,7 @@ class ExitDispatch:
         uc.hook_add(UC_HOOK_INTR, weakly(self._interrupt))
 
     def _rip_for_trace(self) -> int:
-        if self.vcpu.vm.trace is None:
+        if not self.vcpu.vm.tracer.enabled:
             return 0
         return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 

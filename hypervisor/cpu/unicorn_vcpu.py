@@ -266,18 +266,18 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         """A hook raised inside the TLB fill: refuse every further fill of this run."""
         self._refused = True
 
+    # CR3 on fetch fills: a guest's mov to CR3 raises no event, but the cached upper levels of the
+    # walks must go with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging
+    # on (cpu_x86_update_cr3) and ends the translation block after a mov to CR; the next
+    # instruction is looked up afresh, which fills its page for a fetch before it can make any data
+    # access.  So the first fill after a CR3 write is a fetch fill, and reading CR3 on fetch fills
+    # only (a raw call, ~0.4 us) sees every switch before the new address space is used.
+    # (tests/unit/test_guest_walk.py: the cache keeps the old root until emptied;
+    # tests/sdk/test_workloads.py: forkserver switches CR3 per child with the same counts at any
+    # --quantum.)
     def _tlb_fill(self, vaddr: int, access: int, entry: Any) -> bool:
         """The hardware MMU on a Unicorn TLB miss: guest walk (gva -> gpa), then the EPT (gfn -> pfn)."""
-        if access == UC_MEM_FETCH:
-            # A guest's mov to CR3 raises no event, but the cached upper levels of the walks must go
-            # with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging on
-            # (cpu_x86_update_cr3) and ends the translation block after a mov to CR; the next
-            # instruction is looked up afresh, which fills its page for a fetch before it can make
-            # any data access.  So the first fill after a CR3 write is a fetch fill, and reading
-            # CR3 on fetch fills only (a raw call, ~0.4 us) sees every switch before the new
-            # address space is used.  (tests/unit/test_guest_walk.py: the cache keeps the old root
-            # until emptied; tests/sdk/test_workloads.py: forkserver switches CR3 per child with the
-            # same counts at any --quantum.)
+        if access == UC_MEM_FETCH:  # see above: a CR3 write shows first at a fetch fill
             cr3 = self._read_cr3()
             if cr3 != self._cr3:
                 self._cr3 = cr3

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..events import NULL_TRACER, Tracer
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva
 from .frames import ZERO_PFN, FramePool
 from .ksm_items import (
@@ -47,9 +48,8 @@ from .ksm_items import (
     UNSTABLE_FLAG,
     ItemRef,
     KsmCursor,
-    KsmRacePoint,
+    KsmHooks,
     KsmState,
-    KsmTrace,
     MmSlot,
     StableNode,
     StableNodeChain,
@@ -98,9 +98,9 @@ class Ksm(KsmScan):
         self.pages_scanned = 0
         self.pages_skipped = 0
         self.zero_hash = int(page_hash(frames, np.array([ZERO_PFN]))[0])
-        self.trace: KsmTrace | None = None
+        self.tracer: Tracer = NULL_TRACER
         # Named points where tests fire host events (races); see hypervisor/races.py.
-        self.race_points: dict[str, KsmRacePoint] = {}
+        self.hooks: KsmHooks | None = None
 
     # --- registration (ksm_madvise / __ksm_enter / exit) ---------------------------------
 

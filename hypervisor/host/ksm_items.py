@@ -5,13 +5,13 @@ After mm/ksm.c.
 """
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from ..events import Tracer
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
 from .frames import FramePool
 
@@ -147,8 +147,16 @@ class KsmCursor:
 
 
 ItemRef = tuple[VmaItems, int]
-KsmTrace = Callable[[str, dict[str, Any]], None]
-KsmRacePoint = Callable[["HostMm", Hva], None]
+
+
+class KsmHooks(Protocol):
+    """Named points of ksmd's merge where a test or `--inject` fires a host event (hypervisor/races.py)."""
+
+    def ksm_before_replace_page(self, mm: "HostMm", hva: Hva) -> None:
+        """try_to_merge_one_page: the page is write-protected, not yet compared and replaced."""
+
+    def ksm_after_replace_page(self, mm: "HostMm", hva: Hva) -> None:
+        """replace_page: the pte now maps the KSM page."""
 
 
 class KsmState:
@@ -180,5 +188,5 @@ class KsmState:
     pages_scanned: int
     pages_skipped: int
     zero_hash: int
-    trace: KsmTrace | None
-    race_points: dict[str, KsmRacePoint]
+    tracer: Tracer
+    hooks: KsmHooks | None

@@ -5,6 +5,7 @@ Every pte change is announced through host/mmu_notifier.py (set_pte_at_notify, m
 
 from typing import TYPE_CHECKING
 
+from ..events import KsmMergeOnePage
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
 from .frames import ZERO_PFN
 from .ksm_items import (
@@ -82,8 +83,8 @@ class KsmMerge(KsmState):
         if kpfn is None:
             self.frames.stable_node[pfn] = 0  # set_page_stable_node(page, NULL): PageKsm
             return True
-        if self.race_points:
-            self._race("ksm_before_replace_page", mm, hva)
+        if self.hooks is not None:
+            self.hooks.ksm_before_replace_page(mm, hva)
         if not self.frames.pages_identical(pfn, kpfn):
             return False
         return self.replace_page(mm, hva, pfn, kpfn, orig_pte)
@@ -119,16 +120,11 @@ class KsmMerge(KsmState):
             mm.ptep_clear_flush(hva)
             set_pte_at_notify(mm, hva, new)
             self.frames.page_remove_rmap(pfn)
-            if self.race_points:
-                self._race("ksm_after_replace_page", mm, hva)
-            if self.trace is not None:
-                self.trace("ksm_merge_one_page", {"mm": mm.name, "hva": hva, "ksm_pfn": int(kpfn), "pfn": int(pfn)})
+            if self.hooks is not None:
+                self.hooks.ksm_after_replace_page(mm, hva)
+            if self.tracer.enabled:
+                self.tracer.event(KsmMergeOnePage(mm.name, hva, int(kpfn), int(pfn)))
             return True
-
-    def _race(self, point: str, mm: "HostMm", hva: Hva) -> None:
-        fire = self.race_points.get(point)
-        if fire is not None:
-            fire(mm, hva)
 
     def break_cow(self, mm: "HostMm", hva: Hva) -> None:
         """break_ksm(): a write fault on a KSM page gives the mm its own copy again."""

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from ..events import KsmMergeWithKsmPage, KsmStartScan, KsmStopScan
 from ..types import PAGE_SHIFT, Pfn
 from .frames import ZERO_PFN
 from .ksm_items import (
@@ -32,8 +33,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         in one numpy pass; every other page goes through cmp_and_merge_page one at a
         time, in address order, exactly as the per-page loop would.
         """
-        if self.trace is not None:
-            self.trace("ksm_start_scan", {"seq": self.seqnr, "rmap_items": self.rmap_items})
+        if self.tracer.enabled:
+            self.tracer.event(KsmStartScan(self.seqnr, self.rmap_items))
         budget = scan_npages
         while budget > 0:
             batch = self._next_batch(budget)
@@ -43,8 +44,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             budget -= idxs.size
             self.pages_scanned += int(idxs.size)
             self._scan_batch(items, idxs, pfns)
-        if self.trace is not None:
-            self.trace("ksm_stop_scan", {"seq": self.seqnr, "rmap_items": self.rmap_items})
+        if self.tracer.enabled:
+            self.tracer.event(KsmStopScan(self.seqnr, self.rmap_items))
 
     def _scan_batch(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
         frames = self.frames
@@ -238,9 +239,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             return
         node = self.stable_tree_search(pfn, h)
         if node is not None:
-            if self.trace is not None:
-                self.trace("ksm_merge_with_ksm_page", {"mm": items.mm.name, "hva": items.hva(idx),
-                                                       "ksm_pfn": int(node.kpfn), "pfn": int(pfn)})
+            if self.tracer.enabled:
+                self.tracer.event(KsmMergeWithKsmPage(items.mm.name, items.hva(idx), int(node.kpfn), int(pfn)))
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, node.kpfn):
                 self._stable_tree_append(items, idx, node)
             return

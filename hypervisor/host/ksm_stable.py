@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..events import KsmRemoveKsmPage
 from ..types import Pfn
 from .ksm_items import (
     STABLE_FLAG,
@@ -121,5 +122,5 @@ class KsmStableTree(KsmState):
             self.stable_tree.pop(node.key, None)
         if int(self.frames.stable_node[node.kpfn]) == node.id:
             self.frames.stable_node[node.kpfn] = 0
-        if self.trace is not None:  # once the node is gone (the checker runs on events)
-            self.trace("ksm_remove_ksm_page", {"pfn": int(node.kpfn)})
+        if self.tracer.enabled:  # once the node is gone (the checker runs on events)
+            self.tracer.event(KsmRemoveKsmPage(int(node.kpfn)))

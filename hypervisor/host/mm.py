@@ -13,17 +13,16 @@ numpy array per VMA.  There is no host TLB: ptep_clear_flush only clears.
 """
 
 import bisect
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..events import NULL_TRACER, CowKsm, Tracer
 from ..profiles import Profile
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn, is_page_aligned
 from .frames import ZERO_PFN, FramePool
 from .mmu_notifier import (
     MmuNotifier,
-    NotifierEventSink,
     RangeSite,
     mmu_notifier_range,
     mmu_notifier_release,
@@ -114,8 +113,8 @@ class HostMm:
         self.vmas: list[Vma] = []
         self._vma_starts: list[int] = []
         self.mmu_notifiers: list[MmuNotifier] = []
-        self.notifier_event_sink: NotifierEventSink | None = None
-        self.trace: Callable[[str, dict[str, Any]], None] | None = None
+        # Its events and its notifier calls (build.py gives a VM's mm a VmTracer).
+        self.tracer: Tracer = NULL_TRACER
 
     # --- VMAs ------------------------------------------------------------------------
 
@@ -297,8 +296,8 @@ class HostMm:
             frames.mapcount[new_pfn] = 1
             if is_ksm:
                 self.vmstat.count("cow_ksm")
-                if self.trace is not None:
-                    self.trace("cow_ksm", {"hva": hva, "ksm_pfn": int(old_pfn), "pfn": int(new_pfn)})
+                if self.tracer.enabled:
+                    self.tracer.event(CowKsm(hva, int(old_pfn), int(new_pfn)))
             self.ptep_clear_flush(hva)
             set_pte_at_notify(self, hva, mk_pte(new_pfn, writable=True, dirty=True))
             self._drop_pte_mapping(orig_pte)

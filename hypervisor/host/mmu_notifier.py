@@ -15,19 +15,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from ..events import MmuNotifierCall
 from ..types import PAGE_SIZE, Hva
 
 if TYPE_CHECKING:
     from ..profiles import Profile
     from .mm import HostMm
-
-
-class NotifierEventSink(Protocol):
-    """Receives every notifier call as it is dispatched (traces, the --check ring buffer)."""
-
-    def __call__(self, callback: str, mm: "HostMm", start: Hva, end: Hva) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,8 +61,9 @@ def mmu_notifier_unregister(mn: MmuNotifier, mm: "HostMm") -> None:
 
 def _emit(mm: "HostMm", callback: str, start: Hva, end: Hva) -> None:
     """Announce a completed notifier call (after every callback ran: the state is coherent again)."""
-    if mm.notifier_event_sink is not None:
-        mm.notifier_event_sink(callback, mm, start, end)
+    tracer = mm.tracer
+    if tracer.enabled:
+        tracer.event(MmuNotifierCall(callback, start, end))
 
 
 def mmu_notifier_release(mm: "HostMm") -> None:

@@ -17,18 +17,18 @@ TDP maps every gfn with one 4 KiB leaf spte, so the rmap of a gfn (the sptes tha
 map it) is that one slot of the spte array; no large pages.
 """
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import InvariantViolation
+from ..events import KvmAgeHva, KvmMmuSetSpte, KvmSetSpteHva, KvmUnmapHvaRange
 from ..host.mm import HostFault, HostMm, pte_pfn, pte_write
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
 from ..types import PAGE_SIZE, Gfn, Hva, Pfn
 from .memslot import Memslot
-from .mmu_interface import FaultOutcome, FaultResult, FaultWork, SpteChange, SpteCheck, outcome
+from .mmu_interface import FaultOutcome, FaultPathHooks, FaultResult, FaultWork, SpteChange, SpteCheck, outcome
 from .spte import (
     SPTE_ACCESSED,
     SPTE_DIRTY,
@@ -49,9 +49,6 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import Vm
 
-
-# Named points of the fault path where tests can fire host events (issue #4's races).
-RacePoint = Callable[["TdpMmu", Gfn, Hva], None]
 
 # The A and D bits the EPT walk sets for a read and for a write.
 _WALK_READ = SPTE_READABLE | SPTE_ACCESSED
@@ -118,9 +115,8 @@ class TdpMmu:
         self.mmu_notifier_count = 0
         # The union of the hva ranges being invalidated (mmu_invalidate_range_start/end in 6.x).
         self.mmu_notifier_range: tuple[Hva, Hva] | None = None
-        self.race_points: dict[str, RacePoint] = {}
-        # Test-only: skip mmu_notifier_retry() to show why it exists.
-        self.ignore_mmu_notifier_retry = False
+        # Seams of the fault path where tests and --inject fire host events (issue #4's races).
+        self.hooks: FaultPathHooks | None = None
         # --check: called at every spte change (check_spte_change, or the checker's own).
         self.spte_check: SpteCheck | None = None
         ops = MmuNotifierOps(
@@ -150,8 +146,9 @@ class TdpMmu:
         stats = self.vm.stats
         if change is SpteChange.INSTALL:
             stats.spte_set += 1
-            if self.vm.trace is not None:
-                self.vm.trace("kvm_mmu_set_spte", {"gfn": gfn, "spte": new, "level": 1})
+            tracer = self.vm.tracer
+            if tracer.enabled:
+                tracer.event(KvmMmuSetSpte(gfn, new, 1))
             # An install or upgrade needs no flush: a stale read-only entry only walks again.
             return False
         if change is SpteChange.ZAP:
@@ -214,7 +211,7 @@ class TdpMmu:
         (mmu_invalidate_retry_gfn in 6.8, include/linux/kvm_host.h) only one whose
         range holds this fault's address does; a finished one still shows in the seq.
         """
-        if self.ignore_mmu_notifier_retry:
+        if self.hooks is not None and self.hooks.skip_mmu_notifier_retry():
             return False
         if self.mmu_notifier_count != 0:
             if not self.profile.kvm_retry_range_based:
@@ -233,10 +230,8 @@ class TdpMmu:
         mmu_seq = self.mmu_notifier_seq
         hva = slot.gfn_to_hva(gfn)
         pfn, writable, host = self.gfn_to_pfn(hva, write_fault)
-        if self.race_points:
-            point = self.race_points.get("after_gfn_to_pfn")
-            if point is not None:
-                point(self, gfn, hva)
+        if self.hooks is not None:
+            self.hooks.after_gfn_to_pfn(self, gfn, hva)
         # spin_lock(&kvm->mmu_lock)
         if self.mmu_notifier_retry(mmu_seq, hva):
             self.mm.put_page(pfn)
@@ -269,8 +264,8 @@ class TdpMmu:
         zapped = 0
         for lo, hi in self._gfns_of_range(start, end):
             zapped += self._zap_gfn_range(lo, hi)
-        if zapped and self.vm.trace is not None:
-            self.vm.trace("kvm_unmap_hva_range", {"start": start, "end": end, "zapped": zapped})
+        if zapped and self.vm.tracer.enabled:
+            self.vm.tracer.event(KvmUnmapHvaRange(start, end, zapped))
         return zapped > 0
 
     def kvm_set_spte_hva(self, hva: Hva, pte: int) -> None:
@@ -285,8 +280,8 @@ class TdpMmu:
             else:
                 need_flush |= self.set_spte(lo, spte, spte_set_pfn_readonly(spte, pte_pfn(pte)),
                                             SpteChange.REPOINT)
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_set_spte_hva", {"hva": hva, "pfn": int(pte_pfn(pte)), "changed": need_flush})
+        if self.vm.tracer.enabled:
+            self.vm.tracer.event(KvmSetSpteHva(hva, int(pte_pfn(pte)), need_flush))
         if need_flush:
             self.vm.kvm_flush_remote_tlbs()
 
@@ -310,8 +305,8 @@ class TdpMmu:
                 spte = int(self.sptes_view[lo])
                 if is_shadow_present_pte(spte) and is_accessed_spte(spte):
                     young |= self.set_spte(lo, spte, spte_clear_accessed(spte), SpteChange.AGE)
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_age_hva", {"hva": hva, "young": young})
+        if self.vm.tracer.enabled:
+            self.vm.tracer.event(KvmAgeHva(hva, young))
         return young
 
     def zap_all(self) -> None:
@@ -363,4 +358,4 @@ class TdpMmu:
         self.zap_all()
 
 
-__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "RacePoint", "TdpMmu", "check_spte_change", "gfn_to_pfn"]
+__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "TdpMmu", "check_spte_change", "gfn_to_pfn"]

@@ -18,6 +18,7 @@ from ..host.mmu_notifier import MmuNotifier
 from ..types import Gfn, Hva
 
 if TYPE_CHECKING:
+    from ..host.mm import HostMm
     from .vcpu import Vcpu
 
 
@@ -75,11 +76,50 @@ class SpteChange(Enum):
 SpteCheck = Callable[[Gfn, int, int, SpteChange], None]
 
 
+class FaultPathHooks(Protocol):
+    """Seams in an MMU's fault path for tests and `--inject` (hypervisor/races.py); `FaultHooks` is a base
+    that does nothing at each."""
+
+    def after_gfn_to_pfn(self, mmu: "KvmMmu", gfn: Gfn, hva: Hva) -> None:
+        """The pfn is resolved (and pinned), mmu_lock not yet taken: where a notifier can race the fault."""
+
+    def skip_mmu_notifier_retry(self) -> bool:
+        """True: drop the mmu_notifier_retry() check (tests that show why it exists)."""
+        ...
+
+
+class FaultHooks:
+    """A `FaultPathHooks` that changes nothing; subclass it and override one seam."""
+
+    def after_gfn_to_pfn(self, mmu: "KvmMmu", gfn: Gfn, hva: Hva) -> None:
+        pass
+
+    def skip_mmu_notifier_retry(self) -> bool:
+        return False
+
+
+class IgnoreMmuNotifierRetry(FaultHooks):
+    """Test-only: the fault path installs what gfn_to_pfn returned even if a notifier ran meanwhile;
+    the races of `inner` (e.g. an --inject's) still fire."""
+
+    def __init__(self, inner: FaultPathHooks | None = None) -> None:
+        self.inner = inner
+
+    def after_gfn_to_pfn(self, mmu: "KvmMmu", gfn: Gfn, hva: Hva) -> None:
+        if self.inner is not None:
+            self.inner.after_gfn_to_pfn(mmu, gfn, hva)
+
+    def skip_mmu_notifier_retry(self) -> bool:
+        return True
+
+
 class KvmMmu(Protocol):
     """A KVM MMU as the vCPU backend, the VM and the notifier chain use it."""
 
     notifier: MmuNotifier
+    mm: "HostMm"
     spte_check: SpteCheck | None
+    hooks: FaultPathHooks | None
     # A gfn-indexed view of the leaf sptes, where the MMU keeps them so (TDP); None where
     # a leaf is reached only through its tables (shadow paging).  Read-only for callers:
     # the TLB fill reads it to skip `translate` when the spte already permits the access.
@@ -104,4 +144,5 @@ class KvmMmu(Protocol):
     def zap_all(self) -> None: ...
 
 
-__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "KvmMmu", "SpteChange", "SpteCheck", "outcome"]
+__all__ = ["FaultHooks", "FaultOutcome", "FaultPathHooks", "FaultResult", "FaultWork", "IgnoreMmuNotifierRetry",
+           "KvmMmu", "SpteChange", "SpteCheck", "outcome"]

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from ..events import KvmMmuSetSpte
 from ..host.mm import HostMm
 from ..types import PAGE_SHIFT, Gfn
 from .guest_walker import GuestWalker, gpte_to_gfn, walk_addr
 from .memslot import Memslot
-from .mmu import RacePoint, gfn_to_pfn
-from .mmu_interface import FaultOutcome, SpteChange, SpteCheck
+from .mmu import gfn_to_pfn
+from .mmu_interface import FaultOutcome, FaultPathHooks, SpteChange, SpteCheck
 from .rmap import Rmap
 from .shadow_notifier import ShadowNotifier
 from .shadow_page import (
@@ -122,8 +123,8 @@ class ShadowMmu(ShadowNotifier):
         self.rmap = Rmap()
         self.vcpus: dict[int, ShadowVcpu] = {}
         self._last_slot: Memslot | None = None
-        self.race_points: dict[str, RacePoint] = {}
-        self.ignore_mmu_notifier_retry = False
+        # Seams of the fault path where tests and --inject fire host events (as TdpMmu's).
+        self.hooks: FaultPathHooks | None = None
         self.spte_check: SpteCheck | None = None
         self._init_notifier()
 
@@ -149,8 +150,9 @@ class ShadowMmu(ShadowNotifier):
         if change is SpteChange.INSTALL:
             if leaf:
                 stats.spte_set += 1
-                if self.vm.trace is not None:
-                    self.vm.trace("kvm_mmu_set_spte", {"gfn": int(sp.gfns[index]), "spte": new, "level": 1})
+                tracer = self.vm.tracer
+                if tracer.enabled:
+                    tracer.event(KvmMmuSetSpte(int(sp.gfns[index]), new, 1))
             return False
         was_present = is_shadow_present_pte(old)
         if change is SpteChange.ZAP:
@@ -358,10 +360,8 @@ class ShadowMmu(ShadowNotifier):
         mmu_seq = self.mmu_notifier_seq
         hva = slot.gfn_to_hva(gfn)
         pfn, writable, host = gfn_to_pfn(self.mm, self.profile, hva, write_fault)
-        if self.race_points:
-            point = self.race_points.get("after_gfn_to_pfn")
-            if point is not None:
-                point(self, gfn, hva)  # type: ignore[arg-type]
+        if self.hooks is not None:
+            self.hooks.after_gfn_to_pfn(self, gfn, hva)
         if self.mmu_notifier_retry(mmu_seq, hva):
             self.mm.put_page(pfn)
             vcpu.stats.pf_retry += 1

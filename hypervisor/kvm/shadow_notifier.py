@@ -11,6 +11,7 @@ something.  The mmu_notifier_seq/count protocol is the TDP one (kvm/mmu.py).
 
 from typing import TYPE_CHECKING
 
+from ..events import KvmAgeHva, KvmSetSpteHva, KvmUnmapHvaRange
 from ..host.mm import HostMm, pte_pfn, pte_write
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
 from ..types import PAGE_SIZE, Hva
@@ -19,6 +20,7 @@ from .shadow_page import PT64_BASE_ADDR_MASK, PT_ACCESSED, PT_WRITABLE, SPTE_HOS
 
 if TYPE_CHECKING:
     from ..profiles import Profile
+    from .mmu_interface import FaultPathHooks
     from .rmap import Rmap
     from .vm import Vm
 
@@ -30,7 +32,7 @@ class ShadowNotifier:
     profile: "Profile"
     rmap: "Rmap"
     trap: int
-    ignore_mmu_notifier_retry: bool
+    hooks: "FaultPathHooks | None"
 
     def set_spte(self, sp: KvmMmuPage, index: int, new: int, change: SpteChange) -> bool:
         raise NotImplementedError
@@ -54,7 +56,7 @@ class ShadowNotifier:
 
     def mmu_notifier_retry(self, mmu_seq: int, hva: Hva) -> bool:
         """As TdpMmu.mmu_notifier_retry (2.6.32: any invalidation in progress; later range-based)."""
-        if self.ignore_mmu_notifier_retry:
+        if self.hooks is not None and self.hooks.skip_mmu_notifier_retry():
             return False
         if self.mmu_notifier_count != 0:
             if not self.profile.kvm_retry_range_based:
@@ -83,8 +85,8 @@ class ShadowNotifier:
         zapped = sum(len(heads[g]) for g in todo)
         for gfn in todo:
             self.kvm_unmap_rmapp(gfn)
-        if zapped and self.vm.trace is not None:
-            self.vm.trace("kvm_unmap_hva_range", {"start": start, "end": end, "zapped": zapped})
+        if zapped and self.vm.tracer.enabled:
+            self.vm.tracer.event(KvmUnmapHvaRange(start, end, zapped))
         return zapped > 0
 
     def kvm_set_spte_hva(self, hva: Hva, pte: int) -> None:
@@ -99,8 +101,8 @@ class ShadowNotifier:
                     spte = int(sp.view[index])
                     new = (spte & ~PT64_BASE_ADDR_MASK) | (int(pte_pfn(pte)) << 12)
                     self.set_spte(sp, index, new & ~(PT_WRITABLE | SPTE_HOST_WRITEABLE_X86), SpteChange.REPOINT)
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_set_spte_hva", {"hva": hva, "pfn": int(pte_pfn(pte)), "changed": need_flush})
+        if self.vm.tracer.enabled:
+            self.vm.tracer.event(KvmSetSpteHva(hva, int(pte_pfn(pte)), need_flush))
         if need_flush:
             self.vm.kvm_flush_remote_tlbs()
 
@@ -112,8 +114,8 @@ class ShadowNotifier:
                 spte = int(sp.view[index])
                 if spte & PT_ACCESSED:
                     young |= self.set_spte(sp, index, spte & ~PT_ACCESSED, SpteChange.AGE)
-        if self.vm.trace is not None:
-            self.vm.trace("kvm_age_hva", {"hva": hva, "young": young})
+        if self.vm.tracer.enabled:
+            self.vm.tracer.event(KvmAgeHva(hva, young))
         return young
 
     def zap_all(self) -> None:

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import GuestError
+from ..events import KvmExit, KvmPageFault
 from ..types import PAGE_SHIFT, Gfn
 from .cpuid import kvm_find_cpuid_entry
 from .exits import (
@@ -104,10 +105,9 @@ class Vcpu:
         self.stats.exit_reasons[reason] += 1
 
     def _trace_exit(self, reason: ExitReason, rip: int, info1: int = 0, info2: int = 0) -> None:
-        trace = self.vm.trace
-        if trace is not None:
-            trace("kvm_exit", {"vcpu": self.vcpu_id, "reason": reason.name, "rip": rip, "info1": info1,
-                               "info2": info2})
+        tracer = self.vm.tracer
+        if tracer.enabled:
+            tracer.event(KvmExit(self.vcpu_id, reason.name, rip, info1, info2))
 
     def handle_ept_violation(self, gfn: Gfn, write: bool, rip: int, fetch: bool = False) -> FaultResult:
         """One EPT_VIOLATION exit: run the fault path once; RETRY means the guest faults again.
@@ -116,11 +116,11 @@ class Vcpu:
         """
         self._count_exit(ExitReason.EPT_VIOLATION)
         mmu: KvmMmu = self.vm.mmu
-        trace = self.vm.trace
-        if trace is not None:
+        tracer = self.vm.tracer
+        if tracer.enabled:
             qual = ept_exit_qualification(write, fetch, mmu.spte(gfn))
             self._trace_exit(ExitReason.EPT_VIOLATION, rip, qual, gfn << PAGE_SHIFT)
-            trace("kvm_page_fault", {"vcpu": self.vcpu_id, "address": gfn << PAGE_SHIFT, "error_code": qual})
+            tracer.event(KvmPageFault(self.vcpu_id, gfn << PAGE_SHIFT, qual))
         outcome = mmu.page_fault(self, gfn, write)
         if outcome.result is FaultResult.MMIO:
             self.stats.mmio_exits += 1
@@ -172,7 +172,7 @@ class Vcpu:
         self._count_exit(ExitReason.IO_INSTRUCTION)
         self.stats.io_exits += 1
         self.exit_work[(ExitReason.IO_INSTRUCTION, "userspace")] += 1
-        if self.vm.trace is not None:
+        if self.vm.tracer.enabled:
             # Exit qualification of an I/O instruction: size - 1, direction, port (SDM 27-5).
             qual = (size - 1) | ((0 if is_out else 1) << 3) | (port << 16)
             self._trace_exit(ExitReason.IO_INSTRUCTION, rip, qual)

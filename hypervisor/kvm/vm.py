@@ -4,9 +4,7 @@ The VM reaches its host process only as the kernel's KVM does: it registers an
 mmu_notifier on the VMM's mm and resolves pfns through GUP (inside kvm/mmu.py).
 """
 
-from collections.abc import Callable
-from typing import Any
-
+from ..events import NULL_TRACER, Tracer
 from ..host.mm import HostMm
 from ..host.mmu_notifier import mmu_notifier_register
 from ..profiles import Profile
@@ -20,17 +18,14 @@ from .vcpu import Vcpu
 # Where the VMM maps guest RAM in its own address space (as QEMU's anonymous RAM block).
 GUEST_RAM_HVA = Hva(0x7F00_0000_0000)
 
-TraceFn = Callable[[str, dict[str, Any]], None]
-
-
 class Vm:
-    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, trace: TraceFn | None = None,
+    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, tracer: Tracer = NULL_TRACER,
                  mmu: str = "tdp", mmu_pages: int | None = None):
         self.vm_id = vm_id
         self.mm = mm
         self.profile = profile
         self.memory_size = memory_size
-        self.trace = trace
+        self.tracer = tracer
         self.stats = VmStats()
         self.memslots = Memslots()
         # KVM_SET_USER_MEMORY_REGION for slot 0: all of guest RAM from gpa 0.
@@ -55,9 +50,9 @@ class Vm:
         if self.mmu.notifier in self.mm.mmu_notifiers:
             self.mm.mmu_notifiers.remove(self.mmu.notifier)
         self.vcpus.clear()
-        self.mmu.race_points.clear()
+        self.mmu.hooks = None
         del self.mmu.vm, self.mmu.notifier  # the notifier's ops are bound methods of the MMU
-        self.trace = None
+        self.tracer = NULL_TRACER
 
     def kvm_flush_remote_tlbs(self) -> None:
         self.stats.remote_tlb_flush += 1

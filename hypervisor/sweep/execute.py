@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, HvsimError
+from ..observers import signals_handled_by
 from ..report import to_json
 from ..sim import SimConfig, Simulation
 from .spec import Point, SweepSpec
@@ -88,8 +89,6 @@ def _ignore_sigint() -> None:
 
 @contextmanager
 def _stoppable(cancel: Callable[[], None], state: SweepRun) -> Iterator[None]:
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
     def handler(signum: int, _frame: object) -> None:
         if state.signal is not None:  # a second Ctrl-C: stop waiting for the points in flight
             raise KeyboardInterrupt
@@ -97,13 +96,8 @@ def _stoppable(cancel: Callable[[], None], state: SweepRun) -> Iterator[None]:
         sys.stderr.write("\nhvsim: stopping: finishing the points in flight (Ctrl-C again to abandon them)\n")
         cancel()
 
-    for s in previous:
-        signal.signal(s, handler)
-    try:
+    with signals_handled_by(handler):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _local(todo: list[Point], jobs: int, done: Callable[[Point, Outcome], None], state: SweepRun) -> None:

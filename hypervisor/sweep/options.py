@@ -15,7 +15,7 @@ from ..errors import ConfigError
 # Options that only change what a run prints or records, not what it computes: a sweep keeps
 # the full JSON report of every point instead.
 NOT_RUN_SETTINGS = frozenset({"json", "trace", "trace_events", "plot", "quiet", "perf_kvm_stat", "exit_cost",
-                              "cpu_mhz"})
+                              "cpu_mhz", "console", "exit_with_guest_status"})
 
 
 def _long_options(command: click.Command) -> dict[str, click.Option]:

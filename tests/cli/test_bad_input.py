@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -196,3 +197,24 @@ def test_an_interrupted_run_prints_its_report_so_far_marked_interrupted(sig: sig
     assert doc["interrupted"] is True
     assert doc["vms"][0]["insns"] > 0 and "samepage: pass 1" in doc["vms"][0]["console"]
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_the_cli_imports_is_a_clean_exit_130(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import builtins
+
+    from hypervisor import entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "cli" or name.endswith(".cli"):
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "hypervisor.cli", raising=False)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main()
+    assert exit_info.value.code == 130
+    assert "interrupted while starting" in capsys.readouterr().err

@@ -124,7 +124,7 @@ class CoherenceMachine(RuleBasedStateMachine):
         # so that a host event fired between two of KSM's steps is judged where it happens.
         checker = CoherenceChecker()
         host = build_host(profile, NR_VMS * (NR_PAGES + SCRATCH_PAGES) + FRAME_SLACK,
-                          KsmKnobs(enabled=True, pages_to_scan=7), checker.trace)
+                          KsmKnobs(enabled=True, pages_to_scan=7), checker)
         ksm = host.ksm
         assert ksm is not None
         vms = []

@@ -4,14 +4,14 @@ event and slice end (what --check did before); both must report the same violati
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 
 from hypervisor import sim as simulation
 from hypervisor.check import CoherenceChecker
+from hypervisor.events import Event
 from hypervisor.kvm.mmu import TdpMmu
-from hypervisor.kvm.mmu_interface import FaultOutcome
+from hypervisor.kvm.mmu_interface import FaultOutcome, IgnoreMmuNotifierRetry
 from hypervisor.kvm.vcpu import Vcpu
 from hypervisor.sim import KsmConfig, SimConfig, Simulation
 from hypervisor.types import Gfn, Hva
@@ -22,14 +22,14 @@ from .guests import image
 class SweepEveryEvent(CoherenceChecker):
     """The checker as it was: every invariant over all of memory after every event and slice end."""
 
-    def trace(self, event: str, fields: dict[str, Any]) -> None:
-        if self.downstream is not None:
-            self.downstream(event, fields)
-        self.ring.append((self.sim.clock() if self.sim is not None else 0, event, fields))
+    def event(self, record: Event, vm: int | None = None) -> None:
+        if self.downstream.enabled:
+            self.downstream.event(record, vm)
+        self.ring.append((self.sim.clock() if self.sim is not None else 0, record, vm))
         self.check(strict_refcount=False)
 
     def end_of_slice(self) -> None:
-        self.ring.append((self.sim.clock() if self.sim is not None else 0, "slice_end", {}))
+        self.ring.append((self.sim.clock() if self.sim is not None else 0, None, None))
         self.check(strict_refcount=True)
 
 
@@ -68,7 +68,7 @@ def _violation(monkeypatch: pytest.MonkeyPatch, checker: type[CoherenceChecker],
         sim = Simulation(cfg, check=True)
         if breakage == "ignore_retry":
             for vm in sim.vms:
-                vm.mmu.ignore_mmu_notifier_retry = True
+                vm.mmu.hooks = IgnoreMmuNotifierRetry(vm.mmu.hooks)
         result = sim.run()
     return result.violation.split(". Last events:")[0] if result.violation else None
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from hypervisor.errors import InvariantViolation
+from hypervisor.kvm.mmu_interface import IgnoreMmuNotifierRetry
 from hypervisor.sim import GUEST_IMAGES, KsmConfig, SimConfig, Simulation
 
 from .guests import flat_guest, image
@@ -32,8 +33,9 @@ READ_ONE = bytes.fromhex("488b042500002000") + b"\xf4"
 def _race(tmp_path: Path, profile: str, spec: str, retry: bool) -> Simulation:
     sim = Simulation(SimConfig(image=flat_guest(tmp_path, "read_one", READ_ONE), profile=profile,
                                inject=(spec,)), check=True)
-    for vm in sim.vms:
-        vm.mmu.ignore_mmu_notifier_retry = not retry
+    if not retry:
+        for vm in sim.vms:
+            vm.mmu.hooks = IgnoreMmuNotifierRetry(vm.mmu.hooks)
     return sim
 
 

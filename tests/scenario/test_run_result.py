@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from hypervisor.errors import ConfigError
+from hypervisor.kvm.mmu_interface import IgnoreMmuNotifierRetry
 from hypervisor.sim import KsmConfig, SimConfig, Simulation, host_memory_bytes, validate
 
 from .guests import flat_guest, image
@@ -26,7 +27,7 @@ def test_a_checked_run_with_injected_races_reports_both_in_its_json(tmp_path: Pa
 def test_a_violation_found_by_check_is_one_of_the_run_errors(tmp_path: Path) -> None:
     sim = Simulation(SimConfig(image=flat_guest(tmp_path, "read_one", READ_ONE), profile="3.7",
                                inject=("after_gfn_to_pfn:cow@5",)), check=True)
-    sim.vms[0].mmu.ignore_mmu_notifier_retry = True
+    sim.vms[0].mmu.hooks = IgnoreMmuNotifierRetry(sim.vms[0].mmu.hooks)
     result = sim.run()
     assert result.violation is not None and result.errors == [result.violation]
     assert result.as_dict()["check"]["violation"] == result.violation

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hypervisor.events import Event, KvmExit
 from hypervisor.host.mm import pte_pfn
 from hypervisor.kvm.shadow_mmu import ShadowMmu
 from hypervisor.kvm.shadow_page import PT_WRITABLE, spte_to_pfn
@@ -42,17 +43,19 @@ class Phases:
         self.d_sptes: list[list[int]] = []
         self.sim: Simulation | None = None
 
-    def trace(self, event: str, fields: dict[str, Any]) -> None:
-        if event != "kvm_exit":
+    enabled = True
+
+    def event(self, record: Event, vm: int | None = None) -> None:
+        if not isinstance(record, KvmExit):
             return
-        if fields["reason"] == "IO_INSTRUCTION" and fields["info1"] >> 16 == 0x80:
+        if record.reason == "IO_INSTRUCTION" and record.info1 >> 16 == 0x80:
             self.phases.append(Counter())
             assert self.sim is not None
             mmu = self.sim.vms[0].mmu
             assert isinstance(mmu, ShadowMmu)
             self.d_sptes.append([int(sp.view[i]) for sp, i in mmu.rmap.sptes(D_GFN)])
         else:
-            self.phases[-1][fields["reason"]] += 1
+            self.phases[-1][record.reason] += 1
 
 
 def run_aliases(tmp_path: Path, kernel: str) -> tuple[Phases, dict[str, int], int]:
@@ -60,7 +63,7 @@ def run_aliases(tmp_path: Path, kernel: str) -> tuple[Phases, dict[str, int], in
     phases = Phases()
     cfg = SimConfig(image=flat_guest(tmp_path, "shadow_aliases", bytes.fromhex(GUEST_HEX)), mmu="shadow",
                     profile=kernel, ksm=KsmConfig(enabled=True, pages_to_scan=1000, sleep_millisecs=0))
-    with Simulation(cfg, trace=phases.trace, check=True) as sim:
+    with Simulation(cfg, tracer=phases, check=True) as sim:
         phases.sim = sim
         result = sim.run()
         hva = sim.vms[0].gpa_to_hva(Gpa(D_GFN << 12))

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from hypervisor.events import RecordingTracer
 from hypervisor.sim import GUEST_IMAGES, KsmConfig, SimConfig, Simulation
 
 HELLO = SimConfig(image=str(GUEST_IMAGES / "hello.bin"), memory=4 << 20)
@@ -29,9 +30,9 @@ def test_closed_simulation_is_freed_by_reference_counting_with_ksm_check_inject_
     cfg = SimConfig(image=str(GUEST_IMAGES / "samepage.bin"), memory=4 << 20, vms=2,
                     cmdline="pages=4 passes=4 spin=2000", ksm=KsmConfig(enabled=True, sleep_millisecs=0),
                     inject=("after_gfn_to_pfn:cow",))
-    events: list[str] = []
+    recorder = RecordingTracer()
     with gc_disabled():
-        with Simulation(cfg, trace=lambda event, fields: events.append(event), check=True) as sim:
+        with Simulation(cfg, tracer=recorder, check=True) as sim:
             result = sim.run()
             alive = [weakref.ref(o) for o in (sim, sim.frames, sim.ksm, *sim.vms, *sim.backends,
                                               *(vm.mm for vm in sim.vms), *(vm.mmu for vm in sim.vms))]
@@ -40,7 +41,7 @@ def test_closed_simulation_is_freed_by_reference_counting_with_ksm_check_inject_
     # The run itself was whole: it merged, checked and injected.
     assert result.ksm is not None and result.ksm["pages_sharing"] > 0
     assert result.checks and result.injected == {"after_gfn_to_pfn:cow@1": 1}
-    assert "kvm_exit" in events
+    assert "kvm_exit" in recorder.names()
 
 
 def _rss_kib() -> int:

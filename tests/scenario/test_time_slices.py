@@ -161,3 +161,22 @@ def test_several_vms_with_ksm_give_the_same_whole_report_at_every_quantum(
                                 profile=profile, change_pte=change_pte)) for q in (7, 997, DEFAULT_QUANTUM)]
     assert reports[0] == reports[1] == reports[2]
     assert reports[0]["ksm"]["full_scans"] > 1
+
+
+def test_the_trace_and_the_plot_series_do_not_depend_on_the_quantum(tmp_path: Path) -> None:
+    # Counter samples (--trace JSON, --plot, progress) are taken where a vCPU's turn on the host
+    # CPU ends, a point of simulated time; they used to be taken after every --quantum chunk.
+    from click.testing import CliRunner
+
+    from hypervisor.cli import main
+
+    outputs = []
+    for q in (7, 1000, DEFAULT_QUANTUM):
+        trace = tmp_path / f"trace{q}.json"
+        result = CliRunner().invoke(main, ["run", "samepage", "--vms", "2", "--ksm", "--ksm-sleep-ms", "1",
+                                           "--cmdline", "pages=4 passes=6 spin=200", "--quantum", str(q),
+                                           "--trace", str(trace), "--plot", str(tmp_path / f"p{q}.png"), "--quiet"])
+        assert result.exit_code == 0, result.output
+        outputs.append(trace.read_bytes() + (tmp_path / f"p{q}.png").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert b'"ph": "C"' in outputs[0] or b'"ph":"C"' in outputs[0]

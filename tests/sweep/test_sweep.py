@@ -144,6 +144,8 @@ def test_plot_draws_a_png_per_figure(reference: Path, tmp_path: Path) -> None:
     ('profile = ["2.6.32", "9.9"]', "'9.9' is not one of"),
     ('ksm_pages_to_scann = [1, 2]', "unknown setting 'ksm_pages_to_scann'"),
     ('trace = ["a.json"]', "'trace' changes only what a run prints"),
+    ('console = ["full"]', "'console' changes only what a run prints"),
+    ('exit_with_guest_status = [true]', "'exit_with_guest_status' changes only what a run prints"),
     ('quantum = [1000, "two"]', "'two' is not a valid integer"),
     ('check = ["yes"]', "--check is a flag, write true or false"),
     ("vms = []", "give a non-empty list"),

@@ -18,6 +18,7 @@ from hypervisor.host.ksm import Ksm
 from hypervisor.host.mm import MADV_MERGEABLE, HostMm, Vmstat, pte_pfn, pte_present, pte_special, pte_write
 from hypervisor.host.mmu_notifier import MmuNotifier, MmuNotifierOps, mmu_notifier_register
 from hypervisor.kvm.mmu import FaultResult
+from hypervisor.kvm.mmu_interface import FaultHooks, KvmMmu
 from hypervisor.kvm.vcpu import Vcpu
 from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
 from hypervisor.profiles import Profile, get_profile
@@ -239,7 +240,40 @@ class ModelledRaces(RaceInjector):
 
 
 def disarm_races(world: RacingWorld) -> None:
-    world.ksm.race_points.clear()
+    world.ksm.hooks = None
     for vm in world.vms:
-        vm.mmu.race_points.clear()
+        vm.mmu.hooks = None
+
+
+class AfterGfnToPfn(FaultHooks):
+    """Fault-path hooks (kvm/mmu_interface.FaultPathHooks): `event(mmu, gfn, hva)` between gfn_to_pfn and
+    mmu_lock; `skip_retry` also drops the mmu_notifier_retry check."""
+
+    def __init__(self, event: Callable[[KvmMmu, Gfn, Hva], None] | None = None, skip_retry: bool = False) -> None:
+        self.event = event
+        self.skip_retry = skip_retry
+
+    def after_gfn_to_pfn(self, mmu: KvmMmu, gfn: Gfn, hva: Hva) -> None:
+        if self.event is not None:
+            self.event(mmu, gfn, hva)
+
+    def skip_mmu_notifier_retry(self) -> bool:
+        return self.skip_retry
+
+
+class KsmRace:
+    """ksmd's hooks (host/ksm_items.KsmHooks) firing `event(mm, hva)` at the one point named."""
+
+    def __init__(self, point: str, event: Callable[[HostMm, Hva], None]) -> None:
+        assert point in KSM_POINTS
+        self.point = point
+        self.event = event
+
+    def ksm_before_replace_page(self, mm: HostMm, hva: Hva) -> None:
+        if self.point == "ksm_before_replace_page":
+            self.event(mm, hva)
+
+    def ksm_after_replace_page(self, mm: HostMm, hva: Hva) -> None:
+        if self.point == "ksm_after_replace_page":
+            self.event(mm, hva)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import hypervisor
+from hypervisor import events
 from hypervisor.check import _HANDLERS, NAMES_NO_PAGE, CoherenceChecker
 from hypervisor.errors import InvariantViolation
 from hypervisor.host.frames import FramePool
@@ -31,23 +32,23 @@ class Machine:
         return 0
 
 
-def emitted_events() -> set[str]:
-    """Every trace event named in host/, kvm/ and cpu/ (a trace call, a notifier callback, an exit)."""
-    names: set[str] = set()
+def emitted_events() -> set[type]:
+    """Every event record host/, kvm/ and cpu/ emit (`tracer.event(Record(...))`, an exit)."""
+    found: set[type] = set()
     for sub in ("host", "kvm", "cpu"):
         for path in (MODEL / sub).rglob("*.py"):
             text = path.read_text()
-            names |= set(re.findall(r'trace\(\s*"(\w+)"', text))
-            names |= {f"mmu_notifier_{cb}" for cb in re.findall(r'_emit\(mm, "(\w+)"', text)}
+            found |= {getattr(events, name) for name in re.findall(r"tracer\.event\(\s*(\w+)\(", text)}
             if "_trace_exit(" in text:
-                names.add("kvm_exit")
-    return names
+                found.add(events.KvmExit)
+    return found
 
 
 def test_every_event_the_model_emits_is_judged_or_declared_to_name_no_page() -> None:
-    events = emitted_events()
-    assert {"kvm_mmu_set_spte", "mmu_notifier_invalidate_range_end", "ksm_merge_one_page", "cow_ksm"} <= events
-    assert events - set(_HANDLERS) - NAMES_NO_PAGE == set()
+    emitted = emitted_events()
+    assert {events.KvmMmuSetSpte, events.MmuNotifierCall, events.KsmMergeOnePage, events.CowKsm} <= emitted
+    assert emitted == {*events.RECORDS, events.MmuNotifierCall}
+    assert emitted - set(_HANDLERS) - NAMES_NO_PAGE == set()
 
 
 def _checked_guest() -> tuple[CoherenceChecker, Vm]:
@@ -74,12 +75,12 @@ def test_check_spte_reports_a_spte_that_does_not_follow_its_host_pte_right_where
 def test_an_event_is_checked_on_the_gfn_it_names_and_not_elsewhere() -> None:
     checker, vm = _checked_guest()
     vm.mmu.sptes[2] = make_spte(Pfn(3), True)  # stale, but no event names gfn 2
-    checker.trace("kvm_mmu_set_spte", {"vm": 0, "gfn": 1, "spte": int(vm.mmu.sptes[1]), "level": 1})
+    checker.event(events.KvmMmuSetSpte(1, int(vm.mmu.sptes[1]), 1), vm=0)
     with pytest.raises(InvariantViolation, match=r"spte-follows-pte violated: vm0 gfn 0x2"):
-        checker.trace("kvm_mmu_set_spte", {"vm": 0, "gfn": 2, "spte": int(vm.mmu.sptes[2]), "level": 1})
+        checker.event(events.KvmMmuSetSpte(2, int(vm.mmu.sptes[2]), 1), vm=0)
 
 
-HLT = {"vm": 0, "vcpu": 0, "reason": "HLT", "rip": 0, "info1": 0, "info2": 0}
+HLT = events.KvmExit(vcpu=0, reason="HLT", rip=0, info1=0, info2=0)
 
 
 def test_the_sweep_catches_what_no_event_names_at_the_slice_end_after_sweep_every_events() -> None:
@@ -87,7 +88,7 @@ def test_the_sweep_catches_what_no_event_names_at_the_slice_end_after_sweep_ever
     checker.sweep_every = 3
     vm.mmu.sptes[2] = make_spte(Pfn(3), True)
     for _ in range(3):
-        checker.trace("kvm_exit", HLT)
+        checker.event(HLT, vm=0)
     with pytest.raises(InvariantViolation, match=r"spte-follows-pte violated: vm0 gfn 0x2"):
         checker.end_of_slice()
 
@@ -97,6 +98,6 @@ def test_without_slice_ends_the_sweep_runs_at_an_event_after_twice_sweep_every_e
     checker.sweep_every = 3
     vm.mmu.sptes[2] = make_spte(Pfn(3), True)
     for _ in range(5):
-        checker.trace("kvm_exit", HLT)
+        checker.event(HLT, vm=0)
     with pytest.raises(InvariantViolation, match=r"spte-follows-pte violated: vm0 gfn 0x2.*Last events:\n.*kvm_exit"):
-        checker.trace("kvm_exit", HLT)
+        checker.event(HLT, vm=0)

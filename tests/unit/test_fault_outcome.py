@@ -19,7 +19,7 @@ from hypervisor.kvm.mmu_interface import SpteChange
 from hypervisor.kvm.spte import SPTE_ACCESSED, SPTE_NONPRESENT, make_spte, spte_to_pfn
 from hypervisor.types import PAGE_SIZE, Gfn, Gpa, Pfn
 
-from .support import ERAS, make_guest, page_of
+from .support import ERAS, AfterGfnToPfn, make_guest, page_of
 from .test_ksm_under_kvm import guest_with_merged_pages
 
 EPT = ExitReason.EPT_VIOLATION
@@ -66,7 +66,7 @@ def test_a_retry_without_host_paging_work_is_priced_as_a_retry() -> None:
     def notifier_runs(mmu: object, gfn: Gfn, hva: int) -> None:
         g.vm.mmu.mmu_notifier_seq += 1  # as a notifier between gfn_to_pfn and mmu_lock
 
-    g.vm.mmu.race_points["after_gfn_to_pfn"] = notifier_runs
+    g.vm.mmu.hooks = AfterGfnToPfn(notifier_runs)
     assert g.vcpu.handle_ept_violation(Gfn(0), write=True, rip=0) is FaultResult.RETRY
     assert ept_work(g.vcpu.exit_work) == {"retry": 1}
 

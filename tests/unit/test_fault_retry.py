@@ -24,18 +24,18 @@ from hypervisor.kvm.spte import (
 )
 from hypervisor.types import PAGE_SIZE, Gfn, Gpa, Hva
 
-from .support import ERAS, Guest, is_mapped_writable, make_guest, maps_zero_page
+from .support import ERAS, AfterGfnToPfn, Guest, is_mapped_writable, make_guest, maps_zero_page
 
 LATER_ERAS = ("3.7", "6.10")
 
 
-def race(g: Guest, event: Callable[[TdpMmu, Gfn, Hva], None]) -> None:
+def race(g: Guest, event: Callable[[TdpMmu, Gfn, Hva], None], skip_retry: bool = False) -> None:
     """Fire `event` between gfn_to_pfn and the mmu_lock section of the next fault."""
-    g.vm.mmu.race_points["after_gfn_to_pfn"] = event
+    g.vm.mmu.hooks = AfterGfnToPfn(event, skip_retry)  # type: ignore[arg-type]
 
 
 def no_race(g: Guest) -> None:
-    g.vm.mmu.race_points.clear()
+    g.vm.mmu.hooks = None
 
 
 # --- the plain fault path ----------------------------------------------------------------
@@ -209,8 +209,7 @@ def test_a_retried_fault_releases_the_page_it_pinned() -> None:
 @pytest.mark.parametrize("era", LATER_ERAS)
 def test_without_the_retry_check_a_racing_cow_leaves_the_spte_on_the_stale_page(era: str) -> None:
     g = make_guest(era)
-    g.vm.mmu.ignore_mmu_notifier_retry = True
-    race(g, lambda mmu, gfn, hva: mmu.mm.handle_mm_fault(hva, write=True))
+    race(g, lambda mmu, gfn, hva: mmu.mm.handle_mm_fault(hva, write=True), skip_retry=True)
     assert g.fault(4, write=False) is FaultResult.FIXED
     # The guest now reads the zero page while the host (the VMM) has its own copy.
     assert spte_to_pfn(g.spte(4)) == ZERO_PFN

@@ -34,7 +34,7 @@ from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
 from hypervisor.profiles import PROFILES
 from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
 
-from .support import AREA, Guest, Host, full_scan, make_guest, make_host, mergeable_area, page_hva, page_of
+from .support import AREA, Guest, Host, KsmRace, full_scan, make_guest, make_host, mergeable_area, page_hva, page_of
 
 RaceEvent = Callable[[HostMm, Hva], None]
 
@@ -83,7 +83,7 @@ def racing_host(era: str, point: str, event: RaceEvent, pages: int = 2) -> Host:
     for i in range(pages):
         host.mm.write_bytes(page_hva(AREA, i), page_of(0x42))
     host.ksm.set_run(1)
-    host.ksm.race_points[point] = event
+    host.ksm.hooks = KsmRace(point, event)
     return host
 
 
@@ -96,7 +96,7 @@ def test_2_6_32_a_ksm_page_whose_every_mapping_is_zapped_mid_merge_is_freed_with
     assert not any(pte_present(host.mm.pte(page_hva(AREA, i))) for i in range(2))
     assert free_frames_with_state(host.frames) == []
     # The next frame allocated (the KSM page's, freed last) is an ordinary anonymous page.
-    host.ksm.race_points.clear()
+    host.ksm.hooks = None
     host.mm.handle_mm_fault(page_hva(AREA, 0), write=True)
     pfn = pte_pfn(host.mm.pte(page_hva(AREA, 0)))
     assert not host.frames.page_ksm(pfn)
@@ -113,7 +113,7 @@ def test_2_6_32_reuses_a_ksm_page_freed_mid_merge_as_a_writable_guest_page_not_a
     for gfn in range(2):
         g.mm.write_bytes(g.hva(gfn), page_of(0x69))
     g.host.ksm.set_run(1)
-    g.host.ksm.race_points["ksm_after_replace_page"] = invalidate
+    g.host.ksm.hooks = KsmRace("ksm_after_replace_page", invalidate)
     full_scan(g.host.ksm)
     full_scan(g.host.ksm)
     checker = checker_of(g)
@@ -217,7 +217,7 @@ def test_the_checker_reports_a_freed_rmap_item_left_in_the_unstable_tree() -> No
 
 def test_the_checker_reports_a_stable_node_that_counts_a_dead_rmap_item() -> None:
     host = racing_host("3.7", "ksm_after_replace_page", age)
-    host.ksm.race_points.clear()
+    host.ksm.hooks = None
     full_scan(host.ksm)
     full_scan(host.ksm)
     (node,) = host.ksm.nodes.values()
@@ -249,7 +249,7 @@ def test_a_stale_stable_node_is_dropped_and_names_no_frame_once_its_frame_is_reu
     full_scan(host.ksm)
     (stale,) = host.ksm.nodes.values()
     assert host.frames.is_free(stale.kpfn)
-    host.ksm.race_points.clear()
+    host.ksm.hooks = None
     for i in range(2):
         host.mm.write_bytes(page_hva(AREA, i), page_of(0x42))
     assert not host.frames.is_free(stale.kpfn)  # reused: first as an ordinary page

@@ -12,7 +12,7 @@ from hypervisor.kvm.spte import SPTE_HOST_WRITEABLE, SPTE_NONPRESENT, is_writabl
 from hypervisor.kvm.vm import GUEST_RAM_HVA
 from hypervisor.types import PAGE_SIZE, Gfn, Gpa, Hva, Pfn
 
-from .support import ERAS, Guest, full_scan, is_mapped_writable, make_guest, page_of, shared_and_sharing
+from .support import ERAS, AfterGfnToPfn, Guest, full_scan, is_mapped_writable, make_guest, page_of, shared_and_sharing
 
 PAGES = 8
 MERGED = (0, 1)
@@ -126,7 +126,7 @@ def test_ksm_does_not_merge_a_page_kvm_has_pinned_mid_fault() -> None:
         pinned.append(int(mmu.mm.frames.refcount[pfn]) - int(mmu.mm.frames.mapcount[pfn]))
         full_scan(g.host.ksm)
 
-    g.vm.mmu.race_points["after_gfn_to_pfn"] = ksmd_runs
+    g.vm.mmu.hooks = AfterGfnToPfn(ksmd_runs)  # type: ignore[arg-type]
     g.fault(0, write=False)
     assert pinned == [1]
     assert shared_and_sharing(g.host.ksm) == (0, 0)

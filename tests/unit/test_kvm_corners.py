@@ -12,6 +12,7 @@ from hypervisor.kvm.exits import (
     ExitReason,
 )
 from hypervisor.kvm.mmu import FaultResult
+from hypervisor.kvm.mmu_interface import IgnoreMmuNotifierRetry
 from hypervisor.kvm.spte import make_spte
 from hypervisor.kvm.vcpu import ept_exit_qualification
 from hypervisor.types import PAGE_SIZE, Gfn, Gpa, Pfn
@@ -35,7 +36,7 @@ def test_a_fault_that_cows_and_skips_the_retry_check_is_costed_as_a_cow(era: str
     # retry check would otherwise send the guest back in ("retry").
     g = make_guest(era)
     assert g.vcpu.handle_ept_violation(Gfn(2), write=False, rip=0) is FaultResult.FIXED
-    g.vm.mmu.ignore_mmu_notifier_retry = True
+    g.vm.mmu.hooks = IgnoreMmuNotifierRetry()
     assert g.vcpu.handle_ept_violation(Gfn(2), write=True, rip=0) is FaultResult.FIXED
     assert g.vcpu.exit_work[(ExitReason.EPT_VIOLATION, "cow")] == 1
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from hypervisor.events import MmuNotifierCall, RecordingTracer
 from hypervisor.host.mm import HostMm, mk_pte, pte_present, pte_write
 from hypervisor.host.mmu_notifier import (
     MmuNotifier,
@@ -90,18 +91,15 @@ def test_registering_a_notifier_twice_is_refused() -> None:
         mmu_notifier_register(mn, host.mm)
 
 
-def test_every_dispatch_is_reported_to_the_event_sink() -> None:
+def test_every_dispatch_is_reported_to_the_mms_tracer() -> None:
     host = host_with_page("3.7")
-    seen: list[tuple[str, int, int]] = []
-
-    def sink(callback: str, mm: HostMm, start: Hva, end: Hva) -> None:
-        seen.append((callback, start, end))
-
-    host.mm.notifier_event_sink = sink
+    recorder = RecordingTracer()
+    host.mm.tracer = recorder
     mmu_notifier_invalidate_range_start(host.mm, AREA, END)
     mmu_notifier_change_pte(host.mm, AREA, 0)
     mmu_notifier_invalidate_range_end(host.mm, AREA, END)
     mmu_notifier_release(host.mm)
+    seen = [(e.callback, e.start, e.end) for e, _ in recorder.events if isinstance(e, MmuNotifierCall)]
     assert seen == [
         ("invalidate_range_start", AREA, END),
         ("change_pte", AREA, END),

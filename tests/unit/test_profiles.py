@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.config import KsmKnobs
 from hypervisor.errors import ConfigError
 from hypervisor.kernels import BASELINE, CHANGES, MAINLINE, behaviour_of, render_kernels, version_key
 from hypervisor.profiles import (
@@ -121,10 +122,10 @@ def test_an_unknown_kernel_is_a_config_error_saying_what_is_accepted(bad: str) -
 ])
 def test_a_ksm_knob_the_kernel_lacked_is_an_error_naming_the_release_that_added_it(
         kernel: str, knobs: dict[str, object], named: str) -> None:
-    args: dict[str, object] = {"max_page_sharing": None, "use_zero_pages": False, "smart_scan": None, **knobs}
+    given = KsmKnobs(enabled=True, **knobs).release_gated()  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=named):
-        check_ksm_knobs(get_profile(kernel), **args)  # type: ignore[arg-type]
-    check_ksm_knobs(get_profile("6.12"), **args)  # type: ignore[arg-type]
+        check_ksm_knobs(get_profile(kernel), given)
+    check_ksm_knobs(get_profile("6.12"), given)
 
 
 def test_hvsim_kernels_prints_every_row_with_version_commit_and_verification() -> None:
