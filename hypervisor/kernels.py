@@ -105,10 +105,11 @@ CHANGES: tuple[KernelChange, ...] = (
         "read-only instead of COW-breaking it",
         "srinugnt2000/linux-2.6.37, zekezang/linux-2.6.38 virt/kvm/kvm_main.c, arch/x86/kvm/mmu.c", False),
     KernelChange(
-        "kvm_bypass_guest_pf", False, "2.6.39", "-", "(KVM: MMU: remove bypass_guest_pf)",
+        "kvm_bypass_guest_pf", False, "3.1", "-", "(KVM: MMU: remove bypass_guest_pf)",
         "shadow paging: the bypass_guest_pf module parameter and the trap/notrap non-present sptes are "
         "gone, so every guest #PF exits and is injected by KVM (only --mmu shadow is affected)",
-        "sndrzt/linux-2.6.32, zekezang/linux-2.6.38, robacklin/linux-2.6.39.4 arch/x86/kvm/vmx.c", False),
+        "sndrzt/linux-2.6.32, robacklin/linux-2.6.39.4, eastmoutain/Linux-3.0.1 (present); a 3.1.10 tree, "
+        "AndDiSa/android_kernel_asus_grouper, and yuhc/linux-3.6.5 (absent) arch/x86/kvm/vmx.c", False),
     KernelChange(
         "kvm_age_ept", "accessed_bit", "3.6", "-", "(KVM: VMX: EPT accessed and dirty bits)",
         "kvm_age_rmapp tests and clears the EPT accessed bit when the CPU has one (hvsim's does) "

@@ -71,7 +71,7 @@ class Profile:
     # the fault's retry check tests the invalidated range, not just "an invalidation is running".
     kvm_retry_range_based: bool
     # --- kvm, shadow paging: arch/x86/kvm/vmx.c, mmu.c ------------------------------------------
-    # bypass_guest_pf: a not-present guest #PF on a "notrap" spte goes to the guest without an exit (until 2.6.39).
+    # bypass_guest_pf: a not-present guest #PF on a "notrap" spte goes to the guest without an exit (until 3.1).
     kvm_bypass_guest_pf: bool
 
     def without_change_pte(self) -> "Profile":

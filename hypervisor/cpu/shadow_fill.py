@@ -5,7 +5,7 @@ With `--mmu shadow` the vCPU's CR3, as the hardware uses it, is KVM's shadow roo
 (kvm/shadow_mmu.py `walk_shadow`) and sets the leaf spte's A bit, as a CPU does.  A miss
 there is a #PF:
 
-* on a "notrap" spte under bypass_guest_pf (2.6.32 .. 2.6.38) the #PF (P=0) goes straight
+* on a "notrap" spte under bypass_guest_pf (2.6.32 .. 3.0) the #PF (P=0) goes straight
   to the guest: no exit (vmx.c PAGE_FAULT_ERROR_CODE_MASK/MATCH = 1);
 * otherwise it exits (EXCEPTION_NMI, vector 14) and KVM's FNAME(page_fault) runs: it
   fixes the spte (the access is retried), injects a #PF into the guest (delivered through

@@ -116,7 +116,7 @@ class ShadowMmu(ShadowNotifier):
         # For --check and tests, not for the fill: per gfn, its rmap's sptes summed up in the EPT
         # format of kvm/spte.py (the pfn they map; writable if one is), kept by set_spte.
         self.sptes: npt.NDArray[np.int64] = np.zeros(int(vm.memslots.max_gfn), dtype=np.int64)
-        # bypass_guest_pf (2.6.32 .. 2.6.38): a trap and a notrap non-present value; later both 0.
+        # bypass_guest_pf (2.6.32 .. 3.0): a trap and a notrap non-present value; later both 0.
         self.trap = SPTE_TRAP if self.profile.kvm_bypass_guest_pf else SPTE_NOTRAP
         nr_pages = int(vm.memslots.max_gfn)
         self.pages = ShadowPageHash(n_max_mmu_pages or kvm_mmu_calculate_mmu_pages(nr_pages))
