@@ -89,6 +89,9 @@ _workload_options = _options([
     click.option("--mmu-pages", type=int, default=None, metavar="N",
                  help="--mmu shadow: the shadow page cache size (KVM_SET_NR_MMU_PAGES, at least 64; default "
                       "max(guest pages * 20 / 1000, 64))."),
+    click.option("--oos-shadow", type=click.IntRange(0, 1), default=None, metavar="0|1",
+                 help="--mmu shadow: KVM's oos_shadow module parameter (default 1): 1 lets a guest page "
+                      "table the guest writes go unsync, 0 keeps it write-protected (every store emulated)."),
 ])
 
 _kernel_options = _options([

@@ -68,7 +68,8 @@ class Simulation:
         # Per VM: simulated time spent in retried faults (kvm.vcpu.FAULT_RETRY_COST each).
         self.stalls: list[int] = []
         for i in range(config.vms):
-            vm = build_vm(host, i, config.memory, mmu=config.mmu, mmu_pages=config.mmu_pages)
+            vm = build_vm(host, i, config.memory, mmu=config.mmu, mmu_pages=config.mmu_pages,
+                          oos_shadow=config.oos_shadow is not False)
             backend, devices = boot_vcpu(host, vm, image, config.cmdline, config.vms, config.insns_per_ms)
             self.backends.append(backend)
             self.devices.append(devices)

@@ -20,8 +20,6 @@ every store to a shadowed table is emulated), no pte prefetch (2.6.37+), no larg
 (hvsim's host has no huge pages, so KVM maps every guest large page with 4 KiB sptes).
 """
 
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,27 +28,21 @@ import numpy.typing as npt
 from ..events import KvmMmuSetSpte
 from ..host.mm import HostMm
 from ..types import PAGE_SHIFT, Gfn
-from .guest_walker import GuestWalker, gpte_to_gfn, walk_addr
 from .memslot import Memslot
-from .mmu import gfn_to_pfn
 from .mmu_interface import FaultOutcome, FaultPathHooks, SpteChange, SpteCheck
 from .rmap import Rmap
+from .shadow_fault import ShadowFault, ShadowFaultPath, ShadowVcpu
 from .shadow_notifier import ShadowNotifier
 from .shadow_page import (
     ACC_ALL,
-    ACC_USER,
-    ACC_WRITE,
     KVM_MIN_FREE_MMU_PAGES,
     KVM_REFILL_PAGES,
     PFERR_PRESENT,
     PFERR_RSVD,
     PFERR_WRITE,
     PT_ACCESSED,
-    PT_DIRTY,
     PT_PRESENT,
-    PT_USER,
     PT_WRITABLE,
-    RMAP_RECYCLE_THRESHOLD,
     SPTE_HOST_WRITEABLE_X86,
     SPTE_NOTRAP,
     SPTE_TRAP,
@@ -63,6 +55,7 @@ from .shadow_page import (
     spte_to_pfn,
 )
 from .spte import SPTE_DIRTY, SPTE_HOST_WRITEABLE, SPTE_WRITABLE, make_spte
+from .unsync import kvm_sync_page, kvm_unlink_unsync_page, kvm_unsync_page, mmu_sync_roots
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -81,34 +74,10 @@ def to_ept_format(spte: int) -> int:
     return ept
 
 
-class ShadowFault(Enum):
-    """What FNAME(page_fault) leaves the guest to do."""
-
-    FIXED = "fixed"  # re-enter: the access succeeds
-    RETRY = "retry"  # mmu_notifier_retry: re-enter, the guest faults again
-    INJECT = "inject"  # the guest's own mapping refuses: a #PF is injected (pf_guest)
-    EMULATE = "emulate"  # a write to a shadowed guest page table: emulate it, then kvm_mmu_pte_write
-    MMIO = "mmio"  # no memslot
-
-
-@dataclass(slots=True)
-class ShadowVcpu:
-    """The per-vCPU shadow state (vcpu->arch.mmu.root_hpa, cr3, and the pte-write detectors)."""
-
-    root: KvmMmuPage | None = None
-    cr3: int = 0
-    last_pt_write_gfn: int = -1
-    last_pt_write_count: int = 0
-    last_pte_updated: tuple[KvmMmuPage, int] | None = None
-    last_pte_gfn: int = -1
-    # The #PF error code of the last INJECT outcome (walker.error_code).
-    inject_error: int = 0
-
-
-class ShadowMmu(ShadowNotifier):
+class ShadowMmu(ShadowNotifier, ShadowFaultPath):
     """The shadow MMU (implements kvm.mmu_interface.KvmMmu; the TLB fill uses `walk_shadow`)."""
 
-    def __init__(self, vm: "Vm", n_max_mmu_pages: int | None = None) -> None:
+    def __init__(self, vm: "Vm", n_max_mmu_pages: int | None = None, oos_shadow: bool = True) -> None:
         self.vm = vm
         self.profile = vm.profile
         self.mm: HostMm = vm.mm
@@ -121,6 +90,8 @@ class ShadowMmu(ShadowNotifier):
         nr_pages = int(vm.memslots.max_gfn)
         self.pages = ShadowPageHash(n_max_mmu_pages or kvm_mmu_calculate_mmu_pages(nr_pages))
         self.rmap = Rmap()
+        # The 2.6.32 module parameter oos_shadow (default 1): leaf tables the guest writes go unsync.
+        self.oos_shadow = oos_shadow
         self.vcpus: dict[int, ShadowVcpu] = {}
         self._last_slot: Memslot | None = None
         # Seams of the fault path where tests and --inject fire host events (as TdpMmu's).
@@ -230,6 +201,7 @@ class ShadowMmu(ShadowNotifier):
         root = self.kvm_mmu_get_page(vcpu, st.cr3 >> PAGE_SHIFT, 0, 4, False, ACC_ALL, None)
         root.root_count += 1
         st.root = root
+        mmu_sync_roots(self, vcpu, root)
 
     def mmu_free_roots(self, st: ShadowVcpu) -> None:
         root, st.root = st.root, None
@@ -244,6 +216,8 @@ class ShadowMmu(ShadowNotifier):
         (paging_new_cr3) and the next entry loads the new one (kvm_mmu_load: a hash hit or a miss)."""
         st = self.state(vcpu)
         if cr3 == st.cr3 and st.root is not None:
+            if not st.root.invalid:
+                mmu_sync_roots(self, vcpu, st.root)  # kvm_mmu_sync_roots
             vcpu.stats.tlb_flush += 1
             vcpu.arch.flush_tlb()
             return
@@ -256,6 +230,9 @@ class ShadowMmu(ShadowNotifier):
     def kvm_mmu_get_page(self, vcpu: "Vcpu", gfn: int, gaddr: int, level: int, direct: bool, access: int,
                          parent: tuple[KvmMmuPage, int] | None) -> KvmMmuPage:
         role = Role(level, direct, access)
+        for other in list(self.pages.by_gfn.get(gfn, ())):
+            if other.unsync and not other.invalid:
+                kvm_sync_page(self, vcpu, other)
         sp = self.pages.lookup(gfn, role)
         if sp is not None:
             if parent is not None:
@@ -288,9 +265,21 @@ class ShadowMmu(ShadowNotifier):
                 protected |= self.set_spte(sp, index, spte & ~PT_WRITABLE, SpteChange.PROTECT)
         return protected
 
-    def mmu_need_write_protect(self, gfn: int) -> bool:
-        """2.6.32 with oos_shadow=0: a gfn shadowed as a guest page table stays write-protected."""
-        return bool(self.pages.indirect_pages(gfn))
+    def mmu_need_write_protect(self, gfn: int, can_unsync: bool = True) -> bool:
+        """2.6.32 mmu_need_write_protect: a shadowed upper-level table stays write-protected; a leaf table
+        goes unsync (oos_shadow) unless it is shadowed under two roles; with oos_shadow=0 it stays
+        protected (and every guest store to it is emulated)."""
+        sps = self.pages.indirect_pages(gfn)
+        if not sps:
+            return False
+        sp = sps[0]  # kvm_mmu_lookup_page: the first in the hash bucket
+        if sp.role.level != 1:
+            return True
+        if sp.unsync:
+            return False
+        if can_unsync and self.oos_shadow:
+            return kvm_unsync_page(self, sp)
+        return True
 
     def drop_spte(self, sp: KvmMmuPage, index: int, value: int) -> bool:
         """Take slot index out of use (rmap_remove a leaf, unlink a child) and store `value`; was it present?"""
@@ -309,6 +298,8 @@ class ShadowMmu(ShadowNotifier):
     def kvm_mmu_zap_page(self, sp: KvmMmuPage) -> None:
         """Unlink the page's children and parents; free it unless a vCPU uses it as its root."""
         self.vm.stats.mmu_shadow_zapped += 1
+        if sp.unsync:
+            kvm_unlink_unsync_page(self, sp)
         for index in range(512):
             self.drop_spte(sp, index, self.trap)
         for parent, index in list(sp.parent_ptes):
@@ -338,158 +329,6 @@ class ShadowMmu(ShadowNotifier):
                 continue
             self.kvm_mmu_zap_page(sp)
             self.vm.stats.mmu_recycled += 1
-
-    # --- the fault path --------------------------------------------------------------
-
-    def shadow_page_fault(self, vcpu: "Vcpu", gva: int, error_code: int) -> ShadowFault:
-        """FNAME(page_fault) for one #PF exit."""
-        st = self.state(vcpu)
-        write_fault = bool(error_code & PFERR_WRITE)
-        found, walker = walk_addr(st.cr3, gva, write_fault, False, False, self._read_gpte, self._cmpxchg_gpte)
-        if not found:
-            vcpu.stats.pf_guest += 1  # kvm_inject_page_fault
-            st.inject_error = walker.error_code
-            st.last_pt_write_count = 0  # "reset fork detector"
-            return ShadowFault.INJECT
-        gfn = Gfn(walker.gfn)
-        slot = self._last_slot
-        if slot is None or not slot.contains_gfn(gfn):
-            slot = self._last_slot = self.vm.memslots.gfn_to_memslot(gfn)
-            if slot is None:
-                return ShadowFault.MMIO
-        mmu_seq = self.mmu_notifier_seq
-        hva = slot.gfn_to_hva(gfn)
-        pfn, writable, host = gfn_to_pfn(self.mm, self.profile, hva, write_fault)
-        if self.hooks is not None:
-            self.hooks.after_gfn_to_pfn(self, gfn, hva)
-        if self.mmu_notifier_retry(mmu_seq, hva):
-            self.mm.put_page(pfn)
-            vcpu.stats.pf_retry += 1
-            return ShadowFault.RETRY
-        self.kvm_mmu_free_some_pages(vcpu)
-        ptwrite = self.fetch(vcpu, gva, walker, write_fault, pfn, writable)
-        if not ptwrite:
-            st.last_pt_write_count = 0
-        vcpu.stats.pf_fixed += 1
-        self.mm.put_page(pfn)  # kvm_release_pfn_clean: the spte holds no reference
-        self.last_host_fault = host
-        return ShadowFault.EMULATE if ptwrite else ShadowFault.FIXED
-
-    def _read_gpte(self, gpa: int) -> int:
-        return int.from_bytes(self.vm.read_guest(gpa, 8), "little")  # type: ignore[arg-type]
-
-    def _cmpxchg_gpte(self, gpa: int, old: int, new: int) -> bool:
-        if self._read_gpte(gpa) != old:
-            return False
-        self.vm.write_guest(gpa, new.to_bytes(8, "little"))  # type: ignore[arg-type]
-        return True
-
-    def fetch(self, vcpu: "Vcpu", gva: int, w: GuestWalker, write_fault: bool, pfn: int, host_writable: bool) -> bool:
-        """FNAME(fetch): build the missing shadow levels for gva, install the leaf; true on ptwrite."""
-        st = self.state(vcpu)
-        if st.root is None or st.root.invalid:
-            self.kvm_mmu_load(vcpu)
-        sp = st.root
-        assert sp is not None
-        access = w.pt_access
-        for level in (4, 3, 2):
-            index = shadow_index(gva, level)
-            if is_shadow_present_pte(int(sp.view[index])):
-                sp = sp.children[index]
-                continue
-            if level <= w.level:
-                direct = True
-                large = w.ptes[w.level - 1]
-                if not large & PT_DIRTY:
-                    access &= ~ACC_WRITE
-                table_gfn = gpte_to_gfn(large)
-                if level == w.level - 1:  # delta 0: 1 GiB guest pages emulated with 4 KiB
-                    table_gfn += shadow_index(gva, level)
-            else:
-                direct = False
-                table_gfn = w.table_gfn[level - 2]
-            child = self.kvm_mmu_get_page(vcpu, table_gfn, gva, level - 1, direct, access, (sp, index))
-            if not direct and self._read_gpte(w.pte_gpa[level - 2]) != w.ptes[level - 2]:
-                child.parent_ptes.remove((sp, index))  # kvm_mmu_put_page: the guest changed it meanwhile
-                return False
-            sp.children[index] = child
-            self.set_spte(sp, index, child.link_spte(), SpteChange.INSTALL)
-            sp = child
-        return self.mmu_set_spte(vcpu, sp, shadow_index(gva, 1), w.pte_access & access, write_fault,
-                                 bool(w.ptes[w.level - 1] & PT_DIRTY), w.gfn, pfn, False, host_writable)
-
-    def mmu_set_spte(self, vcpu: "Vcpu", sp: KvmMmuPage, index: int, pte_access: int, write_fault: bool,
-                     dirty: bool, gfn: int, pfn: int, speculative: bool, host_writable: bool) -> bool:
-        """mmu_set_spte + set_spte: build the x86 spte; true if a write had to be refused (ptwrite)."""
-        old = int(sp.view[index])
-        was_rmapped = False
-        if is_shadow_present_pte(old):
-            if pfn != spte_to_pfn(old):
-                self.rmap.rmap_remove(sp, index)
-                self.summarize(int(sp.gfns[index]))
-            else:
-                was_rmapped = True
-        spte = PT_PRESENT | PT_DIRTY | (0 if speculative else PT_ACCESSED) | (pfn << PAGE_SHIFT)
-        if not dirty or not host_writable:
-            pte_access &= ~ACC_WRITE
-        if pte_access & ACC_USER:
-            spte |= PT_USER
-        if host_writable:
-            spte |= SPTE_HOST_WRITEABLE_X86
-        refused = False
-        if pte_access & ACC_WRITE:
-            spte |= PT_WRITABLE
-            if self.mmu_need_write_protect(gfn):
-                refused = True
-                spte &= ~PT_WRITABLE
-        if not was_rmapped:
-            sp.gfns[index] = gfn
-        self.set_spte(sp, index, spte, SpteChange.INSTALL)
-        if refused:
-            vcpu.arch.flush_tlb()  # kvm_x86_ops->tlb_flush: the local flush with no counter
-        if not was_rmapped:
-            count = self.rmap.rmap_add(gfn, sp, index)
-            self.summarize(gfn)
-            if count > RMAP_RECYCLE_THRESHOLD:
-                self.kvm_unmap_rmapp(gfn)  # rmap_recycle
-                self.vm.kvm_flush_remote_tlbs()
-        if speculative:
-            st = self.state(vcpu)
-            st.last_pte_updated, st.last_pte_gfn = (sp, index), gfn
-        return refused and write_fault
-
-    def kvm_mmu_invlpg(self, vcpu: "Vcpu", gva: int) -> None:
-        """kvm_mmu_invlpg (2.6.32 mmu.c): FNAME(invlpg), then a present and accessed guest pte is
-        re-shadowed through kvm_mmu_pte_write (not guest-initiated); kvm_mmu_flush_tlb; invlpg+1."""
-        from .pte_write import kvm_mmu_pte_write
-
-        pte_gpa = self.fname_invlpg(vcpu, gva)
-        if pte_gpa >= 0:
-            gpte = self._read_gpte(pte_gpa)
-            if gpte & PT_PRESENT and gpte & PT_ACCESSED:
-                kvm_mmu_pte_write(self, vcpu, pte_gpa, 8, False)
-        vcpu.stats.tlb_flush += 1
-        vcpu.arch.flush_tlb()
-        vcpu.stats.invlpg += 1
-
-    def fname_invlpg(self, vcpu: "Vcpu", gva: int) -> int:
-        """FNAME(invlpg): the leaf slot of gva becomes trap; returns the gpa of its guest pte (-1 if none).
-
-        As in 2.6.32, a slot of a direct page (a guest large page) is taken for a guest pte at
-        sp->gfn + index ("FIXME: properly handle invlpg on large guest pages")."""
-        st = self.state(vcpu)
-        sp = st.root
-        if sp is None or sp.invalid:
-            return -1
-        for level in (4, 3, 2):
-            index = shadow_index(gva, level)
-            if not is_shadow_present_pte(int(sp.view[index])):
-                return -1
-            sp = sp.children[index]
-        index = shadow_index(gva, 1)
-        if self.drop_spte(sp, index, self.trap):
-            self.vm.kvm_flush_remote_tlbs()
-        return -1 if sp.role.direct else (sp.gfn << PAGE_SHIFT) + index * 8
 
     def zap_all(self) -> None:
         """kvm_arch_flush_shadow -> kvm_mmu_zap_all: every shadow page goes (a root in use is invalidated)."""

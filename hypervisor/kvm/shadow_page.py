@@ -88,6 +88,7 @@ class KvmMmuPage:
     parent_ptes: list[tuple["KvmMmuPage", int]] = field(default_factory=list)
     root_count: int = 0
     invalid: bool = False
+    unsync: bool = False
 
     def __post_init__(self) -> None:
         self.view = self.spt.data  # scalar access without numpy boxing

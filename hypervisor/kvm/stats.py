@@ -44,6 +44,8 @@ class VmStats:
     mmu_recycled: int = 0
     mmu_cache_miss: int = 0
     mmu_pde_zapped: int = 0
+    # A gauge, as in 2.6.32: shadow pages unsync now (kvm_unsync_page +1, kvm_unlink_unsync_page -1).
+    mmu_unsync: int = 0
     remote_tlb_flush: int = 0
     # hvsim: leaf sptes dropped by a notifier callback or by release.
     spte_zapped: int = 0

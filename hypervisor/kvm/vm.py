@@ -20,7 +20,7 @@ GUEST_RAM_HVA = Hva(0x7F00_0000_0000)
 
 class Vm:
     def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, tracer: Tracer = NULL_TRACER,
-                 mmu: str = "tdp", mmu_pages: int | None = None):
+                 mmu: str = "tdp", mmu_pages: int | None = None, oos_shadow: bool = True):
         self.vm_id = vm_id
         self.mm = mm
         self.profile = profile
@@ -34,7 +34,7 @@ class Vm:
         # --mmu: EPT (TdpMmu) or shadow paging (ShadowMmu; mmu_pages models KVM_SET_NR_MMU_PAGES).  Both
         # implement kvm.mmu_interface.KvmMmu; the attribute is typed TdpMmu so that the TDP-only code and
         # tests reach its spte array, and shadow-only code narrows with isinstance(vm.mmu, ShadowMmu).
-        self.mmu: TdpMmu = ShadowMmu(self, mmu_pages) if mmu == "shadow" else TdpMmu(self)  # type: ignore[assignment]
+        self.mmu: TdpMmu = ShadowMmu(self, mmu_pages, oos_shadow) if mmu == "shadow" else TdpMmu(self)  # type: ignore[assignment]
         mmu_notifier_register(self.mmu.notifier, mm)
         self.vcpus: list[Vcpu] = []
 

@@ -46,3 +46,10 @@ def test_mmu_is_a_sweep_axis(tmp_path: Path) -> None:
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert list(table["mmu"]) == ["tdp", "shadow"]
     assert list(table["totals.exits.EXCEPTION_NMI"].fillna(0)) == [0, 3]
+
+
+def test_oos_shadow_needs_shadow_paging() -> None:
+    code, _, err = invoke("run", "hello", "--oos-shadow", "0")
+    assert code != 0 and "--oos-shadow is a parameter of KVM's shadow MMU: it needs --mmu shadow" in err
+    code, out, _ = invoke("run", "hello", "--mmu", "shadow", "--oos-shadow", "0", "--json")
+    assert code == 0 and json.loads(out)["config"]["oos_shadow"] is False

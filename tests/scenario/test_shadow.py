@@ -3,9 +3,10 @@
 The guest is guest_src/shadow_aliases.S (kept here assembled; a test reassembles it when GNU
 binutils are installed).  Its phases end with `out %al, $0x80`, so the kvm_exit trace events
 between two such markers are the exits of one phase.  One vCPU; 2.6.32 = VMX without EPT,
-bypass_guest_pf=1, oos_shadow=0 (hvsim models no unsync pages), no host huge pages; the guest
-runs in long mode (paging64_*).  References are to sndrzt/linux-2.6.32 arch/x86/kvm/ and
-robacklin/linux-3.7.2 arch/x86/kvm/ unless named otherwise.
+bypass_guest_pf=1, no host huge pages; the guest runs in long mode (paging64_*).  The pte-write
+scenarios load KVM with oos_shadow=0 (every store to a shadowed table is emulated); the last
+tests show the default, oos_shadow=1 (a written leaf table goes unsync).  References are to
+sndrzt/linux-2.6.32 arch/x86/kvm/ and robacklin/linux-3.7.2 arch/x86/kvm/ unless named otherwise.
 """
 
 import shutil
@@ -58,11 +59,12 @@ class Phases:
             self.phases[-1][record.reason] += 1
 
 
-def run_aliases(tmp_path: Path, kernel: str) -> tuple[Phases, dict[str, int], int]:
+def run_aliases(tmp_path: Path, kernel: str, oos_shadow: bool = False) -> tuple[Phases, dict[str, int], int]:
     """Run the guest with KSM merging quickly; (exits and D's sptes per phase, stats, D's pfn at the end)."""
     phases = Phases()
     cfg = SimConfig(image=flat_guest(tmp_path, "shadow_aliases", bytes.fromhex(GUEST_HEX)), mmu="shadow",
-                    profile=kernel, ksm=KsmConfig(enabled=True, pages_to_scan=1000, sleep_millisecs=0))
+                    profile=kernel, ksm=KsmConfig(enabled=True, pages_to_scan=1000, sleep_millisecs=0),
+                    oos_shadow=oos_shadow)
     with Simulation(cfg, tracer=phases, check=True) as sim:
         phases.sim = sim
         result = sim.run()
@@ -86,6 +88,11 @@ def test_the_shadow_scenario_guest_is_its_source_assembled(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def run_2_6_32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Phases, dict[str, int], int]:
     return run_aliases(tmp_path_factory.mktemp("a"), "2.6.32")
+
+
+@pytest.fixture(scope="module")
+def run_unsync(tmp_path_factory: pytest.TempPathFactory) -> tuple[Phases, dict[str, int], int]:
+    return run_aliases(tmp_path_factory.mktemp("c"), "2.6.32", oos_shadow=True)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +166,20 @@ def test_third_unused_pte_write_in_a_row_floods_the_shadow_page(run_2_6_32: Any)
     # level-1 ones before the flood; the PD's slot was zapped (mmu_pde_zapped).
     assert (stats["insn_emulation"], stats["mmu_pte_write"], stats["mmu_pte_updated"],
             stats["mmu_pde_zapped"]) == (5, 5, 3, 1)
+
+
+def test_with_oos_shadow_a_written_leaf_table_goes_unsync_and_its_stores_run_natively(run_unsync: Any) -> None:
+    phases, stats, _ = run_unsync
+    # The same guest with KVM's default oos_shadow=1.  The store of PT[32] still exits once (PT's
+    # spte in the identity map is read-only), but mmu_need_write_protect finds PT's shadow page at
+    # level 1 and kvm_unsync_page marks it unsync instead (mmu_unsync, a gauge): the spte becomes
+    # writable, nothing is emulated and the store re-executes natively.
+    assert phases.phases[4] == Counter({"EXCEPTION_NMI": 1})
+    # PT's slot 32 was notrap (PT[32] absent at prefetch); mmu_convert_notrap made it trap, so the
+    # first use of gva3 exits once (the guest's new pte is picked up by the fault).
+    assert phases.phases[5] == Counter({"EXCEPTION_NMI": 1})
+    # The three later stores to the unsync table: no exit at all, nothing emulated, no flooding.
+    assert phases.phases[6] == Counter()
+    assert stats["mmu_unsync"] == 1 and stats["mmu_flooded"] == 0
+    # The only emulated store is the one to the level-2 PD, which never goes unsync.
+    assert (stats["insn_emulation"], stats["mmu_pte_write"], stats["mmu_pde_zapped"]) == (1, 1, 1)

@@ -304,3 +304,33 @@ def test_check_finds_an_spte_that_no_longer_follows_its_guest_pte() -> None:
     vm = shadow_vm()
     vm.write_guest(Gpa(0xB000 + 8), (0x2000 | 3).to_bytes(8, "little"))  # gva 0x1000 -> gfn 2, unseen
     assert violations(vm) == ["shadow-spte-follows-guest"]
+
+
+def test_a_written_leaf_table_goes_unsync_unless_it_is_shadowed_under_two_roles() -> None:
+    vm = shadow_vm()
+    mmu = vm.mmu
+    assert isinstance(mmu, ShadowMmu)
+    leaf = mmu.pages.indirect_pages(0xB)[0]
+    # 2.6.32 kvm_unsync_page: a second role of the same table keeps it write-protected.
+    other = mmu.pages.alloc(0xB, Role(1, False, leaf.role.access ^ 4), SPTE_TRAP)
+    assert mmu.mmu_need_write_protect(0xB) and not leaf.unsync
+    mmu.kvm_mmu_zap_page(other)
+    assert not mmu.mmu_need_write_protect(0xB) and leaf.unsync and vm.stats.mmu_unsync == 1
+    # Upper-level tables always stay protected; oos_shadow=0 keeps leaf tables protected too.
+    assert mmu.mmu_need_write_protect(0xA)
+    mmu.oos_shadow = False
+    assert not mmu.mmu_need_write_protect(0xB)  # already unsync: writable until the next sync
+
+
+def test_a_cr3_load_syncs_an_unsync_table_and_drops_the_sptes_its_guest_changed() -> None:
+    vm = shadow_vm()
+    mmu = vm.mmu
+    assert isinstance(mmu, ShadowMmu)
+    vcpu = vm.vcpus[0]
+    assert not mmu.mmu_need_write_protect(0xB)  # unsync
+    vm.write_guest(Gpa(0xB000 + 8), (0x2000 | 3).to_bytes(8, "little"))  # gva 0x1000 -> gfn 2, unseen
+    assert violations(vm) == []  # an unsync table may lag its guest
+    mmu.kvm_set_cr3(vcpu, 0x8000)  # the same CR3: kvm_mmu_sync_roots
+    leaf = mmu.pages.indirect_pages(0xB)[0]
+    assert not leaf.unsync and vm.stats.mmu_unsync == 0
+    assert len(sptes_of(vm, 1)) == 2 and violations(vm) == []  # gva 0x1000's spte went
