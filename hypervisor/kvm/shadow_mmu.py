@@ -3,21 +3,22 @@
 Mirrors arch/x86/kvm/mmu.c and paging_tmpl.h of 2.6.32 (sndrzt/linux-2.6.32), with the
 later eras' differences from the Profile:
 
-* `page_fault` = FNAME(page_fault): KVM's walk of the guest tables (kvm/guest_walker.py);
+* `shadow_page_fault` = FNAME(page_fault) (kvm/shadow_fault.py): KVM's walk of the guest tables (kvm/guest_walker.py);
   a walk failure injects a #PF into the guest (`pf_guest`); else the pfn is pinned through
   the same host GUP as TDP (kvm/mmu.py `gfn_to_pfn`), the mmu_notifier retry check runs,
   the cache is refilled (`kvm_mmu_free_some_pages`) and `fetch` builds the missing shadow
   levels and installs the leaf (`mmu_set_spte`/`set_spte`).  A write that the leaf must
-  refuse because its gfn is a shadowed guest page table returns EMULATE (ptwrite).
+  refuse because its gfn is a shadowed guest page table returns EMULATE (ptwrite); with
+  oos_shadow a leaf table goes unsync instead (kvm/unsync.py).
 * Shadow pages come from the hash (`kvm_mmu_get_page`); a new indirect one write-protects
   its guest table gfn (`rmap_write_protect`) and is prefetched with trap/notrap sptes
   (FNAME(prefetch_page), only while bypass_guest_pf makes the two differ).
 * Zapping (`kvm_mmu_zap_page`), recycling and roots are in this module; the rmap walks of
   the notifier callbacks in kvm/shadow_notifier.py; guest page-table writes in kvm/pte_write.py.
 
-Simplifications (README "Fidelity notes"): no unsync pages (2.6.32 with `oos_shadow=0`;
-every store to a shadowed table is emulated), no pte prefetch (2.6.37+), no large sptes
-(hvsim's host has no huge pages, so KVM maps every guest large page with 4 KiB sptes).
+Simplifications (README "Fidelity notes"): 2.6.32's unsync rules in every kernel, no pte
+prefetch (2.6.37+), no large sptes (hvsim's host has no huge pages, so KVM maps every guest
+large page with 4 KiB sptes), no NX and no user-mode accesses (the guests run in ring 0).
 """
 
 from typing import TYPE_CHECKING
@@ -211,8 +212,8 @@ class ShadowMmu(ShadowNotifier, ShadowFaultPath):
                 self.pages.free(root)
 
     def kvm_set_cr3(self, vcpu: "Vcpu", cr3: int) -> None:
-        """A CR3 load (a CR_ACCESS exit), 2.6.32 x86.c kvm_set_cr3: the same value syncs the roots (no
-        unsync pages here) and flushes the TLB (kvm_mmu_flush_tlb); a new one drops the root
+        """A CR3 load (a CR_ACCESS exit), 2.6.32 x86.c kvm_set_cr3: the same value syncs the roots
+        (kvm_mmu_sync_roots) and flushes the TLB (kvm_mmu_flush_tlb); a new one drops the root
         (paging_new_cr3) and the next entry loads the new one (kvm_mmu_load: a hash hit or a miss)."""
         st = self.state(vcpu)
         if cr3 == st.cr3 and st.root is not None:
