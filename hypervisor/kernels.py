@@ -77,6 +77,7 @@ BASELINE: dict[str, bool | str] = {
     "kvm_change_pte_needs_invalidation": False,
     "kvm_retry_range_based": False,
     "kvm_bypass_guest_pf": True,
+    "kvm_pte_prefetch": False,
     "ksm_general_profit": False,
     "ksm_counts_zero_pages": False,
 }
@@ -98,6 +99,12 @@ CHANGES: tuple[KernelChange, ...] = (
         "spte answers young and is zapped (kvm_unmap_rmapp), so the next access shows up",
         "sndrzt/linux-2.6.32, DesignA-Electronics/linux-2.6.33.3, urbanspr1nter/linux-2.6.34 arch/x86/kvm/mmu.c",
         True),
+    KernelChange(
+        "kvm_pte_prefetch", True, "2.6.37", "-", "(KVM: MMU: prefetch ptes when intercepted guest #PF)",
+        "shadow paging: a fixed #PF also maps the other trap slots of its 8-pte group whose pages can be "
+        "pinned without faulting (FNAME(pte_prefetch), __direct_pte_prefetch; only --mmu shadow)",
+        "sndrzt/linux-2.6.32 (absent), srinugnt2000/linux-2.6.37, robacklin/linux-3.7.2 arch/x86/kvm/"
+        "paging_tmpl.h, mmu.c", False),
     KernelChange(
         "kvm_gup_always_write", False, "2.6.38", "612819c3c6e6",
         "KVM: propagate fault r/w information to gup(), allow read-only memory",

@@ -15,6 +15,7 @@ from .guest_walker import GuestWalker, gpte_to_gfn, walk_addr
 from .memslot import Memslot
 from .mmu import gfn_to_pfn
 from .mmu_interface import FaultPathHooks, SpteChange
+from .pte_prefetch import pte_prefetch
 from .rmap import Rmap
 from .shadow_page import (
     ACC_USER,
@@ -184,8 +185,12 @@ class ShadowFaultPath:
             sp.children[index] = child
             self.set_spte(sp, index, child.link_spte(), SpteChange.INSTALL)
             sp = child
-        return self.mmu_set_spte(vcpu, sp, shadow_index(gva, 1), w.pte_access & access, write_fault,
-                                 bool(w.ptes[w.level - 1] & PT_DIRTY), w.gfn, pfn, False, host_writable)
+        index = shadow_index(gva, 1)
+        ptwrite = self.mmu_set_spte(vcpu, sp, index, w.pte_access & access, write_fault,
+                                    bool(w.ptes[w.level - 1] & PT_DIRTY), w.gfn, pfn, False, host_writable)
+        if self.profile.kvm_pte_prefetch:
+            pte_prefetch(cast("ShadowMmu", self), vcpu, sp, index)
+        return ptwrite
 
     def make_spte(self, old: int, pte_access: int, dirty: bool, gfn: int, pfn: int, speculative: bool,
                   host_writable: bool, can_unsync: bool) -> tuple[int, bool]:

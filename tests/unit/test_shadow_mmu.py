@@ -334,3 +334,26 @@ def test_a_cr3_load_syncs_an_unsync_table_and_drops_the_sptes_its_guest_changed(
     leaf = mmu.pages.indirect_pages(0xB)[0]
     assert not leaf.unsync and vm.stats.mmu_unsync == 0
     assert len(sptes_of(vm, 1)) == 2 and violations(vm) == []  # gva 0x1000's spte went
+
+
+@pytest.mark.parametrize(("kernel", "exits"), [("2.6.32", 3), ("2.6.37", 2), ("3.7", 2)])
+def test_pte_prefetch_maps_the_accessed_neighbours_of_a_fault_from_2_6_37(kernel: str, exits: int) -> None:
+    host = build_host(get_profile(kernel), 64)
+    vm = build_vm(host, 0, 16 * PAGE_SIZE, mmu="shadow")
+    vcpu = vm.create_vcpu()
+    for table, entry in ((0x8000, 0x9000), (0x9000, 0xA000), (0xA000, 0xB000)):
+        vm.write_guest(Gpa(table), (entry | 3).to_bytes(8, "little"))
+    # gfn 1 at gvas 0x1000, 0x2000 (one 8-pte group) and 0x9000 (the next group), accessed ptes.
+    for gva_page in (1, 2, 9):
+        vm.write_guest(Gpa(0xB000 + gva_page * 8), (0x1000 | 0x23).to_bytes(8, "little"))
+    vm.write_guest(Gpa(0x1000), b"\x5a" * PAGE_SIZE)  # the host page is there and writable
+    mmu = vm.mmu
+    assert isinstance(mmu, ShadowMmu)
+    mmu.state(vcpu).cr3 = 0x8000
+    for gva in (0x1000, 0x2000, 0x9000):
+        spte, error_code = mmu.walk_shadow(vcpu, gva, False)
+        if not spte:
+            assert vcpu.handle_shadow_pf(gva, error_code, 0) is ShadowFault.FIXED
+    # FNAME(pte_prefetch): the fault on 0x1000 also maps 0x2000 (same group, A set, pinnable);
+    # 0x9000 is in another group.  2.6.32 has no prefetch: one exit per alias.
+    assert vcpu.stats.exits == exits and len(sptes_of(vm, 1)) == 3
