@@ -12,7 +12,7 @@ from typing import Any
 
 from hypervisor.sim import DEFAULT_QUANTUM
 
-from . import check_cost, fault_storm, growth, guest_speed, hotpaths, ksm_scan, modelling, scale
+from . import check_cost, fault_storm, growth, guest_speed, hotpaths, ksm_scan, modelling, scale, smp
 from .baselines import BenchmarkError
 from .common import (
     REPO_ROOT,
@@ -27,7 +27,7 @@ from .common import (
     write_json,
 )
 
-BENCHMARKS = ("guest_speed", "fault_storm", "ksm_scan", "scale", "modelling", "growth", "check_cost")
+BENCHMARKS = ("guest_speed", "fault_storm", "ksm_scan", "scale", "modelling", "growth", "check_cost", "smp")
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results.json"  # .gitignore'd (benchmarks/results*.json)
 
 
@@ -141,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif name == "check_cost":
                     figures.append(check_cost.run(vms=sizes.check_vms, memory_mib=sizes.check_mib,
                                                   cmdline=sizes.check_cmdline, reps=reps, budget=budget))
+                elif name == "smp":
+                    figures.extend(smp.run(quick=args.quick, reps=reps, budget=budget))
                 elif name == "growth":
                     figs, ser, graw = growth.run(workdir, sizes_mib=list(sizes.growth_mib), quantum=quantum,
                                                  budget=budget, reps=reps)

@@ -62,13 +62,31 @@ def build_vm(host: Host, vm_id: int, memory: int, mm: HostMm | None = None, mmu:
 
 def boot_vcpu(host: Host, vm: Vm, image: loader.GuestImage, cmdline: str, nr_vms: int,
               insns_per_ms: int) -> tuple[UnicornVcpu, LegacyDevices]:
-    """Load `image` into the VM, mark its RAM mergeable when KSM is on, and create its vCPU on Unicorn with
-    the VMM's legacy devices (port bus, COM1, the exit port) on its port I/O."""
-    boot = loader.load(vm, image, cmdline, nr_vms)
+    """boot_vcpus with one vCPU."""
+    backends, devices = boot_vcpus(host, vm, image, cmdline, nr_vms, insns_per_ms, 1)
+    return backends[0], devices
+
+
+def boot_vcpus(host: Host, vm: Vm, image: loader.GuestImage, cmdline: str, nr_vms: int,
+               insns_per_ms: int, nr_vcpus: int) -> tuple[list[UnicornVcpu], LegacyDevices]:
+    """Load `image` into the VM, mark its RAM mergeable when KSM is on, and create its vCPUs, each on its
+    own Unicorn over the VM's one memory, with the VMM's legacy devices (port bus, COM1, the exit port)
+    on their port I/O.  Every vCPU enters the image in long mode (as KVM_SET_MP_STATE RUNNABLE allows:
+    no INIT-SIPI-SIPI); vCPU i gets RDI = i and its own stack (loader.BootParams.for_vcpu)."""
+    boot = loader.load(vm, image, cmdline, nr_vms, nr_vcpus)
     if host.ksm is not None:
         # The VMM marks guest RAM mergeable, as QEMU does with -machine mem-merge=on.
         vm.mm.madvise(GUEST_RAM_HVA, vm.memory_size, MADV_MERGEABLE)
-    vcpu = vm.create_vcpu()
-    devices = legacy_devices(vcpu.vmm_exit)
-    vcpu.pio = devices.bus
-    return UnicornVcpu(vcpu, host.frames, boot, insns_per_ms), devices
+    vcpus = [vm.create_vcpu() for _ in range(nr_vcpus)]
+
+    def vmm_exit(status: int) -> None:
+        # The exit port ends the whole VM: the VMM stops every vCPU thread.
+        for vcpu in vcpus:
+            vcpu.vmm_exit(status)
+
+    devices = legacy_devices(vmm_exit)
+    backends = []
+    for i, vcpu in enumerate(vcpus):
+        vcpu.pio = devices.bus
+        backends.append(UnicornVcpu(vcpu, host.frames, boot.for_vcpu(i), insns_per_ms))
+    return backends, devices

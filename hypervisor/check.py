@@ -37,6 +37,10 @@ Invariants:
   into it) and nothing maps it writable;
 * free-frame-clean: a free frame keeps no page state (not PageKsm, no mapcount), so that
   whatever allocates it next gets an ordinary page (2.6.32 free_pages_check());
+* tlb-follows-spte: after every kvm_flush_remote_tlbs, no vCPU that could run guest code (no
+  flush request pending) holds a TLB entry (as its fills answered Unicorn since its last
+  flush) for a gfn whose spte no longer maps that frame, or maps it read-only under a
+  writable entry;
 * ksm-rmap-items: every stable node counts exactly the live rmap_items that name it, and the
   unstable tree holds only live rmap_items marked unstable (a freed one left there would be
   merged later and counted forever).
@@ -88,6 +92,8 @@ class CoherenceChecker:
         self._gfns: set[tuple[int, int]] = set()
 
     def attach(self, sim: "Simulation") -> None:
+        for backend in getattr(sim, "backends", ()):
+            backend.tlb_entries = {}  # the fills record what each vCPU's TLB may hold
         for vm in sim.vms:
             vm.mmu.spte_check = check_spte_change  # the spte rules at each point of change (kvm/mmu.py)
         self.sim = sim
@@ -296,6 +302,14 @@ def _on_pfn(c: CoherenceChecker, sim: "Simulation", e: ev.KsmRemoveKsmPage, vm: 
     c._named_pfns(sim, e.pfn)
 
 
+def _on_remote_flush(c: CoherenceChecker, sim: "Simulation", e: ev.KvmFlushRemoteTlbs, vm: int | None) -> None:
+    # kvm_flush_remote_tlbs has returned: every vCPU of the VM has flushed or has the request
+    # pending (served before it runs a guest instruction).
+    for slot, backend in enumerate(getattr(sim, "backends", ())):
+        if sim.vm_of[slot] == vm and backend.tlb_entries is not None:
+            coherence.check_vcpu_tlb(backend.vcpu, backend.tlb_entries, c._fail)
+
+
 def _on_exit(c: CoherenceChecker, sim: "Simulation", e: ev.KvmExit, vm: int | None) -> None:
     # kvm_exit names a page only for EPT_VIOLATION (info2, the gpa), checked at the
     # kvm_page_fault that follows it; the other exits (I/O, HLT, CPUID, VMCALL, triple
@@ -304,10 +318,11 @@ def _on_exit(c: CoherenceChecker, sim: "Simulation", e: ev.KvmExit, vm: int | No
 
 
 # Events that name no page: what changes with them is judged by the sweep.
-NAMES_NO_PAGE: frozenset[type] = frozenset({ev.KsmStartScan, ev.KsmStopScan})
+NAMES_NO_PAGE: frozenset[type] = frozenset({ev.KsmStartScan, ev.KsmStopScan, ev.KvmTlbFlush})
 
 _HANDLERS: dict[type, Handler] = {
     ev.KvmExit: _on_exit,
+    ev.KvmFlushRemoteTlbs: _on_remote_flush,
     ev.KvmPageFault: _on_page_fault,
     ev.KvmMmuSetSpte: _on_set_spte,
     ev.KvmUnmapHvaRange: _on_vm_range,

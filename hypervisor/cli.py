@@ -28,7 +28,7 @@ from .options import (
 )
 from .plot import check_plot_file
 from .profiles import DEFAULT_PROFILE, PROFILE_ALIASES
-from .races import EVENTS, FAULT_POINTS, KSM_POINTS
+from .races import EVENTS, FAULT_POINTS, FLUSH_POINTS, KSM_POINTS
 from .report import render_run, to_json
 from .sim import (
     DEFAULT_INSNS_PER_MS,
@@ -62,9 +62,11 @@ _workload_options = _options([
     click.argument("image", required=False, type=click.Path()),
     click.option("--memory", default="64M", show_default=True, help="Guest RAM per VM (e.g. 64M, 1G)."),
     click.option("--cmdline", default="", help="The guest's command line (see `hvsim images`)."),
-    click.option("--vms", default=1, show_default=True, type=int, help="Number of VMs, one vCPU each."),
+    click.option("--vms", default=1, show_default=True, type=int, help="Number of VMs."),
+    click.option("--vcpus", default=1, show_default=True, type=int,
+                 help="vCPUs per VM, each its own CPU over the VM's one memory (see README, SMP guests)."),
     click.option("--max-insns", default=DEFAULT_MAX_INSNS, show_default=True, type=int,
-                 help="Per-VM instruction budget; a guest still running then is reported as runaway."),
+                 help="Per-vCPU instruction budget; a guest still running then is reported as runaway."),
     click.option("--quantum", default=DEFAULT_QUANTUM, show_default=True, type=int,
                  help="Instructions per vCPU time slice."),
     click.option("--insns-per-ms", default=DEFAULT_INSNS_PER_MS, show_default=True, type=int,
@@ -75,8 +77,9 @@ _workload_options = _options([
     click.option("--inject", multiple=True, metavar="POINT:EVENT[@N|@all]",
                  help="Fire a host event at a named point of the fault path or ksmd (repeatable), the N-th time "
                       "(default 1) or @all times it is reached, e.g. after_gfn_to_pfn:cow@3. "
-                      f"POINT: {', '.join(FAULT_POINTS + KSM_POINTS)} (ksm_* need KSM on). "
-                      f"EVENT: {', '.join(EVENTS)} (ksm_scan only at after_gfn_to_pfn)."),
+                      f"POINT: {', '.join(FAULT_POINTS + KSM_POINTS + FLUSH_POINTS)} (ksm_* need KSM on). "
+                      f"EVENT: {', '.join(EVENTS)} (ksm_scan only at after_gfn_to_pfn, lost_flush only at "
+                      "kvm_flush_remote_tlbs)."),
     click.option("--trace", "trace_path", metavar="FILE", type=OutputFile(),
                  help="Write every event with its tracepoint name; FILE.json is Chrome trace JSON for Perfetto, "
                       "any other name trace-cmd-style text."),

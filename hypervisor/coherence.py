@@ -22,6 +22,7 @@ import numpy.typing as npt
 from .host.frames import ZERO_PFN, FramePool
 from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
 from .host.pgtable_types import _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
+from .kvm.requests import KVM_REQ_TLB_FLUSH
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from .shadow_check import check_shadow
 from .types import PAGE_SHIFT, Gfn, Hva
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .host.ksm import Ksm
     from .host.mm import HostMm
     from .kvm.memslot import Memslot
+    from .kvm.vcpu import Vcpu
     from .kvm.vm import Vm
     from .sim import Simulation
 
@@ -265,3 +267,18 @@ def sweep(sim: "Simulation", strict: bool, fail: Fail) -> None:
     if ksm is not None:
         check_rmap_items(ksm, fail)
         check_ksm_pages(ksm, frames, None, fail)
+
+
+def check_vcpu_tlb(vcpu: "Vcpu", entries: dict[int, tuple[int, int, bool]], fail: Fail) -> None:
+    """tlb-follows-spte for one vCPU: unless a TLB flush request is pending, every entry its TLB
+    may hold maps the frame its gfn's spte maps, and is writable only if the spte is."""
+    if vcpu.requests & KVM_REQ_TLB_FLUSH or not entries:
+        return
+    sptes = vcpu.vm.mmu.sptes
+    for page, (gfn, pfn, writable) in entries.items():
+        spte = int(sptes[gfn]) if gfn < sptes.shape[0] else 0
+        if not spte & SPTE_READABLE or (spte & SPTE_PFN_MASK) >> PAGE_SHIFT != pfn or (
+                writable and not spte & SPTE_WRITABLE):
+            fail("tlb-follows-spte", f"vm{vcpu.vm.vm_id} vCPU {vcpu.vcpu_id} TLB maps gva {page << PAGE_SHIFT:#x} "
+                                     f"(gfn {gfn:#x}) to pfn {pfn:#x}{' writable' if writable else ''} after a "
+                                     f"remote TLB flush, but the spte is {spte:#x}")

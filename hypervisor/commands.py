@@ -50,6 +50,7 @@ class Options:
     trace_events: str | None
     plot_path: str | None
     quiet: bool
+    vcpus: int = 1
     mmu: str = "tdp"
     mmu_pages: int | None = None
     oos_shadow: int | None = None
@@ -71,7 +72,7 @@ class Options:
         if self.image is None:
             raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
         cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
-                         max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
+                         vcpus=self.vcpus, max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
                          quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject,
                          mmu=self.mmu, mmu_pages=self.mmu_pages,
                          oos_shadow=None if self.oos_shadow is None else bool(self.oos_shadow))

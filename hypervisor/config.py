@@ -25,6 +25,8 @@ DEFAULT_INSNS_PER_MS = 100_000  # a 100-MIPS CPU: about what Unicorn runs at, so
 DEFAULT_MAX_INSNS = 1_000_000_000
 MIN_MEMORY = layout.HEAP_START_GPA
 MAX_VMS = 256
+# vCPUs per VM: each has its own stack carved below layout.STACK_TOP_GPA (layout.MAX_VCPUS of them fit).
+MAX_VCPUS = layout.MAX_VCPUS
 # Host-side bookkeeping per guest page beyond its frame (ptes, sptes, rmap_items, page flags).
 _BYTES_PER_PAGE_OVERHEAD = 64
 
@@ -168,6 +170,7 @@ class SimConfig:
     memory: int = 64 << 20
     cmdline: str = ""
     vms: int = 1
+    vcpus: int = 1
     max_insns: int = DEFAULT_MAX_INSNS
     profile: str = "2.6.32"  # the kernel version modelled (--kernel; --profile is its old name)
     change_pte: bool = True
@@ -185,6 +188,7 @@ class SimConfig:
     def as_dict(self) -> dict[str, Any]:
         return {"inject": list(self.inject),
             "image": self.image, "memory": self.memory, "cmdline": self.cmdline, "vms": self.vms,
+            "vcpus": self.vcpus,
             "max_insns": self.max_insns, "profile": self.profile, "change_pte": self.change_pte,
             "quantum": self.quantum, "insns_per_ms": self.insns_per_ms, "ksm": self.ksm.as_dict(),
             "mmu": self.mmu, "mmu_pages": self.mmu_pages, "oos_shadow": self.oos_shadow,
@@ -219,6 +223,10 @@ def validate(config: SimConfig) -> None:
     loader.cmdline_bytes(config.cmdline)
     if not 1 <= config.vms <= MAX_VMS:
         raise ConfigError(f"--vms {config.vms}: give between 1 and {MAX_VMS} VMs.")
+    if not 1 <= config.vcpus <= MAX_VCPUS:
+        raise ConfigError(f"--vcpus {config.vcpus}: give between 1 and {MAX_VCPUS} vCPUs per VM "
+                          f"(each vCPU has its own {layout.VCPU_STACK_SIZE >> 10} KiB boot stack below "
+                          f"{layout.STACK_TOP_GPA:#x}).")
     if config.max_insns <= 0:
         raise ConfigError("--max-insns must be a positive number of instructions.")
     if config.quantum <= 0:

@@ -92,6 +92,24 @@ class KvmAgeHva(_Record):
     young: bool
 
 
+@dataclass(frozen=True, slots=True)
+class KvmFlushRemoteTlbs(_Record):
+    """hvsim's own: one kvm_flush_remote_tlbs call returned; whether it IPI'd, how many vCPUs it kicked
+    out of guest mode (no kernel tracepoint; the kernel counts it in remote_tlb_flush when it IPI'd)."""
+
+    name: ClassVar[str] = "kvm_flush_remote_tlbs"
+    ipi: bool
+    kicks: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvmTlbFlush(_Record):
+    """hvsim's own: a vCPU served KVM_REQ_TLB_FLUSH in vcpu_enter_guest (its TLB and walk cache went)."""
+
+    name: ClassVar[str] = "kvm_tlb_flush"
+    vcpu: int
+
+
 # --- host/ --------------------------------------------------------------------------------
 
 
@@ -168,12 +186,12 @@ class MmuNotifierCall:
 
 
 Event = Union[KvmExit, KvmPageFault, KvmMmuSetSpte, KvmSetSpteHva, KvmUnmapHvaRange, KvmAgeHva,  # noqa: UP007
-              KsmStartScan, KsmStopScan, KsmMergeOnePage, KsmMergeWithKsmPage, KsmRemoveKsmPage, CowKsm,
-              MmuNotifierCall]
+              KvmFlushRemoteTlbs, KvmTlbFlush, KsmStartScan, KsmStopScan, KsmMergeOnePage, KsmMergeWithKsmPage,
+              KsmRemoveKsmPage, CowKsm, MmuNotifierCall]
 
 RECORDS: tuple[type[_Record], ...] = (KvmExit, KvmPageFault, KvmMmuSetSpte, KvmSetSpteHva, KvmUnmapHvaRange,
-                                      KvmAgeHva, KsmStartScan, KsmStopScan, KsmMergeOnePage, KsmMergeWithKsmPage,
-                                      KsmRemoveKsmPage, CowKsm)
+                                      KvmAgeHva, KvmFlushRemoteTlbs, KvmTlbFlush, KsmStartScan, KsmStopScan,
+                                      KsmMergeOnePage, KsmMergeWithKsmPage, KsmRemoveKsmPage, CowKsm)
 
 
 def event_fields(record: Event, vm: int | None) -> dict[str, Any]:

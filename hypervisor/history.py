@@ -53,7 +53,8 @@ def render_history(result: CompareResult) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols[:-1])]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths)) + "  {}"
     lines = [
-        f"hvsim history: {image_label(cfg.image)}, {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
+        f"hvsim history: {image_label(cfg.image)}, {cfg.vms} VM(s)"
+        f"{f' x {cfg.vcpus} vCPUs' if cfg.vcpus > 1 else ''} x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}; "
         f"KSM off: {base} {exit_name}",
         fmt.format(*cols),

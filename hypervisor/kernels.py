@@ -80,6 +80,9 @@ BASELINE: dict[str, bool | str] = {
     "kvm_pte_prefetch": False,
     "ksm_general_profit": False,
     "ksm_counts_zero_pages": False,
+    "kvm_flush_ipi_rule": "pending_bit",
+    "kvm_tlb_flush_stat_counts_requests": False,
+    "kvm_counts_flush_requests": False,
 }
 
 CHANGES: tuple[KernelChange, ...] = (
@@ -111,6 +114,12 @@ CHANGES: tuple[KernelChange, ...] = (
         "hva_to_pfn pins with the fault's own intent; a read fault maps a write-protected (KSM) pte "
         "read-only instead of COW-breaking it",
         "srinugnt2000/linux-2.6.37, zekezang/linux-2.6.38 virt/kvm/kvm_main.c, arch/x86/kvm/mmu.c", False),
+    KernelChange(
+        "kvm_flush_ipi_rule", "guest_mode", "2.6.39", "6b7e2d099148", "KVM: Add \"exiting guest mode\" state",
+        "make_all_cpus_request sets the request on every vCPU (no test_and_set coalescing) and IPIs only "
+        "vCPUs not OUTSIDE_GUEST_MODE (2.6.32..2.6.38: every vCPU whose request bit was clear, any mode)",
+        "sndrzt/linux-2.6.32, zekezang/linux-2.6.38, robacklin/linux-2.6.39.4, robacklin/linux-3.7.2 "
+        "virt/kvm/kvm_main.c, arch/x86/kvm/x86.c", True),
     KernelChange(
         "kvm_bypass_guest_pf", False, "3.1", "-", "(KVM: MMU: remove bypass_guest_pf)",
         "shadow paging: the bypass_guest_pf module parameter and the trap/notrap non-present sptes are "
@@ -144,10 +153,20 @@ CHANGES: tuple[KernelChange, ...] = (
         "do_wp_page's copy path runs inside invalidate_range_start/end",
         "yuhc/linux-3.6.5, robacklin/linux-3.7.2 mm/memory.c", True),
     KernelChange(
+        "kvm_tlb_flush_stat_counts_requests", True, "4.10", "-", "(kvm_vcpu_flush_tlb counts stat.tlb_flush)",
+        "a served KVM_REQ_TLB_FLUSH bumps the vCPU's tlb_flush (kvm_vcpu_flush_tlb); 3.7.2 calls "
+        "kvm_x86_ops->tlb_flush uncounted; first seen in 4.10.17, the release between is not bracketed",
+        "robacklin/linux-3.7.2, pengdonglin137/linux-4.10.17 arch/x86/kvm/x86.c", False),
+    KernelChange(
         "ksm_use_zero_pages", True, "4.11", "e86c59b1b12d",
         "mm/ksm: improve deduplication of zero pages with colouring",
         "the use_zero_pages knob (off by default): all-zero pages merge with the zero page",
         "pengdonglin137/linux-4.10.17, HCLS/linux-4.11 mm/ksm.c", True),
+    KernelChange(
+        "kvm_flush_ipi_rule", "request_needs_ipi", "4.12", "-", "(KVM: add KVM_REQUEST_WAIT and NO_WAKEUP flags)",
+        "kvm_make_all_cpus_request IPIs per kvm_request_needs_ipi: TLB_FLUSH is WAIT|NO_WAKEUP, so the "
+        "same vCPUs as 2.6.39 (mode != OUTSIDE_GUEST_MODE) and a halted vCPU is not woken",
+        "HCLS/linux-4.11, jason50123/linux-4.12 virt/kvm/kvm_main.c, include/linux/kvm_host.h", False),
     KernelChange(
         "notifier_has_invalidate_page", False, "4.13", "5f32b265400d", "mm/mmu_notifier: kill invalidate_page",
         "no ->invalidate_page op: a one-page unmap is a one-page invalidate_range_start/end",
@@ -186,6 +205,11 @@ CHANGES: tuple[KernelChange, ...] = (
         "KVM: Don't take mmu_lock for range invalidation unless necessary",
         "kvm_mmu_notifier_change_pte returns at once unless an invalidation is in progress",
         "lsk-legends/linux-5.14, sndrzt/linux-5.15, sndrzt/linux-6.8 virt/kvm/kvm_main.c", True),
+    KernelChange(
+        "kvm_counts_flush_requests", True, "5.15", "-", "(KVM: count remote TLB flush requests)",
+        "kvm_flush_remote_tlbs bumps remote_tlb_flush_requests on every call (remote_tlb_flush only "
+        "when it IPI'd)",
+        "lsk-legends/linux-5.14, sndrzt/linux-5.15, sndrzt/linux-6.8 virt/kvm/kvm_main.c", False),
     KernelChange(
         "ksm_general_profit", True, "6.4", "-", "mm: add new KSM process and sysfs knobs",
         "/sys/kernel/mm/ksm/general_profit exists",

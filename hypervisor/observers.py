@@ -48,8 +48,8 @@ class Progress:
 
     def line(self, sim: Simulation) -> str:
         self._turn += 1
-        exits = sum(vm.vcpus[0].stats.exits for vm in sim.vms)
-        done = len(sim.vms) - len(sim.runnable())
+        exits = sum(v.stats.exits for vm in sim.vms for v in vm.vcpus)
+        done = len(sim.vms) - len({sim.vm_of[i] for i in sim.runnable()})
         which = f"run {self.run_no}/{self.runs} " if self.runs else ""
         prefix = f"{which}{self.label}: " if self.label else which
         spin = self.SPINNER[self._turn % len(self.SPINNER)]

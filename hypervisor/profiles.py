@@ -70,6 +70,12 @@ class Profile:
     kvm_change_pte_needs_invalidation: bool
     # the fault's retry check tests the invalidated range, not just "an invalidation is running".
     kvm_retry_range_based: bool
+    # which vCPUs kvm_flush_remote_tlbs IPIs: "pending_bit", "guest_mode", "request_needs_ipi" (kvm/requests.py).
+    kvm_flush_ipi_rule: str
+    # a served KVM_REQ_TLB_FLUSH bumps the vCPU's tlb_flush stat (kvm_vcpu_flush_tlb).
+    kvm_tlb_flush_stat_counts_requests: bool
+    # the VM stat remote_tlb_flush_requests counts every kvm_flush_remote_tlbs call (5.15).
+    kvm_counts_flush_requests: bool
     # --- kvm, shadow paging: arch/x86/kvm/vmx.c, mmu.c ------------------------------------------
     # bypass_guest_pf: a not-present guest #PF on a "notrap" spte goes to the guest without an exit (until 3.1).
     kvm_bypass_guest_pf: bool

@@ -9,11 +9,14 @@ Points:
   after_gfn_to_pfn         KVM fault path: the pfn is pinned, mmu_lock not yet taken
   ksm_before_replace_page  ksmd: the page is write-protected, not yet replaced
   ksm_after_replace_page   ksmd: the pte now maps the KSM page
+  kvm_flush_remote_tlbs    KVM: a remote TLB flush (only with lost_flush)
 Events:
   cow               the VMM writes the page (a host write fault: do_wp_page if read-only)
   invalidate_range  MADV_DONTNEED of the page (zap_page_range in invalidate_range_start/end)
   age               one page-reclaim aging step (ptep_clear_flush_young_notify)
   ksm_scan          one ksmd wake-up (pages_to_scan pages); only at after_gfn_to_pfn
+  lost_flush        the flush's requests are served without flushing any TLB (a deliberate
+                    bug, for --check to catch); only at kvm_flush_remote_tlbs
 """
 
 from collections import Counter
@@ -30,7 +33,8 @@ if TYPE_CHECKING:
 
 FAULT_POINTS = ("after_gfn_to_pfn",)
 KSM_POINTS = ("ksm_before_replace_page", "ksm_after_replace_page")
-EVENTS = ("cow", "invalidate_range", "age", "ksm_scan")
+FLUSH_POINTS = ("kvm_flush_remote_tlbs",)
+EVENTS = ("cow", "invalidate_range", "age", "ksm_scan", "lost_flush")
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,14 @@ class RaceSpec:
             nth = None if when == "all" else int(when or "1")
         except ValueError:
             raise ConfigError(f"--inject {text!r}: write POINT:EVENT[@N|@all], e.g. after_gfn_to_pfn:cow@3.") from None
-        if point not in FAULT_POINTS + KSM_POINTS:
+        if point not in FAULT_POINTS + KSM_POINTS + FLUSH_POINTS:
             raise ConfigError(f"--inject {text!r}: unknown point {point!r}; points: "
-                              f"{', '.join(FAULT_POINTS + KSM_POINTS)}.")
+                              f"{', '.join(FAULT_POINTS + KSM_POINTS + FLUSH_POINTS)}.")
         if event not in EVENTS:
             raise ConfigError(f"--inject {text!r}: unknown event {event!r}; events: {', '.join(EVENTS)}.")
+        if (event == "lost_flush") != (point in FLUSH_POINTS):
+            raise ConfigError(f"--inject {text!r}: lost_flush is the one event at kvm_flush_remote_tlbs, "
+                              "and it happens nowhere else.")
         if event == "ksm_scan" and point in KSM_POINTS:
             raise ConfigError(f"--inject {text!r}: ksmd cannot be woken from inside ksmd.")
         if nth is not None and nth < 1:
@@ -74,11 +81,24 @@ class RaceInjector(FaultHooks):
             raise ConfigError("--inject at a ksm_* point needs --ksm.")
         for vm in sim.vms:
             vm.mmu.hooks = self
+            if any(s.point in FLUSH_POINTS for s in specs):
+                vm.flush_lost = self._at_flush
         if sim.ksm is not None:
             sim.ksm.hooks = self
 
     def after_gfn_to_pfn(self, mmu: KvmMmu, gfn: Gfn, hva: Hva) -> None:
         self._arrive("after_gfn_to_pfn", mmu.mm, hva)
+
+    def _at_flush(self) -> bool:
+        """kvm_flush_remote_tlbs: true if a lost_flush spec fires at this arrival."""
+        self.arrivals["kvm_flush_remote_tlbs"] += 1
+        n = self.arrivals["kvm_flush_remote_tlbs"]
+        lost = False
+        for spec in self.specs:
+            if spec.point == "kvm_flush_remote_tlbs" and (spec.nth is None or spec.nth == n):
+                self.fired[str(spec)] += 1
+                lost = True
+        return lost
 
     def ksm_before_replace_page(self, mm: HostMm, hva: Hva) -> None:
         self._arrive("ksm_before_replace_page", mm, hva)
@@ -87,6 +107,17 @@ class RaceInjector(FaultHooks):
         self._arrive("ksm_after_replace_page", mm, hva)
 
     def _arrive(self, point: str, mm: HostMm, hva: Hva) -> None:
+        # The event runs on another host CPU than the faulting vCPU's thread: its flushes IPI it.
+        running = [(vm, vm.running) for vm in self.sim.vms]
+        for vm, _ in running:
+            vm.running = None
+        try:
+            self._arrive_here(point, mm, hva)
+        finally:
+            for vm, vcpu in running:
+                vm.running = vcpu
+
+    def _arrive_here(self, point: str, mm: HostMm, hva: Hva) -> None:
         self.arrivals[point] += 1
         n = self.arrivals[point]
         for spec in self.specs:

@@ -88,13 +88,18 @@ def _vm_block(v: VmResult, sim_seconds: float) -> list[str]:
             lines.append(f"        at {v.where}")
     lines += kvm_stat_table(v.exits, sim_seconds)
     lines += stats_lines(v.stats, v.notifier_calls)
+    for row in v.vcpus:  # --vcpus > 1: each vCPU's share of the counts above
+        reasons = "  ".join(f"{r} {n}" for r, n in row["exit_reasons"].items())
+        lines.append(f" vCPU {row['vcpu']}: {row['state']}, {row['insns']} instructions, {row['exits']} exits"
+                     + (f" ({reasons})" if reasons else ""))
     return lines
 
 
 def render_run(result: RunResult) -> str:
     cfg = result.config
     sim_seconds = result.sim_insns / cfg.insns_per_ms / 1000.0
-    head = (f"hvsim run: {cfg.vms} VM(s) x {cfg.memory >> 20} MiB, profile {result.profile.name}, "
+    vcpus = f" x {cfg.vcpus} vCPUs" if cfg.vcpus > 1 else ""
+    head = (f"hvsim run: {cfg.vms} VM(s){vcpus} x {cfg.memory >> 20} MiB, profile {result.profile.name}, "
             f"KSM {'on' if result.ksm is not None else 'off'}; simulated time {result.sim_insns} instructions "
             f"= {sim_seconds * 1000:.1f} ms")
     if result.retry_insns:

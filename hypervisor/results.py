@@ -29,6 +29,8 @@ class VmResult:
     error_kind: type[GuestError] | None = None
     # console bytes dropped between the kept head and tail (vmm/console.py)
     console_dropped: int = 0
+    # --vcpus > 1: one row per vCPU (state, instructions, exits); empty with one vCPU
+    vcpus: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -38,6 +40,8 @@ class VmResult:
         }
         if self.console_dropped:
             d["console_dropped"] = self.console_dropped
+        if self.vcpus:
+            d["vcpus"] = self.vcpus
         if self.error is not None:
             d["error"] = self.error
             d["where"] = self.where

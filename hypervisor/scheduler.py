@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import GuestTimeout
+from .smp import stop_vm_after_failure
 
 if TYPE_CHECKING:
     from .sim import Simulation
@@ -114,14 +115,15 @@ class Scheduler:
         sim = self.sim
         budget = self._budget(i)
         if budget <= 0:
-            sim.vms[i].vcpus[0].fail(f"still running after --max-insns {sim.config.max_insns} instructions",
+            sim.backends[i].vcpu.fail(f"still running after --max-insns {sim.config.max_insns} instructions",
                                      GuestTimeout)
+            stop_vm_after_failure(sim.vms[sim.vm_of[i]])
             self._turn_left = HOST_TIMESLICE
             self._continue_after(i)
             return
         backend = sim.backends[i]
         due = self.env.next_time()
-        sim.context, sim._running = ("vcpu", i), backend
+        sim.context, sim._running = ("vcpu", sim.vm_of[i]), backend
         try:
             backend.run(budget)
         finally:
@@ -132,6 +134,7 @@ class Scheduler:
             sim.now += backend.slice_retired + backend.stall_in_slice
             sim.context = ("vmm", 0)
             self._turn_left -= backend.slice_retired + backend.stall_in_slice
+        stop_vm_after_failure(sim.vms[sim.vm_of[i]])
         # The turn goes on unless it is used up, the vCPU stopped, or a host event is due: all
         # points of simulated time, never where a chunk happened to end.
         preempted = due is not None and sim.now >= due

@@ -20,7 +20,7 @@ class TimeSeries:
     pages_sharing: list[int] = field(default_factory=list)
 
     def sample(self, sim: "Simulation") -> None:
-        ept = sum(vm.vcpus[0].stats.exit_reasons.get(ExitReason.EPT_VIOLATION, 0) for vm in sim.vms)
+        ept = sum(v.stats.exit_reasons.get(ExitReason.EPT_VIOLATION, 0) for vm in sim.vms for v in vm.vcpus)
         counters = sim.ksm.counters() if sim.ksm is not None else {}
         self.t_ms.append(sim.now / self.insns_per_ms)
         self.ept_exits.append(ept)

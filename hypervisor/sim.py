@@ -7,7 +7,7 @@ scheduler (scheduler.py) on simulated time, and reported as a RunResult (results
 
 from collections.abc import Callable
 
-from .build import boot_vcpu, build_host, build_vm
+from .build import boot_vcpus, build_host, build_vm
 from .check import CoherenceChecker
 from .config import (
     DEFAULT_INSNS_PER_MS,
@@ -34,6 +34,7 @@ from .profiles import get_profile
 from .races import RaceInjector, RaceSpec
 from .results import NOTIFIER_CALLBACKS, RunResult, VmResult
 from .scheduler import Scheduler
+from .smp import vm_totals
 from .types import PAGE_SIZE
 from .vmm import loader
 from .vmm.devices import LegacyDevices
@@ -62,20 +63,29 @@ class Simulation:
         host = build_host(self.profile, config.vms * pages + FRAME_SLACK, config.ksm, tracer)
         self.frames, self.vmstat, self.ksm = host.frames, host.vmstat, host.ksm
         self.vms: list[Vm] = []
+        # Every vCPU of every VM, VM by VM: the scheduler's round-robin order.  A vCPU's place in
+        # this list is its "slot"; vm_of[slot] is its VM's index.
         self.backends: list[UnicornVcpu] = []
+        self.vm_of: list[int] = []
         self.devices: list[LegacyDevices] = []  # per VM: the VMM's port bus, COM1 and the exit port
+        # Per slot: instructions retired, and simulated time spent in retried faults
+        # (kvm.vcpu.FAULT_RETRY_COST each).
         self.insns: list[int] = []
-        # Per VM: simulated time spent in retried faults (kvm.vcpu.FAULT_RETRY_COST each).
         self.stalls: list[int] = []
         for i in range(config.vms):
             vm = build_vm(host, i, config.memory, mmu=config.mmu, mmu_pages=config.mmu_pages,
                           oos_shadow=config.oos_shadow is not False)
-            backend, devices = boot_vcpu(host, vm, image, config.cmdline, config.vms, config.insns_per_ms)
-            self.backends.append(backend)
+            backends, devices = boot_vcpus(host, vm, image, config.cmdline, config.vms, config.insns_per_ms,
+                                           config.vcpus)
+            self.backends += backends
+            self.vm_of += [i] * len(backends)
             self.devices.append(devices)
             self.vms.append(vm)
-            self.insns.append(0)
-            self.stalls.append(0)
+        self.insns = [0] * len(self.backends)
+        self.stalls = [0] * len(self.backends)
+        # Each vCPU thread runs on its own host CPU (ksmd on another), in guest mode from the start.
+        for slot, backend in enumerate(self.backends):
+            backend.vcpu.vcpu_load(slot)
         if self.checker is not None:
             self.checker.attach(self)
         self.injector = RaceInjector(self, [RaceSpec.parse(t) for t in config.inject]) if config.inject else None
@@ -125,7 +135,11 @@ class Simulation:
         return self.now + (running.time_in_slice if running is not None else 0)
 
     def runnable(self) -> list[int]:
-        return [i for i, vm in enumerate(self.vms) if vm.vcpus[0].state is VcpuState.RUNNABLE]
+        """The slots (indexes into backends) of the vCPUs that can still run."""
+        return [i for i, b in enumerate(self.backends) if b.vcpu.state is VcpuState.RUNNABLE]
+
+    def backend_of(self, vm: int, vcpu: int = 0) -> UnicornVcpu:
+        return self.backends[self.vm_of.index(vm) + vcpu]
 
     def run(self) -> RunResult:
         """Run to the end (or to an interruption); a violated invariant ends the run, reported in the result."""
@@ -142,23 +156,28 @@ class Simulation:
     def result(self) -> RunResult:
         out = []
         for i, vm in enumerate(self.vms):
-            vcpu = vm.vcpus[0]
-            exits = {r.name: n for r, n in sorted(vcpu.stats.exit_reasons.items())}
-            stats = {**vcpu.stats.as_dict(), **vm.stats.as_dict()}
+            slots = [s for s, v in enumerate(self.vm_of) if v == i]
+            vcpu_stats, vm_result = vm_totals(vm, [self.insns[s] for s in slots])
+            vcpu = vm_result.vcpu
+            exits = {r.name: n for r, n in sorted(vcpu_stats.exit_reasons.items())}
+            stats = {**vcpu_stats.as_dict(), **vm.stats.as_dict()}
             calls = {name: vm.mmu.notifier.calls.get(name, 0) for name in NOTIFIER_CALLBACKS}
             error = where = None
             error_kind: type[GuestError] | None = None
             if vcpu.state in (VcpuState.SHUTDOWN, VcpuState.FAILED):
                 error, error_kind = vcpu.failure, vcpu.failure_kind or GuestError
-                where = self.backends[i].describe_rip()
+                where = self.backends[slots[vcpu.vcpu_id]].describe_rip()
+                if len(slots) > 1:
+                    where = f"vCPU {vcpu.vcpu_id} {where}"
                 if vcpu.state is VcpuState.SHUTDOWN:
                     error = f"TRIPLE_FAULT: {error}"
             work: dict[str, dict[str, int]] = {}
-            for (reason, kind), n in sorted(vcpu.exit_work.items()):
+            for (reason, kind), n in sorted(vm_result.exit_work.items()):
                 work.setdefault(reason.name, {})[kind] = n
             out.append(VmResult(i, self.image.path, vcpu.state.value, vcpu.exit_status,
-                                self.devices[i].console.text(), self.insns[i], exits, stats, calls,
-                                error, where, work, error_kind, self.devices[i].console.dropped))
+                                self.devices[i].console.text(), sum(self.insns[s] for s in slots), exits, stats,
+                                calls, error, where, work, error_kind, self.devices[i].console.dropped,
+                                vm_result.per_vcpu))
         return RunResult(self.config, self.profile, out, self.now,
                          self.ksm.counters() if self.ksm is not None else None,
                          dict(self.vmstat.counters), self.interrupted,

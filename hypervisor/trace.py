@@ -30,9 +30,11 @@ from .events import (
     KsmStopScan,
     KvmAgeHva,
     KvmExit,
+    KvmFlushRemoteTlbs,
     KvmMmuSetSpte,
     KvmPageFault,
     KvmSetSpteHva,
+    KvmTlbFlush,
     KvmUnmapHvaRange,
     MmuNotifierCall,
 )
@@ -73,6 +75,9 @@ _FORMATS: dict[type, Callable[[Any], str]] = {
     KvmSetSpteHva: lambda e: f"hva {e.hva:#x} (pfn {e.pfn:#x}, {'spte updated' if e.changed else 'no spte'})",
     KvmUnmapHvaRange: lambda e: f"mmu notifier unmap range: {e.start:#018x} -- {e.end:#018x} ({e.zapped} zapped)",
     KvmAgeHva: lambda e: f"mmu notifier age hva: {e.hva:#018x} young {int(e.young)}",
+    # hvsim's events for KVM_REQ_TLB_FLUSH: the remote flush call, and one vCPU serving it.
+    KvmFlushRemoteTlbs: lambda e: f"ipi {int(e.ipi)} kicks {e.kicks}",
+    KvmTlbFlush: lambda e: f"vcpu {e.vcpu}",
     KsmStartScan: lambda e: f"seq {e.seq} rmap_items {e.rmap_items}",
     KsmStopScan: lambda e: f"seq {e.seq} rmap_items {e.rmap_items}",
     KsmMergeOnePage: lambda e: f"ksm pfn {e.ksm_pfn:#x} mm {e.mm} hva {e.hva:#x} pfn {e.pfn:#x}",
@@ -146,7 +151,9 @@ class TraceWriter:
             for vm in sim.vms:
                 pid = self._pid(vm.vm_id)
                 self._json({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"{prefix}vm{vm.vm_id}"}})
-                self._json({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "vcpu0"}})
+                for vcpu in vm.vcpus:  # one thread (track) per vCPU
+                    self._json({"name": "thread_name", "ph": "M", "pid": pid, "tid": vcpu.vcpu_id,
+                                "args": {"name": f"vcpu{vcpu.vcpu_id}"}})
             if sim.ksm is not None:
                 pid = self._pid(None)
                 self._json({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"{prefix}ksmd"}})
@@ -175,7 +182,11 @@ class TraceWriter:
         kind, who = sim.context
         if vm is None and kind == "vcpu":
             vm = who
-        insn = self._insn(vm, ev.rip) if isinstance(ev, KvmExit) and vm is not None else None
+        insn = self._insn(vm, ev.vcpu, ev.rip) if isinstance(ev, KvmExit) and vm is not None else None
+        # A vCPU's event is its thread's, even when ksmd's flush caused it (a kick's exit).
+        vcpu: int | None = getattr(ev, "vcpu", None)
+        if vcpu is not None and vm is not None:
+            kind = "vcpu"
         self.written += 1
         if self.json:
             ts = insns * 1000.0 / sim.config.insns_per_ms
@@ -183,7 +194,7 @@ class TraceWriter:
             args = ev.fields()
             if insn is not None:
                 args["insn"] = insn
-            record: dict[str, Any] = {"name": event, "cat": _cat(event), "ts": ts, "pid": pid, "tid": 0,
+            record: dict[str, Any] = {"name": event, "cat": _cat(event), "ts": ts, "pid": pid, "tid": vcpu or 0,
                                       "args": args}
             if event == "ksm_start_scan":
                 record.update(name="ksmd scan", ph="B")
@@ -203,11 +214,11 @@ class TraceWriter:
         task = f"{comm}-{pid}"
         self._write(f"{task:>16}  [000] {seconds:15.9f}: {event}: {format_event(ev, vm, insn)}\n")
 
-    def _insn(self, vm: int, rip: int) -> str:
+    def _insn(self, vm: int, vcpu: int, rip: int) -> str:
         key = (vm, rip)
         text = self._insn_cache.get(key)
         if text is None and self.sim is not None:
-            text = self._insn_cache[key] = self.sim.backends[vm].instruction_at(rip)
+            text = self._insn_cache[key] = self.sim.backend_of(vm, vcpu).instruction_at(rip)
         return text or "?"
 
     def _sample(self, sim: "Simulation") -> None:
@@ -216,7 +227,7 @@ class TraceWriter:
             return
         ts = sim.now * 1000.0 / sim.config.insns_per_ms
         for vm in sim.vms:
-            n = vm.vcpus[0].stats.exit_reasons.get(_EPT, 0)
+            n = sum(v.stats.exit_reasons.get(_EPT, 0) for v in vm.vcpus)
             if self._changed(self._pid(vm.vm_id), (n,)):
                 self._json({"name": "EPT_VIOLATION exits", "ph": "C", "ts": ts, "pid": self._pid(vm.vm_id),
                             "args": {"exits": n}})

@@ -169,7 +169,8 @@ class ShadowFill:
             return
         size = self._store_size(pw.rip)
         offset = int(changed[0]) & ~(size - 1)
-        kvm_mmu_pte_write(mmu, self.vcpu, (pw.gfn << PAGE_SHIFT) | offset, size, True)
+        with self.vcpu.in_kvm():  # the rest of the emulation exit: emulator_write_phys -> kvm_mmu_pte_write
+            kvm_mmu_pte_write(mmu, self.vcpu, (pw.gfn << PAGE_SHIFT) | offset, size, True)
 
     def _store_size(self, rip: int) -> int:
         """The size of the store the instruction at rip makes (its memory operand), 8 if not given."""

@@ -116,6 +116,9 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         # for fetches); the answer stays no, without taking the exit twice.
         self._refused = False
         self._emulating = False
+        # --check: what this vCPU's TLB may hold since its last flush, gva page -> (gfn, pfn,
+        # writable), as the fills answered Unicorn (None: not recorded).
+        self.tlb_entries: dict[int, tuple[int, int, bool]] | None = None
         # --mmu shadow: the fill walks KVM's shadow tables (cpu/shadow_fill.py).
         self._shadow = isinstance(self.mmu, ShadowMmu)
         self._ptwrite: ShadowPtWrite | None = None
@@ -143,6 +146,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         uc.reg_write(x86.UC_X86_REG_CR0, CR0_PE | CR0_ET | CR0_WP | CR0_PG)
         uc.reg_write(x86.UC_X86_REG_RSP, boot.rsp)
         uc.reg_write(x86.UC_X86_REG_RSI, boot.rsi)
+        uc.reg_write(x86.UC_X86_REG_RDI, boot.rdi)
         self.rip = boot.rip
         self._cr3 = boot.cr3
         vcpu.arch = self
@@ -165,6 +169,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._pscache.clear()
+        if self.tlb_entries is not None:
+            self.tlb_entries.clear()
 
     # --- running ---------------------------------------------------------------------
 
@@ -311,6 +317,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         if access == UC_MEM_FETCH:
             self._exec_seen[pfn] = True
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
+        if self.tlb_entries is not None:
+            self.tlb_entries[vaddr >> PAGE_SHIFT] = (gfn, pfn, entry.perms == UC_PROT_ALL)
         return True
 
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:

@@ -3,7 +3,10 @@
 # Boot protocol (see hypervisor/vmm/layout.py): 64-bit long mode, ring 0,
 # interrupts off, no IDT, the first 1 GiB identity mapped (gva == gpa), the flat
 # image loaded at 0x100000 and entered at its first byte, RSI = boot-parameters
-# page (0x2000), RSP = 0x80000.  The image is never written: working data lives at
+# page (0x2000), RSP = 0x80000.  With several vCPUs (--vcpus N) every vCPU enters
+# `_start` this way, vCPU i with RDI = i and RSP = 0x80000 - i*0x4000 (its own
+# stack); `main` receives RDI unchanged, and boot_params.nr_vcpus (offset 48)
+# says N.  CPUID leaf 1 EBX[31:24] (the initial APIC ID) is the index too.  The image is never written: working data lives at
 # heap_start and above, scratch space on the stack.
 #
 # Calling convention (System V-like, plus one reserved register):
@@ -78,6 +81,7 @@
     .set BP_OFF_NR_VMS, 24
     .set BP_OFF_CMDLINE_LEN, 32
     .set BP_OFF_HEAP_START, 40
+    .set BP_OFF_NR_VCPUS, 48
     .set BP_OFF_CMDLINE, 64
     .set CMDLINE_MAX, 4096 - 64 - 1
     .set IDENTITY_MAP_SIZE, 0x40000000

@@ -68,3 +68,16 @@ def kvm_find_cpuid_entry(function: int) -> tuple[int, int, int, int]:
         return entry
     same_class = [f for f in CPUID_TABLE if (f ^ function) & 0x80000000 == 0]
     return CPUID_TABLE[max(same_class)] if same_class else (0, 0, 0, 0)
+
+
+def vcpu_cpuid_entry(function: int, vcpu_index: int, nr_vcpus: int) -> tuple[int, int, int, int]:
+    """The entry as the VMM sets it per vCPU (KVM_SET_CPUID2 is per vCPU): leaf 1 EBX[31:24] is the
+    initial APIC ID = the vCPU's index and EBX[23:16] the logical processor count, with EDX.HTT
+    (bit 28) when there are several, as Firecracker's CPUID normalization does
+    (docs/cpu_templates/cpuid-normalization.md; from the researcher's notes, unverified here)."""
+    eax, ebx, ecx, edx = kvm_find_cpuid_entry(function)
+    if function == 0x1:
+        ebx = (ebx & 0xFFFF) | (nr_vcpus & 0xFF) << 16 | (vcpu_index & 0xFF) << 24
+        if nr_vcpus > 1:
+            edx |= 1 << 28
+    return eax, ebx, ecx, edx

@@ -20,6 +20,7 @@ class VcpuStats:
     tlb_flush: int = 0
     invlpg: int = 0
     io_exits: int = 0
+    irq_exits: int = 0
     mmio_exits: int = 0
     halt_exits: int = 0
     hypercalls: int = 0
@@ -47,6 +48,8 @@ class VmStats:
     # A gauge, as in 2.6.32: shadow pages unsync now (kvm_unsync_page +1, kvm_unlink_unsync_page -1).
     mmu_unsync: int = 0
     remote_tlb_flush: int = 0
+    # 5.15+: every kvm_flush_remote_tlbs call, IPI or not.
+    remote_tlb_flush_requests: int = 0
     # hvsim: leaf sptes dropped by a notifier callback or by release.
     spte_zapped: int = 0
     # hvsim: leaf sptes rewritten in place by change_pte (kvm_set_pte_rmapp).

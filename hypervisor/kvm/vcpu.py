@@ -7,13 +7,15 @@ exits KVM passes to userspace: port I/O goes to the VMM's port bus, vmm/devices.
 """
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import GuestError
 from ..events import KvmExit, KvmPageFault
 from ..types import PAGE_SHIFT, Gfn
-from .cpuid import kvm_find_cpuid_entry
+from .cpuid import vcpu_cpuid_entry
 from .exits import (
     EPT_VIOLATION_ACC_INSTR,
     EPT_VIOLATION_ACC_READ,
@@ -24,6 +26,7 @@ from .exits import (
     ExitReason,
 )
 from .mmu_interface import FaultResult, FaultWork
+from .requests import VcpuMode, vcpu_service_requests
 from .shadow_mmu import ShadowFault, ShadowMmu
 from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import VcpuStats
@@ -67,6 +70,9 @@ class VcpuBackend(Protocol):
 
     def flush_tlb(self) -> None: ...
 
+    @property
+    def rip(self) -> int: ...
+
 
 class PortIoBus(Protocol):
     """The VMM's port I/O bus, where KVM_EXIT_IO accesses go (vmm/devices.py PortBus)."""
@@ -82,6 +88,7 @@ class VcpuState(Enum):
     EXITED = "exited"  # a byte was written to the exit port
     SHUTDOWN = "shutdown"  # triple fault
     FAILED = "failed"  # an exit the VMM cannot handle (MMIO outside memslots)
+    STOPPED = "stopped"  # the VMM stopped the VM because a sibling vCPU shut down or failed
 
 
 class Vcpu:
@@ -99,6 +106,35 @@ class Vcpu:
         self.arch: VcpuBackend = NO_BACKEND
         # (exit reason, what the host did for it) -> count, priced by --perf-kvm-stat.
         self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
+        # kvm/requests.py: pending request bits, vcpu->mode, and the host CPU it last ran on
+        # (-1 until the VMM's vCPU thread first enters it: vcpu_load).
+        self.requests = 0
+        self.mode = VcpuMode.OUTSIDE_GUEST_MODE
+        self.cpu = -1
+
+    def vcpu_load(self, cpu: int) -> None:
+        """The vCPU's thread runs it on host CPU `cpu` and enters guest mode (hvsim: at the run's start)."""
+        self.cpu = cpu
+        self.enter_guest()
+
+    def enter_guest(self) -> None:
+        """vcpu_enter_guest: serve pending requests, then guest mode (if the vCPU can still run)."""
+        vcpu_service_requests(self)
+        if self.state is VcpuState.RUNNABLE and self.cpu != -1:
+            self.mode = VcpuMode.IN_GUEST_MODE
+
+    def _leave_guest(self) -> None:
+        self.mode = VcpuMode.OUTSIDE_GUEST_MODE
+
+    def handle_external_interrupt(self) -> None:
+        """A host IPI reached the vCPU in guest mode: EXIT_REASON_EXTERNAL_INTERRUPT (irq_exits++,
+        vmx.c handle_external_interrupt), then vcpu_enter_guest serves its requests and re-enters."""
+        self._leave_guest()
+        self._count_exit(ExitReason.EXTERNAL_INTERRUPT)
+        self.stats.irq_exits += 1
+        self.exit_work[(ExitReason.EXTERNAL_INTERRUPT, "")] += 1
+        self._trace_exit(ExitReason.EXTERNAL_INTERRUPT, self.arch.rip)
+        self.enter_guest()
 
     def _count_exit(self, reason: ExitReason) -> None:
         self.stats.exits += 1
@@ -115,13 +151,20 @@ class Vcpu:
         The exit is priced by the work the fault path says it did (FaultOutcome.work).
         """
         self._count_exit(ExitReason.EPT_VIOLATION)
+        self._leave_guest()
         mmu: KvmMmu = self.vm.mmu
         tracer = self.vm.tracer
         if tracer.enabled:
             qual = ept_exit_qualification(write, fetch, mmu.spte(gfn))
             self._trace_exit(ExitReason.EPT_VIOLATION, rip, qual, gfn << PAGE_SHIFT)
             tracer.event(KvmPageFault(self.vcpu_id, gfn << PAGE_SHIFT, qual))
-        outcome = mmu.page_fault(self, gfn, write)
+        # This vCPU's thread is in KVM: a flush it raises IPIs the others, not itself.
+        self.vm.running = self
+        try:
+            outcome = mmu.page_fault(self, gfn, write)
+        finally:
+            self.vm.running = None
+        self.enter_guest()
         if outcome.result is FaultResult.MMIO:
             self.stats.mmio_exits += 1
         self.exit_work[_EPT_WORK[outcome.work]] += 1
@@ -129,13 +172,26 @@ class Vcpu:
 
     # --- shadow paging's exits (kvm/shadow_mmu.py; vmx.c handle_exception, handle_cr, handle_invlpg) ---
 
+    @contextmanager
+    def in_kvm(self) -> Iterator[None]:
+        """This vCPU's thread is in KVM handling its exit (a flush it raises IPIs the others, not itself);
+        on the way back vcpu_enter_guest serves its requests (as handle_ept_violation does)."""
+        self._leave_guest()
+        self.vm.running = self
+        try:
+            yield
+        finally:
+            self.vm.running = None
+        self.enter_guest()
+
     def handle_shadow_pf(self, gva: int, error_code: int, rip: int) -> "ShadowFault":
         """EXCEPTION_NMI with vector 14: FNAME(page_fault) once (kvm_mmu_page_fault)."""
         self._count_exit(ExitReason.EXCEPTION_NMI)
         self._trace_exit(ExitReason.EXCEPTION_NMI, rip, gva, error_code)
         mmu = self.vm.mmu
         assert isinstance(mmu, ShadowMmu)
-        result = mmu.shadow_page_fault(self, gva, error_code)
+        with self.in_kvm():
+            result = mmu.shadow_page_fault(self, gva, error_code)
         self.exit_work[(ExitReason.EXCEPTION_NMI, result.value)] += 1
         if result is ShadowFault.MMIO:
             self.stats.mmio_exits += 1
@@ -150,7 +206,8 @@ class Vcpu:
         self._trace_exit(ExitReason.CR_ACCESS, rip, 3)
         mmu = self.vm.mmu
         assert isinstance(mmu, ShadowMmu)
-        mmu.kvm_set_cr3(self, cr3)
+        with self.in_kvm():
+            mmu.kvm_set_cr3(self, cr3)
 
     def handle_cr3_read(self, rip: int) -> None:
         """CR_ACCESS (mov from cr3): KVM hands the guest its own CR3."""
@@ -165,7 +222,8 @@ class Vcpu:
         self._trace_exit(ExitReason.INVLPG, rip, gva)
         mmu = self.vm.mmu
         assert isinstance(mmu, ShadowMmu)
-        mmu.kvm_mmu_invlpg(self, gva)
+        with self.in_kvm():
+            mmu.kvm_mmu_invlpg(self, gva)
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
         """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""
@@ -185,6 +243,12 @@ class Vcpu:
         """The VMM ends the VM with this exit status (the isa-debug-exit device was written)."""
         self.exit_status = status
         self.state = VcpuState.EXITED
+        self._leave_guest()
+
+    def vmm_stop(self) -> None:
+        """The VMM stops this vCPU's thread (it ends the VM after another vCPU's shutdown or failure)."""
+        self.state = VcpuState.STOPPED
+        self._leave_guest()
 
     def handle_hlt(self, rip: int) -> None:
         """HLT with interrupts disabled can never wake up: the VMM ends the VM with status 0."""
@@ -194,13 +258,14 @@ class Vcpu:
         self._trace_exit(ExitReason.HLT, rip)
         self.state = VcpuState.HALTED
         self.exit_status = 0
+        self._leave_guest()
 
     def handle_cpuid(self, leaf: int, subleaf: int, rip: int) -> tuple[int, int, int, int]:
         """CPUID always exits under VMX; KVM answers from the VMM's fixed table (kvm/cpuid.py)."""
         self._count_exit(ExitReason.CPUID)
         self.exit_work[(ExitReason.CPUID, "")] += 1
         self._trace_exit(ExitReason.CPUID, rip, leaf, subleaf)
-        return kvm_find_cpuid_entry(leaf & 0xFFFF_FFFF)
+        return vcpu_cpuid_entry(leaf & 0xFFFF_FFFF, self.vcpu_id, len(self.vm.vcpus))
 
     def handle_vmcall(self, rip: int) -> None:
         """VMCALL: a hypercall; hvsim implements none, so it returns -KVM_ENOSYS like KVM."""
@@ -216,14 +281,18 @@ class Vcpu:
         self.state = VcpuState.SHUTDOWN
         self.failure = why
         self.failure_kind = GuestError
+        self._leave_guest()
 
     def fail(self, why: str, kind: type[GuestError] = GuestError) -> None:
         self.state = VcpuState.FAILED
         self.failure = why
         self.failure_kind = kind
+        self._leave_guest()
 
 
 class _NoBackend:
+    rip = 0
+
     def flush_tlb(self) -> None:
         pass
 

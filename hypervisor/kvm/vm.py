@@ -4,6 +4,8 @@ The VM reaches its host process only as the kernel's KVM does: it registers an
 mmu_notifier on the VMM's mm and resolves pfns through GUP (inside kvm/mmu.py).
 """
 
+from collections.abc import Callable
+
 from ..events import NULL_TRACER, Tracer
 from ..host.mm import HostMm
 from ..host.mmu_notifier import mmu_notifier_register
@@ -11,6 +13,7 @@ from ..profiles import Profile
 from ..types import PAGE_SHIFT, Gfn, Gpa, Hva
 from .memslot import Memslot, Memslots
 from .mmu import TdpMmu
+from .requests import kvm_flush_remote_tlbs
 from .shadow_mmu import ShadowMmu
 from .stats import VmStats
 from .vcpu import Vcpu
@@ -37,6 +40,10 @@ class Vm:
         self.mmu: TdpMmu = ShadowMmu(self, mmu_pages, oos_shadow) if mmu == "shadow" else TdpMmu(self)  # type: ignore[assignment]
         mmu_notifier_register(self.mmu.notifier, mm)
         self.vcpus: list[Vcpu] = []
+        # The vCPU whose thread is in KVM handling its own exit (the flusher's "me"), if any.
+        self.running: Vcpu | None = None
+        # Test-only (--inject kvm_flush_remote_tlbs:lost_flush): true -> this flush is lost.
+        self.flush_lost: Callable[[], bool] | None = None
 
     def create_vcpu(self) -> Vcpu:
         vcpu = Vcpu(self, len(self.vcpus))
@@ -50,15 +57,15 @@ class Vm:
         if self.mmu.notifier in self.mm.mmu_notifiers:
             self.mm.mmu_notifiers.remove(self.mmu.notifier)
         self.vcpus.clear()
+        self.running = None
+        self.flush_lost = None
         self.mmu.hooks = None
         del self.mmu.vm, self.mmu.notifier  # the notifier's ops are bound methods of the MMU
         self.tracer = NULL_TRACER
 
     def kvm_flush_remote_tlbs(self) -> None:
-        self.stats.remote_tlb_flush += 1
-        for vcpu in self.vcpus:
-            vcpu.stats.tlb_flush += 1
-            vcpu.arch.flush_tlb()
+        """KVM_REQ_TLB_FLUSH on every vCPU, kicks per the kernel's rule (kvm/requests.py)."""
+        kvm_flush_remote_tlbs(self)
 
     def gpa_to_hva(self, gpa: Gpa) -> Hva | None:
         slot = self.memslots.gfn_to_memslot(Gfn(gpa >> PAGE_SHIFT))

@@ -8,8 +8,8 @@ from .execute import SweepRun
 from .spec import SweepSpec
 
 # The figures of the change_pte story, shown on the console and drawn by --plot by default.
-HEADLINE = ("totals.exits.EPT_VIOLATION", "ksm.pages_sharing", "vmstat.cow_ksm", "totals.notifier_calls.change_pte",
-            "totals.stats.spte_changed", "sim_time.ms")
+HEADLINE = ("totals.exits.EPT_VIOLATION", "totals.exits.EXTERNAL_INTERRUPT", "ksm.pages_sharing", "vmstat.cow_ksm",
+            "totals.notifier_calls.change_pte", "totals.stats.spte_changed", "sim_time.ms")
 MAX_ROWS = 40
 
 

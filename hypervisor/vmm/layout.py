@@ -15,6 +15,9 @@ PDPT_GPA: Final = 0x4000
 PD_GPA: Final = 0x5000
 STACK_BOTTOM_GPA: Final = 0x6000
 STACK_TOP_GPA: Final = 0x80000
+# vCPU i boots with RSP = STACK_TOP_GPA - i * VCPU_STACK_SIZE: its own stack in the boot area.
+VCPU_STACK_SIZE: Final = 0x4000
+MAX_VCPUS: Final = (STACK_TOP_GPA - STACK_BOTTOM_GPA) // VCPU_STACK_SIZE
 IMAGE_LOAD_GPA: Final = 0x100000
 # Guests place their working data from here; the loader refuses images that reach it.
 HEAP_START_GPA: Final = 0x200000
@@ -30,6 +33,7 @@ BP_OFF_VM_INDEX: Final = 16
 BP_OFF_NR_VMS: Final = 24
 BP_OFF_CMDLINE_LEN: Final = 32
 BP_OFF_HEAP_START: Final = 40
+BP_OFF_NR_VCPUS: Final = 48
 BP_OFF_CMDLINE: Final = 64
 CMDLINE_MAX: Final = 4096 - BP_OFF_CMDLINE - 1
 

@@ -7,7 +7,7 @@ go through the VMM's own mapping of guest RAM (host write faults, no exits).
 """
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError, ImageError
@@ -134,6 +134,11 @@ class BootParams:
     cr3: int
     gdt_base: int
     gdt_limit: int
+    rdi: int = 0  # the vCPU's index (vCPU 0 is the boot vCPU)
+
+    def for_vcpu(self, index: int) -> "BootParams":
+        """vCPU `index`'s entry state: the same long-mode state, its own stack, its index in RDI."""
+        return replace(self, rsp=layout.STACK_TOP_GPA - index * layout.VCPU_STACK_SIZE, rdi=index)
 
 
 def check_fits(image: GuestImage, memory_size: int) -> None:
@@ -161,13 +166,15 @@ def cmdline_bytes(cmdline: str) -> bytes:
     return encoded
 
 
-def load(vm: Vm, image: GuestImage, cmdline: str, nr_vms: int) -> BootParams:
+def load(vm: Vm, image: GuestImage, cmdline: str, nr_vms: int, nr_vcpus: int = 1) -> BootParams:
+    """Write the boot state; the result is vCPU 0's entry state (`for_vcpu(i)` gives vCPU i's)."""
     check_fits(image, vm.memory_size)
     encoded = cmdline_bytes(cmdline)
     vm.write_guest(Gpa(layout.GDT_GPA), b"".join(struct.pack("<Q", d) for d in _GDT))
     params = bytearray(PAGE_SIZE)
     struct.pack_into("<QQQQQQ", params, 0, layout.BP_MAGIC, vm.memory_size, vm.vm_id, nr_vms, len(encoded),
                      layout.HEAP_START_GPA)
+    struct.pack_into("<Q", params, layout.BP_OFF_NR_VCPUS, nr_vcpus)
     params[layout.BP_OFF_CMDLINE : layout.BP_OFF_CMDLINE + len(encoded)] = encoded
     vm.write_guest(Gpa(layout.BOOT_PARAMS_GPA), bytes(params[: layout.BP_OFF_CMDLINE + len(encoded) + 1]))
     vm.write_guest(Gpa(layout.PML4_GPA), struct.pack("<Q", layout.PDPT_GPA | PTE_P | PTE_RW))

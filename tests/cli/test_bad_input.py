@@ -95,6 +95,8 @@ OPTIONS = [
     (["--memory", "4097"], 2, "positive multiple"),
     (["--vms", "0"], 2, "--vms 0"),
     (["--vms", "-1"], 2, "--vms -1"),
+    (["--vcpus", "0"], 2, "--vcpus 0: give between 1 and 30"),
+    (["--vcpus", "31"], 2, "--vcpus 31: give between 1 and 30"),
     (["--max-insns", "0"], 2, "--max-insns"),
     (["--quantum", "0"], 2, "--quantum 0: a time slice"),
     (["--insns-per-ms", "-5"], 2, "--insns-per-ms -5: give a positive"),

@@ -49,10 +49,11 @@ from hypervisor.host.mm import (
     pte_special,
 )
 from hypervisor.kvm.mmu import FaultResult
+from hypervisor.kvm.requests import KVM_REQ_TLB_FLUSH, VcpuMode
 from hypervisor.kvm.shadow_mmu import ShadowFault, ShadowMmu
 from hypervisor.kvm.shadow_page import spte_to_pfn as shadow_spte_to_pfn
 from hypervisor.kvm.spte import spte_permits, spte_to_pfn
-from hypervisor.kvm.vcpu import Vcpu
+from hypervisor.kvm.vcpu import Vcpu, VcpuState
 from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
 from hypervisor.profiles import get_profile
 from hypervisor.races import EVENTS, KSM_POINTS, RaceSpec
@@ -62,13 +63,17 @@ from ..unit.support import ModelledRaces, RacingWorld, disarm_races, race_specs
 
 NR_VMS = 3
 NR_PAGES = 8
+# vCPUs per VM: the guest's accesses rotate over the runnable ones, and every remote TLB flush
+# kicks the others (kvm/requests.py).
+NR_VCPUS = 2
 SCRATCH_HVA = Hva(0x6000_0000_0000)
 SCRATCH_PAGES = 4
 # What the runs of every machine must have reached at least once.
 EVENT_KINDS = ("guest_read", "guest_write", "guest_write_merged", "ksmd", "ksmd_left_pages_merged",
                "fault_retry", "host_cow", "madvise_dontneed", "madvise_mergeable", "madvise_unmergeable",
                "smart_scan_on", "smart_scan_off", "age", "ksm_run_0", "ksm_run_1", "ksm_run_2", "mmap", "munmap",
-               "arm_race", "race ksm_before_replace_page", "race ksm_after_replace_page", "race after_gfn_to_pfn")
+               "arm_race", "race ksm_before_replace_page", "race ksm_after_replace_page", "race after_gfn_to_pfn",
+               "kick", "halt_vcpu")
 
 
 # --mmu shadow: the guest's own page tables, in the gfns after its data pages (PML4, PDPT, PD, PT),
@@ -130,10 +135,12 @@ class CoherenceMachine(RuleBasedStateMachine):
         vms = []
         for i in range(NR_VMS):
             vm = build_vm(host, i, (NR_PAGES + len(SHADOW_TABLES)) * PAGE_SIZE, mmu=self.mmu)
-            vcpu = vm.create_vcpu()
+            for j in range(NR_VCPUS):
+                vm.create_vcpu().vcpu_load(i * NR_VCPUS + j)  # each on its own host CPU, in guest mode
             if isinstance(vm.mmu, ShadowMmu):
                 write_shadow_tables(vm)
-                vm.mmu.state(vcpu).cr3 = SHADOW_TABLES[0] * PAGE_SIZE
+                for vcpu in vm.vcpus:
+                    vm.mmu.state(vcpu).cr3 = SHADOW_TABLES[0] * PAGE_SIZE
             vm.mm.madvise(GUEST_RAM_HVA, vm.memory_size, MADV_MERGEABLE)
             vms.append(vm)
         ksm.set_run(1)
@@ -143,11 +150,15 @@ class CoherenceMachine(RuleBasedStateMachine):
         self.scratch_mapped = [False] * NR_VMS
         self.races: list[RaceSpec] = []
         self.accesses = 0
+        self.turn = 0
+        self.irq_exits = 0
 
     # --- the guest's accesses ----------------------------------------------------------------
 
     def _access(self, vm: Vm, gfn: int, write: bool) -> Pfn:
-        vcpu: Vcpu = vm.vcpus[0]
+        runnable = [v for v in vm.vcpus if v.state is VcpuState.RUNNABLE]
+        vcpu: Vcpu = runnable[self.turn % len(runnable)]
+        self.turn += 1
         mmu = vm.mmu
         if isinstance(mmu, ShadowMmu):
             # Through the first or the second alias in turn: a #PF exit until the shadow walk allows it.
@@ -309,7 +320,8 @@ class CoherenceMachine(RuleBasedStateMachine):
         ModelledRaces(world, list(self.races), self._race_fired)
         self.seen("arm_race")
 
-    @rule(point=st.sampled_from(KSM_POINTS), event=st.sampled_from([e for e in EVENTS if e != "ksm_scan"]),
+    @rule(point=st.sampled_from(KSM_POINTS),
+          event=st.sampled_from([e for e in EVENTS if e not in ("ksm_scan", "lost_flush")]),
           vms=st.permutations(range(NR_VMS)), gfn=st.integers(0, NR_PAGES - 1), value=st.sampled_from([0x5A, 0xA5]))
     def merge_under_race(self, point: str, event: str, vms: list[int], gfn: int, value: int) -> None:
         """Two VMs write the same page and ksmd merges it while a race is armed at one of KSM's points.
@@ -328,6 +340,30 @@ class CoherenceMachine(RuleBasedStateMachine):
     def disarm_race(self) -> None:
         self.races = []
         disarm_races(RacingWorld(self.world.vms, self.world.ksm))
+
+    @rule(vm=st.integers(0, NR_VMS - 1), cpu=st.integers(0, NR_VCPUS - 1))
+    def halt_vcpu(self, vm: int, cpu: int) -> None:
+        # HLT with interrupts off: the vCPU leaves guest mode for good (one vCPU per VM keeps running).
+        vcpus = self.world.vms[vm].vcpus
+        if vcpus[cpu].state is VcpuState.RUNNABLE and sum(v.state is VcpuState.RUNNABLE for v in vcpus) > 1:
+            vcpus[cpu].handle_hlt(0)
+            self.seen("halt_vcpu")
+
+    @invariant()
+    def no_vcpu_runs_guest_code_with_a_flush_pending(self) -> None:
+        # Every flush kicked each vCPU in guest mode, which served the request before re-entering;
+        # only a vCPU outside guest mode (halted) may keep one pending.  A halted vCPU takes no exit.
+        if not hasattr(self, "world"):
+            return
+        irq_exits = 0
+        for vm in self.world.vms:
+            for vcpu in vm.vcpus:
+                assert not (vcpu.mode is VcpuMode.IN_GUEST_MODE and vcpu.requests & KVM_REQ_TLB_FLUSH)
+                assert vcpu.mode is VcpuMode.IN_GUEST_MODE or vcpu.state is not VcpuState.RUNNABLE
+                irq_exits += vcpu.stats.irq_exits
+        if irq_exits > self.irq_exits:
+            self.seen("kick")
+        self.irq_exits = irq_exits
 
     @invariant()
     def coherent(self) -> None:

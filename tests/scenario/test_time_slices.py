@@ -25,8 +25,11 @@ SMALL_CMDLINES = {
     "samepage_c": "pages=2 passes=2 spin=10",
     "procs": "procs=2 shared=2 aliases=2 private=1 rounds=2 spin=10",
     "ptwrite": "pages=4 rounds=2",
+    "smpcount": "count=30",
+    "samepage_smp": "pages=3 passes=2 spin=10",
+    "kernels_smp": "kernel=3 private=2 passes=2 spin=10",
 }
-TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c")
+TWO_VMS = ("samepage", "kernels", "bootstorm", "samepage_c", "kernels_smp")
 
 
 def outcome(result: RunResult) -> list[tuple[Any, ...]]:
@@ -47,10 +50,13 @@ def test_every_bundled_guest_has_small_parameters_for_the_quantum_property() -> 
     assert {g.name for g in bundled_guests(GUEST_IMAGES)} == set(SMALL_CMDLINES)
 
 
+@pytest.mark.parametrize("vcpus", [1, 2])
 @pytest.mark.parametrize("guest", sorted(SMALL_CMDLINES))
-def test_bundled_guest_gives_the_same_console_status_and_counts_at_every_quantum(guest: str) -> None:
+def test_bundled_guest_gives_the_same_console_status_and_counts_at_every_quantum(guest: str, vcpus: int) -> None:
+    # With two vCPUs per VM each vCPU runs the guest over the VM's one memory (the SMP guests
+    # split the work; the others each do all of it), in turns on the shared host CPU.
     img = next(str(g.image) for g in bundled_guests(GUEST_IMAGES) if g.name == guest)
-    ref = same_at_every_quantum(img, cmdline=SMALL_CMDLINES[guest], vms=2 if guest in TWO_VMS else 1)
+    ref = same_at_every_quantum(img, cmdline=SMALL_CMDLINES[guest], vms=2 if guest in TWO_VMS else 1, vcpus=vcpus)
     assert all(state in ("halted", "exited") for _, state, *_ in ref)
 
 

@@ -88,7 +88,9 @@ class Guest:
 def make_guest(era: str = "3.7", change_pte: bool = True, pages: int = 16, nr_frames: int = 256) -> Guest:
     host = make_host(era, change_pte, nr_frames)
     vm = build_vm(host.built, 0, pages * PAGE_SIZE, host.mm)
-    return Guest(host, vm, vm.create_vcpu())
+    vcpu = vm.create_vcpu()
+    vcpu.vcpu_load(1)  # its thread runs it on host CPU 1, in guest mode: remote flushes kick it
+    return Guest(host, vm, vcpu)
 
 
 def page_of(fill: int) -> bytes:
@@ -205,8 +207,9 @@ def race_specs() -> st.SearchStrategy[RaceSpec]:
     At the fault point only the first few arrivals: an invalidation at every fault would make
     every fault lose the retry race forever (a livelock the guest would see too).
     """
-    fault = st.builds(RaceSpec, st.sampled_from(FAULT_POINTS), st.sampled_from(EVENTS), st.integers(1, 3))
-    ksm = st.builds(RaceSpec, st.sampled_from(KSM_POINTS), st.sampled_from([e for e in EVENTS if e != "ksm_scan"]),
+    host_events = [e for e in EVENTS if e != "lost_flush"]  # lost_flush is a KVM bug, not a host event
+    fault = st.builds(RaceSpec, st.sampled_from(FAULT_POINTS), st.sampled_from(host_events), st.integers(1, 3))
+    ksm = st.builds(RaceSpec, st.sampled_from(KSM_POINTS), st.sampled_from([e for e in host_events if e != "ksm_scan"]),
                     st.one_of(st.none(), st.integers(1, 3)))
     return st.one_of(fault, ksm)
 

@@ -77,7 +77,8 @@ def test_change_pte_with_a_read_only_pte_rewrites_the_spte_in_place_read_only(er
     assert not spte & SPTE_HOST_WRITEABLE
     assert spte & SPTE_READABLE and spte & SPTE_EXECUTABLE and spte & SPTE_DIRTY and is_accessed_spte(spte)
     assert g.vm.stats.spte_changed == 1 and g.vm.stats.spte_zapped == 0
-    assert g.vm.stats.remote_tlb_flush == 1 and g.vcpu.stats.tlb_flush == 1
+    # One flush, one kick of the vCPU in guest mode; 2.6.32..3.7 serve it without counting tlb_flush.
+    assert g.vm.stats.remote_tlb_flush == 1 and g.vcpu.stats.irq_exits == 1 and g.vcpu.stats.tlb_flush == 0
     assert (mmu.mmu_notifier_seq, mmu.mmu_notifier_count) == (seq + 1, count)
 
 

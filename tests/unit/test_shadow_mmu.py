@@ -189,6 +189,7 @@ def shadow_vm(kernel: str = "2.6.32") -> Vm:
     host = build_host(get_profile(kernel), 64)
     vm = build_vm(host, 0, 16 * PAGE_SIZE, mmu="shadow")
     vcpu = vm.create_vcpu()
+    vcpu.vcpu_load(0)  # in guest mode on host CPU 0: a flush from the host side IPIs it
     # Guest tables in gfns 8..11; gfn 1 mapped at gvas 0x1000, 0x2000 and 0x9000.
     pml4, pdpt, pd, pt = 0x8000, 0x9000, 0xA000, 0xB000
     for table, entry in ((pml4, pdpt), (pdpt, pd), (pd, pt)):
@@ -230,6 +231,7 @@ def test_change_pte_rewrites_every_alias_in_place_with_one_remote_flush() -> Non
     read_only = (int(vm.mm.pte(hva)) & ~0x2 & ~0xFFFFFFFFFF000) | (7 << 12)
     mmu.kvm_set_spte_hva(hva, read_only)
     assert vm.stats.spte_changed == 3 and vm.stats.remote_tlb_flush == flushes + 1
+    assert vm.vcpus[0].stats.irq_exits == 1  # the kick of the one vCPU in guest mode
     assert all(spte_to_pfn(s) == 7 and not s & PT_WRITABLE for s in sptes_of(vm, 1))
     # A writable new host pte zaps them all instead (kvm_set_pte_rmapp).
     mmu.kvm_set_spte_hva(hva, read_only | 0x2)
