@@ -11,8 +11,9 @@ from hypervisor.build import build_host, build_vm
 from hypervisor.config import SimConfig, validate
 from hypervisor.cpu.shadow_insns import candidate_offsets, effective_address
 from hypervisor.errors import ConfigError, InvariantViolation
-from hypervisor.host.mm import pte_pfn
+from hypervisor.host.mm import MADV_DONTNEED, pte_pfn
 from hypervisor.kvm.guest_walker import walk_addr
+from hypervisor.kvm.mmu_interface import FaultHooks
 from hypervisor.kvm.pte_write import need_remote_flush
 from hypervisor.kvm.rmap import Rmap
 from hypervisor.kvm.shadow_mmu import ShadowFault, ShadowMmu, to_ept_format
@@ -36,7 +37,7 @@ from hypervisor.kvm.vm import Vm
 from hypervisor.profiles import get_profile
 from hypervisor.shadow_check import check_shadow
 from hypervisor.sim import GUEST_IMAGES
-from hypervisor.types import PAGE_SIZE, Gpa, Hva
+from hypervisor.types import PAGE_SIZE, Gfn, Gpa, Hva
 
 # --- KVM's walk of the guest tables (FNAME(walk_addr), 2.6.32 paging_tmpl.h) -----------------------
 
@@ -359,3 +360,31 @@ def test_pte_prefetch_maps_the_accessed_neighbours_of_a_fault_from_2_6_37(kernel
     # FNAME(pte_prefetch): the fault on 0x1000 also maps 0x2000 (same group, A set, pinnable);
     # 0x9000 is in another group.  2.6.32 has no prefetch: one exit per alias.
     assert vcpu.stats.exits == exits and len(sptes_of(vm, 1)) == 3
+
+
+class InvalidateOnce(FaultHooks):
+    """MADV_DONTNEED of the faulting page between gfn_to_pfn and mmu_lock, the first time only."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def after_gfn_to_pfn(self, mmu: Any, gfn: Gfn, hva: Hva) -> None:
+        if not self.fired:
+            self.fired = True
+            mmu.vm.mm.madvise(hva, PAGE_SIZE, MADV_DONTNEED)
+
+
+def test_the_shadow_fault_path_keeps_the_mmu_notifier_retry_protocol() -> None:
+    vm = shadow_vm()
+    mmu = vm.mmu
+    assert isinstance(mmu, ShadowMmu)
+    vcpu = vm.vcpus[0]
+    vm.write_guest(Gpa(0xB000 + 3 * 8), (0x3000 | 3).to_bytes(8, "little"))  # gva 0x3000 -> gfn 3
+    mmu.hooks = InvalidateOnce()
+    _, error_code = mmu.walk_shadow(vcpu, 0x3000, True)
+    # invalidate_range_start/end ran after the pfn was read: mmu_notifier_retry says retry, nothing
+    # is installed (FNAME(page_fault) out_unlock), and the guest faults again.
+    assert vcpu.handle_shadow_pf(0x3000, error_code, 0) is ShadowFault.RETRY
+    assert vcpu.stats.pf_retry == 1 and mmu.walk_shadow(vcpu, 0x3000, True)[0] == 0
+    assert vcpu.handle_shadow_pf(0x3000, error_code, 0) is ShadowFault.FIXED
+    assert mmu.walk_shadow(vcpu, 0x3000, True)[0] != 0
