@@ -77,12 +77,16 @@ def bare_storm(n_pages: int, quantum: int, raw: bool = True) -> dict[str, float]
 
 
 def _run_exact(backend: UnicornVcpu, insns: int, quantum: int) -> None:
+    """Run a phase of exactly `insns` instructions.  A slice ends at the first block boundary at or
+    after its limit; a phase ends at a label, which starts a block, so the last slice lands on it."""
     left = insns
     while left > 0:
-        n = min(quantum, left)
-        if backend.run(n) != n:
+        retired = backend.run(min(quantum, left))
+        if retired <= 0 or backend.vcpu.state.value != "runnable":
             raise BenchmarkError(f"the guest stopped mid-phase: {backend.vcpu.state.value} {backend.vcpu.failure}")
-        left -= n
+        left -= retired
+    if left:
+        raise BenchmarkError(f"the phase overran its {insns} instructions by {-left}")
 
 
 def hvsim_refill(workdir: Path, n_pages: int, passes: int, quantum: int, profiler: cProfile.Profile | None = None

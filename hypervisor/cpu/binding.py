@@ -28,7 +28,7 @@ from functools import cache
 from typing import Any
 
 import unicorn
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, Uc, UcError
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, Uc, UcError
 from unicorn import x86_const as x86
 
 from ..errors import UnsupportedUnicorn
@@ -169,19 +169,49 @@ def take_hook_exception(uc: Uc) -> BaseException | None:
     return raised
 
 
+class BlockEntry(ctypes.Structure):
+    _fields_ = (("pc", ctypes.c_uint64), ("size", ctypes.c_uint64), ("count", ctypes.c_uint64),
+                ("generation", ctypes.c_uint64))
+
+
+MISS_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)
+
+
 class ICount(ctypes.Structure):
     """_icount.c's struct icount, which Python reads and writes between and during runs."""
 
     _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
-                ("stopped", ctypes.c_uint64))
+                ("stopped", ctypes.c_uint64), ("block_pc", ctypes.c_uint64), ("block_size", ctypes.c_uint64),
+                ("block_count", ctypes.c_uint64), ("generation", ctypes.c_uint64), ("miss", ctypes.c_void_p),
+                ("misses", ctypes.c_uint64), ("failed", ctypes.c_uint64),
+                ("cache", BlockEntry * _icount.cache_size()))
 
 
-def add_icount_hook(uc: Uc) -> ICount:
-    """Register _icount.c's instruction counter as a raw UC_HOOK_CODE; returns its (zeroed) struct."""
-    ic = ICount(0, 0, ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0)
-    raw_hook_add(uc, UC_HOOK_CODE, ctypes.c_void_p(_icount.hook_address()),
-                 ctypes.cast(ctypes.pointer(ic), ctypes.c_void_p))
-    return ic
+def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, object]:
+    """Register _icount.c's block counter as a raw UC_HOOK_BLOCK; `miss(pc, size)` gives the instruction
+    count of a block the cache lacks (0: it failed).  Returns the (zeroed) struct and the ctypes callback,
+    which must stay alive as long as uc."""
+    callback = MISS_CFUNC(miss)
+    # Addresses read without ctypes.cast, whose reference cycles would keep the 128 KiB struct
+    # alive until a full GC.
+    ic = ICount(0, 0, _code_address(uclib.uc_emu_stop).value, 0)
+    ic.miss = _code_address(callback).value
+    ic.generation = 1  # the zeroed cache entries are of generation 0: never a hit
+    raw_hook_add(uc, UC_HOOK_BLOCK, ctypes.c_void_p(_icount.hook_address()), ctypes.c_void_p(ctypes.addressof(ic)))
+    return ic, callback
+
+
+def rip_reader(uc: Uc) -> Callable[[], int]:
+    """A cheap RIP read (a raw uc_reg_read), for the exact count inside a block."""
+    reg_read, uch, rip_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_RIP
+    buf = ctypes.c_uint64()
+    ref = ctypes.byref(buf)
+
+    def read() -> int:
+        reg_read(uch, rip_id, ref)
+        return buf.value
+
+    return read
 
 
 class OldExceptionReset:

@@ -26,7 +26,7 @@ class ExitDispatch:
     vcpu: Vcpu
     _pending: PendingException | None
 
-    def _stop_now(self, note: str | None = None) -> None:
+    def _stop_now(self, note: str | None = None, after: bool = False) -> None:
         raise NotImplementedError
 
     def peek_code(self, gva: int, length: int) -> bytes:
@@ -48,7 +48,7 @@ class ExitDispatch:
     def _out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
         self.vcpu.handle_io(port, size, value, True, self._rip_for_trace())
         if self.vcpu.state is not VcpuState.RUNNABLE:
-            self._stop_now()
+            self._stop_now(after=True)
 
     def _in(self, uc: Uc, port: int, size: int, _ud: object) -> int:
         return self.vcpu.handle_io(port, size, 0, False, self._rip_for_trace())

@@ -62,8 +62,11 @@ class SensitiveInsns:
     """Finds and answers one vCPU's RDTSC/RDTSCP/RDRAND/RDSEED (see the module docstring)."""
 
     def __init__(self, uc: Uc, tsc: Callable[[], int], peek_code: Callable[[int, int], bytes],
-                 undefined: Callable[[str, int], None], stopping: Callable[[], bool]) -> None:
+                 undefined: Callable[[str, int], None], stopping: Callable[[], bool],
+                 skipping: Callable[[], None] = lambda: None) -> None:
         self.uc = uc
+        # Called before RIP moves past an answered instruction: Unicorn leaves the block there.
+        self._skipping = skipping
         self._tsc = tsc
         self._peek_code = peek_code
         self._undefined = undefined
@@ -113,6 +116,7 @@ class SensitiveInsns:
             uc.reg_write(x86.UC_X86_REG_RDX, (tsc >> 32) & _MASK32)
             if mnemonic == "rdtscp":
                 uc.reg_write(x86.UC_X86_REG_RCX, uc.msr_read(MSR_TSC_AUX) & _MASK32)
+            self._skipping()
             uc.reg_write(x86.UC_X86_REG_RIP, address + length)  # skip it: Unicorn must not run it
             self.emulated += 1
         elif mnemonic in ("rdrand", "rdseed"):

@@ -12,29 +12,36 @@ there is a #PF:
   the guest's IDT by cpu/exceptions.py), or asks for the store to a shadowed guest page
   table to be emulated.
 
-Emulation (an hvsim choice the issue allows, README "Fidelity notes"): the one store runs
-natively against a writable mapping of the page-table frame given for this fill only; the
-CPU stops after that instruction, the TLB is flushed, and the bytes that changed (with the
-store size decoded from the instruction) are handed to kvm_mmu_pte_write.  Every store form
-works (mov, stos, xchg, cmpxchg, or, and); a store that leaves the bytes as they were is
-not seen.  CR3 loads and INVLPG exit at their own code hooks (cpu/shadow_insns.py).
+Emulation (the issue allows either choice; README "Fidelity notes"): as KVM does, the store
+does not run.  The fill is refused, the run stops in the instruction, and at the slice end it
+is decoded and emulated (`decode_store`): the value written to guest memory through the host
+(kvm_write_guest), kvm_mmu_pte_write told, the register effects applied, RIP advanced.  The
+forms emulated are the ones guests use on page tables: mov (register or immediate source),
+stos without rep, xchg; any other store to a write-protected guest page table fails the VM
+with a clear error.  CR3 loads and INVLPG exit at their own code hooks (cpu/shadow_insns.py).
 """
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
+from unicorn import x86_const as x86
 
+from ..errors import GuestError
 from ..kvm.pte_write import kvm_mmu_pte_write
 from ..kvm.shadow_mmu import ShadowFault, ShadowMmu
 from ..kvm.shadow_page import PT64_BASE_ADDR_MASK, PT_WRITABLE
 from ..kvm.vcpu import Vcpu
-from ..types import PAGE_SHIFT
+from ..types import PAGE_SHIFT, PAGE_SIZE, Gpa
+from .clock import VcpuClock
+from .code_pages import CodePages
 from .disasm import decode_one
 from .exceptions import PF_VECTOR
+from .shadow_insns import _reg, effective_address
 from .walk import GuestFault
 
 # Unicorn translates the page of unicorn_vcpu.UNTIL - 1 when a run starts; it gets the zero page.
@@ -42,21 +49,27 @@ UNTIL_PAGE = (0xFFFF_FFFF_FFFF_F000 - 1) >> PAGE_SHIFT
 # A fault that KVM reports fixed and the walk still refuses, this many times in a row, is a bug
 # (retries lost to the mmu_notifier race are bounded by the clock's livelock check instead).
 _MAX_FIXES = 10_000
+_MASK64 = (1 << 64) - 1
 _SIZES = {"byte": 1, "word": 2, "dword": 4, "qword": 8}
 _PTR_SIZE = re.compile(r"\b(byte|word|dword|qword) ptr")
 
 
 class ShadowPtWrite:
-    """A store to a write-protected guest page table, let through once (see the module docstring)."""
+    """A store to a write-protected guest page table, to be emulated (see the module docstring)."""
 
-    def __init__(self, gfn: int, pfn: int, before: npt.NDArray[np.uint8], rip: int) -> None:
-        self.gfn, self.pfn, self.before, self.rip = gfn, pfn, before, rip
+    def __init__(self, gfn: int, gva_page: int) -> None:
+        self.gfn, self.gva_page = gfn, gva_page
 
 
 class ShadowFill:
     """The shadow branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing)."""
 
     vcpu: Vcpu
+    uc: Any
+    clock: VcpuClock
+    _code: CodePages
+    rip: int
+    _resume_rip: int | None
     _cr3: int
     _refused: bool
     _frames_2d: npt.NDArray[np.uint8]
@@ -102,7 +115,9 @@ class ShadowFill:
         if fetch:
             # The load itself exited at its code hook (cpu/shadow_insns.py); here only the walks' view.
             self._cr3 = self._read_cr3()
-        if self._refused:
+        if self._refused or self._resume_rip is not None:
+            # After a stop was asked for behind an instruction (the exit port), Unicorn may begin the
+            # next one before it stops: that access never happens for the guest, so it takes no exit.
             return False
         write = access == UC_MEM_WRITE
         if vaddr >> PAGE_SHIFT == UNTIL_PAGE:  # unicorn_vcpu.UNTIL's page: the zero page, no walk
@@ -112,17 +127,21 @@ class ShadowFill:
         except Exception as why:  # GuestFault, a retry that ended the slice, MMIO
             return self._fill_refused(vaddr, access, why, entry)
         pfn = (spte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
-        entry.paddr = pfn << PAGE_SHIFT
-        entry.perms = UC_PROT_ALL if spte & PT_WRITABLE or emulate else UC_PROT_READ | UC_PROT_EXEC
         if emulate:
+            # The store does not run: the run stops in it, and it is emulated at the slice end.
             gpa = self.translate_peek(vaddr)
-            gfn = -1 if gpa is None else gpa >> PAGE_SHIFT
-            self._ptwrite = ShadowPtWrite(gfn, pfn, self._frames_2d[pfn].copy(), self._current_rip())
-            self._stop_after_instruction()
+            self._ptwrite = ShadowPtWrite(-1 if gpa is None else gpa >> PAGE_SHIFT, vaddr >> PAGE_SHIFT)
+            self.clock.stop_at(self.clock.exact())
+            self._refused = True
+            return False
+        entry.paddr = pfn << PAGE_SHIFT
+        entry.perms = UC_PROT_ALL if spte & PT_WRITABLE else UC_PROT_READ | UC_PROT_EXEC
         if fetch:
-            self._exec_seen[pfn] = True
+            self._code.fetched(vaddr, pfn)
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
             self.shadow_insns.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
+        elif write:
+            self._code.written(pfn)
         return True
 
     def _shadow_translate(self, vaddr: int, write: bool) -> tuple[int, bool]:
@@ -157,31 +176,77 @@ class ShadowFill:
         return (spte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
 
     def _finish_ptwrite(self) -> None:
-        """After the let-through store: drop the writable TLB entry and tell kvm_mmu_pte_write what changed."""
+        """Emulate the store the run stopped in (x86_emulate_insn -> emulator_write_phys): write guest
+        memory through the host, kvm_mmu_pte_write, then the instruction's register effects and RIP."""
         pw, self._ptwrite = self._ptwrite, None
         if pw is None:
             return
-        self.flush_tlb()
-        mmu = self.vcpu.vm.mmu
+        vcpu, rip = self.vcpu, self.rip
+        mmu = vcpu.vm.mmu
         assert isinstance(mmu, ShadowMmu)
-        changed = np.flatnonzero(self._frames_2d[pw.pfn] != pw.before)
-        if not changed.size or pw.gfn < 0:
-            return
-        size = self._store_size(pw.rip)
-        offset = int(changed[0]) & ~(size - 1)
-        with self.vcpu.in_kvm():  # the rest of the emulation exit: emulator_write_phys -> kvm_mmu_pte_write
-            kvm_mmu_pte_write(mmu, self.vcpu, (pw.gfn << PAGE_SHIFT) | offset, size, True)
-
-    def _store_size(self, rip: int) -> int:
-        """The size of the store the instruction at rip makes (its memory operand), 8 if not given."""
         insn = decode_one(self.peek_code(rip, 16), rip)
-        if insn is None:
-            return 8
-        mnemonic, ops, _ = insn
-        match = _PTR_SIZE.search(ops)
-        if match is not None:
-            return _SIZES[match.group(1)]
-        return {"stosb": 1, "stosw": 2, "stosd": 4}.get(mnemonic, 8)
+        store = None if insn is None else decode_store(self.uc, insn[0], insn[1], rip + insn[2])
+        what = "undecodable bytes" if insn is None else f"{insn[0]} {insn[1]}".strip()
+        if store is None or store.gva >> PAGE_SHIFT != pw.gva_page or pw.gfn < 0 \
+                or (store.gva & 0xFFF) + store.size > PAGE_SIZE:
+            vcpu.fail(f"a store to a write-protected guest page table at RIP {rip:#x} ({what}) is not one hvsim "
+                      "emulates: mov, stos (without rep) and xchg with a memory destination inside one page "
+                      "(see README, shadow paging)", GuestError)
+            return
+        assert insn is not None
+        gpa = (pw.gfn << PAGE_SHIFT) | (store.gva & 0xFFF)
+        old = int.from_bytes(vcpu.vm.read_guest(Gpa(gpa), store.size), "little")
+        with vcpu.in_kvm():  # still the emulation exit: emulator_write_phys
+            vcpu.vm.write_guest(Gpa(gpa), store.value.to_bytes(store.size, "little"))
+            kvm_mmu_pte_write(mmu, vcpu, gpa, store.size, True)
+        store.writeback(self.uc, old)
+        self.rip = rip + insn[2]
+
+
+@dataclass(frozen=True)
+class Store:
+    """One emulated store: where, how many bytes, what; and the register it updates afterwards."""
+
+    gva: int
+    size: int
+    value: int
+    reg: str | None = None  # stos: rdi advances by size; xchg: reg takes the old memory value
+    kind: str = "mov"
+
+    def writeback(self, uc: Any, old: int) -> None:
+        if self.kind == "stos":
+            uc.reg_write(x86.UC_X86_REG_RDI, (_reg(uc, "rdi") + self.size) & _MASK64)
+        elif self.kind == "xchg" and self.reg is not None:
+            uc.reg_write(getattr(x86, f"UC_X86_REG_{self.reg.upper()}"), old)
+
+
+def decode_store(uc: Any, mnemonic: str, ops: str, next_rip: int) -> Store | None:
+    """The store of `mnemonic ops` (Intel syntax, as capstone prints it), or None for a form not emulated."""
+    match = _PTR_SIZE.search(ops)
+    if match is None:
+        return None
+    size = _SIZES[match.group(1)]
+    mask = (1 << (8 * size)) - 1
+    if mnemonic in ("stosb", "stosw", "stosd", "stosq"):
+        return Store(_reg(uc, "rdi"), size, _reg(uc, "rax") & mask, kind="stos")
+    parts = [p.strip() for p in ops.split(", ")]
+    if len(parts) != 2 or mnemonic not in ("mov", "xchg"):
+        return None
+    mem, other = (parts[0], parts[1]) if "[" in parts[0] else (parts[1], parts[0])
+    if "[" not in mem or (mnemonic == "mov" and mem is not parts[0]):
+        return None
+    gva = effective_address(uc, mem, next_rip)
+    if gva is None:
+        return None
+    if other[0].isdigit():
+        if mnemonic != "mov":
+            return None
+        return Store(gva, size, int(other, 0) & mask)
+    try:
+        value = _reg(uc, other) & mask
+    except AttributeError:
+        return None
+    return Store(gva, size, value, other if mnemonic == "xchg" else None, mnemonic)
 
 
 __all__ = ["ShadowFill", "ShadowPtWrite"]

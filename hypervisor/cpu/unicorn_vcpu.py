@@ -19,12 +19,13 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   guest's IDT by cpu/exceptions.py at the end of the slice; with no IDT it is a
   triple fault.  CR3 is read on every instruction-fetch TLB fill (the first fill after any
   CR3 write is one), so an address-space switch drops the cached walks at once.
-* Time slices are exact: a C code hook (_icount.c) counts instructions and stops
-  Unicorn when the slice is used up, so instructions retired are exact even when a
-  slice ends early.  HLT is recognised by decoding the instruction that ended a run,
-  so it is seen wherever the slice ends.  A retried fault costs simulated time
-  (kvm/vcpu.py FAULT_RETRY_COST) and can end the slice; the access is then taken
-  again in the next one.
+* Time is exact without a per-instruction hook: a C block hook (_icount.c) adds each
+  translated block's instruction count and ends a slice at the first block boundary
+  at or after its limit; where a run stops inside a block the clock counts from the
+  block's start to RIP (cpu/clock.py, cpu/blocks.py, cpu/code_pages.py).  HLT is
+  recognised by decoding the instruction that ended a run.  A retried fault costs
+  simulated time (kvm/vcpu.py FAULT_RETRY_COST) and always ends the slice (so that
+  where slices end never depends on the quantum); the access is taken again next.
 * RDTSC/RDTSCP/RDRAND/RDSEED are found on code pages and answered from simulated
   state (cpu/sensitive_insns.py); CPUID from KVM's fixed table (kvm/cpuid.py).
 """
@@ -53,6 +54,7 @@ from ..vmm.loader import BootParams
 from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
 from .binding import add_tlb_fill_hook, close_uc, cr3_reader, emu_start, new_x86_64, take_hook_exception
 from .clock import VcpuClock
+from .code_pages import CodePages
 from .disasm import disassemble_one
 from .exceptions import (
     PF_ERR_WRITE,
@@ -105,8 +107,10 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         # A gpa above every memslot is MMIO without asking the MMU (no spte can exist there).
         self._nr_gfns = int(vcpu.vm.memslots.max_gfn)
         self._qwords = frames.qwords
-        self._exec_seen = frames.exec_seen_view
         self._code_epoch = frames.code_epoch
+        self._code = CodePages(vcpu.vm, lambda: self._cr3, frames.exec_seen_view)
+        # An instruction after which a run was stopped inside a block (a shutdown by port I/O).
+        self._resume_rip: int | None = None
         self._stop_note: str | None = None
         self._pscache: PagingStructureCache = {}
         self._pending: PendingException | None = None
@@ -129,13 +133,13 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
-        self._tlb_cb = add_tlb_fill_hook(uc, self._shadow_tlb_fill if self._shadow else self._tlb_fill, self._refuse)
+        self._tlb_cb = add_tlb_fill_hook(uc, self._fill_hook, self._refuse)
         self._add_exit_hooks(uc)
-        self.clock = VcpuClock(uc, insns_per_ms)
+        self.clock = self._code.clock = VcpuClock(uc, insns_per_ms, self._code.read)
         self.uc = uc
         self._frames_2d = frames.frames
         self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
-                                        lambda: self.clock.stopped)
+                                        lambda: self.clock.stopped, self.clock.leave_block)
         if self._shadow:
             self.shadow_insns = ShadowInsns(uc, vcpu, self.peek_code, lambda: self.clock.stopped)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
@@ -159,6 +163,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         # The raw TLB-fill callback goes with the Uc that calls it: its closure holds the Uc.
         del self._tlb_cb
         del self.sensitive  # it holds this vCPU's bound methods
+        self.clock.close()
+        del self._code  # it reads CR3 through this vCPU
         self.__dict__.pop("shadow_insns", None)
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND
@@ -169,6 +175,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self._pscache.clear()
+        self._code.forget()
         if self.tlb_entries is not None:
             self.tlb_entries.clear()
 
@@ -182,6 +189,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
             self.uc.ctl_flush_tb()
             self._code_epoch = self.frames.code_epoch
             self.sensitive.forget_scans()
+            self._code.forget()
             if self._shadow:
                 self.shadow_insns.forget_scans()
         clock = self.clock
@@ -190,17 +198,18 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         self._pending = None
         self._abandoned = None
         self._refused = False
-        self._emulating = True
+        self._resume_rip = None
+        self._emulating = clock.running = True
         try:
             error = emu_start(self.uc, self.rip, UNTIL)
         finally:
-            self._emulating = False
-        # An abandoned data access: its instruction was counted but runs again next slice.
-        retired = clock.end_slice(unfinished=self._abandoned == "data")
-        self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
-        raised = take_hook_exception(self.uc)
+            self._emulating = clock.running = clock.fetching = False
+        retired = clock.end_slice()
+        self.rip = clock.read_rip() if self._resume_rip is None else self._resume_rip
+        raised = take_hook_exception(self.uc) or clock.miss_error
         if self._ptwrite is not None and raised is None:
-            self._finish_ptwrite()
+            self._finish_ptwrite()  # the store to a guest page table, emulated (cpu/shadow_fill.py)
+            return retired
         if raised is not None:
             # An exception in one of our hooks (an invariant violation, a bug): Unicorn
             # reports it as a failed run; the exception is what happened.
@@ -259,9 +268,16 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
             raise DeliveryFailed(f"and pushing its frame reached gpa {mmio.gpa:#x}, outside every memslot") from None
         return (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
 
-    def _stop_now(self, note: str | None = None) -> None:
-        """Stop before the next instruction (the C hook sees the limit reached)."""
-        self.clock.stop_now()
+    def _stop_now(self, note: str | None = None, after: bool = False) -> None:
+        """Stop in the instruction being executed (it counts as begun), or `after` it.  Unicorn stops at
+        its next check (after port I/O: the next memory access or block); what it runs meanwhile is not
+        counted, and RIP is put back."""
+        clock = self.clock
+        if self._emulating:
+            clock.stop_at(clock.exact())
+            if after and self._resume_rip is None:
+                self._resume_rip = clock.next_rip()
+        clock.stop_now()
         if note is not None:
             self._stop_note = note
         self.uc.emu_stop()
@@ -271,6 +287,15 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
     def _refuse(self) -> None:
         """A hook raised inside the TLB fill: refuse every further fill of this run."""
         self._refused = True
+
+    def _fill_hook(self, vaddr: int, access: int, entry: Any) -> bool:
+        """The TLB-fill hook: `_tlb_fill`, with the clock told whether this fill is for a fetch."""
+        clock = self.clock
+        clock.fetching = access == UC_MEM_FETCH
+        try:
+            return self._shadow_tlb_fill(vaddr, access, entry) if self._shadow else self._tlb_fill(vaddr, access, entry)
+        finally:
+            clock.fetching = False
 
     # CR3 on fetch fills: a guest's mov to CR3 raises no event, but the cached upper levels of the
     # walks must go with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging
@@ -315,8 +340,10 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         else:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
         if access == UC_MEM_FETCH:
-            self._exec_seen[pfn] = True
+            self._code.fetched(vaddr, pfn)
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
+        elif write:
+            self._code.written(pfn)
         if self.tlb_entries is not None:
             self.tlb_entries[vaddr >> PAGE_SHIFT] = (gfn, pfn, entry.perms == UC_PROT_ALL)
         return True
@@ -329,13 +356,17 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
                 entry.paddr = 0
                 entry.perms = UC_PROT_READ | UC_PROT_EXEC
                 return True
+            self.clock.stop_at(self.clock.exact())
             self._stop_note = note = f"{why} at gva {vaddr:#x}"
             error_code = why.error_code | (PF_ERR_WRITE if write else 0)
             self._pending = PendingException(why.vector, error_code if why.vector == PF_VECTOR else 0, -1,
                                              note, vaddr if why.vector == PF_VECTOR else None)
         elif isinstance(why, _SliceEnd):
+            # The access is abandoned: its instruction (if it began) runs again next slice.
+            self.clock.stop_at(self.clock.exact(begun=False))
             self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
         elif isinstance(why, _Mmio):
+            self.clock.stop_at(self.clock.exact())
             self.vcpu.fail(f"guest access to gpa {why.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
                            f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
         else:
@@ -375,8 +406,10 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         return spte
 
     def _fault_retried(self, gfn: int) -> None:
-        """KVM re-entered the guest, which faults again: charge the retry's time, end the slice if spent."""
-        if self.clock.fault_retried(self.vcpu, gfn) and self._emulating:
+        """KVM re-entered the guest, which faults again: charge the retry's time and end the slice (always:
+        the access is retaken mid-block, and where blocks start must not depend on the slice's limit)."""
+        self.clock.fault_retried(self.vcpu, gfn)
+        if self._emulating:
             raise _SliceEnd()
 
     def _read_pte(self, pte_gpa: int) -> int:

@@ -32,7 +32,6 @@ stable_node_chains_prune_millisecs.  The era's differences (chains from 4.13, sm
 on by default from 6.7, ...) come from the Profile (hypervisor/kernels.py).
 """
 
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,6 +52,8 @@ from .ksm_items import (
     MmSlot,
     StableNode,
     StableNodeChain,
+    StableNodes,
+    StableTree,
     VmaItems,
     page_checksum,
     page_checksum_one,
@@ -82,16 +83,12 @@ class Ksm(KsmScan):
         self.slots: list[MmSlot] = []
         self.cursor = KsmCursor()
         self.seqnr = 0  # full_scans
-        self.stable_tree: dict[int, list[StableNode | StableNodeChain]] = {}
+        self.stable_tree = StableTree()
         self.unstable_tree: dict[int, list[ItemRef]] = {}
         # Where each rmap_item inserted by this pass sits in the unstable tree (its bucket's
         # key), so that freeing it takes it out, as remove_rmap_item_from_tree's rb_erase does.
         self.unstable_key: dict[ItemRef, int] = {}
-        self.nodes: dict[int, StableNode] = {}
-        # page_checksum of every stable node's KSM page, with multiplicity: lets a scan batch
-        # rule out a stable match for a page without taking its content hash.
-        self.stable_checksums: Counter[int] = Counter()
-        self._next_node_id = 1
+        self.nodes = StableNodes()
         self.rmap_items = 0
         self.unshared = 0
         self.ksm_zero_pages = 0
@@ -136,20 +133,12 @@ class Ksm(KsmScan):
     # --- counters ----------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        shared = sharing = 0
-        chains = dups = 0
-        for entries in self.stable_tree.values():
-            for entry in entries:
-                if isinstance(entry, StableNodeChain):
-                    chains += 1
-                    dups += len(entry.dups)
-                    nodes = entry.dups
-                else:
-                    nodes = [entry]
-                for node in nodes:
-                    if node.nr_items:
-                        shared += 1
-                        sharing += node.nr_items - 1
+        # Every live node is in the stable tree (alone or as a chain's dup), every chain too.
+        nr_items = self.nodes.nr_items[self.nodes.live_ids()]
+        mapped = nr_items[nr_items > 0]
+        shared, sharing = int(mapped.size), int(mapped.sum()) - int(mapped.size)
+        chains = len(self.nodes.chains)
+        dups = sum(len(chain.dups) for chain in self.nodes.chains.values())
         volatile = max(0, self.rmap_items - shared - sharing - self.unshared)
         # general_profit counts KSM's zero pages from 6.6 (xu xin's series), not in 6.4/6.5.
         zero = self.ksm_zero_pages if self.profile.ksm_counts_zero_pages else 0

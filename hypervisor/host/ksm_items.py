@@ -1,10 +1,9 @@
-"""KSM's bookkeeping: rmap_items (per-VMA numpy arrays), stable nodes, mm_slots, the scan cursor, checksums.
+"""KSM's bookkeeping: rmap_items (per-VMA numpy arrays), mm_slots, the scan cursor, checksums.
 
-After mm/ksm.c.
+After mm/ksm.c (the stable nodes and tree: ksm_nodes.py).
 `KsmState` names the state the other ksm_* modules share; `Ksm` (host/ksm.py) sets it up.
 """
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -14,6 +13,7 @@ import numpy.typing as npt
 from ..events import Tracer
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
 from .frames import FramePool
+from .ksm_nodes import StableNode, StableNodeChain, StableNodes, StableTree
 
 if TYPE_CHECKING:
     from ..profiles import Profile
@@ -108,26 +108,6 @@ class VmaItems:
 
 
 @dataclass
-class StableNode:
-    """struct ksm_stable_node: one KSM page and how many rmap_items map it."""
-
-    id: int
-    kpfn: Pfn
-    key: int
-    nr_items: int = 0  # rmap_hlist_len
-    chain: "StableNodeChain | None" = None
-    checksum: int = 0  # page_checksum of the KSM page (its content cannot change while it is one)
-
-
-@dataclass
-class StableNodeChain:
-    """A stable node chain: duplicate KSM pages of one content (max_page_sharing reached)."""
-
-    key: int
-    dups: list[StableNode] = field(default_factory=list)
-
-
-@dataclass
 class MmSlot:
     mm: "HostMm"
     vmas: list[VmaItems] = field(default_factory=list)
@@ -175,12 +155,10 @@ class KsmState:
     slots: list[MmSlot]
     cursor: KsmCursor
     seqnr: int
-    stable_tree: dict[int, list[StableNode | StableNodeChain]]
+    stable_tree: StableTree
     unstable_tree: dict[int, list[ItemRef]]
     unstable_key: dict[ItemRef, int]
-    nodes: dict[int, StableNode]
-    stable_checksums: Counter[int]
-    _next_node_id: int
+    nodes: StableNodes
     # counters
     rmap_items: int
     unshared: int
@@ -190,3 +168,6 @@ class KsmState:
     zero_hash: int
     tracer: Tracer
     hooks: KsmHooks | None
+
+
+__all__ = ["StableNode", "StableNodeChain", "StableNodes", "StableTree"]

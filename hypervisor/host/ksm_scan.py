@@ -70,9 +70,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         # one step.  Equal content means equal checksum, so the filter never lets a match through.
         widx = idxs[work]
         quick = (flags[work] == 0) & (page_node[work] < 0) & (checksums != items.oldchecksum[widx])
-        if self.stable_checksums:
-            keys = np.fromiter(self.stable_checksums.keys(), dtype=np.uint32, count=len(self.stable_checksums))
-            quick &= ~np.isin(checksums, keys)
+        if self.nodes:
+            quick &= ~np.isin(checksums, self.nodes.live_checksums())
         if quick.any():
             if not quick.all():
                 quick &= ~np.isin(checksums, checksums[~quick])

@@ -169,6 +169,19 @@ def test_several_vms_with_ksm_give_the_same_whole_report_at_every_quantum(
     assert reports[0]["ksm"]["full_scans"] > 1
 
 
+def test_a_slice_ends_at_the_first_block_boundary_at_or_after_its_limit() -> None:
+    from hypervisor.cpu.blocks import MAX_BLOCK_INSNS
+    from hypervisor.sim import SimConfig, Simulation
+
+    cfg = SimConfig(image=image("samepage.bin"), memory=4 << 20, cmdline="pages=2 passes=2 spin=1000")
+    with Simulation(cfg) as sim:
+        backend = sim.backends[0]
+        for limit in (1, 7, 50):
+            retired = backend.run(limit)
+            assert limit <= retired < limit + MAX_BLOCK_INSNS
+            assert backend.clock.stopped  # stopped by the block hook, before a block
+
+
 def test_the_trace_and_the_plot_series_do_not_depend_on_the_quantum(tmp_path: Path) -> None:
     # Counter samples (--trace JSON, --plot, progress) are taken where a vCPU's turn on the host
     # CPU ends, a point of simulated time; they used to be taken after every --quantum chunk.

@@ -1,5 +1,6 @@
 """FramePool (host/frames.py): host physical frames, refcounts, mapcounts, the zero page."""
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -171,3 +172,13 @@ def test_allocated_plus_free_is_always_every_frame_but_the_zero_page(ops: list[b
             pool.put_page(held.pop())
         assert pool.allocated == len(held)
         assert pool.allocated + pool.nr_free == 15
+
+
+def test_the_free_list_is_a_stack_of_int32_pfns_in_one_array_not_python_objects() -> None:
+    pool = FramePool(16)
+    held = [pool.alloc_page() for _ in range(10)]
+    for pfn in held:
+        pool.put_page(pfn)
+    assert pool._freed.dtype == np.int32 and pool._freed.nbytes == 16 * 4
+    assert pool.nr_free == 15
+    assert [pool.alloc_page() for _ in range(3)] == held[::-1][:3]

@@ -9,6 +9,7 @@ import pytest
 
 from hypervisor.build import build_host, build_vm
 from hypervisor.config import SimConfig, validate
+from hypervisor.cpu.shadow_fill import decode_store
 from hypervisor.cpu.shadow_insns import candidate_offsets, effective_address
 from hypervisor.errors import ConfigError, InvariantViolation
 from hypervisor.host.mm import MADV_DONTNEED, pte_pfn
@@ -388,3 +389,30 @@ def test_the_shadow_fault_path_keeps_the_mmu_notifier_retry_protocol() -> None:
     assert vcpu.stats.pf_retry == 1 and mmu.walk_shadow(vcpu, 0x3000, True)[0] == 0
     assert vcpu.handle_shadow_pf(0x3000, error_code, 0) is ShadowFault.FIXED
     assert mmu.walk_shadow(vcpu, 0x3000, True)[0] != 0
+
+
+class WritableUc(FakeUc):
+    def reg_write(self, reg: int, value: int) -> None:
+        from unicorn import x86_const as x86
+
+        name = next(n for n in dir(x86) if n.startswith("UC_X86_REG_") and getattr(x86, n) == reg)
+        self.regs[name.removeprefix("UC_X86_REG_").lower()] = value
+
+
+def test_the_page_table_stores_guests_use_are_decoded_for_emulation_and_others_refused() -> None:
+    uc = WritableUc({"rax": 0x1234, "rbx": 0x5000, "rdi": 0x6000, "r15": 0x7008, "eax": 0x1234})
+    mov = decode_store(uc, "mov", "qword ptr [r15], rax", 0)
+    assert mov is not None and (mov.gva, mov.size, mov.value) == (0x7008, 8, 0x1234)
+    imm = decode_store(uc, "mov", "qword ptr [rbx + 0xff8], 0x300003", 0)
+    assert imm is not None and (imm.gva, imm.size, imm.value) == (0x5FF8, 8, 0x300003)
+    stos = decode_store(uc, "stosq", "qword ptr [rdi], rax", 0)
+    assert stos is not None and (stos.gva, stos.size, stos.value) == (0x6000, 8, 0x1234)
+    stos.writeback(uc, 0)
+    assert uc.regs["rdi"] == 0x6008  # stos advances rdi (DF clear)
+    xchg = decode_store(uc, "xchg", "qword ptr [rbx], rax", 0)
+    assert xchg is not None and xchg.gva == 0x5000
+    xchg.writeback(uc, 0x99)
+    assert uc.regs["rax"] == 0x99  # xchg hands back the old memory value
+    # A read-modify-write or a load is not a form hvsim emulates: the VM fails with a clear error.
+    assert decode_store(uc, "or", "qword ptr [rbx], 0x20", 0) is None
+    assert decode_store(uc, "mov", "rax, qword ptr [rbx]", 0) is None

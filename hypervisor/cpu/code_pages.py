@@ -1,0 +1,52 @@
+"""Which frame each guest code page was fetched from, so that the per-block instruction counts stay true.
+
+_icount.c caches a translated block's instruction count by the block's address
+(cpu/blocks.py decodes it).  The count holds while the code behind that address
+stays: it is dropped when an instruction fetch maps the address's page to another
+frame (a new address space, a page the host remapped), when the guest writes to a
+frame it executed from (if the write takes a TLB fill: self-modifying code is not
+supported), and when the host rewrites a code frame or KVM flushes the TLB.
+"""
+
+from collections.abc import Callable
+
+from ..kvm.vm import Vm
+from ..types import PAGE_SHIFT
+from .blocks import read_code
+from .clock import VcpuClock
+from .walk import translate_peek
+
+
+class CodePages:
+    def __init__(self, vm: Vm, cr3: Callable[[], int], exec_seen: memoryview) -> None:
+        self._vm = vm
+        self._cr3 = cr3
+        self._exec_seen = exec_seen
+        self._frames: dict[int, int] = {}  # gva page -> the frame its code was last fetched from
+        self.clock: VcpuClock | None = None
+
+    def forget(self) -> None:
+        self._frames.clear()
+        if self.clock is not None:
+            self.clock.forget_blocks()
+
+    def fetched(self, vaddr: int, pfn: int) -> None:
+        """A TLB fill for an instruction fetch from vaddr's page, mapped to frame pfn."""
+        self._exec_seen[pfn] = True
+        page = vaddr >> PAGE_SHIFT
+        if self._frames.get(page, pfn) != pfn and self.clock is not None:
+            self.clock.forget_blocks()  # this address's code now comes from another frame
+        self._frames[page] = pfn
+
+    def written(self, pfn: int) -> None:
+        """A TLB fill for a guest write to frame pfn."""
+        if self._exec_seen[pfn]:
+            self.forget()
+
+    def read(self, gva: int, length: int) -> bytes:
+        """A translated block's bytes, read a page at a time through the guest's tables (no exits)."""
+        read_guest = self._vm.read_guest
+        return read_code(gva, length, lambda addr: translate_peek(self._cr3(), addr, read_guest), read_guest)
+
+
+__all__ = ["CodePages"]
