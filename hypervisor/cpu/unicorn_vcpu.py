@@ -313,7 +313,9 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
             if cr3 != self._cr3:
                 self._cr3 = cr3
                 self._pscache.clear()
-        if self._refused:
+        if self._refused or self._resume_rip is not None:
+            # After a stop behind an instruction (the exit port), Unicorn may begin the next one
+            # before it stops: that access never happens for the guest, so it takes no exit.
             return False
         write = access == UC_MEM_WRITE
         try:
