@@ -52,11 +52,12 @@ def build_mm(host: Host, name: str, vm_id: int | None = None) -> HostMm:
     return mm
 
 
-def build_vm(host: Host, vm_id: int, memory: int, mm: HostMm | None = None) -> Vm:
+def build_vm(host: Host, vm_id: int, memory: int, mm: HostMm | None = None, mmu: str = "tdp",
+             mmu_pages: int | None = None, oos_shadow: bool = True) -> Vm:
     """A VM with `memory` bytes of guest RAM in memslot 0, in its own VMM process unless `mm` is given."""
     if mm is None:
         mm = build_mm(host, f"vm{vm_id}", vm_id)
-    return Vm(vm_id, mm, host.profile, memory, mm.tracer)
+    return Vm(vm_id, mm, host.profile, memory, mm.tracer, mmu, mmu_pages, oos_shadow)
 
 
 def boot_vcpu(host: Host, vm: Vm, image: loader.GuestImage, cmdline: str, nr_vms: int,

@@ -87,6 +87,14 @@ _workload_options = _options([
     click.option("--plot", "plot_path", metavar="FILE.png", type=OutputFile(check_plot_file),
                  help="Plot EPT_VIOLATION exits per simulated ms and KSM sharing (needs matplotlib)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress line on stderr."),
+    click.option("--mmu", type=click.Choice(["tdp", "shadow"]), default="tdp", show_default=True,
+                 help="KVM's MMU: tdp (EPT) or shadow (shadow page tables, a host without EPT)."),
+    click.option("--mmu-pages", type=int, default=None, metavar="N",
+                 help="--mmu shadow: the shadow page cache size (KVM_SET_NR_MMU_PAGES, at least 64; default "
+                      "max(guest pages * 20 / 1000, 64))."),
+    click.option("--oos-shadow", type=click.IntRange(0, 1), default=None, metavar="0|1",
+                 help="--mmu shadow: KVM's oos_shadow module parameter (default 1): 1 lets a guest page "
+                      "table the guest writes go unsync, 0 keeps it write-protected (every store emulated)."),
 ])
 
 _kernel_options = _options([

@@ -24,6 +24,7 @@ from .host.ksm import STABLE_FLAG, UNSTABLE_FLAG, page_hash
 from .host.pgtable_types import _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
 from .kvm.requests import KVM_REQ_TLB_FLUSH
 from .kvm.spte import SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
+from .shadow_check import check_shadow
 from .types import PAGE_SHIFT, Gfn, Hva
 
 if TYPE_CHECKING:
@@ -254,6 +255,7 @@ def sweep(sim: "Simulation", strict: bool, fail: Fail) -> None:
         check_pte_window(vm, 0, 1 << 64, frames, fail)
         for slot in vm.memslots:
             check_slot_window(vm, slot, slot.base_gfn, slot.end_gfn, frames, fail)
+        check_shadow(vm, fail)  # --mmu shadow: shadow pages against the guest's tables and the rmap
     every = np.arange(frames.nr_frames, dtype=np.int64)
     mapped = np.zeros(frames.nr_frames, dtype=np.int64)
     for vm in sim.vms:

@@ -51,6 +51,9 @@ class Options:
     plot_path: str | None
     quiet: bool
     vcpus: int = 1
+    mmu: str = "tdp"
+    mmu_pages: int | None = None
+    oos_shadow: int | None = None
     # The KSM knobs as click parsed them, by KsmKnobs field name (cli.py makes one option per field).
     ksm_values: dict[str, Any] = field(default_factory=dict)
 
@@ -70,7 +73,9 @@ class Options:
             raise ConfigError("no guest image given: name one, e.g. `hello` or a file (see `hvsim images`).")
         cfg = SimConfig(image=self.image, memory=parse_size(self.memory), cmdline=self.cmdline, vms=self.vms,
                          vcpus=self.vcpus, max_insns=self.max_insns, profile=profile, change_pte=change_pte, ksm=ksm,
-                         quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject)
+                         quantum=self.quantum, insns_per_ms=self.insns_per_ms, inject=self.inject,
+                         mmu=self.mmu, mmu_pages=self.mmu_pages,
+                         oos_shadow=None if self.oos_shadow is None else bool(self.oos_shadow))
         validate(cfg)
         for line in trace_warnings(self.trace_path, self.trace_events) + cmdline_warnings(cfg.image, cfg.cmdline):
             warn(line)

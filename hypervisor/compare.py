@@ -74,7 +74,8 @@ class CompareRow:
 
     @property
     def ept_violations(self) -> int:
-        return self.result.totals()["exits"].get("EPT_VIOLATION", 0)
+        """The MMU's fault exits: EPT_VIOLATION, or under --mmu shadow the #PF exits (EXCEPTION_NMI)."""
+        return self.result.totals()["exits"].get(fault_exit(self.result.config.mmu), 0)
 
     @property
     def kicks(self) -> int:
@@ -97,7 +98,9 @@ class CompareRow:
             "kernel": self.run.profile,
             "change_pte": self.run.change_pte,
             "ksm": self.run.ksm,
-            "EPT_VIOLATION": self.ept_violations,
+            "EPT_VIOLATION": self.ept_violations if self.result.config.mmu == "tdp" else 0,
+            "fault_exit": fault_exit(self.result.config.mmu),
+            "fault_exits": self.ept_violations,
             "EXTERNAL_INTERRUPT": self.kicks,
             "exits": t["stats"].get("exits", 0),
             "exit_reasons": dict(sorted(t["exits"].items())),
@@ -239,19 +242,25 @@ def _table(cols: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     return [fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
 
 
+def fault_exit(mmu: str) -> str:
+    """The exit a missing or read-only mapping costs: an EPT violation, or a #PF exit under shadow paging."""
+    return "EPT_VIOLATION" if mmu == "tdp" else "EXCEPTION_NMI"
+
+
 def render_compare(result: CompareResult) -> str:
     cfg = result.base
+    exit_name = fault_exit(cfg.mmu)
     base = result.rows[0].ept_violations if result.rows and not result.rows[0].run.ksm else None
     all_base = result.rows[0].all_exits if result.rows and not result.rows[0].run.ksm else None
-    cols = ("run", "EPT_VIOLATION", "over ksm off", "kicks", "all exits", "over ksm off", "cow_ksm",
+    cols = ("run", exit_name, "over ksm off", "kicks", "all exits", "over ksm off", "cow_ksm",
             "pages_sharing", "change_pte", "sptes rewritten", "sptes zapped", "invalidate_page", "range_start/end",
             "remote TLB flushes")
     rows = []
     for row in result.rows:
         s = row.summary()
         rows.append((
-            row.run.label, str(s["EPT_VIOLATION"]),
-            "-" if base is None or not row.run.ksm else f"{s['EPT_VIOLATION'] - base:+d}",
+            row.run.label, str(s["fault_exits"]),
+            "-" if base is None or not row.run.ksm else f"{s['fault_exits'] - base:+d}",
             str(s["EXTERNAL_INTERRUPT"]), str(row.all_exits),
             "-" if all_base is None or not row.run.ksm else f"{row.all_exits - all_base:+d}",
             str(s["cow_ksm"]), str(s["pages_sharing"]) if row.run.ksm else "-",
@@ -262,7 +271,7 @@ def render_compare(result: CompareResult) -> str:
         ))
     lines = [
         f"hvsim compare: {image_label(cfg.image)}, {cfg.vms} VM(s) x {cfg.vcpus} vCPU(s) x {cfg.memory >> 20} MiB, "
-        f"cmdline {cfg.cmdline!r}, "
+        f"cmdline {cfg.cmdline!r}, {'shadow paging, ' if cfg.mmu == 'shadow' else ''}"
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}",
         *_table(cols, rows),
     ]
@@ -273,7 +282,7 @@ def render_compare(result: CompareResult) -> str:
             verb = "saved" if sv.exits >= 0 else "cost"
             kick = "saved" if sv.kicks >= 0 else "added"
             net = "saved" if sv.all_exits >= 0 else "cost"
-            lines.append(f"  {sv.what}: {verb} {abs(sv.exits)} EPT_VIOLATION exits and {abs(sv.cow_ksm)} cow_ksm, "
+            lines.append(f"  {sv.what}: {verb} {abs(sv.exits)} {exit_name} exits and {abs(sv.cow_ksm)} cow_ksm, "
                          f"{kick} {abs(sv.kicks)} kicks (EXTERNAL_INTERRUPT): {net} {abs(sv.all_exits)} exits in all "
                          f"('{sv.before}' -> '{sv.after}')")
             if sv.also_differs:

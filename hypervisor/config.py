@@ -179,6 +179,11 @@ class SimConfig:
     insns_per_ms: int = DEFAULT_INSNS_PER_MS
     # hypervisor/races.py specs: host events fired at named points (POINT:EVENT[@N])
     inject: tuple[str, ...] = ()
+    # KVM's MMU: "tdp" (EPT) or "shadow"; mmu_pages: KVM_SET_NR_MMU_PAGES for shadow (None: KVM's default).
+    mmu: str = "tdp"
+    mmu_pages: int | None = None
+    # --oos-shadow: KVM's oos_shadow module parameter (shadow only; None: the default, 1).
+    oos_shadow: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"inject": list(self.inject),
@@ -186,6 +191,7 @@ class SimConfig:
             "vcpus": self.vcpus,
             "max_insns": self.max_insns, "profile": self.profile, "change_pte": self.change_pte,
             "quantum": self.quantum, "insns_per_ms": self.insns_per_ms, "ksm": self.ksm.as_dict(),
+            "mmu": self.mmu, "mmu_pages": self.mmu_pages, "oos_shadow": self.oos_shadow,
         }
 
 
@@ -227,6 +233,16 @@ def validate(config: SimConfig) -> None:
         raise ConfigError(f"--quantum {config.quantum}: a time slice is a positive number of instructions.")
     if config.insns_per_ms <= 0:
         raise ConfigError(f"--insns-per-ms {config.insns_per_ms}: give a positive simulated CPU speed.")
+    if config.mmu not in ("tdp", "shadow"):
+        raise ConfigError(f"--mmu {config.mmu!r}: give tdp (EPT) or shadow.")
+    if config.oos_shadow is not None and config.mmu != "shadow":
+        raise ConfigError("--oos-shadow is a parameter of KVM's shadow MMU: it needs --mmu shadow.")
+    if config.mmu_pages is not None:
+        if config.mmu != "shadow":
+            raise ConfigError("--mmu-pages sizes the shadow page cache: it needs --mmu shadow.")
+        if config.mmu_pages < 64:
+            # kvm_vm_ioctl_set_nr_mmu_pages (2.6.32 x86.c) refuses fewer than KVM_MIN_ALLOC_MMU_PAGES.
+            raise ConfigError(f"--mmu-pages {config.mmu_pages}: KVM_SET_NR_MMU_PAGES takes at least 64 pages.")
     config.ksm.check()
     for spec in config.inject:
         RaceSpec.parse(spec)

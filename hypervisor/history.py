@@ -10,7 +10,7 @@ useful until 2.6.38 mostly by hiding 2.6.32's write pins, dead from 3.7, deleted
 
 from typing import Any
 
-from .compare import CompareResult, CompareRow, CompareRun
+from .compare import CompareResult, CompareRow, CompareRun, fault_exit
 from .kernels import CHANGES, NEWEST, OLDEST, version_key
 from .plot import pyplot, save_figure
 from .profiles import get_profile
@@ -42,7 +42,8 @@ def _by_kernel(result: CompareResult) -> list[tuple[str, CompareRow, CompareRow 
 def render_history(result: CompareResult) -> str:
     cfg = result.base
     base = result.rows[0].ept_violations if result.rows else 0
-    cols = ("kernel", "EPT_VIOLATION", "no change_pte", "cow_ksm", "no change_pte", "pages_sharing", "changes here")
+    exit_name = fault_exit(cfg.mmu)
+    cols = ("kernel", exit_name, "no change_pte", "cow_ksm", "no change_pte", "pages_sharing", "changes here")
     rows = []
     for v, row, bare in _by_kernel(result):
         here = ", ".join(f"{c.field}={c.value} ({c.commit})" for c in CHANGES if c.version == v) or "-"
@@ -55,7 +56,7 @@ def render_history(result: CompareResult) -> str:
         f"hvsim history: {image_label(cfg.image)}, {cfg.vms} VM(s)"
         f"{f' x {cfg.vcpus} vCPUs' if cfg.vcpus > 1 else ''} x {cfg.memory >> 20} MiB, cmdline {cfg.cmdline!r}, "
         f"ksm pages_to_scan {cfg.ksm.pages_to_scan} sleep_millisecs {cfg.ksm.sleep_millisecs}; "
-        f"KSM off: {base} EPT_VIOLATION",
+        f"KSM off: {base} {exit_name}",
         fmt.format(*cols),
         fmt.format(*("-" * w for w in widths), "-" * len(cols[-1])),
         *(fmt.format(*r) for r in rows),
@@ -85,7 +86,7 @@ def _draw_exits(top: Any, result: CompareResult, points: list[tuple[str, Compare
             top.annotate(f"{labels[x]}: " + ", ".join(commits), xy=(x - 0.45, top_y * (0.97 - 0.1 * (marks % 3))),
                          fontsize=7, color="red", va="top")
             marks += 1
-    top.set_ylabel("EPT_VIOLATION exits")
+    top.set_ylabel(f"{fault_exit(result.base.mmu)} exits")
     top.set_title(f"{result.base.image.rsplit('/', 1)[-1]} ({result.base.vms} VMs, {result.base.cmdline}): "
                   "exits and KSM COW breaks per kernel release")
     top.legend(fontsize=8, loc="upper right")

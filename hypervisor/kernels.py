@@ -76,6 +76,8 @@ BASELINE: dict[str, bool | str] = {
     "kvm_change_pte_bumps_seq": True,
     "kvm_change_pte_needs_invalidation": False,
     "kvm_retry_range_based": False,
+    "kvm_bypass_guest_pf": True,
+    "kvm_pte_prefetch": False,
     "ksm_general_profit": False,
     "ksm_counts_zero_pages": False,
     "kvm_flush_ipi_rule": "pending_bit",
@@ -101,6 +103,12 @@ CHANGES: tuple[KernelChange, ...] = (
         "sndrzt/linux-2.6.32, DesignA-Electronics/linux-2.6.33.3, urbanspr1nter/linux-2.6.34 arch/x86/kvm/mmu.c",
         True),
     KernelChange(
+        "kvm_pte_prefetch", True, "2.6.37", "-", "(KVM: MMU: prefetch ptes when intercepted guest #PF)",
+        "shadow paging: a fixed #PF also maps the other trap slots of its 8-pte group whose pages can be "
+        "pinned without faulting (FNAME(pte_prefetch), __direct_pte_prefetch; only --mmu shadow)",
+        "sndrzt/linux-2.6.32 (absent), srinugnt2000/linux-2.6.37, robacklin/linux-3.7.2 arch/x86/kvm/"
+        "paging_tmpl.h, mmu.c", False),
+    KernelChange(
         "kvm_gup_always_write", False, "2.6.38", "612819c3c6e6",
         "KVM: propagate fault r/w information to gup(), allow read-only memory",
         "hva_to_pfn pins with the fault's own intent; a read fault maps a write-protected (KSM) pte "
@@ -112,6 +120,12 @@ CHANGES: tuple[KernelChange, ...] = (
         "vCPUs not OUTSIDE_GUEST_MODE (2.6.32..2.6.38: every vCPU whose request bit was clear, any mode)",
         "sndrzt/linux-2.6.32, zekezang/linux-2.6.38, robacklin/linux-2.6.39.4, robacklin/linux-3.7.2 "
         "virt/kvm/kvm_main.c, arch/x86/kvm/x86.c", True),
+    KernelChange(
+        "kvm_bypass_guest_pf", False, "3.1", "-", "(KVM: MMU: remove bypass_guest_pf)",
+        "shadow paging: the bypass_guest_pf module parameter and the trap/notrap non-present sptes are "
+        "gone, so every guest #PF exits and is injected by KVM (only --mmu shadow is affected)",
+        "sndrzt/linux-2.6.32, robacklin/linux-2.6.39.4, eastmoutain/Linux-3.0.1 (present); a 3.1.10 tree, "
+        "AndDiSa/android_kernel_asus_grouper, and yuhc/linux-3.6.5 (absent) arch/x86/kvm/vmx.c", False),
     KernelChange(
         "kvm_age_ept", "accessed_bit", "3.6", "-", "(KVM: VMX: EPT accessed and dirty bits)",
         "kvm_age_rmapp tests and clears the EPT accessed bit when the CPU has one (hvsim's does) "

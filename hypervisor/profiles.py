@@ -76,6 +76,11 @@ class Profile:
     kvm_tlb_flush_stat_counts_requests: bool
     # the VM stat remote_tlb_flush_requests counts every kvm_flush_remote_tlbs call (5.15).
     kvm_counts_flush_requests: bool
+    # --- kvm, shadow paging: arch/x86/kvm/vmx.c, mmu.c ------------------------------------------
+    # bypass_guest_pf: a not-present guest #PF on a "notrap" spte goes to the guest without an exit (until 3.1).
+    kvm_bypass_guest_pf: bool
+    # FNAME(pte_prefetch): a fixed #PF also maps its 8-pte group's other mappable ptes (2.6.37).
+    kvm_pte_prefetch: bool
 
     def without_change_pte(self) -> "Profile":
         """KVM registers its notifier without ->change_pte (the invalidate_page fallback, where it exists)."""

@@ -73,7 +73,8 @@ class Simulation:
         self.insns: list[int] = []
         self.stalls: list[int] = []
         for i in range(config.vms):
-            vm = build_vm(host, i, config.memory)
+            vm = build_vm(host, i, config.memory, mmu=config.mmu, mmu_pages=config.mmu_pages,
+                          oos_shadow=config.oos_shadow is not False)
             backends, devices = boot_vcpus(host, vm, image, config.cmdline, config.vms, config.insns_per_ms,
                                            config.vcpus)
             self.backends += backends

@@ -11,7 +11,7 @@ from hypervisor.sim import GUEST_IMAGES, SimConfig, Simulation
 
 EXPECTED = {"guest_speed_samepage", "guest_speed_memtouch", "guest_speed_kernels", "fault_storm", "tlb_refill",
             "ksm_scan_fresh", "ksm_scan_merged", "scale_wall", "scale_rss", "scale_metadata", "cost_of_modelling",
-            "growth_fault_storm", "growth_ksm_fresh", "growth_ksm_merged", "check_cost",
+            "growth_fault_storm", "growth_ksm_fresh", "growth_ksm_merged", "check_cost", "shadow_fault_storm",
             *(f"smp_{k}_{n}vcpu" for k in ("2.6.32", "3.7") for n in (1, 2, 4))}
 
 

@@ -46,6 +46,7 @@ from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
 from ..kvm.mmu_interface import FaultResult, KvmMmu
+from ..kvm.shadow_mmu import ShadowMmu
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import NO_BACKEND, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
@@ -64,6 +65,8 @@ from .exceptions import (
 )
 from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
+from .shadow_fill import ShadowFill, ShadowPtWrite
+from .shadow_insns import ShadowInsns
 from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
@@ -89,7 +92,7 @@ class _Mmio(Exception):
         self.gpa = gpa
 
 
-class UnicornVcpu(ExitDispatch):
+class UnicornVcpu(ExitDispatch, ShadowFill):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
@@ -120,6 +123,11 @@ class UnicornVcpu(ExitDispatch):
         # --check: what this vCPU's TLB may hold since its last flush, gva page -> (gfn, pfn,
         # writable), as the fills answered Unicorn (None: not recorded).
         self.tlb_entries: dict[int, tuple[int, int, bool]] | None = None
+        # --mmu shadow: the fill walks KVM's shadow tables (cpu/shadow_fill.py).
+        self._shadow = isinstance(self.mmu, ShadowMmu)
+        self._ptwrite: ShadowPtWrite | None = None
+        if isinstance(self.mmu, ShadowMmu):
+            self.mmu.state(vcpu).cr3 = boot.cr3  # KVM_SET_SREGS: the VMM's CR3, no exit
         uc = new_x86_64()
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
@@ -132,6 +140,8 @@ class UnicornVcpu(ExitDispatch):
         self._frames_2d = frames.frames
         self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
                                         lambda: self.clock.stopped, self.clock.leave_block)
+        if self._shadow:
+            self.shadow_insns = ShadowInsns(uc, vcpu, self.peek_code, lambda: self.clock.stopped)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))  # no IDT until the guest loads one
         uc.reg_write(x86.UC_X86_REG_CR3, boot.cr3)
@@ -155,6 +165,7 @@ class UnicornVcpu(ExitDispatch):
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
         del self._code  # it reads CR3 through this vCPU
+        self.__dict__.pop("shadow_insns", None)
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND
 
@@ -182,6 +193,8 @@ class UnicornVcpu(ExitDispatch):
             self._code_epoch = self.frames.code_epoch
             self.sensitive.forget_scans()
             self._code.forget()
+            if self._shadow:
+                self.shadow_insns.forget_scans()
         clock = self.clock
         if period:
             clock.start_slice(min(turn_left, max_insns), period, max_insns)
@@ -200,6 +213,9 @@ class UnicornVcpu(ExitDispatch):
         retired = clock.end_slice()
         self.rip = clock.read_rip() if self._resume_rip is None else self._resume_rip
         raised = take_hook_exception(self.uc) or clock.miss_error
+        if self._ptwrite is not None and raised is None:
+            self._finish_ptwrite()  # the store to a guest page table, emulated (cpu/shadow_fill.py)
+            return retired
         if raised is not None:
             # An exception in one of our hooks (an invariant violation, a bug): Unicorn
             # reports it as a failed run; the exception is what happened.
@@ -248,6 +264,8 @@ class UnicornVcpu(ExitDispatch):
     def _frame_of(self, gva: int, write: bool) -> int:
         """The pfn behind gva for an access made while delivering an exception (exits as the CPU's would)."""
         try:
+            if self._shadow:
+                return self._shadow_frame_of(gva, write)
             gpa, _ = walk_gva(self._cr3, gva, write, self._read_pte, self._pscache)
             spte = self._ept(gpa >> PAGE_SHIFT, write)
         except GuestFault as fault:
@@ -281,7 +299,7 @@ class UnicornVcpu(ExitDispatch):
         clock = self.clock
         clock.fetching = access == UC_MEM_FETCH
         try:
-            return self._tlb_fill(vaddr, access, entry)
+            return self._shadow_tlb_fill(vaddr, access, entry) if self._shadow else self._tlb_fill(vaddr, access, entry)
         finally:
             clock.fetching = False
 
@@ -301,7 +319,9 @@ class UnicornVcpu(ExitDispatch):
             if cr3 != self._cr3:
                 self._cr3 = cr3
                 self._pscache.clear()
-        if self._refused:
+        if self._refused or self._resume_rip is not None:
+            # After a stop behind an instruction (the exit port), Unicorn may begin the next one
+            # before it stops: that access never happens for the guest, so it takes no exit.
             return False
         write = access == UC_MEM_WRITE
         try:
@@ -319,30 +339,8 @@ class UnicornVcpu(ExitDispatch):
                 spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
             if not spte:
                 spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
-        except GuestFault as fault:
-            if vaddr >> PAGE_SHIFT == _UNTIL_PAGE:
-                entry.paddr = 0
-                entry.perms = UC_PROT_READ | UC_PROT_EXEC
-                return True
-            self.clock.stop_at(self.clock.exact())
-            self._stop_note = note = f"{fault} at gva {vaddr:#x}"
-            error_code = fault.error_code | (PF_ERR_WRITE if write else 0)
-            self._pending = PendingException(fault.vector, error_code if fault.vector == PF_VECTOR else 0, -1,
-                                             note, vaddr if fault.vector == PF_VECTOR else None)
-            self._refused = True
-            return False
-        except _SliceEnd:
-            # The access is abandoned: its instruction (if it began) runs again next slice.
-            self.clock.stop_at(self.clock.exact(begun=False))
-            self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
-            self._refused = True
-            return False
-        except _Mmio as mmio:
-            self.clock.stop_at(self.clock.exact())
-            self.vcpu.fail(f"guest access to gpa {mmio.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
-                           f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
-            self._refused = True
-            return False
+        except (GuestFault, _SliceEnd, _Mmio) as why:
+            return self._fill_refused(vaddr, access, why, entry)
         pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
         if spte & SPTE_WRITABLE and guest_writable:
@@ -357,6 +355,42 @@ class UnicornVcpu(ExitDispatch):
         if self.tlb_entries is not None:
             self.tlb_entries[vaddr >> PAGE_SHIFT] = (gfn, pfn, entry.perms == UC_PROT_ALL)
         return True
+
+    def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
+        """A TLB fill that cannot complete: a guest exception, a slice ended by a retry, MMIO."""
+        write = access == UC_MEM_WRITE
+        if isinstance(why, GuestFault):
+            if vaddr >> PAGE_SHIFT == _UNTIL_PAGE and entry is not None:
+                entry.paddr = 0
+                entry.perms = UC_PROT_READ | UC_PROT_EXEC
+                return True
+            self.clock.stop_at(self.clock.exact())
+            self._stop_note = note = f"{why} at gva {vaddr:#x}"
+            error_code = why.error_code | (PF_ERR_WRITE if write else 0)
+            self._pending = PendingException(why.vector, error_code if why.vector == PF_VECTOR else 0, -1,
+                                             note, vaddr if why.vector == PF_VECTOR else None)
+        elif isinstance(why, _SliceEnd):
+            # The access is abandoned: its instruction (if it began) runs again next slice.
+            self.clock.stop_at(self.clock.exact(begun=False))
+            self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
+        elif isinstance(why, _Mmio):
+            self.clock.stop_at(self.clock.exact())
+            self.vcpu.fail(f"guest access to gpa {why.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
+                           f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
+        else:
+            raise why
+        self._refused = True
+        return False
+
+    def _mmio_at(self, gpa: int) -> Exception:
+        return _Mmio(gpa)
+
+    def _stop_after_instruction(self) -> None:
+        """The C hook stops before the next instruction: the one running completes first."""
+        self.clock.stop_now()
+
+    def _current_rip(self) -> int:
+        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 
     def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
         """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access.

@@ -45,6 +45,7 @@ from .spte import (
 )
 
 if TYPE_CHECKING:
+    from ..profiles import Profile
     from .vcpu import Vcpu
     from .vm import Vm
 
@@ -78,6 +79,23 @@ def check_spte_change(gfn: Gfn, old: int, new: int, change: SpteChange) -> None:
             and (change is not SpteChange.REPOINT or new & SPTE_WRITABLE)):
         raise InvariantViolation(f"invariant spte-change violated: gfn {gfn:#x} present spte {old:#x} replaced "
                                  f"by {new:#x}, another pfn, without a zap ({change.value})")
+
+
+def gfn_to_pfn(mm: HostMm, profile: "Profile", hva: Hva, write_fault: bool) -> tuple[Pfn, bool, HostFault]:
+    """The host GUP of both MMUs' fault paths (gfn_to_pfn / hva_to_pfn, virt/kvm/kvm_main.c).
+
+    Returns (pfn, may the spte be writable, what the host did); the caller drops the pin.
+    """
+    if profile.kvm_gup_always_write or write_fault:
+        pfn, work = mm.get_user_pages_fault(hva, write=True)
+        return pfn, True, work
+    pfn, work = mm.get_user_pages_fault(hva, write=False)
+    # hva_to_pfn_slow(): "map read fault as writable if possible".
+    wpfn = mm.get_user_pages_fast_only(hva, write=True)
+    if wpfn is not None:
+        mm.put_page(pfn)
+        return wpfn, True, work
+    return pfn, False, work
 
 
 class TdpMmu:
@@ -184,17 +202,7 @@ class TdpMmu:
 
     def gfn_to_pfn(self, hva: Hva, write_fault: bool) -> tuple[Pfn, bool, HostFault]:
         """Pin the page behind hva; return (pfn, may the spte be writable, what the host did)."""
-        mm = self.mm
-        if self.profile.kvm_gup_always_write or write_fault:
-            pfn, work = mm.get_user_pages_fault(hva, write=True)
-            return pfn, True, work
-        pfn, work = mm.get_user_pages_fault(hva, write=False)
-        # hva_to_pfn_slow(): "map read fault as writable if possible".
-        wpfn = mm.get_user_pages_fast_only(hva, write=True)
-        if wpfn is not None:
-            mm.put_page(pfn)
-            return wpfn, True, work
-        return pfn, False, work
+        return gfn_to_pfn(self.mm, self.profile, hva, write_fault)
 
     def mmu_notifier_retry(self, mmu_seq: int, hva: Hva) -> bool:
         """mmu_notifier_retry(): did a notifier run (or is one running) since mmu_seq was read?
@@ -350,4 +358,4 @@ class TdpMmu:
         self.zap_all()
 
 
-__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "TdpMmu", "check_spte_change"]
+__all__ = ["FaultOutcome", "FaultResult", "FaultWork", "TdpMmu", "check_spte_change", "gfn_to_pfn"]

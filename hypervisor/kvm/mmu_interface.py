@@ -73,6 +73,7 @@ class SpteChange(Enum):
     REPOINT = "repoint"  # change_pte's in-place rewrite (kvm_set_pte_rmapp): spte_changed, remote flush
     AGE = "age"  # clear_flush_young clears A: remote flush if it was set
     WALK = "walk"  # the EPT walk sets A/D (hardware): nothing to account or flush
+    PROTECT = "protect"  # shadow paging's rmap_write_protect clears W in place: remote flush if it was set
 
 
 # Called under --check at every spte change: (gfn, old spte, new spte, why).

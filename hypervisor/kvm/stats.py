@@ -24,6 +24,8 @@ class VcpuStats:
     mmio_exits: int = 0
     halt_exits: int = 0
     hypercalls: int = 0
+    insn_emulation: int = 0
+    insn_emulation_fail: int = 0
     # hvsim: faults that lost the mmu_notifier_retry race and were retried by the guest.
     pf_retry: int = 0
     exit_reasons: Counter[ExitReason] = field(default_factory=Counter)
@@ -42,6 +44,9 @@ class VmStats:
     mmu_flooded: int = 0
     mmu_recycled: int = 0
     mmu_cache_miss: int = 0
+    mmu_pde_zapped: int = 0
+    # A gauge, as in 2.6.32: shadow pages unsync now (kvm_unsync_page +1, kvm_unlink_unsync_page -1).
+    mmu_unsync: int = 0
     remote_tlb_flush: int = 0
     # 5.15+: every kvm_flush_remote_tlbs call, IPI or not.
     remote_tlb_flush_requests: int = 0

@@ -7,6 +7,8 @@ exits KVM passes to userspace: port I/O goes to the VMM's port bus, vmm/devices.
 """
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +27,7 @@ from .exits import (
 )
 from .mmu_interface import FaultResult, FaultWork
 from .requests import VcpuMode, vcpu_service_requests
+from .shadow_mmu import ShadowFault, ShadowMmu
 from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import VcpuStats
 
@@ -167,6 +170,61 @@ class Vcpu:
             self.stats.mmio_exits += 1
         self.exit_work[_EPT_WORK[outcome.work]] += 1
         return outcome.result
+
+    # --- shadow paging's exits (kvm/shadow_mmu.py; vmx.c handle_exception, handle_cr, handle_invlpg) ---
+
+    @contextmanager
+    def in_kvm(self) -> Iterator[None]:
+        """This vCPU's thread is in KVM handling its exit (a flush it raises IPIs the others, not itself);
+        on the way back vcpu_enter_guest serves its requests (as handle_ept_violation does)."""
+        self._leave_guest()
+        self.vm.running = self
+        try:
+            yield
+        finally:
+            self.vm.running = None
+        self.enter_guest()
+
+    def handle_shadow_pf(self, gva: int, error_code: int, rip: int) -> "ShadowFault":
+        """EXCEPTION_NMI with vector 14: FNAME(page_fault) once (kvm_mmu_page_fault)."""
+        self._count_exit(ExitReason.EXCEPTION_NMI)
+        self._trace_exit(ExitReason.EXCEPTION_NMI, rip, gva, error_code)
+        mmu = self.vm.mmu
+        assert isinstance(mmu, ShadowMmu)
+        with self.in_kvm():
+            result = mmu.shadow_page_fault(self, gva, error_code)
+        self.exit_work[(ExitReason.EXCEPTION_NMI, result.value)] += 1
+        if result is ShadowFault.MMIO:
+            self.stats.mmio_exits += 1
+        elif result is ShadowFault.EMULATE:
+            self.stats.insn_emulation += 1
+        return result
+
+    def handle_cr3_load(self, cr3: int, rip: int) -> None:
+        """CR_ACCESS (mov to cr3): kvm_set_cr3 switches the shadow root."""
+        self._count_exit(ExitReason.CR_ACCESS)
+        self.exit_work[(ExitReason.CR_ACCESS, "")] += 1
+        self._trace_exit(ExitReason.CR_ACCESS, rip, 3)
+        mmu = self.vm.mmu
+        assert isinstance(mmu, ShadowMmu)
+        with self.in_kvm():
+            mmu.kvm_set_cr3(self, cr3)
+
+    def handle_cr3_read(self, rip: int) -> None:
+        """CR_ACCESS (mov from cr3): KVM hands the guest its own CR3."""
+        self._count_exit(ExitReason.CR_ACCESS)
+        self.exit_work[(ExitReason.CR_ACCESS, "")] += 1
+        self._trace_exit(ExitReason.CR_ACCESS, rip, 0x13)
+
+    def handle_invlpg(self, gva: int, rip: int) -> None:
+        """INVLPG: kvm_mmu_invlpg drops the spte of that gva."""
+        self._count_exit(ExitReason.INVLPG)
+        self.exit_work[(ExitReason.INVLPG, "")] += 1
+        self._trace_exit(ExitReason.INVLPG, rip, gva)
+        mmu = self.vm.mmu
+        assert isinstance(mmu, ShadowMmu)
+        with self.in_kvm():
+            mmu.kvm_mmu_invlpg(self, gva)
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
         """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""

@@ -14,6 +14,7 @@ from ..types import PAGE_SHIFT, Gfn, Gpa, Hva
 from .memslot import Memslot, Memslots
 from .mmu import TdpMmu
 from .requests import kvm_flush_remote_tlbs
+from .shadow_mmu import ShadowMmu
 from .stats import VmStats
 from .vcpu import Vcpu
 
@@ -21,7 +22,8 @@ from .vcpu import Vcpu
 GUEST_RAM_HVA = Hva(0x7F00_0000_0000)
 
 class Vm:
-    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, tracer: Tracer = NULL_TRACER):
+    def __init__(self, vm_id: int, mm: HostMm, profile: Profile, memory_size: int, tracer: Tracer = NULL_TRACER,
+                 mmu: str = "tdp", mmu_pages: int | None = None, oos_shadow: bool = True):
         self.vm_id = vm_id
         self.mm = mm
         self.profile = profile
@@ -32,7 +34,10 @@ class Vm:
         # KVM_SET_USER_MEMORY_REGION for slot 0: all of guest RAM from gpa 0.
         mm.mmap(GUEST_RAM_HVA, memory_size)
         self.memslots.add(Memslot(0, Gfn(0), memory_size >> PAGE_SHIFT, GUEST_RAM_HVA))
-        self.mmu = TdpMmu(self)
+        # --mmu: EPT (TdpMmu) or shadow paging (ShadowMmu; mmu_pages models KVM_SET_NR_MMU_PAGES).  Both
+        # implement kvm.mmu_interface.KvmMmu; the attribute is typed TdpMmu so that the TDP-only code and
+        # tests reach its spte array, and shadow-only code narrows with isinstance(vm.mmu, ShadowMmu).
+        self.mmu: TdpMmu = ShadowMmu(self, mmu_pages, oos_shadow) if mmu == "shadow" else TdpMmu(self)  # type: ignore[assignment]
         mmu_notifier_register(self.mmu.notifier, mm)
         self.vcpus: list[Vcpu] = []
         # The vCPU whose thread is in KVM handling its own exit (the flusher's "me"), if any.

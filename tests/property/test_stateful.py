@@ -50,12 +50,14 @@ from hypervisor.host.mm import (
 )
 from hypervisor.kvm.mmu import FaultResult
 from hypervisor.kvm.requests import KVM_REQ_TLB_FLUSH, VcpuMode
+from hypervisor.kvm.shadow_mmu import ShadowFault, ShadowMmu
+from hypervisor.kvm.shadow_page import spte_to_pfn as shadow_spte_to_pfn
 from hypervisor.kvm.spte import spte_permits, spte_to_pfn
 from hypervisor.kvm.vcpu import Vcpu, VcpuState
 from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
 from hypervisor.profiles import get_profile
 from hypervisor.races import EVENTS, KSM_POINTS, RaceSpec
-from hypervisor.types import PAGE_SIZE, Gfn, Hva, Pfn
+from hypervisor.types import PAGE_SIZE, Gfn, Gpa, Hva, Pfn
 
 from ..unit.support import ModelledRaces, RacingWorld, disarm_races, race_specs
 
@@ -72,6 +74,26 @@ EVENT_KINDS = ("guest_read", "guest_write", "guest_write_merged", "ksmd", "ksmd_
                "smart_scan_on", "smart_scan_off", "age", "ksm_run_0", "ksm_run_1", "ksm_run_2", "mmap", "munmap",
                "arm_race", "race ksm_before_replace_page", "race ksm_after_replace_page", "race after_gfn_to_pfn",
                "kick", "halt_vcpu")
+
+
+# --mmu shadow: the guest's own page tables, in the gfns after its data pages (PML4, PDPT, PD, PT),
+# mapping gva gfn * 4 KiB and (gfn + ALIAS_GAP) * 4 KiB to each data gfn.
+SHADOW_TABLES = (NR_PAGES, NR_PAGES + 1, NR_PAGES + 2, NR_PAGES + 3)
+ALIAS_GAP = 64
+
+
+def write_shadow_tables(vm: Vm) -> None:
+    pml4, pdpt, pd, pt = (t * PAGE_SIZE for t in SHADOW_TABLES)
+    vm.write_guest(Gpa(pml4), (pdpt | 3).to_bytes(8, "little"))
+    vm.write_guest(Gpa(pdpt), (pd | 3).to_bytes(8, "little"))
+    vm.write_guest(Gpa(pd), (pt | 3).to_bytes(8, "little"))
+    for gfn in range(NR_PAGES):
+        for gva_page in (gfn, gfn + ALIAS_GAP):
+            vm.write_guest(Gpa(pt + gva_page * 8), ((gfn * PAGE_SIZE) | 3).to_bytes(8, "little"))
+    # A not-present entry unique to the VM and the table, so that KSM never merges a table page
+    # (a host event fired inside a merge could then take a guest page table away).
+    for table in (pml4, pdpt, pd, pt):
+        vm.write_guest(Gpa(table + 500 * 8), (((vm.vm_id + 1) << 32) | table).to_bytes(8, "little"))
 
 
 @dataclass
@@ -91,6 +113,9 @@ class World:
 class CoherenceMachine(RuleBasedStateMachine):
     profile_name = "2.6.32"
     change_pte = True
+    # KVM's MMU: "tdp", or "shadow" (the guest then reaches its pages through page tables of its
+    # own, each gfn at two gvas, so every gfn has two sptes on its rmap).
+    mmu = "tdp"
     # Events of all the runs of one test; machine_for() gives each machine class its own.
     events: ClassVar[Counter[str]] = Counter()
 
@@ -109,10 +134,14 @@ class CoherenceMachine(RuleBasedStateMachine):
         assert ksm is not None
         vms = []
         for i in range(NR_VMS):
-            vm = build_vm(host, i, NR_PAGES * PAGE_SIZE)
+            vm = build_vm(host, i, (NR_PAGES + len(SHADOW_TABLES)) * PAGE_SIZE, mmu=self.mmu)
             for j in range(NR_VCPUS):
                 vm.create_vcpu().vcpu_load(i * NR_VCPUS + j)  # each on its own host CPU, in guest mode
-            vm.mm.madvise(GUEST_RAM_HVA, NR_PAGES * PAGE_SIZE, MADV_MERGEABLE)
+            if isinstance(vm.mmu, ShadowMmu):
+                write_shadow_tables(vm)
+                for vcpu in vm.vcpus:
+                    vm.mmu.state(vcpu).cr3 = SHADOW_TABLES[0] * PAGE_SIZE
+            vm.mm.madvise(GUEST_RAM_HVA, vm.memory_size, MADV_MERGEABLE)
             vms.append(vm)
         ksm.set_run(1)
         self.world = World(host.frames, vms, ksm)
@@ -120,6 +149,7 @@ class CoherenceMachine(RuleBasedStateMachine):
         self.checker.attach(self.world)  # type: ignore[arg-type]
         self.scratch_mapped = [False] * NR_VMS
         self.races: list[RaceSpec] = []
+        self.accesses = 0
         self.turn = 0
         self.irq_exits = 0
 
@@ -129,6 +159,20 @@ class CoherenceMachine(RuleBasedStateMachine):
         runnable = [v for v in vm.vcpus if v.state is VcpuState.RUNNABLE]
         vcpu: Vcpu = runnable[self.turn % len(runnable)]
         self.turn += 1
+        mmu = vm.mmu
+        if isinstance(mmu, ShadowMmu):
+            # Through the first or the second alias in turn: a #PF exit until the shadow walk allows it.
+            self.accesses += 1
+            gva = (gfn + ALIAS_GAP * (self.accesses % 2)) * PAGE_SIZE
+            for _ in range(8):
+                spte, error_code = mmu.walk_shadow(vcpu, gva, write)
+                if spte:
+                    return Pfn(shadow_spte_to_pfn(spte))
+                result = vcpu.handle_shadow_pf(gva, error_code, 0)
+                assert result in (ShadowFault.FIXED, ShadowFault.RETRY), result
+                if result is ShadowFault.RETRY:
+                    self.seen("fault_retry")
+            raise AssertionError(f"the #PF on gva {gva:#x} did not converge")
         for _ in range(8):
             spte = int(vm.mmu.sptes[gfn])
             if spte_permits(spte, write):
@@ -217,7 +261,7 @@ class CoherenceMachine(RuleBasedStateMachine):
     @rule(vm=st.integers(0, NR_VMS - 1), mergeable=st.booleans())
     def madvise_mergeable(self, vm: int, mergeable: bool) -> None:
         mm = self.world.vms[vm].mm
-        mm.madvise(GUEST_RAM_HVA, NR_PAGES * PAGE_SIZE, MADV_MERGEABLE if mergeable else MADV_UNMERGEABLE)
+        mm.madvise(GUEST_RAM_HVA, self.world.vms[vm].memory_size, MADV_MERGEABLE if mergeable else MADV_UNMERGEABLE)
         self.seen("madvise_mergeable" if mergeable else "madvise_unmergeable")
 
     @rule(vm=st.integers(0, NR_VMS - 1), gfn=st.integers(0, NR_PAGES - 1))
@@ -288,7 +332,7 @@ class CoherenceMachine(RuleBasedStateMachine):
         self.arm_race(spec)
         self.world.ksm.set_run(1)
         for vm in vms[:2]:
-            self.world.vms[vm].mm.madvise(GUEST_RAM_HVA, NR_PAGES * PAGE_SIZE, MADV_MERGEABLE)
+            self.world.vms[vm].mm.madvise(GUEST_RAM_HVA, self.world.vms[vm].memory_size, MADV_MERGEABLE)
             self._write(vm, gfn, value)
         self.ksmd_full_scans(3)
 
@@ -327,9 +371,9 @@ class CoherenceMachine(RuleBasedStateMachine):
             self.checker.check(strict_refcount=True)
 
 
-def machine_for(profile: str, change_pte: bool) -> type[CoherenceMachine]:
-    return type(f"Machine_{profile}_{change_pte}", (CoherenceMachine,),
-                {"profile_name": profile, "change_pte": change_pte, "events": Counter()})
+def machine_for(profile: str, change_pte: bool, mmu: str = "tdp") -> type[CoherenceMachine]:
+    return type(f"Machine_{profile}_{change_pte}_{mmu}", (CoherenceMachine,),
+                {"profile_name": profile, "change_pte": change_pte, "mmu": mmu, "events": Counter()})
 
 
 SETTINGS = settings(max_examples=80, stateful_step_count=50, deadline=None)
@@ -339,13 +383,16 @@ SETTINGS = settings(max_examples=80, stateful_step_count=50, deadline=None)
 MAX_ROUNDS = 8
 # Every kernel where a merge or a COW notifies differently, without change_pte wherever KVM has it;
 # 5.8 reuses the last mapping of a KSM page on a write fault.
-MACHINES = [(name, change_pte) for name in ("2.6.32", "2.6.38", "3.7", "5.8", "6.10")
+MACHINES = [(name, change_pte, "tdp") for name in ("2.6.32", "2.6.38", "3.7", "5.8", "6.10")
             for change_pte in ((True, False) if get_profile(name).kvm_change_pte else (True,))]
+# Shadow paging in the eras where change_pte rewrites every spte of a gfn in place, and where it is zapped.
+MACHINES += [("2.6.32", True, "shadow"), ("2.6.32", False, "shadow"), ("3.7", True, "shadow")]
 
 
-@pytest.mark.parametrize(("profile", "change_pte"), MACHINES)
-def test_random_interleavings_stay_coherent_and_reach_every_event_kind(profile: str, change_pte: bool) -> None:
-    machine = machine_for(profile, change_pte)
+@pytest.mark.parametrize(("profile", "change_pte", "mmu"), MACHINES)
+def test_random_interleavings_stay_coherent_and_reach_every_event_kind(profile: str, change_pte: bool,
+                                                                       mmu: str) -> None:
+    machine = machine_for(profile, change_pte, mmu)
     for _ in range(MAX_ROUNDS):
         run_state_machine_as_test(machine, settings=SETTINGS)
         missing = [name for name in EVENT_KINDS if machine.events[name] == 0]

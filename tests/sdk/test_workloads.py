@@ -15,8 +15,8 @@ def xorshift64(x: int) -> int:
 
 
 def test_every_c_guest_builds_and_exits_zero_with_its_defaults(c_guests: dict[str, str]) -> None:
-    assert set(c_guests) == {"bootstorm", "forkserver", "kvstore", "samepage_c"}
-    for name in ("forkserver", "kvstore", "samepage_c"):
+    assert set(c_guests) == {"bootstorm", "forkserver", "kvstore", "samepage_c", "procs", "ptwrite"}
+    for name in ("forkserver", "kvstore", "samepage_c", "procs", "ptwrite"):
         vm = run(c_guests[name]).vms[0]
         assert (vm.state, vm.exit_status) == ("exited", 0), (name, vm.console, vm.error)
 
@@ -125,3 +125,38 @@ def test_guest_exceptions_do_not_depend_on_where_time_slices_end(c_guests: dict[
     runs = [run(c_guests["forkserver"], cmdline="pages=16 children=2 write_pct=50", quantum=q).vms[0]
             for q in (10_000, 7, 1)]
     assert len({(vm.console, vm.insns, tuple(sorted(vm.exits.items()))) for vm in runs}) == 1
+
+
+def procs_model(n: int, s: int, a: int, p: int, rounds: int) -> str:
+    """procs.c's output, computed independently: shared qwords are 0x5a bytes, private ones count up."""
+    out, total = [], 0
+    for r in range(1, rounds + 1):
+        total_round = 0
+        for q in range(n):
+            total_round += a * s * 0x5A5A5A5A5A5A5A5A
+            total_round += sum(((q * p + i + 1) * GOLDEN & MASK64) + r for i in range(p))
+        out.append(f"procs: round {r} checksum {total_round & MASK64:016x}\n")
+        total += total_round
+    return "".join(out) + f"procs: done procs={n} shared={s} aliases={a} checksum {total & MASK64:016x}\n"
+
+
+def ptwrite_model(pages: int, rounds: int) -> str:
+    """ptwrite.c's output, computed independently (qword 0 of frame f is (f+1) * GOLDEN)."""
+    def q0(f: int) -> int:
+        return ((f % pages) + 1) * GOLDEN & MASK64
+
+    out, total = [], 0
+    for r in range(rounds):
+        s = sum(q0(i + r) for i in range(pages)) + sum(q0(i + r + 1) for i in range(pages)) + q0(r)
+        out.append(f"ptwrite: round {r + 1} checksum {s & MASK64:016x} faults {r + 1}\n")
+        total += s
+    done = f"ptwrite: done pages={pages} rounds={rounds} checksum {total & MASK64:016x} faults {rounds}\n"
+    return "".join(out) + done
+
+
+def test_procs_and_ptwrite_print_what_a_model_of_them_computes(c_guests: dict[str, str]) -> None:
+    for mmu in ("tdp", "shadow"):
+        vm = run(c_guests["procs"], cmdline="procs=3 shared=5 aliases=3 private=2 rounds=3 spin=10", mmu=mmu).vms[0]
+        assert vm.console == procs_model(3, 5, 3, 2, 3) and vm.exit_status == 0
+        vm = run(c_guests["ptwrite"], cmdline="pages=5 rounds=3", mmu=mmu).vms[0]
+        assert vm.console == ptwrite_model(5, 3) and vm.exit_status == 0
