@@ -181,6 +181,10 @@ class TdpMmu:
     def spte(self, gfn: int) -> int:
         return int(self.sptes_view[gfn]) if gfn < self._nr_gfns else 0
 
+    def tlb_spte(self, vcpu: "Vcpu", gva: int, gfn: int) -> int:
+        # With EPT a TLB entry combines the guest walk and the one spte of its gfn.
+        return self.spte(gfn)
+
     def translate(self, gfn: int, write: bool) -> int:
         """The EPT walk on a TLB miss: the spte if it permits the access, with A (and D) set; else 0.
 
