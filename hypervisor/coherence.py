@@ -274,9 +274,9 @@ def check_vcpu_tlb(vcpu: "Vcpu", entries: dict[int, tuple[int, int, bool]], fail
     may hold maps the frame its gfn's spte maps, and is writable only if the spte is."""
     if vcpu.requests & KVM_REQ_TLB_FLUSH or not entries:
         return
-    sptes = vcpu.vm.mmu.sptes
+    mmu = vcpu.vm.mmu
     for page, (gfn, pfn, writable) in entries.items():
-        spte = int(sptes[gfn]) if gfn < sptes.shape[0] else 0
+        spte = mmu.tlb_spte(vcpu, page << PAGE_SHIFT, gfn)
         if not spte & SPTE_READABLE or (spte & SPTE_PFN_MASK) >> PAGE_SHIFT != pfn or (
                 writable and not spte & SPTE_WRITABLE):
             fail("tlb-follows-spte", f"vm{vcpu.vm.vm_id} vCPU {vcpu.vcpu_id} TLB maps gva {page << PAGE_SHIFT:#x} "

@@ -29,16 +29,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from unicorn import UC_HOOK_CODE, Uc
+from unicorn import Uc
 from unicorn import x86_const as x86
 
 from ..types import PAGE_SIZE
-from .binding import weakly
+from .code_scan import CodeScanner
 from .disasm import decode_one
 
 MSR_TSC_AUX = 0xC0000103
-_MAX_PREFIXES = 14  # an x86 instruction is at most 15 bytes
-_PREFIXES = frozenset([0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3, *range(0x40, 0x50)])
 _MASK32 = 0xFFFF_FFFF
 
 
@@ -58,50 +56,23 @@ def candidate_offsets(page: npt.NDArray[np.uint8]) -> list[int]:
     return out
 
 
-class SensitiveInsns:
+class SensitiveInsns(CodeScanner):
     """Finds and answers one vCPU's RDTSC/RDTSCP/RDRAND/RDSEED (see the module docstring)."""
 
     def __init__(self, uc: Uc, tsc: Callable[[], int], peek_code: Callable[[int, int], bytes],
                  undefined: Callable[[str, int], None], stopping: Callable[[], bool],
                  skipping: Callable[[], None] = lambda: None) -> None:
-        self.uc = uc
+        super().__init__(uc)
         # Called before RIP moves past an answered instruction: Unicorn leaves the block there.
         self._skipping = skipping
         self._tsc = tsc
         self._peek_code = peek_code
         self._undefined = undefined
         self._stopping = stopping
-        self._scanned: dict[int, int] = {}  # gva page -> pfn it was scanned at
-        self._hooked: set[int] = set()
         self.emulated = 0
 
-    def forget_scans(self) -> None:
-        """The host rewrote a frame that held code: scan pages again when next fetched."""
-        self._scanned.clear()
-
-    def scan(self, gva_page: int, pfn: int, frames: npt.NDArray[np.uint8]) -> None:
-        """A TLB fill for an instruction fetch from gva_page, mapped to frame pfn of `frames`."""
-        if self._scanned.get(gva_page) == pfn:
-            return
-        self._scanned[gva_page] = pfn
-        page = frames[pfn]
-        base = gva_page * PAGE_SIZE
-        for off in candidate_offsets(page):
-            start = off
-            while start > 0 and off - start < _MAX_PREFIXES and int(page[start - 1]) in _PREFIXES:
-                start -= 1
-            if start == 0 and off < _MAX_PREFIXES:
-                # Prefixes may begin on the page before: hook every possible start there too.
-                start = off - _MAX_PREFIXES
-            for addr in range(base + start, base + off + 1):
-                self._hook(addr)
-
-    def _hook(self, addr: int) -> None:
-        if addr in self._hooked or addr < 0:
-            return
-        self._hooked.add(addr)
-        # Added from inside the TLB-fill hook, before Unicorn translates any block of this page.
-        self.uc.hook_add(UC_HOOK_CODE, weakly(self._at), None, addr, addr)  # weakly: the binding's hooks are cycles
+    def candidates(self, page: npt.NDArray[np.uint8]) -> list[int]:
+        return candidate_offsets(page)
 
     def _at(self, uc: Uc, address: int, size: int, _ud: Any) -> None:
         if self._stopping():

@@ -77,6 +77,7 @@ class ShadowFill:
     sensitive: Any
     shadow_insns: Any
     _ptwrite: ShadowPtWrite | None
+    tlb_entries: dict[int, tuple[int, int, bool]] | None
 
     _read_cr3: Callable[[], int]
 
@@ -114,7 +115,10 @@ class ShadowFill:
         fetch = access == UC_MEM_FETCH
         if fetch:
             # The load itself exited at its code hook (cpu/shadow_insns.py); here only the walks' view.
-            self._cr3 = self._read_cr3()
+            cr3 = self._read_cr3()
+            if cr3 != self._cr3 and self.tlb_entries is not None:
+                self.tlb_entries.clear()  # a CR3 write flushes Unicorn's TLB (QEMU's x86 CR3 update)
+            self._cr3 = cr3
         if self._refused or self._resume_rip is not None:
             # After a stop was asked for behind an instruction (the exit port), Unicorn may begin the
             # next one before it stops: that access never happens for the guest, so it takes no exit.
@@ -142,6 +146,10 @@ class ShadowFill:
             self.shadow_insns.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         elif write:
             self._code.written(pfn)
+        if self.tlb_entries is not None:  # --check: what this vCPU's TLB may hold now
+            gpa = self.translate_peek(vaddr)
+            if gpa is not None:
+                self.tlb_entries[vaddr >> PAGE_SHIFT] = (gpa >> PAGE_SHIFT, pfn, entry.perms == UC_PROT_ALL)
         return True
 
     def _shadow_translate(self, vaddr: int, write: bool) -> tuple[int, bool]:

@@ -18,14 +18,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from unicorn import UC_HOOK_CODE, Uc
+from unicorn import Uc
 from unicorn import x86_const as x86
 
 from ..kvm.vcpu import Vcpu
 from ..types import PAGE_SIZE
-from .binding import weakly
+from .code_scan import CodeScanner
 from .disasm import decode_one
-from .sensitive_insns import _MAX_PREFIXES, _PREFIXES
 
 _TERM = re.compile(r"^(?:(\w+)\*(\d)|(0x[0-9a-f]+|\d+)|(\w+))$")
 
@@ -72,37 +71,18 @@ def effective_address(uc: Uc, ops: str, next_rip: int) -> int | None:
     return total & 0xFFFF_FFFF_FFFF_FFFF
 
 
-class ShadowInsns:
+class ShadowInsns(CodeScanner):
     """Finds one vCPU's CR3 accesses and INVLPGs and takes their exits (see the module docstring)."""
 
     def __init__(self, uc: Uc, vcpu: Vcpu, peek_code: Callable[[int, int], bytes],
                  stopping: Callable[[], bool]) -> None:
-        self.uc = uc
+        super().__init__(uc)
         self.vcpu = vcpu
         self._peek_code = peek_code
         self._stopping = stopping
-        self._scanned: dict[int, int] = {}
-        self._hooked: set[int] = set()
 
-    def forget_scans(self) -> None:
-        self._scanned.clear()
-
-    def scan(self, gva_page: int, pfn: int, frames: npt.NDArray[np.uint8]) -> None:
-        if self._scanned.get(gva_page) == pfn:
-            return
-        self._scanned[gva_page] = pfn
-        page = frames[pfn]
-        base = gva_page * PAGE_SIZE
-        for off in candidate_offsets(page):
-            start = off
-            while start > 0 and off - start < _MAX_PREFIXES and int(page[start - 1]) in _PREFIXES:
-                start -= 1
-            if start == 0 and off < _MAX_PREFIXES:
-                start = off - _MAX_PREFIXES
-            for addr in range(base + start, base + off + 1):
-                if addr >= 0 and addr not in self._hooked:
-                    self._hooked.add(addr)
-                    self.uc.hook_add(UC_HOOK_CODE, weakly(self._at), None, addr, addr)
+    def candidates(self, page: npt.NDArray[np.uint8]) -> list[int]:
+        return candidate_offsets(page)
 
     def _at(self, uc: Uc, address: int, size: int, _ud: Any) -> None:
         if self._stopping():

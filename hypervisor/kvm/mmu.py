@@ -25,8 +25,8 @@ import numpy.typing as npt
 from ..errors import InvariantViolation
 from ..events import KvmAgeHva, KvmMmuSetSpte, KvmSetSpteHva, KvmUnmapHvaRange
 from ..host.mm import HostFault, HostMm, pte_pfn, pte_write
-from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
 from ..types import PAGE_SIZE, Gfn, Hva, Pfn
+from .kvm_mmu_notifier import KvmMmuNotifier
 from .memslot import Memslot
 from .mmu_interface import FaultOutcome, FaultPathHooks, FaultResult, FaultWork, SpteChange, SpteCheck, outcome
 from .spte import (
@@ -98,7 +98,7 @@ def gfn_to_pfn(mm: HostMm, profile: "Profile", hva: Hva, write_fault: bool) -> t
     return pfn, False, work
 
 
-class TdpMmu:
+class TdpMmu(KvmMmuNotifier):
     """The EPT MMU (implements kvm.mmu_interface.KvmMmu)."""
 
     def __init__(self, vm: "Vm") -> None:
@@ -111,23 +111,11 @@ class TdpMmu:
         self.leaf_sptes: memoryview | None = self.sptes_view
         self._nr_gfns = int(self.sptes.shape[0])
         self._last_slot: Memslot | None = None
-        self.mmu_notifier_seq = 0
-        self.mmu_notifier_count = 0
-        # The union of the hva ranges being invalidated (mmu_invalidate_range_start/end in 6.x).
-        self.mmu_notifier_range: tuple[Hva, Hva] | None = None
         # Seams of the fault path where tests and --inject fire host events (issue #4's races).
         self.hooks: FaultPathHooks | None = None
         # --check: called at every spte change (check_spte_change, or the checker's own).
         self.spte_check: SpteCheck | None = None
-        ops = MmuNotifierOps(
-            release=self._mn_release,
-            clear_flush_young=self._mn_clear_flush_young,
-            change_pte=self._mn_change_pte if self.profile.kvm_change_pte else None,
-            invalidate_page=self._mn_invalidate_page if self.profile.notifier_has_invalidate_page else None,
-            invalidate_range_start=self._mn_invalidate_range_start,
-            invalidate_range_end=self._mn_invalidate_range_end,
-        )
-        self.notifier = MmuNotifier(ops)
+        self._init_notifier()
 
     # --- the one place an spte changes ------------------------------------------------
 
@@ -181,6 +169,10 @@ class TdpMmu:
     def spte(self, gfn: int) -> int:
         return int(self.sptes_view[gfn]) if gfn < self._nr_gfns else 0
 
+    def tlb_spte(self, vcpu: "Vcpu", gva: int, gfn: int) -> int:
+        # With EPT a TLB entry combines the guest walk and the one spte of its gfn.
+        return self.spte(gfn)
+
     def translate(self, gfn: int, write: bool) -> int:
         """The EPT walk on a TLB miss: the spte if it permits the access, with A (and D) set; else 0.
 
@@ -203,23 +195,6 @@ class TdpMmu:
     def gfn_to_pfn(self, hva: Hva, write_fault: bool) -> tuple[Pfn, bool, HostFault]:
         """Pin the page behind hva; return (pfn, may the spte be writable, what the host did)."""
         return gfn_to_pfn(self.mm, self.profile, hva, write_fault)
-
-    def mmu_notifier_retry(self, mmu_seq: int, hva: Hva) -> bool:
-        """mmu_notifier_retry(): did a notifier run (or is one running) since mmu_seq was read?
-
-        2.6.32: any invalidation in progress retries.  With the range-based check
-        (mmu_invalidate_retry_gfn in 6.8, include/linux/kvm_host.h) only one whose
-        range holds this fault's address does; a finished one still shows in the seq.
-        """
-        if self.hooks is not None and self.hooks.skip_mmu_notifier_retry():
-            return False
-        if self.mmu_notifier_count != 0:
-            if not self.profile.kvm_retry_range_based:
-                return True
-            rng = self.mmu_notifier_range
-            if rng is not None and rng[0] <= hva < rng[1]:
-                return True
-        return self.mmu_notifier_seq != mmu_seq
 
     def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
         slot = self._last_slot
@@ -317,45 +292,6 @@ class TdpMmu:
             self.vm.stats.mmu_shadow_zapped += int(np.unique(present >> 9).size)
             self._zap_gfn_range(0, self._nr_gfns)
             self.vm.kvm_flush_remote_tlbs()
-    # --- KVM's mmu_notifier_ops -------------------------------------------------------
-
-    def _mn_invalidate_page(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> None:
-        self.mmu_notifier_seq += 1
-        if self.kvm_unmap_hva_range(address, Hva(address + PAGE_SIZE)):
-            self.vm.kvm_flush_remote_tlbs()
-
-    def _mn_change_pte(self, mn: MmuNotifier, mm: HostMm, address: Hva, pte: int) -> None:
-        if self.profile.kvm_change_pte_needs_invalidation and self.mmu_notifier_count == 0:
-            # 5.15 .. 6.9: nothing to do unless an invalidation is in progress (whose
-            # range_start already zapped the spte; sndrzt/linux-5.15, linux-6.8 kvm_main.c).
-            return
-        if self.profile.kvm_change_pte_bumps_seq:
-            # 2.6.32 .. 5.12 (read in 2.6.32, 3.7.2, 5.12.9): mmu_notifier_seq++, then rewrite.
-            self.mmu_notifier_seq += 1
-        self.kvm_set_spte_hva(address, pte)
-
-    def _mn_invalidate_range_start(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
-        self.mmu_notifier_count += 1
-        rng = self.mmu_notifier_range
-        # kvm_mmu_invalidate_range_add(): one range, widened while invalidations overlap.
-        self.mmu_notifier_range = (start, end) if rng is None else (min(rng[0], start), max(rng[1], end))
-        if self.kvm_unmap_hva_range(start, end):
-            self.vm.kvm_flush_remote_tlbs()
-
-    def _mn_invalidate_range_end(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
-        self.mmu_notifier_seq += 1
-        self.mmu_notifier_count -= 1
-        if self.mmu_notifier_count == 0:
-            self.mmu_notifier_range = None
-
-    def _mn_clear_flush_young(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> bool:
-        young = self.kvm_age_hva(address)
-        if young:
-            self.vm.kvm_flush_remote_tlbs()
-        return young
-
-    def _mn_release(self, mn: MmuNotifier, mm: HostMm) -> None:
-        self.zap_all()
 
 
 __all__ = ["FaultOutcome", "FaultResult", "FaultWork", "TdpMmu", "check_spte_change", "gfn_to_pfn"]

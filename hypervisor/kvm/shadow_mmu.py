@@ -192,6 +192,17 @@ class ShadowMmu(ShadowNotifier, ShadowFaultPath):
             return spte, 0
         raise AssertionError("unreachable")
 
+    def tlb_spte(self, vcpu: "Vcpu", gva: int, gfn: int) -> int:
+        """The leaf spte the vCPU's current shadow root gives gva, in EPT format (0 if none): the
+        hardware walk of walk_shadow without its side effects."""
+        sp = self.state(vcpu).root
+        for level in (4, 3, 2):
+            if sp is None or sp.invalid:
+                return 0
+            sp = sp.children.get(shadow_index(gva, level))
+        spte = int(sp.view[shadow_index(gva, 1)]) if sp is not None else 0
+        return to_ept_format(spte) if spte not in (SPTE_TRAP, SPTE_NOTRAP) else 0
+
     # --- roots: kvm_mmu_load, mmu_free_roots, kvm_set_cr3 --------------------------------
 
     def kvm_mmu_load(self, vcpu: "Vcpu") -> None:

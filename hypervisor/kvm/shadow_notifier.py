@@ -6,15 +6,15 @@ invalidate_range_start: every spte of the gfn is dropped to trap), `kvm_set_pte_
 place to the new pfn, W and SPTE_HOST_WRITEABLE cleared, other bits kept), `kvm_age_rmapp`
 (clear_flush_young: shadow_accessed_mask is PT_ACCESSED_MASK, so every spte with A makes
 the gfn young and loses A).  One kvm_flush_remote_tlbs per callback that changed
-something.  The mmu_notifier_seq/count protocol is the TDP one (kvm/mmu.py).
+something.  The callbacks and the mmu_notifier_seq/count protocol are kvm/kvm_mmu_notifier.py.
 """
 
 from typing import TYPE_CHECKING
 
 from ..events import KvmAgeHva, KvmSetSpteHva, KvmUnmapHvaRange
-from ..host.mm import HostMm, pte_pfn, pte_write
-from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
+from ..host.mm import pte_pfn, pte_write
 from ..types import PAGE_SIZE, Hva
+from .kvm_mmu_notifier import KvmMmuNotifier
 from .mmu_interface import SpteChange
 from .shadow_page import PT64_BASE_ADDR_MASK, PT_ACCESSED, PT_WRITABLE, SPTE_HOST_WRITEABLE_X86, KvmMmuPage
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
-class ShadowNotifier:
+class ShadowNotifier(KvmMmuNotifier):
     """The notifier half of ShadowMmu (a mixin: ShadowMmu provides rmap, trap, set_spte, drop_spte)."""
 
     vm: "Vm"
@@ -39,32 +39,6 @@ class ShadowNotifier:
 
     def drop_spte(self, sp: KvmMmuPage, index: int, value: int) -> bool:
         raise NotImplementedError
-
-    def _init_notifier(self) -> None:
-        self.mmu_notifier_seq = 0
-        self.mmu_notifier_count = 0
-        self.mmu_notifier_range: tuple[Hva, Hva] | None = None
-        ops = MmuNotifierOps(
-            release=self._mn_release,
-            clear_flush_young=self._mn_clear_flush_young,
-            change_pte=self._mn_change_pte if self.profile.kvm_change_pte else None,
-            invalidate_page=self._mn_invalidate_page if self.profile.notifier_has_invalidate_page else None,
-            invalidate_range_start=self._mn_invalidate_range_start,
-            invalidate_range_end=self._mn_invalidate_range_end,
-        )
-        self.notifier = MmuNotifier(ops)
-
-    def mmu_notifier_retry(self, mmu_seq: int, hva: Hva) -> bool:
-        """As TdpMmu.mmu_notifier_retry (2.6.32: any invalidation in progress; later range-based)."""
-        if self.hooks is not None and self.hooks.skip_mmu_notifier_retry():
-            return False
-        if self.mmu_notifier_count != 0:
-            if not self.profile.kvm_retry_range_based:
-                return True
-            rng = self.mmu_notifier_range
-            if rng is not None and rng[0] <= hva < rng[1]:
-                return True
-        return self.mmu_notifier_seq != mmu_seq
 
     def _gfns(self, start: Hva, end: Hva) -> range:
         out = [range(lo, hi) for _, lo, hi in self.vm.memslots.hva_to_gfns(start, end)]
@@ -117,45 +91,3 @@ class ShadowNotifier:
         if self.vm.tracer.enabled:
             self.vm.tracer.event(KvmAgeHva(hva, young))
         return young
-
-    def zap_all(self) -> None:
-        raise NotImplementedError
-
-    # --- KVM's mmu_notifier_ops -------------------------------------------------------
-
-    def _mn_invalidate_page(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> None:
-        self.mmu_notifier_seq += 1
-        if self.kvm_unmap_hva_range(address, Hva(address + PAGE_SIZE)):
-            self.vm.kvm_flush_remote_tlbs()
-
-    def _mn_change_pte(self, mn: MmuNotifier, mm: HostMm, address: Hva, pte: int) -> None:
-        if self.profile.kvm_change_pte_needs_invalidation and self.mmu_notifier_count == 0:
-            return
-        if self.profile.kvm_change_pte_bumps_seq:
-            self.mmu_notifier_seq += 1
-        self.kvm_set_spte_hva(address, pte)
-
-    def _mn_invalidate_range_start(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
-        self.mmu_notifier_count += 1
-        rng = self.mmu_notifier_range
-        self.mmu_notifier_range = (start, end) if rng is None else (min(rng[0], start), max(rng[1], end))
-        if self.kvm_unmap_hva_range(start, end):
-            self.vm.kvm_flush_remote_tlbs()
-
-    def _mn_invalidate_range_end(self, mn: MmuNotifier, mm: HostMm, start: Hva, end: Hva) -> None:
-        self.mmu_notifier_seq += 1
-        self.mmu_notifier_count -= 1
-        if self.mmu_notifier_count == 0:
-            self.mmu_notifier_range = None
-
-    def _mn_clear_flush_young(self, mn: MmuNotifier, mm: HostMm, address: Hva) -> bool:
-        young = self.kvm_age_hva(address)
-        if young:
-            self.vm.kvm_flush_remote_tlbs()
-        return young
-
-    def _mn_release(self, mn: MmuNotifier, mm: HostMm) -> None:
-        self.zap_all()
-
-
-__all__ = ["ShadowNotifier"]
