@@ -44,7 +44,7 @@ class Progress:
         if self.enabled:
             self.label = label
             self.run_no += 1
-            sim.on_slice.append(self._update)
+            sim.on_display.append(self._update)
 
     def line(self, sim: Simulation) -> str:
         self._turn += 1

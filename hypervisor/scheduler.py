@@ -3,8 +3,9 @@
 
 Overview.  Simulated time is instructions retired (plus retried faults' cost), summed over
 all vCPUs, as if they shared one host CPU round-robin.  `Environment` is a heap of timed
-events in the manner of SimPy's: an event is (time, sequence number, action), and ties go
-in the order the events were scheduled.  Only vCPU slices move the clock.  Each runnable
+host events in the manner of SimPy's: an event is (time, sequence number, action), and ties
+go in the order the events were scheduled.  Only vCPU slices move the clock, so the slices are
+a plain loop around the heap (`Scheduler._turns`), which runs what is due before each slice.  Each runnable
 vCPU in turn holds the host CPU for one `HOST_TIMESLICE` of simulated time (the host
 scheduler's slice, a constant of the model), and a turn ends early where the vCPU stops or
 where the next host event is due (ksmd preempts it; the next vCPU runs after ksmd), so that
@@ -12,6 +13,10 @@ ksmd runs at its simulated time.  hvsim executes a turn in chunks of at most `qu
 instructions (checks, progress and Ctrl-C happen between chunks); since every rule above is
 in simulated time, the quantum changes no result.  After a chunk, the host events due by
 then run (in time order), then the end-of-chunk checks and hooks, then the next chunk.
+A lone runnable vCPU with nothing to do where its turn ends (`_lone`) runs its turns one
+after another inside one run, up to the next host event or `LONE_RUN` instructions: the C block
+hook (cpu/_icount.c) starts each next turn at the block boundary where the turn ended, as this
+loop would, so that saves a Unicorn run and the scheduler's round trip per turn, and nothing else.
 ksmd wakes every `sleep_millisecs` (at `insns_per_ms`); with sleep_millisecs=0 it runs after
 every turn.  ksmd's own work takes no simulated time.  Same inputs -> same counts, byte for
 byte, at every quantum.
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import GuestTimeout
+from .kvm.vcpu import VcpuState
 from .smp import stop_vm_after_failure
 
 if TYPE_CHECKING:
@@ -30,24 +36,24 @@ if TYPE_CHECKING:
 
 Action = Callable[[], None]
 
-# At one time, host events go first, then the end-of-slice checks and hooks, then the next slice.
-HOST, END_OF_SLICE, SLICE = 0, 1, 2
 # The host scheduler's time slice, in instructions: how long a runnable vCPU keeps the shared host
 # CPU before the next one runs.  A model constant (the old default quantum), so that how VMs
 # interleave, and so everything ksmd finds, never depends on --quantum.
 HOST_TIMESLICE = 10_000
+# The fast path for a lone vCPU (`Scheduler._lone`): its turns follow each other inside one run of
+# at most this many instructions (a few milliseconds of wall time: Ctrl-C is seen between runs).
+LONE_RUN = 100 * HOST_TIMESLICE
 
 
 class Environment:
-    """A heap of timed events: by time, then kind (HOST, END_OF_SLICE, SLICE), then the order of
-    scheduling (a sequence number)."""
+    """A heap of timed host events: by time, then the order of scheduling (a sequence number)."""
 
     def __init__(self) -> None:
-        self._queue: list[tuple[int, int, int, Action]] = []
+        self._queue: list[tuple[int, int, Action]] = []
         self._seq = itertools.count()
 
-    def schedule(self, at: int, action: Action, kind: int = HOST) -> None:
-        heapq.heappush(self._queue, (at, kind, next(self._seq), action))
+    def schedule(self, at: int, action: Action) -> None:
+        heapq.heappush(self._queue, (at, next(self._seq), action))
 
     def clear(self) -> None:
         self._queue.clear()
@@ -58,7 +64,7 @@ class Environment:
     def run_due(self, now: Callable[[], int]) -> None:
         """Run every event due by `now()`; the slices advance it, so this runs until no vCPU is left."""
         while self._queue and self._queue[0][0] <= now():
-            action = heapq.heappop(self._queue)[3]
+            action = heapq.heappop(self._queue)[2]
             action()
 
 
@@ -85,22 +91,45 @@ class Scheduler:
                     self.env.schedule(ms * sim.config.insns_per_ms, self._ksm_run_write(value))
             if self.ksm_period:
                 self.env.schedule(self.ksm_period, self._ksmd_tick)
-        if not sim.interrupted:
-            self._continue_after(-1)
         try:
-            self.env.run_due(lambda: sim.now)
+            self._turns()
         finally:
             self.env.clear()  # the queued actions refer back here (and to the Simulation)
 
+    def _turns(self) -> None:
+        """The slices in order, with the host events due run before each one and before its end-of-slice
+        checks: the order a heap of (time, HOST < END_OF_SLICE < SLICE) events gives, without putting the
+        slices on the heap (only slices move the clock, so everything due at a slice's end is due now)."""
+        sim = self.sim
+        run_due = self.env.run_due
+        now = self._now
+        i = self._next_runnable(-1) if not sim.interrupted else None
+        while i is not None:
+            run_due(now)
+            turn_over = self._slice(i)
+            if turn_over is None:  # out of --max-insns: no slice ran, the next vCPU's turn
+                i = self._next_runnable(i)
+                continue
+            run_due(now)
+            self._end_of_slice(turn_over)
+            run_due(now)
+            if sim.interrupted:
+                return
+            if turn_over:
+                i = self._next_runnable(i)
+
+    def _now(self) -> int:
+        return self.sim.now
+
     def _next_runnable(self, after: int) -> int | None:
         """Round-robin: the first runnable vCPU after index `after`, wrapping round."""
-        order = self.sim.runnable()
-        return next((i for i in order if i > after), order[0] if order else None)
-
-    def _continue_after(self, i: int) -> None:
-        nxt = self._next_runnable(i)
-        if nxt is not None:
-            self.env.schedule(self.sim.now, lambda: self._slice(nxt), SLICE)
+        backends = self.sim.backends
+        n = len(backends)
+        for k in range(after + 1, after + 1 + n):
+            i = k % n
+            if backends[i].vcpu.state is VcpuState.RUNNABLE:
+                return i
+        return None
 
     def _budget(self, i: int) -> int:
         sim, cfg = self.sim, self.sim.config
@@ -111,7 +140,8 @@ class Scheduler:
             budget = min(budget, due - sim.now)
         return budget
 
-    def _slice(self, i: int) -> None:
+    def _slice(self, i: int) -> bool | None:
+        """Run vCPU i for one chunk; whether its turn is over (None: it was out of --max-insns)."""
         sim = self.sim
         budget = self._budget(i)
         if budget <= 0:
@@ -119,33 +149,53 @@ class Scheduler:
                                      GuestTimeout)
             stop_vm_after_failure(sim.vms[sim.vm_of[i]])
             self._turn_left = HOST_TIMESLICE
-            self._continue_after(i)
-            return
+            return None
         backend = sim.backends[i]
         due = self.env.next_time()
+        lone = self._lone(i)
         sim.context, sim._running = ("vcpu", sim.vm_of[i]), backend
         try:
-            backend.run(budget)
+            if lone:
+                # Up to the next host event, --max-insns or LONE_RUN; the turns end inside the run.
+                hard = min(LONE_RUN, sim.config.max_insns - sim.insns[i] - sim.stalls[i])
+                backend.run(hard if due is None else min(hard, due - sim.now), self._turn_left, HOST_TIMESLICE)
+            else:
+                backend.run(budget)
         finally:
             # A slice that ended in an error (livelock, violated invariant) still took its time.
             sim._running = None
+            took = backend.slice_retired + backend.stall_in_slice
             sim.insns[i] += backend.slice_retired
             sim.stalls[i] += backend.stall_in_slice
-            sim.now += backend.slice_retired + backend.stall_in_slice
+            sim.now += took
             sim.context = ("vmm", 0)
-            self._turn_left -= backend.slice_retired + backend.stall_in_slice
+            turns, turn_start = backend.clock.turns_ended if lone else (0, 0)
+            if turns:
+                self._turn_left = HOST_TIMESLICE - (took - turn_start)
+            else:
+                self._turn_left -= took
         stop_vm_after_failure(sim.vms[sim.vm_of[i]])
         # The turn goes on unless it is used up, the vCPU stopped, or a host event is due: all
         # points of simulated time, never where a chunk happened to end.
-        preempted = due is not None and sim.now >= due
-        turn_over = self._turn_left <= 0 or preempted or i not in sim.runnable()
+        turn_over = (self._turn_left <= 0 or (due is not None and sim.now >= due)
+                     or backend.vcpu.state is not VcpuState.RUNNABLE)
         if turn_over:
             self._turn_left = HOST_TIMESLICE
             if sim.ksm is not None and self.ksm_period == 0:
                 self.env.schedule(sim.now, self._ksmd_wakeup)
-        self.env.schedule(sim.now, lambda: self._end_of_slice(i, turn_over), END_OF_SLICE)
+        return turn_over
 
-    def _end_of_slice(self, i: int, turn_over: bool) -> None:
+    def _lone(self, i: int) -> bool:
+        """Whether vCPU i's turns may follow each other inside one run: it is the only runnable vCPU (so
+        the next turn is its own), and nothing happens where a turn ends (no --check, no per-turn
+        samples, ksmd not woken after every turn); the host events bound the run.  The turns end
+        where the scheduler would end them (_icount.c), so the results are the same."""
+        sim = self.sim
+        if sim.checker is not None or sim.on_slice or (sim.ksm is not None and self.ksm_period == 0):
+            return False
+        return not any(b.vcpu.state is VcpuState.RUNNABLE for j, b in enumerate(sim.backends) if j != i)
+
+    def _end_of_slice(self, turn_over: bool) -> None:
         sim = self.sim
         if sim.checker is not None:
             sim.checker.end_of_slice()
@@ -154,12 +204,8 @@ class Scheduler:
             # simulated time, so that they do not depend on --quantum either.
             for hook in sim.on_slice:
                 hook(sim)
-        if sim.interrupted:
-            return
-        if turn_over:
-            self._continue_after(i)
-        else:
-            self.env.schedule(sim.now, lambda: self._slice(i), SLICE)
+        for hook in sim.on_display:
+            hook(sim)
 
     def _as_ksmd(self, work: Action) -> None:
         sim = self.sim

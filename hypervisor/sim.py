@@ -98,6 +98,9 @@ class Simulation:
         self.interrupted = False
         # Called where a vCPU turn on the host CPU ends (scheduler.py), never where a --quantum chunk ends.
         self.on_slice: list[Callable[[Simulation], None]] = []
+        # Display only (the progress line): called after every Unicorn run, wherever it ended, so it
+        # must record nothing; unlike on_slice it leaves the scheduler's lone-vCPU fast path on.
+        self.on_display: list[Callable[[Simulation], None]] = []
 
     def __enter__(self) -> "Simulation":
         return self
@@ -126,6 +129,7 @@ class Simulation:
             self.ksm.tracer = NULL_TRACER
             self.ksm.hooks = None
         self.on_slice.clear()
+        self.on_display.clear()
         self.tracer = NULL_TRACER
         self.checker = self.injector = None
 

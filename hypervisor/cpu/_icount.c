@@ -21,6 +21,12 @@
  * which cpu/clock.py computes when something needs the time mid-block (an exit, a
  * TSC read, the end of a slice inside a block).
  *
+ * Consecutive host turns in one run: with `period` set, reaching `limit` at a block
+ * boundary below `hard` is the end of a host turn (scheduler.py) with nothing else to
+ * do there; the next turn starts at that boundary (`turn_start`, `turns` counts them)
+ * and the limit moves to min(counter + period, hard), exactly where the scheduler
+ * would have ended the next turn.  At `hard` (or with `period` 0) the run stops.
+ *
  * `stop` is Unicorn's uc_emu_stop and `miss` a ctypes callback, both passed in by
  * address so that this module does not link against libunicorn.
  */
@@ -51,6 +57,10 @@ struct icount {
     uint64_t (*miss)(uint64_t pc, uint64_t size);
     uint64_t misses;
     uint64_t failed;
+    uint64_t period;
+    uint64_t hard;
+    uint64_t turn_start;
+    uint64_t turns;
     struct block_entry cache[CACHE_SIZE];
 };
 
@@ -61,9 +71,14 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     uint64_t n;
 
     if (ic->counter >= ic->limit) {
-        ic->stopped = 1;
-        ic->stop(uc);
-        return;
+        if (ic->period == 0 || ic->counter >= ic->hard) {
+            ic->stopped = 1;
+            ic->stop(uc);
+            return;
+        }
+        ic->turn_start = ic->counter;
+        ic->turns++;
+        ic->limit = ic->hard - ic->counter > ic->period ? ic->counter + ic->period : ic->hard;
     }
     e = &ic->cache[(address ^ (address >> CACHE_BITS)) & (CACHE_SIZE - 1)];
     if (e->pc == address && e->size == size && e->generation == ic->generation) {

@@ -183,7 +183,8 @@ class ICount(ctypes.Structure):
     _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
                 ("stopped", ctypes.c_uint64), ("block_pc", ctypes.c_uint64), ("block_size", ctypes.c_uint64),
                 ("block_count", ctypes.c_uint64), ("generation", ctypes.c_uint64), ("miss", ctypes.c_void_p),
-                ("misses", ctypes.c_uint64), ("failed", ctypes.c_uint64),
+                ("misses", ctypes.c_uint64), ("failed", ctypes.c_uint64), ("period", ctypes.c_uint64),
+                ("hard", ctypes.c_uint64), ("turn_start", ctypes.c_uint64), ("turns", ctypes.c_uint64),
                 ("cache", BlockEntry * _icount.cache_size()))
 
 

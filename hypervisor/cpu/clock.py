@@ -65,7 +65,9 @@ class VcpuClock:
         self.ic.generation += 1
         self.blocks.forget()
 
-    def start_slice(self, limit: int) -> None:
+    def start_slice(self, limit: int, period: int = 0, hard: int = 0) -> None:
+        """A slice ends at the first block boundary at or after `limit`; with `period`, that boundary only
+        ends a host turn, and the next turns (of `period`) follow in the same run up to `hard`."""
         self._retired_before += self.slice_retired
         self._time_before += self.slice_retired + self.stall_in_slice
         self.slice_retired = self.stall_in_slice = 0
@@ -73,8 +75,16 @@ class VcpuClock:
         ic = self.ic
         ic.counter = 0
         ic.limit = limit
+        ic.period = period
+        ic.hard = hard
+        ic.turn_start = ic.turns = 0
         ic.stopped = 0
         ic.block_size = ic.block_count = 0
+
+    @property
+    def turns_ended(self) -> tuple[int, int]:
+        """(host turns that ended inside this slice, time in the slice where the last of them ended)."""
+        return int(self.ic.turns), int(self.ic.turn_start)
 
     def exact(self, begun: bool = True) -> int:
         """Time in the slice at the instruction at RIP, during a run (it counts as begun if `begun`)."""
@@ -110,6 +120,7 @@ class VcpuClock:
     def stop_now(self) -> None:
         """No further block starts in this slice."""
         self.ic.limit = self.ic.counter
+        self.ic.period = 0
 
     def next_rip(self) -> int:
         """The address of the instruction after the one at RIP (inside the running block)."""

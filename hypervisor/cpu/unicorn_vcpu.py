@@ -181,8 +181,11 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
 
     # --- running ---------------------------------------------------------------------
 
-    def run(self, max_insns: int) -> int:
-        """Run until max_insns retire or the vCPU stops; return the instructions retired."""
+    def run(self, max_insns: int, turn_left: int = 0, period: int = 0) -> int:
+        """Run until max_insns retire or the vCPU stops; return the instructions retired.
+
+        With `period`: the running host turn ends after `turn_left`, and further turns of `period`
+        follow in this run (the scheduler's fast path for a lone vCPU; clock.turns_ended says where)."""
         vcpu = self.vcpu
         if self.frames.code_epoch != self._code_epoch:
             # A frame that held translated code was rewritten by the host.
@@ -193,7 +196,10 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
             if self._shadow:
                 self.shadow_insns.forget_scans()
         clock = self.clock
-        clock.start_slice(max_insns)
+        if period:
+            clock.start_slice(min(turn_left, max_insns), period, max_insns)
+        else:
+            clock.start_slice(max_insns)
         self._stop_note = None
         self._pending = None
         self._abandoned = None

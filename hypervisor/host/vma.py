@@ -33,6 +33,10 @@ class HostFault(Enum):
     FAULT = "fault"  # a page was faulted in (or a pte made young/writable in place)
     COW = "cow"  # do_wp_page copied the page
 
+    # Members are singletons: hash by identity (C), not Enum's name hash (a Python call); these
+    # key dicts once per fault.
+    __hash__ = object.__hash__
+
 
 class SegmentationFault(HvsimError):
     """A host access to an hva outside every VMA (a bug in the VMM, i.e. in hvsim)."""

@@ -42,6 +42,10 @@ class FaultWork(Enum):
     RETRY = "retry"  # mmu_notifier_retry dropped the result; the host did no paging work
     MMIO = "mmio"  # no memslot: nothing mapped
 
+    # Members are singletons: hash by identity (C), not Enum's name hash (a Python call); these
+    # key dicts once per fault.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class FaultOutcome:

@@ -119,7 +119,8 @@ class Vcpu:
 
     def enter_guest(self) -> None:
         """vcpu_enter_guest: serve pending requests, then guest mode (if the vCPU can still run)."""
-        vcpu_service_requests(self)
+        if self.requests:  # kvm_request_pending(): nearly every exit has none
+            vcpu_service_requests(self)
         if self.state is VcpuState.RUNNABLE and self.cpu != -1:
             self.mode = VcpuMode.IN_GUEST_MODE
 

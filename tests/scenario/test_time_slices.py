@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from hypervisor.guest.catalog import bundled_guests
+from hypervisor.scheduler import HOST_TIMESLICE
 from hypervisor.sim import DEFAULT_QUANTUM, GUEST_IMAGES, KsmConfig, RunResult
 
 from .guests import flat_guest, image, run
@@ -199,3 +200,69 @@ def test_the_trace_and_the_plot_series_do_not_depend_on_the_quantum(tmp_path: Pa
         outputs.append(trace.read_bytes() + (tmp_path / f"p{q}.png").read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
     assert b'"ph": "C"' in outputs[0] or b'"ph":"C"' in outputs[0]
+
+
+def _report(img: str, turn_by_turn: bool, **kwargs: Any) -> tuple[dict[str, Any], int]:
+    """(whole report, emu_start runs): plain, or with a per-turn hook, which makes every host turn a run
+    of its own (the scheduler's lone-vCPU fast path stays off while anything happens where a turn ends)."""
+    from hypervisor.sim import SimConfig, Simulation
+
+    ksm = kwargs.pop("ksm", KsmConfig())
+    sim = Simulation(SimConfig(image=img, ksm=ksm, **kwargs))
+    backend = sim.backends[0]
+    runs = 0
+    run_once = backend.run
+
+    def counted(*args: int) -> int:
+        nonlocal runs
+        runs += 1
+        return run_once(*args)
+
+    backend.run = counted  # type: ignore[method-assign,assignment]  # a count only (cpu/ is never compiled)
+    if turn_by_turn:
+        sim.on_slice.append(lambda _sim: None)
+    return whole_report(sim.run()), runs
+
+
+# Parameters per single-vCPU bundled guest for 100,000 to 300,000 instructions: several host turns.
+TURNS_CMDLINES = {
+    "hello": "", "memtouch": "pages=64 passes=4", "samepage": "pages=8 passes=4 spin=20000",
+    "cowstorm": "pages=8 passes=4 spin=20000 write_at=2", "kernels": "kernel=16 private=4 passes=4 spin=20000",
+    "bootstorm": "image=8 diverge=2 passes=4 spin=20000", "forkserver": "pages=16 children=4 write_pct=50",
+    "kvstore": "keys=256 ops=2000 value_size=8", "samepage_c": "pages=8 passes=4 spin=20000",
+    "procs": "procs=4 shared=4 aliases=2 private=2 rounds=2 spin=2000", "ptwrite": "pages=16 rounds=8",
+}
+
+
+def test_every_single_vcpu_bundled_guest_has_parameters_for_the_lone_vcpu_property() -> None:
+    assert set(TURNS_CMDLINES) == set(SMALL_CMDLINES) - {"smpcount", "samepage_smp", "kernels_smp"}
+
+
+@pytest.mark.parametrize("mmu", ["tdp", "shadow"])
+@pytest.mark.parametrize("guest", sorted(TURNS_CMDLINES))
+def test_a_lone_vcpu_runs_its_turns_in_one_run_with_the_same_report_as_turn_by_turn(guest: str, mmu: str) -> None:
+    # One runnable vCPU and nothing to do where its turn ends: _icount.c starts its next turn at the
+    # block boundary where the scheduler would have, inside the same emu_start; ksmd (every 5 turns
+    # here) still preempts where it is due.
+    img = next(str(g.image) for g in bundled_guests(GUEST_IMAGES) if g.name == guest)
+    kwargs: dict[str, Any] = {"cmdline": TURNS_CMDLINES[guest], "insns_per_ms": 10_000, "mmu": mmu,
+                              "ksm": KsmConfig(enabled=True, sleep_millisecs=5, pages_to_scan=50)}
+    fast, fast_runs = _report(img, False, **kwargs)
+    slow, slow_runs = _report(img, True, **kwargs)
+    assert fast == slow
+    assert fast_runs <= slow_runs
+
+
+@pytest.mark.parametrize(("profile", "sleep_ms"), [("2.6.32", 1), ("3.7", 3)])
+def test_a_lone_vcpu_with_ksmd_and_run_writes_gives_the_same_report_in_far_fewer_runs(profile: str,
+                                                                                      sleep_ms: int) -> None:
+    # ksmd's wake-ups and the `run` writes are host events: the runs end where they are due.
+    ksm = KsmConfig(enabled=True, sleep_millisecs=sleep_ms, pages_to_scan=50, run_at=((9, 2), (30, 1)))
+    kwargs: dict[str, Any] = {"cmdline": "pages=8 passes=6 spin=400000", "ksm": ksm, "insns_per_ms": 50_000,
+                              "profile": profile}
+    fast, fast_runs = _report(image("samepage.bin"), False, **kwargs)
+    slow, slow_runs = _report(image("samepage.bin"), True, **kwargs)
+    assert fast == slow
+    assert fast["ksm"]["full_scans"] > 1
+    turns = fast["sim_time"]["insns"] // HOST_TIMESLICE
+    assert slow_runs >= turns > 4 * fast_runs
