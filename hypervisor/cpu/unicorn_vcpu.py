@@ -4,13 +4,10 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 
 * Unicorn runs in virtual-TLB mode over one mapping of the whole FramePool, so a
   Unicorn "physical" address is pfn * 4096 and every VM's vCPU sees the same frames.
-* Each TLB miss calls `_tlb_fill`: it walks the guest's 4-level page tables
-  (cpu/walk.py `walk_gva`, gva -> gpa; the walk's own reads of page-table pages go
-  through the sptes, as a real EPT walk does) and then looks up the leaf spte
-  (gfn -> pfn).  A missing or
-  read-only spte for the access is an EPT_VIOLATION exit, handled right there by
-  KVM's fault path (kvm/vcpu.py); a retried fault is another exit.  The guest
-  instruction then completes against the frame the spte maps.
+* Each TLB miss calls the fill of the VM's MMU: cpu/tdp_fill.py (the guest walk, then the
+  leaf spte of the gfn; a missing or insufficient spte is an EPT_VIOLATION exit handled right
+  there by KVM's fault path) or cpu/shadow_fill.py (`--mmu shadow`: the walk of KVM's shadow
+  tables, #PF exits).  The guest instruction then completes against the frame the spte maps.
 * Port I/O, CPUID, VMCALL and HLT are exits too, each caught as Unicorn reports it
   (cpu/exit_dispatch.py; HLT here, in `run`).
 * Every use of the Unicorn binding's private state (raw hooks, the engine handle,
@@ -45,11 +42,11 @@ from unicorn import (
 from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
-from ..kvm.mmu_interface import FaultResult, KvmMmu
+from ..kvm.mmu_interface import KvmMmu
 from ..kvm.shadow_mmu import ShadowMmu
-from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
+from ..kvm.spte import SPTE_PFN_MASK
 from ..kvm.vcpu import NO_BACKEND, Vcpu, VcpuState
-from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
+from ..types import PAGE_SHIFT, PAGE_SIZE
 from ..vmm.loader import BootParams
 from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
 from .binding import add_tlb_fill_hook, close_uc, cr3_reader, emu_start, new_x86_64, take_hook_exception
@@ -67,6 +64,7 @@ from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
 from .shadow_fill import ShadowFill, ShadowPtWrite
 from .shadow_insns import ShadowInsns
+from .tdp_fill import MmioAccess, SliceEnd, TdpFill
 from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
@@ -74,25 +72,11 @@ from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, 
 UNTIL = 0xFFFF_FFFF_FFFF_F000
 _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 
-_SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
-_SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
-
 _HLT = b"\xf4"
 
 
 
-class _SliceEnd(Exception):
-    """A retried fault used up the slice: the access is abandoned and re-taken next slice."""
-
-
-class _Mmio(Exception):
-    """The access reached a gpa outside every memslot."""
-
-    def __init__(self, gpa: int) -> None:
-        self.gpa = gpa
-
-
-class UnicornVcpu(ExitDispatch, ShadowFill):
+class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
@@ -114,7 +98,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         self._stop_note: str | None = None
         self._pscache: PagingStructureCache = {}
         self._pending: PendingException | None = None
-        # The access abandoned by _SliceEnd: "fetch" (no instruction counted yet) or "data".
+        # The access abandoned by SliceEnd: "fetch" (no instruction counted yet) or "data".
         self._abandoned: str | None = None
         # A TLB fill was refused this run: Unicorn may ask again for the same access (it does
         # for fetches); the answer stays no, without taking the exit twice.
@@ -270,7 +254,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
             spte = self._ept(gpa >> PAGE_SHIFT, write)
         except GuestFault as fault:
             raise DeliveryFailed(f"and pushing its frame faulted ({fault} at gva {gva:#x})") from None
-        except _Mmio as mmio:
+        except MmioAccess as mmio:
             raise DeliveryFailed(f"and pushing its frame reached gpa {mmio.gpa:#x}, outside every memslot") from None
         return (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
 
@@ -303,59 +287,6 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         finally:
             clock.fetching = False
 
-    # CR3 on fetch fills: a guest's mov to CR3 raises no event, but the cached upper levels of the
-    # walks must go with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging
-    # on (cpu_x86_update_cr3) and ends the translation block after a mov to CR; the next
-    # instruction is looked up afresh, which fills its page for a fetch before it can make any data
-    # access.  So the first fill after a CR3 write is a fetch fill, and reading CR3 on fetch fills
-    # only (a raw call, ~0.4 us) sees every switch before the new address space is used.
-    # (tests/unit/test_guest_walk.py: the cache keeps the old root until emptied;
-    # tests/sdk/test_workloads.py: forkserver switches CR3 per child with the same counts at any
-    # --quantum.)
-    def _tlb_fill(self, vaddr: int, access: int, entry: Any) -> bool:
-        """The hardware MMU on a Unicorn TLB miss: guest walk (gva -> gpa), then the EPT (gfn -> pfn)."""
-        if access == UC_MEM_FETCH:  # see above: a CR3 write shows first at a fetch fill
-            cr3 = self._read_cr3()
-            if cr3 != self._cr3:
-                self._cr3 = cr3
-                self._pscache.clear()
-        if self._refused or self._resume_rip is not None:
-            # After a stop behind an instruction (the exit port), Unicorn may begin the next one
-            # before it stops: that access never happens for the guest, so it takes no exit.
-            return False
-        write = access == UC_MEM_WRITE
-        try:
-            gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
-            gfn = gpa >> PAGE_SHIFT
-            leaf = self._leaf_sptes
-            if leaf is not None and gfn < self._nr_gfns:
-                spte = leaf[gfn]
-                wanted = _SPTE_RA | (_SPTE_WD if write else 0)
-                if spte & wanted != wanted:
-                    # Permitted but A/D to set: translate (set_spte); not permitted: an exit.
-                    permitted = spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)
-                    spte = self._translate(gfn, write) if permitted else 0
-            else:
-                spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
-            if not spte:
-                spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
-        except (GuestFault, _SliceEnd, _Mmio) as why:
-            return self._fill_refused(vaddr, access, why, entry)
-        pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
-        entry.paddr = pfn << PAGE_SHIFT
-        if spte & SPTE_WRITABLE and guest_writable:
-            entry.perms = UC_PROT_ALL
-        else:
-            entry.perms = UC_PROT_READ | UC_PROT_EXEC
-        if access == UC_MEM_FETCH:
-            self._code.fetched(vaddr, pfn)
-            self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
-        elif write:
-            self._code.written(pfn)
-        if self.tlb_entries is not None:
-            self.tlb_entries[vaddr >> PAGE_SHIFT] = (gfn, pfn, entry.perms == UC_PROT_ALL)
-        return True
-
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
         """A TLB fill that cannot complete: a guest exception, a slice ended by a retry, MMIO."""
         write = access == UC_MEM_WRITE
@@ -369,11 +300,11 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
             error_code = why.error_code | (PF_ERR_WRITE if write else 0)
             self._pending = PendingException(why.vector, error_code if why.vector == PF_VECTOR else 0, -1,
                                              note, vaddr if why.vector == PF_VECTOR else None)
-        elif isinstance(why, _SliceEnd):
+        elif isinstance(why, SliceEnd):
             # The access is abandoned: its instruction (if it began) runs again next slice.
             self.clock.stop_at(self.clock.exact(begun=False))
             self._abandoned = "fetch" if access == UC_MEM_FETCH else "data"
-        elif isinstance(why, _Mmio):
+        elif isinstance(why, MmioAccess):
             self.clock.stop_at(self.clock.exact())
             self.vcpu.fail(f"guest access to gpa {why.gpa:#x} (gva {vaddr:#x}) is outside every memslot "
                            f"(guest memory is {self.vcpu.vm.memory_size:#x} bytes)")
@@ -383,7 +314,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
         return False
 
     def _mmio_at(self, gpa: int) -> Exception:
-        return _Mmio(gpa)
+        return MmioAccess(gpa)
 
     def _stop_after_instruction(self) -> None:
         """The C hook stops before the next instruction: the one running completes first."""
@@ -392,38 +323,12 @@ class UnicornVcpu(ExitDispatch, ShadowFill):
     def _current_rip(self) -> int:
         return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 
-    def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
-        """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access.
-
-        The MMU's translate sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
-        `translated`: the caller's translate already said no.
-        """
-        if gfn >= self._nr_gfns:
-            # Beyond every memslot: still an EPT violation, which KVM passes on as MMIO.
-            self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
-            raise _Mmio(gfn << PAGE_SHIFT)
-        translate = self._translate
-        spte = 0 if translated else translate(gfn, write)
-        while not spte:
-            result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
-            if result is FaultResult.MMIO:
-                raise _Mmio(gfn << PAGE_SHIFT)
-            spte = translate(gfn, write)
-            if result is FaultResult.RETRY or not spte:
-                self._fault_retried(gfn)  # the guest faults again: that costs time, and may livelock
-        return spte
-
     def _fault_retried(self, gfn: int) -> None:
         """KVM re-entered the guest, which faults again: charge the retry's time and end the slice (always:
         the access is retaken mid-block, and where blocks start must not depend on the slice's limit)."""
         self.clock.fault_retried(self.vcpu, gfn)
         if self._emulating:
-            raise _SliceEnd()
-
-    def _read_pte(self, pte_gpa: int) -> int:
-        """A guest page-table entry, read through the EPT as the hardware walker does."""
-        spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
-        return int(self._qwords[(spte & SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
+            raise SliceEnd()
 
     def _undefined_opcode(self, note: str, rip: int) -> None:
         """#UD: the instruction does not run (RIP stays on it); the exception is delivered at the slice end."""

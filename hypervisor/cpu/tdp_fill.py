@@ -1,0 +1,144 @@
+"""The TDP (EPT) branch of a Unicorn vCPU's TLB fill: the guest walk, then the leaf spte of the gfn.
+
+On a TLB miss the hardware walks the guest's 4-level page tables (cpu/walk.py `walk_gva`,
+gva -> gpa; the walk's own reads of page-table pages go through the sptes, as a real EPT walk
+does) and then looks up the leaf spte (gfn -> pfn).  A missing or read-only spte for the access
+is an EPT_VIOLATION exit, handled right there by KVM's fault path (kvm/vcpu.py); a retried
+fault is another exit.  cpu/shadow_fill.py is the `--mmu shadow` branch.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
+
+from ..kvm.mmu_interface import FaultResult
+from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
+from ..kvm.vcpu import Vcpu
+from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
+from .code_pages import CodePages
+from .walk import GuestFault, PagingStructureCache, walk_gva
+
+_SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
+_SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
+
+
+class SliceEnd(Exception):
+    """A retried fault used up the slice: the access is abandoned and re-taken next slice."""
+
+
+class MmioAccess(Exception):
+    """The access reached a gpa outside every memslot."""
+
+    def __init__(self, gpa: int) -> None:
+        self.gpa = gpa
+
+
+class TdpFill:
+    """The EPT branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing)."""
+
+    vcpu: Vcpu
+    _cr3: int
+    _pscache: PagingStructureCache
+    _refused: bool
+    _resume_rip: int | None
+    _leaf_sptes: memoryview | None
+    _nr_gfns: int
+    _code: CodePages
+    _frames_2d: npt.NDArray[np.uint8]
+    _qwords: npt.NDArray[np.uint64]
+    sensitive: Any
+    tlb_entries: dict[int, tuple[int, int, bool]] | None
+
+    _read_cr3: Callable[[], int]
+    _translate: Callable[[int, bool], int]
+
+    def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
+        raise NotImplementedError
+
+    def _rip_for_trace(self) -> int:
+        raise NotImplementedError
+
+    def _fault_retried(self, gfn: int) -> None:
+        raise NotImplementedError
+
+    # CR3 on fetch fills: a guest's mov to CR3 raises no event, but the cached upper levels of the
+    # walks must go with it.  Unicorn 2.1.4 (QEMU 5) flushes its TLB on every CR3 write with paging
+    # on (cpu_x86_update_cr3) and ends the translation block after a mov to CR; the next
+    # instruction is looked up afresh, which fills its page for a fetch before it can make any data
+    # access.  So the first fill after a CR3 write is a fetch fill, and reading CR3 on fetch fills
+    # only (a raw call, ~0.4 us) sees every switch before the new address space is used.
+    # (tests/unit/test_guest_walk.py: the cache keeps the old root until emptied;
+    # tests/sdk/test_workloads.py: forkserver switches CR3 per child with the same counts at any
+    # --quantum.)
+    def _tlb_fill(self, vaddr: int, access: int, entry: Any) -> bool:
+        """The hardware MMU on a Unicorn TLB miss: guest walk (gva -> gpa), then the EPT (gfn -> pfn)."""
+        if access == UC_MEM_FETCH:  # see above: a CR3 write shows first at a fetch fill
+            cr3 = self._read_cr3()
+            if cr3 != self._cr3:
+                self._cr3 = cr3
+                self._pscache.clear()
+        if self._refused or self._resume_rip is not None:
+            # After a stop behind an instruction (the exit port), Unicorn may begin the next one
+            # before it stops: that access never happens for the guest, so it takes no exit.
+            return False
+        write = access == UC_MEM_WRITE
+        try:
+            gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
+            gfn = gpa >> PAGE_SHIFT
+            leaf = self._leaf_sptes
+            if leaf is not None and gfn < self._nr_gfns:
+                spte = leaf[gfn]
+                wanted = _SPTE_RA | (_SPTE_WD if write else 0)
+                if spte & wanted != wanted:
+                    # Permitted but A/D to set: translate (set_spte); not permitted: an exit.
+                    permitted = spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)
+                    spte = self._translate(gfn, write) if permitted else 0
+            else:
+                spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
+            if not spte:
+                spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
+        except (GuestFault, SliceEnd, MmioAccess) as why:
+            return self._fill_refused(vaddr, access, why, entry)
+        pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
+        entry.paddr = pfn << PAGE_SHIFT
+        if spte & SPTE_WRITABLE and guest_writable:
+            entry.perms = UC_PROT_ALL
+        else:
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC
+        if access == UC_MEM_FETCH:
+            self._code.fetched(vaddr, pfn)
+            self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
+        elif write:
+            self._code.written(pfn)
+        if self.tlb_entries is not None:
+            self.tlb_entries[vaddr >> PAGE_SHIFT] = (gfn, pfn, entry.perms == UC_PROT_ALL)
+        return True
+
+    def _ept(self, gfn: int, write: bool, fetch: bool = False, translated: bool = False) -> int:
+        """The leaf spte for gfn, taking EPT_VIOLATION exits until it permits the access.
+
+        The MMU's translate sets the accessed (and, for a write, dirty) bit, as hardware with A/D does.
+        `translated`: the caller's translate already said no.
+        """
+        if gfn >= self._nr_gfns:
+            # Beyond every memslot: still an EPT violation, which KVM passes on as MMIO.
+            self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
+            raise MmioAccess(gfn << PAGE_SHIFT)
+        translate = self._translate
+        spte = 0 if translated else translate(gfn, write)
+        while not spte:
+            result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
+            if result is FaultResult.MMIO:
+                raise MmioAccess(gfn << PAGE_SHIFT)
+            spte = translate(gfn, write)
+            if result is FaultResult.RETRY or not spte:
+                self._fault_retried(gfn)  # the guest faults again: that costs time, and may livelock
+        return spte
+
+    def _read_pte(self, pte_gpa: int) -> int:
+        """A guest page-table entry, read through the EPT as the hardware walker does."""
+        spte = self._ept(pte_gpa >> PAGE_SHIFT, False)
+        return int(self._qwords[(spte & SPTE_PFN_MASK) >> PAGE_SHIFT, (pte_gpa & (PAGE_SIZE - 1)) >> 3])
