@@ -12,7 +12,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = REPO_ROOT / "hypervisor" / "guest_images"
-LIB_SOURCE = "lib.S"
 # Guests that are also kept as ELF64 executables (for the ELF loader tests).
 ELF_GUESTS = ("hello",)
 # Must match hypervisor/vmm/layout.py (IMAGE_LOAD_GPA, MAX_FLAT_IMAGE_SIZE); not
@@ -63,8 +62,8 @@ def build_c_guest(source: Path, out_dir: Path) -> Path:
 
 
 def guest_sources(src_dir: Path) -> list[Path]:
-    """Every guest source in src_dir (all *.S but the shared library), sorted by name."""
-    return sorted(p for p in src_dir.glob("*.S") if p.name != LIB_SOURCE)
+    """Every guest source in src_dir (all *.S but the lib*.S files guests .include), sorted by name."""
+    return sorted(p for p in src_dir.glob("*.S") if not p.name.startswith("lib"))
 
 
 def run(cmd: Sequence[str], cwd: Path) -> None:

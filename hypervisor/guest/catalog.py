@@ -23,7 +23,7 @@ class GuestInfo:
 def bundled_guests(directory: Path) -> list[GuestInfo]:
     out = []
     for source in sorted([*directory.glob("*.S"), *directory.glob("*.c")]):
-        if source.name == "lib.S":
+        if source.name.startswith("lib") and source.suffix == ".S":  # .include'd by the guests
             continue
         lines = source.read_text().splitlines()
         image = source.with_suffix(".bin")
@@ -67,7 +67,9 @@ def _c_header(lines: list[str]) -> list[str]:
 def render_catalog(directory: Path) -> str:
     """`hvsim images`: every bundled guest, its --cmdline parameters and its image file."""
     lines = ["Run one with `hvsim run NAME` (every command takes a NAME or the path of an image file).", ""]
-    for guest in bundled_guests(directory):
+    guests = bundled_guests(directory)
+    w = max((len(g.name) for g in guests), default=0)
+    for guest in guests:
         params = " ".join(f"{name}={default}" for name, default, _ in guest.params) or "(no parameters)"
-        lines += [f"{guest.name:<10} {guest.summary}", f"{'':<10} {params}", f"{'':<10} {guest.image}"]
+        lines += [f"{guest.name:<{w}} {guest.summary}", f"{'':<{w}} {params}", f"{'':<{w}} {guest.image}"]
     return "\n".join(lines) + "\n"
