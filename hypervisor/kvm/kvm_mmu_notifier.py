@@ -9,6 +9,8 @@ flushes remote TLBs once if the handler changed a spte.  TdpMmu (kvm/mmu.py) and
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from ..host.mm import HostMm
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
 from ..types import PAGE_SIZE, Hva
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
+# TdpMmu compiles with this class (setup.py, HVSIM_COMPILED=1); ShadowNotifier stays interpreted.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class KvmMmuNotifier:
     """KVM's registered notifier and its retry protocol (a base class of each MMU)."""
 
