@@ -3,6 +3,7 @@ HVSIM_COMPILED=1, also the model's hot modules compiled by mypyc (README "Perfor
 the model, and HVSIM_PURE=1 selects them at run time, hypervisor/__init__.py)."""
 
 import os
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -20,7 +21,14 @@ COMPILED_MODULES = [
 ]
 
 ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]
-if os.environ.get("HVSIM_COMPILED") == "1":
+if os.environ.get("HVSIM_COMPILED") != "1":
+    # A pure build drops what an earlier compiled build left beside the .py files, which would shadow them.
+    for module in COMPILED_MODULES:
+        for stale in Path(module).parent.glob(Path(module).stem + ".*.so"):
+            stale.unlink()
+    for stale in Path("hypervisor").glob("_native__mypyc.*.so"):
+        stale.unlink()
+else:
     from mypyc.build import mypycify
 
     # The shared runtime goes inside the package, where an editable install finds it too.

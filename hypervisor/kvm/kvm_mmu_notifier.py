@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 class KvmMmuNotifier:
     """KVM's registered notifier and its retry protocol (a base class of each MMU)."""
 
+    # Vm.destroy() deletes these back-pointers; a compiled class allows that only for the attributes named here.
+    __deletable__ = ("vm", "notifier")
     vm: "Vm"
     profile: "Profile"
     hooks: "FaultPathHooks | None"
