@@ -106,7 +106,7 @@ def _draw_cow(bottom: Any, points: list[tuple[str, CompareRow, CompareRow | None
     bottom.legend(fontsize=8, loc="upper right")
     bottom.grid(alpha=0.3, axis="y")
     bottom.set_xticks(xs)
-    bottom.set_xticklabels(labels)
+    bottom.set_xticklabels(labels, fontsize=8 if len(labels) > 16 else None)
     for x, v in zip(xs, labels, strict=True):
         here = [f"{c.commit if c.commit != '-' else '?'} {c.field}" for c in CHANGES if c.version == v]
         if here:
