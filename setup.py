@@ -1,5 +1,37 @@
-"""Builds the one C piece of hvsim: the instruction-counting hook of cpu/ (see hypervisor/cpu/_icount.c)."""
+"""Builds hvsim's C pieces: always the instruction-counting hook of cpu/ (hypervisor/cpu/_icount.c); with
+HVSIM_COMPILED=1, also the model's hot modules compiled by mypyc (README "Performance"; the .py files stay
+the model, and HVSIM_PURE=1 selects them at run time, hypervisor/__init__.py)."""
+
+import os
+from pathlib import Path
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])])
+# The fault path: the guest page walker, the host mm and its frames and vmas, the TDP MMU with the notifier
+# base class it inherits (mypyc compiles a class together with its native bases) and the spte/memslot helpers.
+COMPILED_MODULES = [
+    "hypervisor/cpu/walk.py",
+    "hypervisor/host/frames.py",
+    "hypervisor/host/vma.py",
+    "hypervisor/host/mm.py",
+    "hypervisor/kvm/kvm_mmu_notifier.py",
+    "hypervisor/kvm/mmu.py",
+    "hypervisor/kvm/spte.py",
+    "hypervisor/kvm/memslot.py",
+]
+
+ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]
+if os.environ.get("HVSIM_COMPILED") != "1":
+    # A pure build drops what an earlier compiled build left beside the .py files, which would shadow them.
+    for module in COMPILED_MODULES:
+        for stale in Path(module).parent.glob(Path(module).stem + ".*.so"):
+            stale.unlink()
+    for stale in Path("hypervisor").glob("_native__mypyc.*.so"):
+        stale.unlink()
+else:
+    from mypyc.build import mypycify
+
+    # The shared runtime goes inside the package, where an editable install finds it too.
+    ext_modules += mypycify(COMPILED_MODULES, opt_level="3", group_name="hypervisor._native")
+
+setup(ext_modules=ext_modules)

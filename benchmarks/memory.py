@@ -93,6 +93,10 @@ def count_metadata(root: object, frame_buffer: np.ndarray[Any, Any]) -> Metadata
             for cls in type(obj).__mro__:
                 slots = getattr(cls, "__slots__", ())
                 names.extend(s for s in ((slots,) if isinstance(slots, str) else slots) if s not in names)
+                if cls.__module__.startswith("hypervisor."):
+                    # A class of the compiled build (setup.py) keeps its attributes in getset descriptors.
+                    names.extend(n for n, d in vars(cls).items() if isinstance(d, types.GetSetDescriptorType)
+                                 and not n.startswith("__") and n not in names)
             for name in names:
                 v = getattr(obj, name, None)
                 children.append((v, type(v).__name__ if _ours(v) else f"{owner}.{name}"))

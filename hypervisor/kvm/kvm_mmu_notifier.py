@@ -9,6 +9,8 @@ flushes remote TLBs once if the handler changed a spte.  TdpMmu (kvm/mmu.py) and
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from ..host.mm import HostMm
 from ..host.mmu_notifier import MmuNotifier, MmuNotifierOps
 from ..types import PAGE_SIZE, Hva
@@ -19,9 +21,13 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
+# TdpMmu compiles with this class (setup.py, HVSIM_COMPILED=1); ShadowNotifier stays interpreted.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class KvmMmuNotifier:
     """KVM's registered notifier and its retry protocol (a base class of each MMU)."""
 
+    # Vm.destroy() deletes these back-pointers; a compiled class allows that only for the attributes named here.
+    __deletable__ = ("vm", "notifier")
     vm: "Vm"
     profile: "Profile"
     hooks: "FaultPathHooks | None"

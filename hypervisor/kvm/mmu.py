@@ -221,7 +221,10 @@ class TdpMmu(KvmMmuNotifier):
         self.mm.put_page(pfn)
         return _FIXED[host]
 
-    page_fault = tdp_page_fault
+    def page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
+        """The MMU's fault handler (kvm_mmu_page_fault -> tdp_page_fault); a method, not a class-level
+        alias, because a mypyc-compiled class has no alias attributes (setup.py, HVSIM_COMPILED)."""
+        return self.tdp_page_fault(vcpu, gfn, write_fault)
 
     # --- zapping and rmap walks ----------------------------------------------------------
 

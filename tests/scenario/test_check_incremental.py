@@ -2,17 +2,18 @@
 now and then.  Broken models are run under it and under a checker that sweeps all of memory at every
 event and slice end (what --check did before); both must report the same violation, word for word."""
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
 from hypervisor import sim as simulation
 from hypervisor.check import CoherenceChecker
 from hypervisor.events import Event
-from hypervisor.kvm.mmu import TdpMmu
-from hypervisor.kvm.mmu_interface import FaultOutcome, IgnoreMmuNotifierRetry
-from hypervisor.kvm.vcpu import Vcpu
+from hypervisor.host.mm import HostMm, pte_pfn
+from hypervisor.host.mmu_notifier import MmuNotifier
+from hypervisor.kvm.kvm_mmu_notifier import KvmMmuNotifier
+from hypervisor.kvm.mmu_interface import FaultHooks, IgnoreMmuNotifierRetry, KvmMmu
 from hypervisor.sim import KsmConfig, SimConfig, Simulation
 from hypervisor.types import Gfn, Hva
 
@@ -33,29 +34,30 @@ class SweepEveryEvent(CoherenceChecker):
         self.check(strict_refcount=True)
 
 
-def _leaky_fault(original: Callable[[TdpMmu, Vcpu, Gfn, bool], FaultOutcome]) -> Callable[..., FaultOutcome]:
-    def fault(self: TdpMmu, vcpu: Vcpu, gfn: Gfn, write: bool) -> FaultOutcome:
-        put = self.mm.put_page
-        self.mm.put_page = lambda pfn: None  # type: ignore[method-assign]
-        try:
-            return original(self, vcpu, gfn, write)
-        finally:
-            self.mm.put_page = put  # type: ignore[method-assign]
-    return fault
+class KeepGupPin(FaultHooks):
+    """The fault path keeps its GUP pin: one more reference on the page gfn_to_pfn just pinned."""
+
+    def after_gfn_to_pfn(self, mmu: KvmMmu, gfn: Gfn, hva: Hva) -> None:
+        mmu.mm.frames.get_page(pte_pfn(mmu.mm.pte(hva)))
 
 
-def _no_rewrite(self: TdpMmu, hva: Hva, pte: int) -> None:
-    return None
+def _change_pte_without_rewrite(mmu: KvmMmuNotifier) -> Callable[[MmuNotifier, HostMm, Hva, int], None]:
+    """change_pte that bumps mmu_notifier_seq as 2.6.32's does but leaves the spte as it was."""
+    def change_pte(mn: MmuNotifier, mm: HostMm, address: Hva, pte: int) -> None:
+        mmu.mmu_notifier_seq += 1
+    return change_pte
 
 
-@contextmanager
-def broken(monkeypatch: pytest.MonkeyPatch, breakage: str) -> Iterator[None]:
-    with monkeypatch.context() as m:
-        if breakage == "leak_pin":  # the fault path keeps its GUP pin
-            m.setattr(TdpMmu, "page_fault", _leaky_fault(TdpMmu.page_fault))
-        elif breakage == "no_change_pte_rewrite":  # change_pte leaves the spte as it was
-            m.setattr(TdpMmu, "kvm_set_spte_hva", _no_rewrite)
-        yield
+def broken(sim: Simulation, breakage: str) -> None:
+    """Break each VM's MMU through its seams (fault-path hooks, the registered notifier ops), not by
+    replacing methods: the compiled build's classes (setup.py) call their own methods directly."""
+    for vm in sim.vms:
+        if breakage == "ignore_retry":
+            vm.mmu.hooks = IgnoreMmuNotifierRetry(vm.mmu.hooks)
+        elif breakage == "leak_pin":
+            vm.mmu.hooks = KeepGupPin()
+        elif breakage == "no_change_pte_rewrite":
+            vm.mmu.notifier.ops = replace(vm.mmu.notifier.ops, change_pte=_change_pte_without_rewrite(vm.mmu))
 
 
 def _violation(monkeypatch: pytest.MonkeyPatch, checker: type[CoherenceChecker], profile: str,
@@ -64,12 +66,9 @@ def _violation(monkeypatch: pytest.MonkeyPatch, checker: type[CoherenceChecker],
     cfg = SimConfig(image=image("cowstorm.bin"), vms=2, memory=16 << 20, profile=profile,
                     cmdline="pages=16 passes=6 spin=20000 write_at=3", inject=inject,
                     ksm=KsmConfig(enabled=True, sleep_millisecs=0, pages_to_scan=200))
-    with broken(monkeypatch, breakage):
-        sim = Simulation(cfg, check=True)
-        if breakage == "ignore_retry":
-            for vm in sim.vms:
-                vm.mmu.hooks = IgnoreMmuNotifierRetry(vm.mmu.hooks)
-        result = sim.run()
+    sim = Simulation(cfg, check=True)
+    broken(sim, breakage)
+    result = sim.run()
     return result.violation.split(". Last events:")[0] if result.violation else None
 
 

@@ -1,0 +1,31 @@
+"""HVSIM_PURE=1: import hvsim's modules from their .py source even where a mypyc build (setup.py,
+HVSIM_COMPILED=1) left compiled extension modules beside them, so that one install runs either build."""
+
+import importlib.abc
+import importlib.machinery
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+
+class SourceFirstFinder(importlib.abc.MetaPathFinder):
+    """Finds hypervisor.* submodules among .py files only; anything without a .py (the C hook _icount)
+    falls through to the ordinary finders."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith("hypervisor.") or path is None:
+            return None
+        for entry in path:
+            finder = importlib.machinery.FileFinder(
+                entry, (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES))
+            spec = finder.find_spec(fullname, target)
+            if spec is not None:
+                return spec
+        return None
+
+
+def prefer_source() -> None:
+    """Put the source-only finder ahead of every other (once)."""
+    if not any(isinstance(finder, SourceFirstFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, SourceFirstFinder())
