@@ -135,17 +135,22 @@ def add_tlb_fill_hook(uc: Uc, fill: Callable[[int, int, Any], bool],
     return callback
 
 
-def cr3_reader(uc: Uc) -> Callable[[], int]:
-    """A cheap CR3 read (a raw uc_reg_read, about 0.4 us) for use inside the TLB-fill hook."""
-    reg_read, uch, cr3_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_CR3
+def _reg_reader(uc: Uc, reg_id: int) -> Callable[[], int]:
+    """A cheap read of one 64-bit register (a raw uc_reg_read, about 0.4 us), for use inside hooks."""
+    reg_read, uch = uclib.uc_reg_read, uc._uch
     buf = ctypes.c_uint64()
     ref = ctypes.byref(buf)
 
     def read() -> int:
-        reg_read(uch, cr3_id, ref)
+        reg_read(uch, reg_id, ref)
         return buf.value
 
     return read
+
+
+def cr3_reader(uc: Uc) -> Callable[[], int]:
+    """CR3, read inside the TLB-fill hook."""
+    return _reg_reader(uc, x86.UC_X86_REG_CR3)
 
 
 def emu_start(uc: Uc, begin: int, until: int) -> UcError | None:
@@ -203,16 +208,8 @@ def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, ob
 
 
 def rip_reader(uc: Uc) -> Callable[[], int]:
-    """A cheap RIP read (a raw uc_reg_read), for the exact count inside a block."""
-    reg_read, uch, rip_id = uclib.uc_reg_read, uc._uch, x86.UC_X86_REG_RIP
-    buf = ctypes.c_uint64()
-    ref = ctypes.byref(buf)
-
-    def read() -> int:
-        reg_read(uch, rip_id, ref)
-        return buf.value
-
-    return read
+    """RIP, for the exact count inside a block."""
+    return _reg_reader(uc, x86.UC_X86_REG_RIP)
 
 
 class OldExceptionReset:
