@@ -18,6 +18,11 @@ COMPILED_MODULES = [
     "hypervisor/kvm/mmu.py",
     "hypervisor/kvm/spte.py",
     "hypervisor/kvm/memslot.py",
+    "hypervisor/cpu/tdp_fill.py",
+    "hypervisor/kvm/vcpu.py",
+    "hypervisor/cpu/shadow_fill.py",
+    "hypervisor/cpu/exit_dispatch.py",
+    "hypervisor/cpu/unicorn_vcpu.py",
 ]
 
 ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]

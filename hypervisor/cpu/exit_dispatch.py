@@ -7,11 +7,11 @@ Unicorn reports several of these as UC_ERR_EXCEPTION too, so each is caught by i
 own hook (DESIGN.md, "The Unicorn pattern that scales").
 """
 
+from mypy_extensions import trait
 from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, Uc
 from unicorn import x86_const as x86
 
 from ..kvm.vcpu import Vcpu, VcpuState
-from .binding import weakly
 from .exceptions import EXCEPTION_NAMES, PendingException
 
 _VMCALL = b"\x0f\x01\xc1"
@@ -19,11 +19,13 @@ _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 UD_VECTOR = 6
 
 
+@trait
 class ExitDispatch:
     """The exit hooks of UnicornVcpu (a mixin: the vCPU provides the state and the stop/peek primitives)."""
 
     uc: Uc
     vcpu: Vcpu
+    __deletable__ = ["uc"]  # UnicornVcpu.close()
     _pending: PendingException | None
 
     def _stop_now(self, note: str | None = None, after: bool = False) -> None:
@@ -33,12 +35,14 @@ class ExitDispatch:
         raise NotImplementedError
 
     def _add_exit_hooks(self, uc: Uc) -> None:
-        uc.hook_add(UC_HOOK_INSN, weakly(self._out), None, 1, 0, x86.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, weakly(self._in), None, 1, 0, x86.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, weakly(self._cpuid), None, 1, 0, x86.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, weakly(self._syscall), None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN_INVALID, weakly(self._invalid_insn))
-        uc.hook_add(UC_HOOK_INTR, weakly(self._interrupt))
+        # Bound methods, not `weakly` ones: the compiled build's native vCPU takes no weak references.  The
+        # cycles they make through the binding (uc -> hook -> vCPU -> uc) go when the vCPU closes (close_uc).
+        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
+        uc.hook_add(UC_HOOK_INTR, self._interrupt)
 
     def _rip_for_trace(self) -> int:
         if not self.vcpu.vm.tracer.enabled:

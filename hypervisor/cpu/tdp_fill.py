@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
 
 from ..kvm.mmu_interface import FaultResult
@@ -36,8 +37,13 @@ class MmioAccess(Exception):
         self.gpa = gpa
 
 
+@trait
 class TdpFill:
-    """The EPT branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing)."""
+    """The EPT branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing).
+
+    A mypyc trait, as are the other mixins of UnicornVcpu: the compiled build (setup.py) compiles them
+    together with it, since mypyc lets a native class have one native base class plus traits only,
+    and no interpreted class may inherit from a compiled one."""
 
     vcpu: Vcpu
     _cr3: int
@@ -54,6 +60,7 @@ class TdpFill:
 
     _read_cr3: Callable[[], int]
     _translate: Callable[[int, bool], int]
+    __deletable__ = ["sensitive", "_code"]  # UnicornVcpu.close()
 
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
         raise NotImplementedError

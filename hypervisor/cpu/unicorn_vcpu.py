@@ -79,6 +79,9 @@ _HLT = b"\xf4"
 class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
+    # What close() deletes (mypyc: a compiled class names the attributes it lets go; the mixins name theirs).
+    __deletable__ = ["_tlb_cb"]
+
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
         self.vcpu = vcpu
         self.frames = frames
@@ -124,6 +127,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         self._frames_2d = frames.frames
         self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
                                         lambda: self.clock.stopped, self.clock.leave_block)
+        self.shadow_insns = None  # --mmu shadow: its code hooks (cpu/shadow_insns.py)
         if self._shadow:
             self.shadow_insns = ShadowInsns(uc, vcpu, self.peek_code, lambda: self.clock.stopped)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
@@ -149,7 +153,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
         del self._code  # it reads CR3 through this vCPU
-        self.__dict__.pop("shadow_insns", None)
+        self.shadow_insns = None
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND
 
@@ -184,11 +188,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
             clock.start_slice(min(turn_left, max_insns), period, max_insns)
         else:
             clock.start_slice(max_insns)
-        self._stop_note = None
-        self._pending = None
-        self._abandoned = None
-        self._refused = False
-        self._resume_rip = None
+        self._clear_run_state()
         self._emulating = clock.running = True
         try:
             error = emu_start(self.uc, self.rip, UNTIL)
@@ -219,6 +219,16 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
             # slice retired (an HLT can be the slice's last instruction).
             self._unicorn_returned()
         return retired
+
+    def _clear_run_state(self) -> None:
+        """What the hooks report about a run, cleared before it.  A method of its own: mypy narrows an
+        attribute assigned None in run() to None across the emu_start call, and mypyc (setup.py) compiles
+        that narrowing in, so run() would never see what the hooks set."""
+        self._stop_note = None
+        self._pending = None
+        self._abandoned = None
+        self._refused = False
+        self._resume_rip = None
 
     def _unicorn_returned(self) -> None:
         if self.rip == UNTIL:
