@@ -12,6 +12,7 @@ from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, Uc
 from unicorn import x86_const as x86
 
 from ..kvm.vcpu import Vcpu, VcpuState
+from .binding import Severable
 from .exceptions import EXCEPTION_NAMES, PendingException
 
 _VMCALL = b"\x0f\x01\xc1"
@@ -25,7 +26,7 @@ class ExitDispatch:
 
     uc: Uc
     vcpu: Vcpu
-    __deletable__ = ["uc"]  # UnicornVcpu.close()
+    __deletable__ = ("uc",)  # UnicornVcpu.close()
     _pending: PendingException | None
 
     def _stop_now(self, note: str | None = None, after: bool = False) -> None:
@@ -34,15 +35,18 @@ class ExitDispatch:
     def peek_code(self, gva: int, length: int) -> bytes:
         raise NotImplementedError
 
-    def _add_exit_hooks(self, uc: Uc) -> None:
-        # Bound methods, not `weakly` ones: the compiled build's native vCPU takes no weak references.  The
-        # cycles they make through the binding (uc -> hook -> vCPU -> uc) go when the vCPU closes (close_uc).
-        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x86.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self._syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._invalid_insn)
-        uc.hook_add(UC_HOOK_INTR, self._interrupt)
+    def _add_exit_hooks(self, uc: Uc) -> list[Severable]:
+        """Registers the hooks; returns them, for the vCPU to sever when it closes (binding.Severable)."""
+        hooks = [Severable(m) for m in (self._out, self._in, self._cpuid, self._syscall, self._invalid_insn,
+                                        self._interrupt)]
+        out, in_, cpuid, syscall, invalid_insn, interrupt = hooks
+        uc.hook_add(UC_HOOK_INSN, out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, in_, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN_INVALID, invalid_insn)
+        uc.hook_add(UC_HOOK_INTR, interrupt)
+        return hooks
 
     def _rip_for_trace(self) -> int:
         if not self.vcpu.vm.tracer.enabled:

@@ -82,7 +82,7 @@ class ShadowFill:
     tlb_entries: dict[int, tuple[int, int, bool]] | None
 
     _read_cr3: Callable[[], int]
-    __deletable__ = ["uc", "sensitive", "_code"]  # UnicornVcpu.close()
+    __deletable__ = ("uc", "sensitive", "_code")  # UnicornVcpu.close()
 
     # Provided by UnicornVcpu.
 

@@ -60,7 +60,7 @@ class TdpFill:
 
     _read_cr3: Callable[[], int]
     _translate: Callable[[int, bool], int]
-    __deletable__ = ["sensitive", "_code"]  # UnicornVcpu.close()
+    __deletable__ = ("sensitive", "_code")  # UnicornVcpu.close()
 
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
         raise NotImplementedError

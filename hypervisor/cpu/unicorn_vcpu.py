@@ -80,7 +80,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
 
     # What close() deletes (mypyc: a compiled class names the attributes it lets go; the mixins name theirs).
-    __deletable__ = ["_tlb_cb"]
+    __deletable__ = ("_tlb_cb",)
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
         self.vcpu = vcpu
@@ -121,7 +121,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
         self._tlb_cb = add_tlb_fill_hook(uc, self._fill_hook, self._refuse)
-        self._add_exit_hooks(uc)
+        self._exit_hooks = self._add_exit_hooks(uc)
         self.clock = self._code.clock = VcpuClock(uc, insns_per_ms, self._code.read)
         self.uc = uc
         self._frames_2d = frames.frames
@@ -148,6 +148,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         Simulation is freed by reference counting (the hooks made cycles through the binding)."""
         close_uc(self.uc)
         del self.uc
+        for hook in self._exit_hooks:
+            hook.sever()
         # The raw TLB-fill callback goes with the Uc that calls it: its closure holds the Uc.
         del self._tlb_cb
         del self.sensitive  # it holds this vCPU's bound methods
