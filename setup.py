@@ -23,6 +23,8 @@ COMPILED_MODULES = [
     "hypervisor/cpu/shadow_fill.py",
     "hypervisor/cpu/exit_dispatch.py",
     "hypervisor/cpu/unicorn_vcpu.py",
+    "hypervisor/kvm/vm.py",
+    "hypervisor/kvm/stats.py",
 ]
 
 ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]
