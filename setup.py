@@ -25,6 +25,9 @@ COMPILED_MODULES = [
     "hypervisor/cpu/unicorn_vcpu.py",
     "hypervisor/kvm/vm.py",
     "hypervisor/kvm/stats.py",
+    "hypervisor/cpu/clock.py",
+    "hypervisor/cpu/code_pages.py",
+    "hypervisor/cpu/blocks.py",
 ]
 
 ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]
