@@ -28,6 +28,9 @@ COMPILED_MODULES = [
     "hypervisor/cpu/clock.py",
     "hypervisor/cpu/code_pages.py",
     "hypervisor/cpu/blocks.py",
+    "hypervisor/kvm/mmu_interface.py",
+    "hypervisor/kvm/requests.py",
+    "hypervisor/kvm/exits.py",
 ]
 
 ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]
