@@ -8,12 +8,12 @@ fault is another exit.  cpu/shadow_fill.py is the `--mmu shadow` branch.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import unicorn
 from mypy_extensions import trait
-from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
 
 from ..kvm.mmu_interface import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
@@ -22,8 +22,15 @@ from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
 from .code_pages import CodePages
 from .walk import GuestFault, PagingStructureCache, walk_gva
 
-_SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
-_SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
+_SPTE_RA: Final = SPTE_READABLE | SPTE_ACCESSED
+_SPTE_WD: Final = SPTE_WRITABLE | SPTE_DIRTY
+# Unicorn's constants as Final ints: mypy sees the binding as untyped (Any), so the compiled build
+# (setup.py) would look each name up in this module's globals and compare it as an object at every use.
+UC_MEM_FETCH: Final[int] = unicorn.UC_MEM_FETCH
+UC_MEM_WRITE: Final[int] = unicorn.UC_MEM_WRITE
+UC_PROT_ALL: Final[int] = unicorn.UC_PROT_ALL
+UC_PROT_EXEC: Final[int] = unicorn.UC_PROT_EXEC
+UC_PROT_READ: Final[int] = unicorn.UC_PROT_READ
 
 
 class SliceEnd(Exception):

@@ -29,16 +29,7 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 
 from typing import Any
 
-from unicorn import (
-    UC_CTL_IO_WRITE,
-    UC_CTL_TLB_FLUSH,
-    UC_MEM_FETCH,
-    UC_MEM_WRITE,
-    UC_PROT_ALL,
-    UC_PROT_EXEC,
-    UC_PROT_READ,
-    UC_TLB_VIRTUAL,
-)
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_TLB_VIRTUAL
 from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
@@ -64,7 +55,7 @@ from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
 from .shadow_fill import ShadowFill, ShadowPtWrite
 from .shadow_insns import ShadowInsns
-from .tdp_fill import MmioAccess, SliceEnd, TdpFill
+from .tdp_fill import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, MmioAccess, SliceEnd, TdpFill
 from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
