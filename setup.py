@@ -31,6 +31,8 @@ COMPILED_MODULES = [
     "hypervisor/kvm/mmu_interface.py",
     "hypervisor/kvm/requests.py",
     "hypervisor/kvm/exits.py",
+    "hypervisor/scheduler.py",
+    "hypervisor/host/mmu_notifier.py",
 ]
 
 ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]
