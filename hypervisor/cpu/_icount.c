@@ -14,7 +14,8 @@
  * Slices end at block boundaries: when a block is about to start and `counter` has
  * reached `limit`, the hook asks Unicorn to stop (Unicorn's check for a stop request
  * follows the block hook, before the block's first instruction), leaving RIP at the
- * block and setting `stopped`.  So a slice ends at the first block boundary at or
+ * block and setting `stopped` and `stop_pc` (the block's address: RIP, known without
+ * a register read).  So a slice ends at the first block boundary at or
  * after its limit, which does not depend on where earlier slices ended.  Inside a
  * block, `counter` already includes the whole block; the exact count at an
  * instruction is `counter - block_count + (instructions of the block before RIP)`,
@@ -61,6 +62,8 @@ struct icount {
     uint64_t hard;
     uint64_t turn_start;
     uint64_t turns;
+    /* Where the hook stopped the run: the block it kept from starting (RIP is there). */
+    uint64_t stop_pc;
     struct block_entry cache[CACHE_SIZE];
 };
 
@@ -73,6 +76,7 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     if (ic->counter >= ic->limit) {
         if (ic->period == 0 || ic->counter >= ic->hard) {
             ic->stopped = 1;
+            ic->stop_pc = address;
             ic->stop(uc);
             return;
         }
@@ -90,6 +94,7 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
             /* The decoder failed (it kept the exception): stop before the block runs. */
             ic->failed = 1;
             ic->stopped = 1;
+            ic->stop_pc = address;
             ic->stop(uc);
             return;
         }

@@ -190,7 +190,7 @@ class ICount(ctypes.Structure):
                 ("block_count", ctypes.c_uint64), ("generation", ctypes.c_uint64), ("miss", ctypes.c_void_p),
                 ("misses", ctypes.c_uint64), ("failed", ctypes.c_uint64), ("period", ctypes.c_uint64),
                 ("hard", ctypes.c_uint64), ("turn_start", ctypes.c_uint64), ("turns", ctypes.c_uint64),
-                ("cache", BlockEntry * _icount.cache_size()))
+                ("stop_pc", ctypes.c_uint64), ("cache", BlockEntry * _icount.cache_size()))
 
 
 def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, object]:

@@ -195,7 +195,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         finally:
             self._emulating = clock.running = clock.fetching = False
         retired = clock.end_slice()
-        self.rip = clock.read_rip() if self._resume_rip is None else self._resume_rip
+        self.rip = clock.rip_after_run() if self._resume_rip is None else self._resume_rip
         raised = take_hook_exception(self.uc) or clock.miss_error
         if self._ptwrite is not None and raised is None:
             self._finish_ptwrite()  # the store to a guest page table, emulated (cpu/shadow_fill.py)
