@@ -28,7 +28,7 @@ from functools import cache
 from typing import Any
 
 import unicorn
-from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, Uc, UcError
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, Uc, UcError
 from unicorn import x86_const as x86
 
 from ..errors import UnsupportedUnicorn
@@ -43,6 +43,7 @@ UNICORN_VERSION = "2.1.4"
 # uc_version()'s combined number is major << 24 | minor << 16 | patch << 8 | extra.
 _UC_VERSION_COMBINED = 0x02_01_04
 
+_OUT_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                    ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
 
@@ -76,11 +77,12 @@ def new_x86_64() -> Uc:
     return Uc(UC_ARCH_X86, UC_MODE_64)
 
 
-def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
-    """uc_hook_add() with a C callback pointer, over the whole address range."""
+def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None,
+                 *insn: ctypes.c_int) -> None:
+    """uc_hook_add() with a C callback pointer, over the whole address range (UC_HOOK_INSN: and the instruction)."""
     handle = ctypes.c_size_t()
     err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), htype, callback, user_data, ctypes.c_uint64(1),
-                            ctypes.c_uint64(0))
+                            ctypes.c_uint64(0), *insn)
     if err != 0:
         raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
 
@@ -132,6 +134,26 @@ def add_tlb_fill_hook(uc: Uc, fill: Callable[[int, int, Any], bool],
 
     callback = _TLB_FILL_CFUNC(raw)
     raw_hook_add(uc, UC_HOOK_TLB_FILL, _code_address(callback), None)
+    return callback
+
+
+def add_out_hook(uc: Uc, out: Callable[[int, int, int], None]) -> object:
+    """Register out(port, size, value) as the raw UC_HOOK_INSN callback of OUT: one Python layer per port write,
+    where the binding's hook_add adds three (its exception guard, its argument adapter, the weak method).
+
+    An exception in `out` is kept as add_tlb_fill_hook keeps it.  Returns the ctypes callback, which must stay
+    alive as long as uc, and be dropped with it (it refers to `out`'s object)."""
+
+    def raw(_uc: int, port: int, size: int, value: int, _ud: object) -> None:
+        try:
+            out(port, size, value)
+        except BaseException as exc:  # as the binding's own wrapper: record, stop
+            if uc._hook_exception is None:
+                uc._hook_exception = exc
+            uc.emu_stop()
+
+    callback = _OUT_CFUNC(raw)
+    raw_hook_add(uc, UC_HOOK_INSN, _code_address(callback), None, ctypes.c_int(x86.UC_X86_INS_OUT))
     return callback
 
 
@@ -270,6 +292,6 @@ def reset_old_exception(uc: Uc) -> None:
     uc.context_restore(ctx)
 
 
-__all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_tlb_fill_hook", "close_uc", "cr3_reader", "emu_start",
-           "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception", "take_hook_exception",
-           "unicorn_version_problem", "weakly"]
+__all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_out_hook", "add_tlb_fill_hook", "close_uc",
+           "cr3_reader", "emu_start", "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception",
+           "take_hook_exception", "unicorn_version_problem", "weakly"]

@@ -104,6 +104,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         # for fetches); the answer stays no, without taking the exit twice.
         self._refused = False
         self._emulating = False
+        self._tlb_stale = False
         # --check: what this vCPU's TLB may hold since its last flush, gva page -> (gfn, pfn,
         # writable), as the fills answered Unicorn (None: not recorded).
         self.tlb_entries: dict[int, tuple[int, int, bool]] | None = None
@@ -144,8 +145,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         Simulation is freed by reference counting (the hooks made cycles through the binding)."""
         close_uc(self.uc)
         del self.uc
-        # The raw TLB-fill callback goes with the Uc that calls it: its closure holds the Uc.
-        del self._tlb_cb
+        # The raw TLB-fill and OUT callbacks go with the Uc that calls them: their closures hold the Uc.
+        del self._tlb_cb, self._out_cb
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
         del self._code  # it reads CR3 through this vCPU
@@ -157,7 +158,12 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
 
     def flush_tlb(self) -> None:
         """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
-        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        if self._emulating:
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        else:
+            # Only a run reads Unicorn's TLB: the next one starts with it flushed (and the flushes
+            # of ksmd's merges between two turns are one).
+            self._tlb_stale = True
         self._pscache.clear()
         self._code.forget()
         if self.tlb_entries is not None:
@@ -179,6 +185,9 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
             self._code.forget()
             if self._shadow:
                 self.shadow_insns.forget_scans()
+        if self._tlb_stale:
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            self._tlb_stale = False
         clock = self.clock
         if period:
             clock.start_slice(min(turn_left, max_insns), period, max_insns)
