@@ -160,9 +160,10 @@ class Scheduler:
         finally:
             # A slice that ended in an error (livelock, violated invariant) still took its time.
             sim._running = None
-            took = backend.slice_retired + backend.stall_in_slice
-            sim.insns[i] += backend.slice_retired
-            sim.stalls[i] += backend.stall_in_slice
+            retired, stalled = backend.slice_retired, backend.stall_in_slice
+            took = retired + stalled
+            sim.insns[i] += retired
+            sim.stalls[i] += stalled
             sim.now += took
             sim.context = ("vmm", 0)
             turns, turn_start = backend.clock.turns_ended if lone else (0, 0)
