@@ -3,13 +3,13 @@
 What it reaches into, and why (everything else in cpu/ uses the public API):
 
 * `uclib` (the loaded libunicorn) and `Uc._uch` (the engine handle): the TLB-fill hook and
-  the instruction counter of _icount.c are registered as raw C callbacks with
-  uc_hook_add(), without the binding's two Python wrapper layers per call; CR3 is read
-  with a raw uc_reg_read() from inside the TLB-fill hook; _icount.c gets uc_emu_stop()'s
-  address.
+  the instruction counter of _icount.c (and OUT's hook) are registered as raw C callbacks
+  with uc_hook_add(), without the binding's Python wrapper layers per call; CR3 is read
+  with a raw uc_reg_read() from inside the TLB-fill hook; a TLB flush is one raw uc_ctl();
+  _icount.c gets uc_emu_stop()'s address.
 * `uc_tlb_entry`: the struct a TLB-fill hook fills.
 * `Uc._hook_exception`: where the binding's own hook wrappers keep an exception raised
-  in a hook; the raw TLB-fill hook keeps its exceptions there too, and `emu_start` here
+  in a hook; the raw TLB-fill and OUT hooks keep theirs there too, and `emu_start` here
   re-raises it.
 * `UcContext.context` / `.size`: the saved CPU state, patched to reset QEMU's
   `env->old_exception` (see `reset_old_exception`).
@@ -28,7 +28,18 @@ from functools import cache
 from typing import Any
 
 import unicorn
-from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, Uc, UcError
+from unicorn import (
+    UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_HOOK_BLOCK,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MODE_64,
+    Uc,
+    UcError,
+)
 from unicorn import x86_const as x86
 
 from ..errors import UnsupportedUnicorn
@@ -170,6 +181,20 @@ def _reg_reader(uc: Uc, reg_id: int) -> Callable[[], int]:
     return read
 
 
+def tlb_flusher(uc: Uc) -> Callable[[], None]:
+    """uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE) as one raw uc_ctl() call (KVM's remote flushes: one per kick)."""
+    ctl, uch = uclib.uc_ctl, uc._uch
+    # The binding's Uc.ctl encoding: op << 30 | nargs << 26 | ctl (no arguments).
+    code = UC_CTL_IO_WRITE << 30 | UC_CTL_TLB_FLUSH
+
+    def flush() -> None:
+        err = ctl(uch, code)
+        if err != 0:
+            raise UcError(err)
+
+    return flush
+
+
 def cr3_reader(uc: Uc) -> Callable[[], int]:
     """CR3, read inside the TLB-fill hook."""
     return _reg_reader(uc, x86.UC_X86_REG_CR3)
@@ -294,4 +319,4 @@ def reset_old_exception(uc: Uc) -> None:
 
 __all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_out_hook", "add_tlb_fill_hook", "close_uc",
            "cr3_reader", "emu_start", "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception",
-           "take_hook_exception", "unicorn_version_problem", "weakly"]
+           "take_hook_exception", "tlb_flusher", "unicorn_version_problem", "weakly"]

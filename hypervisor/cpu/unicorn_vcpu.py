@@ -30,8 +30,6 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 from typing import Any
 
 from unicorn import (
-    UC_CTL_IO_WRITE,
-    UC_CTL_TLB_FLUSH,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
     UC_PROT_ALL,
@@ -49,7 +47,15 @@ from ..kvm.vcpu import NO_BACKEND, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE
 from ..vmm.loader import BootParams
 from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
-from .binding import add_tlb_fill_hook, close_uc, cr3_reader, emu_start, new_x86_64, take_hook_exception
+from .binding import (
+    add_tlb_fill_hook,
+    close_uc,
+    cr3_reader,
+    emu_start,
+    new_x86_64,
+    take_hook_exception,
+    tlb_flusher,
+)
 from .clock import VcpuClock
 from .code_pages import CodePages
 from .disasm import disassemble_one
@@ -104,7 +110,6 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         # for fetches); the answer stays no, without taking the exit twice.
         self._refused = False
         self._emulating = False
-        self._tlb_stale = False
         # --check: what this vCPU's TLB may hold since its last flush, gva page -> (gfn, pfn,
         # writable), as the fills answered Unicorn (None: not recorded).
         self.tlb_entries: dict[int, tuple[int, int, bool]] | None = None
@@ -118,6 +123,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
+        self._flush_unicorn_tlb = tlb_flusher(uc)
         self._tlb_cb = add_tlb_fill_hook(uc, self._fill_hook, self._refuse)
         self._add_exit_hooks(uc)
         self.clock = self._code.clock = VcpuClock(uc, insns_per_ms, self._code.read)
@@ -158,12 +164,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
 
     def flush_tlb(self) -> None:
         """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
-        if self._emulating:
-            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        else:
-            # Only a run reads Unicorn's TLB: the next one starts with it flushed (and the flushes
-            # of ksmd's merges between two turns are one).
-            self._tlb_stale = True
+        self._flush_unicorn_tlb()
         self._pscache.clear()
         self._code.forget()
         if self.tlb_entries is not None:
@@ -185,9 +186,6 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
             self._code.forget()
             if self._shadow:
                 self.shadow_insns.forget_scans()
-        if self._tlb_stale:
-            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-            self._tlb_stale = False
         clock = self.clock
         if period:
             clock.start_slice(min(turn_left, max_insns), period, max_insns)

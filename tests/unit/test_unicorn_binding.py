@@ -85,3 +85,26 @@ def test_an_exception_in_the_raw_out_hook_stops_the_run_and_is_raised_as_the_bin
         binding.emu_start(uc, 0x1000, 0x1000 + len(_TWO_OUTS) - 1)
     assert seen[0] == 0x41  # (Unicorn sees the stop request at its next check: the block may go on)
     del callback
+
+
+def test_the_raw_tlb_flush_makes_the_next_access_to_a_page_take_a_tlb_fill_again() -> None:
+    uc = binding.new_x86_64()
+    uc.ctl_set_tlb_mode(unicorn.UC_TLB_VIRTUAL)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, bytes.fromhex("f4"))  # hlt
+    fills: list[int] = []
+
+    def fill(vaddr: int, access: int, entry: object) -> bool:
+        fills.append(vaddr & ~0xFFF)
+        entry.paddr = vaddr & ~0xFFF  # type: ignore[attr-defined]
+        entry.perms = unicorn.UC_PROT_ALL  # type: ignore[attr-defined]
+        return True
+
+    callback = binding.add_tlb_fill_hook(uc, fill)
+    binding.emu_start(uc, 0x1000, 0x1001)
+    binding.emu_start(uc, 0x1000, 0x1001)
+    assert fills.count(0x1000) == 1  # the second run hit Unicorn's TLB
+    binding.tlb_flusher(uc)()
+    binding.emu_start(uc, 0x1000, 0x1001)
+    assert fills.count(0x1000) == 2
+    del callback
