@@ -5,7 +5,9 @@ _icount.c caches a translated block's instruction count by the block's address
 stays: it is dropped when an instruction fetch maps the address's page to another
 frame (a new address space, a page the host remapped), when the guest writes to a
 frame it executed from (if the write takes a TLB fill: self-modifying code is not
-supported), and when the host rewrites a code frame or KVM flushes the TLB.
+supported), and when the host rewrites a code frame.  A TLB flush alone keeps the
+counts and the frames seen: the first fetch from each page after it takes a fill,
+which compares the page's frame with the one seen before.
 """
 
 from collections.abc import Callable

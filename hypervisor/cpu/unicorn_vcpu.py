@@ -163,10 +163,12 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
     # --- VcpuBackend -----------------------------------------------------------------
 
     def flush_tlb(self) -> None:
-        """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
+        """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go.
+
+        The blocks' instruction counts stay: every fetch after the flush takes a TLB fill, which drops
+        them if its page's code now comes from another frame (cpu/code_pages.py)."""
         self._flush_unicorn_tlb()
         self._pscache.clear()
-        self._code.forget()
         if self.tlb_entries is not None:
             self.tlb_entries.clear()
 
