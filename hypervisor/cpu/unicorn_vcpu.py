@@ -98,7 +98,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         self._nr_gfns = int(vcpu.vm.memslots.max_gfn)
         self._qwords = frames.qwords
         self._code_epoch = frames.code_epoch
-        self._code = CodePages(vcpu.vm, lambda: self._cr3, frames.exec_seen_view)
+        self._code = CodePages(vcpu.vm, lambda: self._cr3, frames.exec_seen_view, frames.frames)
         # An instruction after which a run was stopped inside a block (a shutdown by port I/O).
         self._resume_rip: int | None = None
         self._stop_note: str | None = None
