@@ -12,7 +12,7 @@ from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, Uc
 from unicorn import x86_const as x86
 
 from ..kvm.vcpu import Vcpu, VcpuState
-from .binding import Severable
+from .binding import Severable, add_out_hook
 from .exceptions import EXCEPTION_NAMES, PendingException
 
 _VMCALL = b"\x0f\x01\xc1"
@@ -26,8 +26,9 @@ class ExitDispatch:
 
     uc: Uc
     vcpu: Vcpu
-    __deletable__ = ("uc",)  # UnicornVcpu.close()
+    __deletable__ = ("uc", "_out_cb")  # UnicornVcpu.close()
     _pending: PendingException | None
+    _out_cb: object  # the raw OUT callback (binding.add_out_hook), dropped with the Uc
 
     def _stop_now(self, note: str | None = None, after: bool = False) -> None:
         raise NotImplementedError
@@ -36,11 +37,12 @@ class ExitDispatch:
         raise NotImplementedError
 
     def _add_exit_hooks(self, uc: Uc) -> list[Severable]:
-        """Registers the hooks; returns them, for the vCPU to sever when it closes (binding.Severable)."""
-        hooks = [Severable(m) for m in (self._out, self._in, self._cpuid, self._syscall, self._invalid_insn,
-                                        self._interrupt)]
-        out, in_, cpuid, syscall, invalid_insn, interrupt = hooks
-        uc.hook_add(UC_HOOK_INSN, out, None, 1, 0, x86.UC_X86_INS_OUT)
+        """Registers the hooks; returns those that go through the binding's wrappers, for the vCPU to sever
+        when it closes (binding.Severable: the compiled build's native vCPU takes no weak references)."""
+        # OUT is the exit nearly every guest takes most (its console bytes): registered raw, one Python layer.
+        self._out_cb = add_out_hook(uc, self._out)
+        hooks = [Severable(m) for m in (self._in, self._cpuid, self._syscall, self._invalid_insn, self._interrupt)]
+        in_, cpuid, syscall, invalid_insn, interrupt = hooks
         uc.hook_add(UC_HOOK_INSN, in_, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
@@ -53,7 +55,7 @@ class ExitDispatch:
             return 0
         return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 
-    def _out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
+    def _out(self, port: int, size: int, value: int) -> None:
         self.vcpu.handle_io(port, size, value, True, self._rip_for_trace())
         if self.vcpu.state is not VcpuState.RUNNABLE:
             self._stop_now(after=True)
