@@ -192,7 +192,8 @@ def figures(d: dict[str, Any]) -> list[Figure]:
         p_arrays = peak["arrays_bytes_per_page"]
         p_total = p_arrays + peak["python_bytes_per_page"]
         out.append(Figure(
-            "scale_metadata_peak", "4c-peak", "scale: metadata per guest page at its peak (after a ksmd wake-up), all-in",
+            "scale_metadata_peak", "4c-peak",
+            "scale: metadata per guest page at its peak (after a ksmd wake-up), all-in",
             p_total, "B/page", 64.0, "Linux rmap_item", ratio(p_total, 64.0), [at_most(p_total, 64, "<= 64 B/page")],
             peak, f"numpy arrays {p_arrays:.1f} B/page, Python objects {peak['python_bytes_per_page']:.1f} B/page; "
             f"full scan {peak['full_scans']}, {peak['unstable_tree_entries']} unstable tree entries; "
