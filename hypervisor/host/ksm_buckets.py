@@ -53,6 +53,10 @@ class ContentBuckets:
 
     def entries(self, key: int) -> list[int]:
         """The entries filed under `key`, in the order filed (a new list)."""
+        return self.probe(key)[0]
+
+    def probe(self, key: int) -> tuple[list[int], int]:
+        """The key's entries in the order filed, and the never-used slot that ends its probe path."""
         out: list[int] = []
         keys, slots, mask = self._key_view, self._slot_view, self._mask
         slot = key >> self._shift
@@ -62,18 +66,24 @@ class ContentBuckets:
                 out.append(entry)
             slot = (slot + 1) & mask
             entry = slots[slot]
-        return out
+        return out, slot
 
-    def add(self, key: int, entry: int) -> int:
-        """File `entry` under `key`, behind the key's other entries; its slot (until the next rebuild)."""
-        if (self._used + 1) * 4 > self.capacity * 3:
+    def add(self, key: int, entry: int, end: int = -1) -> int:
+        """File `entry` under `key`, behind the key's other entries; its slot (until the next rebuild).
+
+        `end`: the slot `probe(key)` returned, if nothing was filed or rebuilt since (saves a probe).
+        """
+        if (self._used + 1) * 4 > (self._mask + 1) * 3:
             self._rebuild()
-        slots, mask = self._slot_view, self._mask
-        slot = key >> self._shift
-        while slots[slot] != EMPTY:
-            slot = (slot + 1) & mask
+            end = -1
+        slot = end
+        if slot < 0:
+            slots, mask = self._slot_view, self._mask
+            slot = key >> self._shift
+            while slots[slot] != EMPTY:
+                slot = (slot + 1) & mask
         self._key_view[slot] = key
-        slots[slot] = entry
+        self._slot_view[slot] = entry
         self._used += 1
         self.nr_entries += 1
         return slot
@@ -103,7 +113,7 @@ class ContentBuckets:
 
     def shrink_if_sparse(self) -> None:
         """Rebuild smaller once entries fill less than 1/8 of the slots (the unstable tree empties as pages merge)."""
-        if self.nr_entries * 8 < self.capacity and self.capacity > _FIRST_CAPACITY:
+        if self.nr_entries * 8 <= self._mask and self._mask >= _FIRST_CAPACITY:
             self._rebuild()
 
     def all_entries(self) -> list[int]:
@@ -145,7 +155,7 @@ class ContentBuckets:
             slots[slot] = entry
             new_slots.append(slot)
         self._used = len(entries)
-        self.moved(entries, new_slots)
+        self.moved(np.array(entries, dtype=np.int64), np.array(new_slots, dtype=np.int32))
 
-    def moved(self, entries: list[int], slots: list[int]) -> None:
+    def moved(self, entries: npt.NDArray[np.int64], slots: npt.NDArray[np.int32]) -> None:
         """Called after a rebuild with every entry and its new slot (for owners that remember slots)."""

@@ -179,6 +179,9 @@ class StableTree(ContentBuckets):
 
     def set_entries(self, key: int, entries: list[int]) -> None:
         """The key's entries become `entries`, in that order."""
-        self.erase_key(key)
-        for entry in entries:
+        now = self.entries(key)
+        if entries[: len(now)] != now:
+            self.erase_key(key)
+            now = []
+        for entry in entries[len(now) :]:
             self.add(key, entry)

@@ -15,6 +15,9 @@ by its slot holding another item.
 from bisect import bisect_right
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from ..types import Hva, Pfn
 from .ksm_buckets import EMPTY, ERASED, MAX_ENTRY, ContentBuckets
 from .ksm_items import (
@@ -73,8 +76,9 @@ class UnstableTree(ContentBuckets):
             pos = self._bases.index(items.rmap_item_base)
             del self._bases[pos], self._owners[pos]
 
-    def insert(self, key: int, items: VmaItems, idx: int) -> None:
-        items.node[idx] = self.add(key, self.rmap_item_id(items, idx))
+    def insert(self, key: int, items: VmaItems, idx: int, end: int = -1) -> None:
+        """Insert the rmap_item under `key` (`end`: as for add)."""
+        items.node[idx] = self.add(key, self.rmap_item_id(items, idx), end)
 
     def erase(self, items: VmaItems, idx: int) -> None:
         """rb_erase() if this pass inserted the rmap_item (its slot still holds it), else nothing."""
@@ -91,10 +95,11 @@ class UnstableTree(ContentBuckets):
             out.append(self.rmap_item(item_id) if self._bases and item_id >= self._bases[0] else (None, item_id))
         return out
 
-    def moved(self, entries: list[int], slots: list[int]) -> None:
-        for item_id, slot in zip(entries, slots, strict=True):
-            items, idx = self.rmap_item(item_id)
-            items.node[idx] = slot
+    def moved(self, entries: npt.NDArray[np.int64], slots: npt.NDArray[np.int32]) -> None:
+        owner = np.searchsorted(np.array(self._bases, dtype=np.int64), entries, side="right") - 1
+        for pos, items in enumerate(self._owners):
+            mine = owner == pos
+            items.node[entries[mine] - items.rmap_item_base] = slots[mine]
 
 
 class KsmUnstableTree(KsmState):
@@ -112,7 +117,8 @@ class KsmUnstableTree(KsmState):
         self, items: VmaItems, idx: int, pfn: Pfn, h: int
     ) -> tuple[VmaItems, int, Pfn] | None:
         tree = self.unstable_tree
-        for tree_item in tree.entries(h):
+        tree_items_of_h, end = tree.probe(h)
+        for tree_item in tree_items_of_h:
             tree_items, tree_idx = tree.rmap_item(tree_item)
             tree_pfn = self._follow_page(tree_items.mm, tree_items.hva(tree_idx))
             if tree_pfn is None or self.frames.page_ksm(tree_pfn):
@@ -121,7 +127,7 @@ class KsmUnstableTree(KsmState):
                 return None
             if self.frames.pages_identical(pfn, tree_pfn):
                 return tree_items, tree_idx, tree_pfn
-        tree.insert(h, items, idx)
+        tree.insert(h, items, idx, end)
         items.flags[idx] = UNSTABLE_FLAG
         self.unshared += 1
         return None
