@@ -31,6 +31,10 @@ class ContentBuckets:
 
     keys: npt.NDArray[np.uint64]
     slots: npt.NDArray[np.int32]
+    _key_view: memoryview
+    _slot_view: memoryview
+    _mask: int
+    _shift: int
 
     def __init__(self) -> None:
         self.nr_entries = 0
