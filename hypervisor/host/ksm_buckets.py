@@ -64,12 +64,19 @@ class ContentBuckets:
         out: list[int] = []
         keys, slots, mask = self._key_view, self._slot_view, self._mask
         slot = key >> self._shift
-        entry: int = slots[slot]
-        while entry != EMPTY:
-            if entry != ERASED and keys[slot] == key:
-                out.append(entry)
+        # A never-used slot has key 0 and entry EMPTY: the key is read first, so a slot of
+        # another key costs one read (a hash of 0 is a key like any other).
+        while True:
+            k: int = keys[slot]
+            if k == key:
+                entry: int = slots[slot]
+                if entry == EMPTY:
+                    break
+                if entry != ERASED:
+                    out.append(entry)
+            elif not k and slots[slot] == EMPTY:
+                break
             slot = (slot + 1) & mask
-            entry = slots[slot]
         return out, slot
 
     def add(self, key: int, entry: int, end: int = -1) -> int:
@@ -105,14 +112,13 @@ class ContentBuckets:
 
     def erase_key(self, key: int) -> None:
         """Take every entry filed under `key` out."""
+        _, end = self.probe(key)
         keys, slots, mask = self._key_view, self._slot_view, self._mask
         slot = key >> self._shift
-        entry: int = slots[slot]
-        while entry != EMPTY:
-            if entry != ERASED and keys[slot] == key:
+        while slot != end:
+            if keys[slot] == key and slots[slot] != ERASED:
                 self.erase_at(slot)
             slot = (slot + 1) & mask
-            entry = slots[slot]
         self.shrink_if_sparse()
 
     def shrink_if_sparse(self) -> None:
