@@ -23,7 +23,7 @@ from .code_pages import CodePages
 from .walk import GuestFault, PagingStructureCache, walk_gva
 
 _SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
-_SPTE_WD = SPTE_WRITABLE | SPTE_DIRTY
+_SPTE_RAWD = _SPTE_RA | SPTE_WRITABLE | SPTE_DIRTY
 # Named once for the exit loop (an Enum member read from its class costs about 80 ns on Python
 # 3.11, four times a plain name: EnumType defines __getattr__).
 _FAULT_MMIO = FaultResult.MMIO
@@ -96,15 +96,15 @@ class TdpFill:
             # before it stops: that access never happens for the guest, so it takes no exit.
             return False
         write = access == UC_MEM_WRITE
-        clock = self.clock
-        clock.fetching = fetch  # a fetch fill comes between instructions (cpu/clock.py exact())
+        if fetch:
+            self.clock.fetching = True  # a fetch fill comes between instructions (cpu/clock.py exact())
         try:
             gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
             gfn = gpa >> PAGE_SHIFT
             leaf = self._leaf_sptes
             if leaf is not None and gfn < self._nr_gfns:
                 spte = leaf[gfn]
-                wanted = _SPTE_RA | (_SPTE_WD if write else 0)
+                wanted = _SPTE_RAWD if write else _SPTE_RA
                 if spte & wanted != wanted:
                     # Permitted but A/D to set: translate (set_spte); not permitted: an exit.
                     permitted = spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)
@@ -116,7 +116,8 @@ class TdpFill:
         except (GuestFault, SliceEnd, MmioAccess) as why:
             return self._fill_refused(vaddr, access, why, entry)
         finally:
-            clock.fetching = False
+            if fetch:
+                self.clock.fetching = False
         pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
         if spte & SPTE_WRITABLE and guest_writable:

@@ -27,7 +27,6 @@ from ..events import KvmAgeHva, KvmMmuSetSpte, KvmSetSpteHva, KvmUnmapHvaRange
 from ..host.mm import HostFault, HostMm, pte_pfn, pte_write
 from ..types import PAGE_SIZE, Gfn, Hva, Pfn
 from .kvm_mmu_notifier import KvmMmuNotifier
-from .memslot import Memslot
 from .mmu_interface import FaultOutcome, FaultPathHooks, FaultResult, FaultWork, SpteChange, SpteCheck, outcome
 from .spte import (
     SPTE_ACCESSED,
@@ -114,7 +113,6 @@ class TdpMmu(KvmMmuNotifier):
         self.sptes_view = self.sptes.data
         self.leaf_sptes: memoryview | None = self.sptes_view
         self._nr_gfns = int(self.sptes.shape[0])
-        self._last_slot: Memslot | None = None
         # Seams of the fault path where tests and --inject fire host events (issue #4's races).
         self.hooks: FaultPathHooks | None = None
         # --check: called at every spte change (check_spte_change, or the checker's own).
@@ -197,13 +195,10 @@ class TdpMmu(KvmMmuNotifier):
     # --- the fault path --------------------------------------------------------------
 
     def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
-        slot = self._last_slot
-        if slot is None or not slot.contains_gfn(gfn):
-            slot = self._last_slot = self.vm.memslots.gfn_to_memslot(gfn)
-            if slot is None:
-                return _MMIO
         mmu_seq = self.mmu_notifier_seq
-        hva = slot.gfn_to_hva(gfn)
+        hva = self.vm.memslots.gfn_to_hva(gfn)
+        if hva is None:  # kvm_is_error_hva(): no memslot, an MMIO access
+            return _MMIO
         pfn, writable, host = gfn_to_pfn(self.mm, self.profile, hva, write_fault)
         if self.hooks is not None:
             self.hooks.after_gfn_to_pfn(self, gfn, hva)
