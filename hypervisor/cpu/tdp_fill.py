@@ -8,7 +8,7 @@ fault is another exit.  cpu/shadow_fill.py is the `--mmu shadow` branch.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +26,8 @@ _SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
 _SPTE_RAWD = _SPTE_RA | SPTE_WRITABLE | SPTE_DIRTY
 # Named once for the exit loop (an Enum member read from its class costs about 80 ns on Python
 # 3.11, four times a plain name: EnumType defines __getattr__).
-_FAULT_MMIO = FaultResult.MMIO
-_FAULT_RETRY = FaultResult.RETRY
+_FAULT_MMIO: Final = FaultResult.MMIO
+_FAULT_RETRY: Final = FaultResult.RETRY
 
 
 class SliceEnd(Exception):

@@ -13,7 +13,7 @@ numpy array per VMA.  There is no host TLB: ptep_clear_flush only clears.
 """
 
 import bisect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
@@ -57,9 +57,9 @@ PAGE_DIRTY = _PAGE_DIRTY
 
 # HostFault members, named once for the fault path (an Enum member read from its class costs
 # about 80 ns on Python 3.11, four times a plain name: EnumType defines __getattr__).
-_NO_FAULT = HostFault.NONE
-_FAULT = HostFault.FAULT
-_COW = HostFault.COW
+_NO_FAULT: Final = HostFault.NONE
+_FAULT: Final = HostFault.FAULT
+_COW: Final = HostFault.COW
 
 
 def mk_pte(pfn: Pfn, writable: bool, dirty: bool = False, special: bool = False) -> int:

@@ -17,7 +17,7 @@ TDP maps every gfn with one 4 KiB leaf spte, so the rmap of a gfn (the sptes tha
 map it) is that one slot of the spte array; no large pages.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -63,8 +63,8 @@ _RETRY = outcome(FaultResult.RETRY, FaultWork.RETRY)
 _RETRY_COW = outcome(FaultResult.RETRY, FaultWork.COW)
 # Members the fault path tests, named once (an Enum member read from its class costs about 80 ns
 # on Python 3.11, four times a plain name: EnumType defines __getattr__).
-_INSTALL = SpteChange.INSTALL
-_HOST_COW = HostFault.COW
+_INSTALL: Final = SpteChange.INSTALL
+_HOST_COW: Final = HostFault.COW
 
 
 def check_spte_change(gfn: Gfn, old: int, new: int, change: SpteChange) -> None:

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from ..errors import GuestError
 from ..events import KvmExit, KvmPageFault
@@ -52,10 +52,10 @@ LIVELOCK_RETRIES = 1000
 _EPT_WORK = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
 # Members the exit paths test or set per exit, named once (an Enum member read from its class
 # costs about 80 ns on Python 3.11, four times a plain name: EnumType defines __getattr__).
-_EPT_VIOLATION = ExitReason.EPT_VIOLATION
-_FAULT_MMIO = FaultResult.MMIO
-_OUTSIDE_GUEST_MODE = VcpuMode.OUTSIDE_GUEST_MODE
-_IN_GUEST_MODE = VcpuMode.IN_GUEST_MODE
+_EPT_VIOLATION: Final = ExitReason.EPT_VIOLATION
+_FAULT_MMIO: Final = FaultResult.MMIO
+_OUTSIDE_GUEST_MODE: Final = VcpuMode.OUTSIDE_GUEST_MODE
+_IN_GUEST_MODE: Final = VcpuMode.IN_GUEST_MODE
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
@@ -97,7 +97,7 @@ class VcpuState(Enum):
     STOPPED = "stopped"  # the VMM stopped the VM because a sibling vCPU shut down or failed
 
 
-_RUNNABLE = VcpuState.RUNNABLE  # tested on every entry (see _EPT_VIOLATION)
+_RUNNABLE: Final = VcpuState.RUNNABLE  # tested on every entry (see _EPT_VIOLATION)
 
 
 class Vcpu:
