@@ -61,10 +61,11 @@ class Environment:
     def next_time(self) -> int | None:
         return self._queue[0][0] if self._queue else None
 
-    def run_due(self, now: Callable[[], int]) -> None:
-        """Run every event due by `now()`; the slices advance it, so this runs until no vCPU is left."""
-        while self._queue and self._queue[0][0] <= now():
-            action = heapq.heappop(self._queue)[2]
+    def run_due(self, now: int) -> None:
+        """Run every event due by `now` (host events take no simulated time: only slices move the clock)."""
+        queue = self._queue
+        while queue and queue[0][0] <= now:
+            action = heapq.heappop(queue)[2]
             action()
 
 
@@ -102,24 +103,20 @@ class Scheduler:
         slices on the heap (only slices move the clock, so everything due at a slice's end is due now)."""
         sim = self.sim
         run_due = self.env.run_due
-        now = self._now
         i = self._next_runnable(-1) if not sim.interrupted else None
         while i is not None:
-            run_due(now)
+            run_due(sim.now)
             turn_over = self._slice(i)
             if turn_over is None:  # out of --max-insns: no slice ran, the next vCPU's turn
                 i = self._next_runnable(i)
                 continue
-            run_due(now)
+            run_due(sim.now)
             self._end_of_slice(turn_over)
-            run_due(now)
+            run_due(sim.now)
             if sim.interrupted:
                 return
             if turn_over:
                 i = self._next_runnable(i)
-
-    def _now(self) -> int:
-        return self.sim.now
 
     def _next_runnable(self, after: int) -> int | None:
         """Round-robin: the first runnable vCPU after index `after`, wrapping round."""
@@ -131,11 +128,10 @@ class Scheduler:
                 return i
         return None
 
-    def _budget(self, i: int) -> int:
+    def _budget(self, i: int, due: int | None) -> int:
         sim, cfg = self.sim, self.sim.config
         # Retried faults count against --max-insns at their cost: a livelocked vCPU runs out too.
         budget = min(cfg.quantum, self._turn_left, cfg.max_insns - sim.insns[i] - sim.stalls[i])
-        due = self.env.next_time()
         if budget > 0 and due is not None:
             budget = min(budget, due - sim.now)
         return budget
@@ -143,7 +139,8 @@ class Scheduler:
     def _slice(self, i: int) -> bool | None:
         """Run vCPU i for one chunk; whether its turn is over (None: it was out of --max-insns)."""
         sim = self.sim
-        budget = self._budget(i)
+        due = self.env.next_time()
+        budget = self._budget(i, due)
         if budget <= 0:
             sim.backends[i].vcpu.fail(f"still running after --max-insns {sim.config.max_insns} instructions",
                                      GuestTimeout)
@@ -151,7 +148,6 @@ class Scheduler:
             self._turn_left = HOST_TIMESLICE
             return None
         backend = sim.backends[i]
-        due = self.env.next_time()
         lone = self._lone(i)
         sim.context, sim._running = ("vcpu", sim.vm_of[i]), backend
         try:
@@ -164,9 +160,10 @@ class Scheduler:
         finally:
             # A slice that ended in an error (livelock, violated invariant) still took its time.
             sim._running = None
-            took = backend.slice_retired + backend.stall_in_slice
-            sim.insns[i] += backend.slice_retired
-            sim.stalls[i] += backend.stall_in_slice
+            retired, stalled = backend.slice_retired, backend.stall_in_slice
+            took = retired + stalled
+            sim.insns[i] += retired
+            sim.stalls[i] += stalled
             sim.now += took
             sim.context = ("vmm", 0)
             turns, turn_start = backend.clock.turns_ended if lone else (0, 0)
@@ -193,7 +190,7 @@ class Scheduler:
         sim = self.sim
         if sim.checker is not None or sim.on_slice or (sim.ksm is not None and self.ksm_period == 0):
             return False
-        return not any(b.vcpu.state is VcpuState.RUNNABLE for j, b in enumerate(sim.backends) if j != i)
+        return self._next_runnable(i) == i  # round-robin comes back to vCPU i itself
 
     def _end_of_slice(self, turn_over: bool) -> None:
         sim = self.sim

@@ -14,7 +14,8 @@
  * Slices end at block boundaries: when a block is about to start and `counter` has
  * reached `limit`, the hook asks Unicorn to stop (Unicorn's check for a stop request
  * follows the block hook, before the block's first instruction), leaving RIP at the
- * block and setting `stopped`.  So a slice ends at the first block boundary at or
+ * block and setting `stopped` and `stop_pc` (the block's address: RIP, known without
+ * a register read).  So a slice ends at the first block boundary at or
  * after its limit, which does not depend on where earlier slices ended.  Inside a
  * block, `counter` already includes the whole block; the exact count at an
  * instruction is `counter - block_count + (instructions of the block before RIP)`,
@@ -61,26 +62,47 @@ struct icount {
     uint64_t hard;
     uint64_t turn_start;
     uint64_t turns;
+    /* Where the hook stopped the run: the block it kept from starting (RIP is there). */
+    uint64_t stop_pc;
     struct block_entry cache[CACHE_SIZE];
 };
 
-static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+static inline struct block_entry *entry_of(struct icount *ic, uint64_t address)
 {
-    struct icount *ic = (struct icount *)user_data;
+    return &ic->cache[(address ^ (address >> CACHE_BITS)) & (CACHE_SIZE - 1)];
+}
+
+static inline void start_block(struct icount *ic, uint64_t address, uint32_t size, uint64_t n)
+{
+    ic->block_pc = address;
+    ic->block_size = size;
+    ic->block_count = n;
+    ic->counter += n;
+}
+
+static void stop_before(struct icount *ic, void *uc, uint64_t address)
+{
+    ic->stopped = 1;
+    ic->stop_pc = address;
+    ic->stop(uc);
+}
+
+/* Everything but the common case: the end of a slice or of a host turn, a block not in the cache. */
+static __attribute__((noinline)) void block_hook_slow(void *uc, uint64_t address, uint32_t size, struct icount *ic)
+{
     struct block_entry *e;
     uint64_t n;
 
     if (ic->counter >= ic->limit) {
         if (ic->period == 0 || ic->counter >= ic->hard) {
-            ic->stopped = 1;
-            ic->stop(uc);
+            stop_before(ic, uc, address);
             return;
         }
         ic->turn_start = ic->counter;
         ic->turns++;
         ic->limit = ic->hard - ic->counter > ic->period ? ic->counter + ic->period : ic->hard;
     }
-    e = &ic->cache[(address ^ (address >> CACHE_BITS)) & (CACHE_SIZE - 1)];
+    e = entry_of(ic, address);
     if (e->pc == address && e->size == size && e->generation == ic->generation) {
         n = e->count;
     } else {
@@ -89,8 +111,7 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         if (n == 0) {
             /* The decoder failed (it kept the exception): stop before the block runs. */
             ic->failed = 1;
-            ic->stopped = 1;
-            ic->stop(uc);
+            stop_before(ic, uc, address);
             return;
         }
         e->pc = address;
@@ -98,10 +119,22 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         e->count = n;
         e->generation = ic->generation;
     }
-    ic->block_pc = address;
-    ic->block_size = size;
-    ic->block_count = n;
-    ic->counter += n;
+    start_block(ic, address, size, n);
+}
+
+/* Called by Unicorn as every translated block starts.  The common case (below the limit, the count
+ * cached) is kept to a few loads and stores with nothing to save (a leaf); the rest is block_hook_slow. */
+static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct icount *ic = (struct icount *)user_data;
+    struct block_entry *e = entry_of(ic, address);
+
+    if (__builtin_expect(ic->counter < ic->limit && e->pc == address && e->size == size
+                         && e->generation == ic->generation, 1)) {
+        start_block(ic, address, size, e->count);
+        return;
+    }
+    block_hook_slow(uc, address, size, ic);
 }
 
 static PyObject *hook_address(PyObject *self, PyObject *args)

@@ -3,13 +3,13 @@
 What it reaches into, and why (everything else in cpu/ uses the public API):
 
 * `uclib` (the loaded libunicorn) and `Uc._uch` (the engine handle): the TLB-fill hook and
-  the instruction counter of _icount.c are registered as raw C callbacks with
-  uc_hook_add(), without the binding's two Python wrapper layers per call; CR3 is read
-  with a raw uc_reg_read() from inside the TLB-fill hook; _icount.c gets uc_emu_stop()'s
-  address.
+  the instruction counter of _icount.c (and OUT's hook) are registered as raw C callbacks
+  with uc_hook_add(), without the binding's Python wrapper layers per call; CR3 is read
+  with a raw uc_reg_read() from inside the TLB-fill hook; a TLB flush is one raw uc_ctl();
+  _icount.c gets uc_emu_stop()'s address.
 * `uc_tlb_entry`: the struct a TLB-fill hook fills.
 * `Uc._hook_exception`: where the binding's own hook wrappers keep an exception raised
-  in a hook; the raw TLB-fill hook keeps its exceptions there too, and `emu_start` here
+  in a hook; the raw TLB-fill and OUT hooks keep theirs there too, and `emu_start` here
   re-raises it.
 * `UcContext.context` / `.size`: the saved CPU state, patched to reset QEMU's
   `env->old_exception` (see `reset_old_exception`).
@@ -28,7 +28,18 @@ from functools import cache
 from typing import Any
 
 import unicorn
-from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, Uc, UcError
+from unicorn import (
+    UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_HOOK_BLOCK,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MODE_64,
+    Uc,
+    UcError,
+)
 from unicorn import x86_const as x86
 
 from ..errors import UnsupportedUnicorn
@@ -43,6 +54,7 @@ UNICORN_VERSION = "2.1.4"
 # uc_version()'s combined number is major << 24 | minor << 16 | patch << 8 | extra.
 _UC_VERSION_COMBINED = 0x02_01_04
 
+_OUT_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                    ctypes.POINTER(uc_tlb_entry), ctypes.c_void_p)
 
@@ -76,11 +88,12 @@ def new_x86_64() -> Uc:
     return Uc(UC_ARCH_X86, UC_MODE_64)
 
 
-def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None) -> None:
-    """uc_hook_add() with a C callback pointer, over the whole address range."""
+def raw_hook_add(uc: Uc, htype: int, callback: ctypes.c_void_p, user_data: ctypes.c_void_p | None,
+                 *insn: ctypes.c_int) -> None:
+    """uc_hook_add() with a C callback pointer, over the whole address range (UC_HOOK_INSN: and the instruction)."""
     handle = ctypes.c_size_t()
     err = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), htype, callback, user_data, ctypes.c_uint64(1),
-                            ctypes.c_uint64(0))
+                            ctypes.c_uint64(0), *insn)
     if err != 0:
         raise RuntimeError(f"unicorn refused hook type {htype} (error {err})")
 
@@ -135,6 +148,26 @@ def add_tlb_fill_hook(uc: Uc, fill: Callable[[int, int, Any], bool],
     return callback
 
 
+def add_out_hook(uc: Uc, out: Callable[[int, int, int], None]) -> object:
+    """Register out(port, size, value) as the raw UC_HOOK_INSN callback of OUT: one Python layer per port write,
+    where the binding's hook_add adds three (its exception guard, its argument adapter, the weak method).
+
+    An exception in `out` is kept as add_tlb_fill_hook keeps it.  Returns the ctypes callback, which must stay
+    alive as long as uc, and be dropped with it (it refers to `out`'s object)."""
+
+    def raw(_uc: int, port: int, size: int, value: int, _ud: object) -> None:
+        try:
+            out(port, size, value)
+        except BaseException as exc:  # as the binding's own wrapper: record, stop
+            if uc._hook_exception is None:
+                uc._hook_exception = exc
+            uc.emu_stop()
+
+    callback = _OUT_CFUNC(raw)
+    raw_hook_add(uc, UC_HOOK_INSN, _code_address(callback), None, ctypes.c_int(x86.UC_X86_INS_OUT))
+    return callback
+
+
 def _reg_reader(uc: Uc, reg_id: int) -> Callable[[], int]:
     """A cheap read of one 64-bit register (a raw uc_reg_read, about 0.4 us), for use inside hooks."""
     reg_read, uch = uclib.uc_reg_read, uc._uch
@@ -146,6 +179,20 @@ def _reg_reader(uc: Uc, reg_id: int) -> Callable[[], int]:
         return buf.value
 
     return read
+
+
+def tlb_flusher(uc: Uc) -> Callable[[], None]:
+    """uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE) as one raw uc_ctl() call (KVM's remote flushes: one per kick)."""
+    ctl, uch = uclib.uc_ctl, uc._uch
+    # The binding's Uc.ctl encoding: op << 30 | nargs << 26 | ctl (no arguments).
+    code = UC_CTL_IO_WRITE << 30 | UC_CTL_TLB_FLUSH
+
+    def flush() -> None:
+        err = ctl(uch, code)
+        if err != 0:
+            raise UcError(err)
+
+    return flush
 
 
 def cr3_reader(uc: Uc) -> Callable[[], int]:
@@ -190,7 +237,7 @@ class ICount(ctypes.Structure):
                 ("block_count", ctypes.c_uint64), ("generation", ctypes.c_uint64), ("miss", ctypes.c_void_p),
                 ("misses", ctypes.c_uint64), ("failed", ctypes.c_uint64), ("period", ctypes.c_uint64),
                 ("hard", ctypes.c_uint64), ("turn_start", ctypes.c_uint64), ("turns", ctypes.c_uint64),
-                ("cache", BlockEntry * _icount.cache_size()))
+                ("stop_pc", ctypes.c_uint64), ("cache", BlockEntry * _icount.cache_size()))
 
 
 def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, object]:
@@ -270,6 +317,6 @@ def reset_old_exception(uc: Uc) -> None:
     uc.context_restore(ctx)
 
 
-__all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_tlb_fill_hook", "close_uc", "cr3_reader", "emu_start",
-           "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception", "take_hook_exception",
-           "unicorn_version_problem", "weakly"]
+__all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_out_hook", "add_tlb_fill_hook", "close_uc",
+           "cr3_reader", "emu_start", "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception",
+           "take_hook_exception", "tlb_flusher", "unicorn_version_problem", "weakly"]

@@ -117,6 +117,13 @@ class VcpuClock:
         self.slice_retired = int(ic.counter) - self.stall_in_slice
         return self.slice_retired
 
+    def rip_after_run(self) -> int:
+        """RIP once Unicorn returned: the block where the C hook stopped the run, else as Unicorn has it."""
+        ic = self.ic
+        if ic.stopped and self._stopped_at is None:
+            return int(ic.stop_pc)
+        return self._read_rip()
+
     def stop_now(self) -> None:
         """No further block starts in this slice."""
         self.ic.limit = self.ic.counter

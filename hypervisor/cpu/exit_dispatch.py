@@ -11,7 +11,7 @@ from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, Uc
 from unicorn import x86_const as x86
 
 from ..kvm.vcpu import Vcpu, VcpuState
-from .binding import weakly
+from .binding import add_out_hook, weakly
 from .exceptions import EXCEPTION_NAMES, PendingException
 
 _VMCALL = b"\x0f\x01\xc1"
@@ -25,6 +25,7 @@ class ExitDispatch:
     uc: Uc
     vcpu: Vcpu
     _pending: PendingException | None
+    _out_cb: object  # the raw OUT callback (binding.add_out_hook), dropped with the Uc
 
     def _stop_now(self, note: str | None = None, after: bool = False) -> None:
         raise NotImplementedError
@@ -33,7 +34,8 @@ class ExitDispatch:
         raise NotImplementedError
 
     def _add_exit_hooks(self, uc: Uc) -> None:
-        uc.hook_add(UC_HOOK_INSN, weakly(self._out), None, 1, 0, x86.UC_X86_INS_OUT)
+        # OUT is the exit nearly every guest takes most (its console bytes): registered raw, one Python layer.
+        self._out_cb = add_out_hook(uc, self._out)
         uc.hook_add(UC_HOOK_INSN, weakly(self._in), None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, weakly(self._cpuid), None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, weakly(self._syscall), None, 1, 0, x86.UC_X86_INS_SYSCALL)
@@ -45,7 +47,7 @@ class ExitDispatch:
             return 0
         return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
 
-    def _out(self, uc: Uc, port: int, size: int, value: int, _ud: object) -> None:
+    def _out(self, port: int, size: int, value: int) -> None:
         self.vcpu.handle_io(port, size, value, True, self._rip_for_trace())
         if self.vcpu.state is not VcpuState.RUNNABLE:
             self._stop_now(after=True)

@@ -30,8 +30,6 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 from typing import Any
 
 from unicorn import (
-    UC_CTL_IO_WRITE,
-    UC_CTL_TLB_FLUSH,
     UC_MEM_FETCH,
     UC_MEM_WRITE,
     UC_PROT_ALL,
@@ -49,7 +47,15 @@ from ..kvm.vcpu import NO_BACKEND, Vcpu, VcpuState
 from ..types import PAGE_SHIFT, PAGE_SIZE
 from ..vmm.loader import BootParams
 from ..x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
-from .binding import add_tlb_fill_hook, close_uc, cr3_reader, emu_start, new_x86_64, take_hook_exception
+from .binding import (
+    add_tlb_fill_hook,
+    close_uc,
+    cr3_reader,
+    emu_start,
+    new_x86_64,
+    take_hook_exception,
+    tlb_flusher,
+)
 from .clock import VcpuClock
 from .code_pages import CodePages
 from .disasm import disassemble_one
@@ -92,7 +98,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         self._nr_gfns = int(vcpu.vm.memslots.max_gfn)
         self._qwords = frames.qwords
         self._code_epoch = frames.code_epoch
-        self._code = CodePages(vcpu.vm, lambda: self._cr3, frames.exec_seen_view)
+        self._code = CodePages(vcpu.vm, lambda: self._cr3, frames.exec_seen_view, frames.frames)
         # An instruction after which a run was stopped inside a block (a shutdown by port I/O).
         self._resume_rip: int | None = None
         self._stop_note: str | None = None
@@ -117,6 +123,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         uc.mem_map_ptr(0, frames.nr_frames * PAGE_SIZE, UC_PROT_ALL, frames.data.ctypes.data)
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
+        self._flush_unicorn_tlb = tlb_flusher(uc)
         self._tlb_cb = add_tlb_fill_hook(uc, self._shadow_fill_hook if self._shadow else self._tlb_fill, self._refuse)
         self._add_exit_hooks(uc)
         self.clock = self._code.clock = VcpuClock(uc, insns_per_ms, self._code.read)
@@ -144,8 +151,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         Simulation is freed by reference counting (the hooks made cycles through the binding)."""
         close_uc(self.uc)
         del self.uc
-        # The raw TLB-fill callback goes with the Uc that calls it: its closure holds the Uc.
-        del self._tlb_cb
+        # The raw TLB-fill and OUT callbacks go with the Uc that calls them: their closures hold the Uc.
+        del self._tlb_cb, self._out_cb
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
         del self._code  # it reads CR3 through this vCPU
@@ -156,10 +163,12 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
     # --- VcpuBackend -----------------------------------------------------------------
 
     def flush_tlb(self) -> None:
-        """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go."""
-        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        """INVEPT / a remote TLB flush: Unicorn's TLB and the cached guest walks both go.
+
+        The blocks' instruction counts stay: every fetch after the flush takes a TLB fill, which drops
+        them if its page's code now comes from another frame (cpu/code_pages.py)."""
+        self._flush_unicorn_tlb()
         self._pscache.clear()
-        self._code.forget()
         if self.tlb_entries is not None:
             self.tlb_entries.clear()
 
@@ -195,7 +204,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         finally:
             self._emulating = clock.running = clock.fetching = False
         retired = clock.end_slice()
-        self.rip = clock.read_rip() if self._resume_rip is None else self._resume_rip
+        self.rip = clock.rip_after_run() if self._resume_rip is None else self._resume_rip
         raised = take_hook_exception(self.uc) or clock.miss_error
         if self._ptwrite is not None and raised is None:
             self._finish_ptwrite()  # the store to a guest page table, emulated (cpu/shadow_fill.py)

@@ -50,3 +50,61 @@ def test_hvsim_run_under_another_unicorn_is_one_line_and_exit_69(
     assert result.exit_code == 69
     assert result.output.startswith("hvsim: the installed Unicorn Python binding is 2.2.0, but hvsim's CPU model")
     assert "Traceback" not in result.output
+
+
+# mov al, 0x41; out 0xf4, al; mov al, 0x42; out 0xf4, al; hlt
+_TWO_OUTS = bytes.fromhex("b041" "e6f4" "b042" "e6f4" "f4")
+
+
+def _scratch_uc() -> unicorn.Uc:
+    uc = binding.new_x86_64()
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, _TWO_OUTS)
+    return uc
+
+
+def test_the_raw_out_hook_sees_every_port_write_with_its_port_size_and_value() -> None:
+    uc = _scratch_uc()
+    seen: list[tuple[int, int, int]] = []
+    callback = binding.add_out_hook(uc, lambda port, size, value: seen.append((port, size, value)))
+    assert binding.emu_start(uc, 0x1000, 0x1000 + len(_TWO_OUTS) - 1) is None
+    assert seen == [(0xF4, 1, 0x41), (0xF4, 1, 0x42)]
+    del callback
+
+
+def test_an_exception_in_the_raw_out_hook_stops_the_run_and_is_raised_as_the_binding_raises_its_own() -> None:
+    uc = _scratch_uc()
+    seen: list[int] = []
+
+    def out(port: int, size: int, value: int) -> None:
+        seen.append(value)
+        raise ValueError(f"the device broke at {value:#x}")
+
+    callback = binding.add_out_hook(uc, out)
+    with pytest.raises(ValueError, match="the device broke at 0x41"):  # the first exception is the one kept
+        binding.emu_start(uc, 0x1000, 0x1000 + len(_TWO_OUTS) - 1)
+    assert seen[0] == 0x41  # (Unicorn sees the stop request at its next check: the block may go on)
+    del callback
+
+
+def test_the_raw_tlb_flush_makes_the_next_access_to_a_page_take_a_tlb_fill_again() -> None:
+    uc = binding.new_x86_64()
+    uc.ctl_set_tlb_mode(unicorn.UC_TLB_VIRTUAL)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, bytes.fromhex("f4"))  # hlt
+    fills: list[int] = []
+
+    def fill(vaddr: int, access: int, entry: object) -> bool:
+        fills.append(vaddr & ~0xFFF)
+        entry.paddr = vaddr & ~0xFFF  # type: ignore[attr-defined]
+        entry.perms = unicorn.UC_PROT_ALL  # type: ignore[attr-defined]
+        return True
+
+    callback = binding.add_tlb_fill_hook(uc, fill)
+    binding.emu_start(uc, 0x1000, 0x1001)
+    binding.emu_start(uc, 0x1000, 0x1001)
+    assert fills.count(0x1000) == 1  # the second run hit Unicorn's TLB
+    binding.tlb_flusher(uc)()
+    binding.emu_start(uc, 0x1000, 0x1001)
+    assert fills.count(0x1000) == 2
+    del callback
