@@ -4,7 +4,7 @@ The same boot state hvsim gives a guest (vmm/loader.py writes the boot page
 tables, GDT, boot parameters and image into a stand-in for the VM), in Unicorn's
 own soft-MMU: all of guest memory `mem_map`ped up front (gpa = Unicorn address),
 Unicorn walks the guest's page tables itself, no TLB-fill hook, no instruction
-counting; one `emu_start` over the whole guest program, with one hook, on OUT
+counting; one `emu_start` over the whole guest program, with one hook, on OUT (raw ctypes)
 (console bytes kept, the exit port stops the run).  The bundled assembly guests
 use only OUT and HLT to talk to the VMM, so nothing else is needed; the console
 is compared with hvsim's to show that both ran the same instructions.
@@ -20,9 +20,10 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
+from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
+from hypervisor.cpu.binding import add_out_hook
 from hypervisor.cpu.unicorn_vcpu import UNTIL
 from hypervisor.sim import GUEST_IMAGES
 from hypervisor.vmm import loader
@@ -61,18 +62,19 @@ class HookFreeGuest:
         uc.reg_write(x86.UC_X86_REG_CR0, _CR0)
         uc.reg_write(x86.UC_X86_REG_RSP, boot.rsp)
         uc.reg_write(x86.UC_X86_REG_RSI, boot.rsi)
-        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x86.UC_X86_INS_OUT)
+        # Raw ctypes, as hvsim registers its own OUT hook (cpu/binding.py): the best a user could do.
+        self._out_hook = add_out_hook(uc, self._out)
         self.uc = uc
         self.rip = boot.rip
         self.console = bytearray()
         self.exit_status: int | None = None
 
-    def _out(self, uc: Any, port: int, size: int, value: int, _ud: object) -> None:
+    def _out(self, port: int, size: int, value: int) -> None:
         if port == COM1:
             self.console.append(value & 0xFF)
         elif port == EXIT_PORT:
             self.exit_status = value & 0xFF
-            uc.emu_stop()
+            self.uc.emu_stop()
 
     def run(self) -> float:
         """The whole guest program in one emu_start (it ends at the exit port or a HLT); seconds."""
