@@ -238,11 +238,12 @@ def check_rmap_items(ksm: "Ksm", fail: Fail) -> None:
                  f"{node.nr_items} rmap_items but {naming} live ones name it")
     if counted:
         fail("ksm-rmap-items", f"rmap_items name stable node {min(counted)}, which is gone")
-    for entries in ksm.unstable_tree.values():
-        for items, idx in entries:
-            if id(items) not in live or not items.has_item[idx] or not items.flags[idx] & UNSTABLE_FLAG:
-                fail("ksm-rmap-items", f"the unstable tree holds the freed rmap_item of "
-                     f"{items.mm.name} hva {items.hva(idx):#x}")
+    for owner, idx in ksm.unstable_tree.rmap_items():
+        if owner is None or id(owner) not in live or not 0 <= idx < owner.vma.nr_pages:
+            fail("ksm-rmap-items", f"the unstable tree holds rmap_item {idx}, of no mergeable VMA")
+        elif not owner.has_item[idx] or not owner.flags[idx] & UNSTABLE_FLAG:
+            fail("ksm-rmap-items", f"the unstable tree holds the freed rmap_item of "
+                 f"{owner.mm.name} hva {owner.hva(idx):#x}")
 
 
 # --- the sweep --------------------------------------------------------------------------------------

@@ -19,11 +19,16 @@ from ..kvm.mmu_interface import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from ..kvm.vcpu import Vcpu
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
+from .clock import VcpuClock
 from .code_pages import CodePages
 from .walk import GuestFault, PagingStructureCache, walk_gva
 
 _SPTE_RA: Final = SPTE_READABLE | SPTE_ACCESSED
-_SPTE_WD: Final = SPTE_WRITABLE | SPTE_DIRTY
+_SPTE_RAWD: Final = _SPTE_RA | SPTE_WRITABLE | SPTE_DIRTY
+# Named once for the exit loop (an Enum member read from its class costs about 80 ns on Python
+# 3.11, four times a plain name: EnumType defines __getattr__).
+_FAULT_MMIO: Final = FaultResult.MMIO
+_FAULT_RETRY: Final = FaultResult.RETRY
 # Unicorn's constants as Final ints: mypy sees the binding as untyped (Any), so the compiled build
 # (setup.py) would look each name up in this module's globals and compare it as an object at every use.
 UC_MEM_FETCH: Final[int] = unicorn.UC_MEM_FETCH
@@ -63,6 +68,7 @@ class TdpFill:
     _frames_2d: npt.NDArray[np.uint8]
     _qwords: npt.NDArray[np.uint64]
     sensitive: Any
+    clock: VcpuClock
     tlb_entries: dict[int, tuple[int, int, bool]] | None
 
     _read_cr3: Callable[[], int]
@@ -73,6 +79,9 @@ class TdpFill:
         raise NotImplementedError
 
     def _rip_for_trace(self) -> int:
+        raise NotImplementedError
+
+    def _current_rip(self) -> int:
         raise NotImplementedError
 
     def _fault_retried(self, gfn: int) -> None:
@@ -88,8 +97,10 @@ class TdpFill:
     # tests/sdk/test_workloads.py: forkserver switches CR3 per child with the same counts at any
     # --quantum.)
     def _tlb_fill(self, vaddr: int, access: int, entry: Any) -> bool:
-        """The hardware MMU on a Unicorn TLB miss: guest walk (gva -> gpa), then the EPT (gfn -> pfn)."""
-        if access == UC_MEM_FETCH:  # see above: a CR3 write shows first at a fetch fill
+        """The hardware MMU on a Unicorn TLB miss (the TLB-fill hook under TDP): guest walk (gva -> gpa),
+        then the EPT (gfn -> pfn)."""
+        fetch = access == UC_MEM_FETCH
+        if fetch:  # see above: a CR3 write shows first at a fetch fill
             cr3 = self._read_cr3()
             if cr3 != self._cr3:
                 self._cr3 = cr3
@@ -99,13 +110,15 @@ class TdpFill:
             # before it stops: that access never happens for the guest, so it takes no exit.
             return False
         write = access == UC_MEM_WRITE
+        if fetch:
+            self.clock.fetching = True  # a fetch fill comes between instructions (cpu/clock.py exact())
         try:
             gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
             gfn = gpa >> PAGE_SHIFT
             leaf = self._leaf_sptes
             if leaf is not None and gfn < self._nr_gfns:
                 spte = leaf[gfn]
-                wanted = _SPTE_RA | (_SPTE_WD if write else 0)
+                wanted = _SPTE_RAWD if write else _SPTE_RA
                 if spte & wanted != wanted:
                     # Permitted but A/D to set: translate (set_spte); not permitted: an exit.
                     permitted = spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)
@@ -113,16 +126,19 @@ class TdpFill:
             else:
                 spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
             if not spte:
-                spte = self._ept(gfn, write, access == UC_MEM_FETCH, translated=True)
+                spte = self._ept(gfn, write, fetch, True)
         except (GuestFault, SliceEnd, MmioAccess) as why:
             return self._fill_refused(vaddr, access, why, entry)
+        finally:
+            if fetch:
+                self.clock.fetching = False
         pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
         entry.paddr = pfn << PAGE_SHIFT
         if spte & SPTE_WRITABLE and guest_writable:
             entry.perms = UC_PROT_ALL
         else:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
-        if access == UC_MEM_FETCH:
+        if fetch:
             self._code.fetched(vaddr, pfn)
             self.sensitive.scan(vaddr >> PAGE_SHIFT, pfn, self._frames_2d)
         elif write:
@@ -144,11 +160,13 @@ class TdpFill:
         translate = self._translate
         spte = 0 if translated else translate(gfn, write)
         while not spte:
-            result = self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
-            if result is FaultResult.MMIO:
+            vcpu = self.vcpu
+            rip = self._current_rip() if vcpu.vm.tracer.enabled else 0  # _rip_for_trace()
+            result = vcpu.handle_ept_violation(Gfn(gfn), write, rip, fetch)
+            if result is _FAULT_MMIO:
                 raise MmioAccess(gfn << PAGE_SHIFT)
             spte = translate(gfn, write)
-            if result is FaultResult.RETRY or not spte:
+            if result is _FAULT_RETRY or not spte:
                 self._fault_retried(gfn)  # the guest faults again: that costs time, and may livelock
         return spte
 

@@ -120,7 +120,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         # The TLB-fill hook is registered raw (the binding's wrapper costs two Python layers per fill).
         self._read_cr3 = cr3_reader(uc)
         self._flush_unicorn_tlb = tlb_flusher(uc)
-        self._tlb_cb = add_tlb_fill_hook(uc, self._fill_hook, self._refuse)
+        self._tlb_cb = add_tlb_fill_hook(uc, self._shadow_fill_hook if self._shadow else self._tlb_fill, self._refuse)
         self._exit_hooks = self._add_exit_hooks(uc)
         self.clock = self._code.clock = VcpuClock(uc, insns_per_ms, self._code.read)
         self.uc = uc
@@ -292,12 +292,13 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         """A hook raised inside the TLB fill: refuse every further fill of this run."""
         self._refused = True
 
-    def _fill_hook(self, vaddr: int, access: int, entry: Any) -> bool:
-        """The TLB-fill hook: `_tlb_fill`, with the clock told whether this fill is for a fetch."""
+    def _shadow_fill_hook(self, vaddr: int, access: int, entry: Any) -> bool:
+        """The TLB-fill hook under --mmu shadow: `_shadow_tlb_fill`, with the clock told whether this fill
+        is for a fetch (under TDP the hook is `_tlb_fill`, which tells it itself)."""
         clock = self.clock
         clock.fetching = access == UC_MEM_FETCH
         try:
-            return self._shadow_tlb_fill(vaddr, access, entry) if self._shadow else self._tlb_fill(vaddr, access, entry)
+            return self._shadow_tlb_fill(vaddr, access, entry)
         finally:
             clock.fetching = False
 

@@ -54,11 +54,15 @@ class FramePool:
         self._freed = np.empty(nr_frames, dtype=np.int32)
         self._freed_view = self._freed.data
         self._nr_freed = 0
-        self.allocated = 0
 
     @property
     def nr_free(self) -> int:
         return self.nr_frames - self._next_fresh + self._nr_freed
+
+    @property
+    def allocated(self) -> int:
+        """Frames handed out and not freed since: every frame ever used (not the zero page) but the freed."""
+        return self._next_fresh - 1 - self._nr_freed
 
     def alloc_page(self, zero: bool = True) -> Pfn:
         """alloc_page(): a frame with refcount 1 (the caller's reference)."""
@@ -69,7 +73,7 @@ class FramePool:
                 self.frames[pfn].fill(0)
         elif self._next_fresh < self.nr_frames:
             pfn = Pfn(self._next_fresh)
-            self._next_fresh += 1
+            self._next_fresh = pfn + 1
         else:
             raise HostOutOfMemory(
                 f"the simulated host ran out of memory ({self.nr_frames} frames of {PAGE_SIZE} bytes); "
@@ -81,7 +85,6 @@ class FramePool:
             raise AssertionError(f"bad page state: allocating pfn {pfn:#x} with stable_node "
                                  f"{self.stable_node[pfn]}, mapcount {self.mapcount[pfn]}")
         self.refcount_view[pfn] = 1
-        self.allocated += 1
         # exec_seen is the one state a free frame keeps on purpose: the next content written
         # into it must still drop the translated code of what it held before.
         if self.exec_seen_view[pfn]:
@@ -107,7 +110,6 @@ class FramePool:
             # free_hot_cold_page(): `if (PageAnon(page)) page->mapping = NULL`, so a freed
             # KSM page is no longer PageKsm and its stable node, if any, goes stale.
             self.stable_node_view[pfn] = -1
-            self.allocated -= 1
             self._freed_view[self._nr_freed] = pfn
             self._nr_freed += 1
 

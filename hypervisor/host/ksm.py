@@ -45,7 +45,6 @@ from .ksm_items import (
     RMAP_ITEM_SIZE,
     STABLE_FLAG,
     UNSTABLE_FLAG,
-    ItemRef,
     KsmCursor,
     KsmHooks,
     KsmState,
@@ -60,6 +59,7 @@ from .ksm_items import (
     page_hash,
 )
 from .ksm_scan import KsmScan
+from .ksm_unstable import UnstableTree
 
 if TYPE_CHECKING:
     from ..profiles import Profile
@@ -84,10 +84,7 @@ class Ksm(KsmScan):
         self.cursor = KsmCursor()
         self.seqnr = 0  # full_scans
         self.stable_tree = StableTree()
-        self.unstable_tree: dict[int, list[ItemRef]] = {}
-        # Where each rmap_item inserted by this pass sits in the unstable tree (its bucket's
-        # key), so that freeing it takes it out, as remove_rmap_item_from_tree's rb_erase does.
-        self.unstable_key: dict[ItemRef, int] = {}
+        self.unstable_tree = UnstableTree()
         self.nodes = StableNodes()
         self.rmap_items = 0
         self.unshared = 0
@@ -125,6 +122,7 @@ class Ksm(KsmScan):
         for idx in np.flatnonzero(items.has_item):
             self._free_item(items, int(idx))
         slot.vmas.remove(items)
+        self.unstable_tree.forget(items)
 
     def vma_removed(self, mm: "HostMm", vma: "Vma") -> None:
         """munmap of a mergeable VMA: its rmap_items go (remove_trailing_rmap_items)."""
@@ -214,7 +212,6 @@ class Ksm(KsmScan):
         for node in list(self.nodes.values()):
             self._erase_node(node)
         self.unstable_tree.clear()
-        self.unstable_key.clear()
         self.cursor = KsmCursor()
         self.seqnr = 0
 

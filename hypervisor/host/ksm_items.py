@@ -17,6 +17,7 @@ from .ksm_nodes import StableNode, StableNodeChain, StableNodes, StableTree
 
 if TYPE_CHECKING:
     from ..profiles import Profile
+    from .ksm_unstable import UnstableTree
     from .mm import HostMm, Vma
 
 # rmap_item flags
@@ -98,7 +99,10 @@ class VmaItems:
         self.has_item = np.zeros(n, dtype=np.bool_)
         self.flags = np.zeros(n, dtype=np.uint8)
         self.oldchecksum = np.zeros(n, dtype=np.uint32)
-        self.node = np.zeros(n, dtype=np.int32)  # stable node id when STABLE_FLAG
+        # The stable node's id when STABLE_FLAG; its slot in the unstable tree when UNSTABLE_FLAG
+        # (struct rmap_item's union of head and rb_node).
+        self.node = np.zeros(n, dtype=np.int32)
+        self.rmap_item_base = 0  # the unstable tree's id of the rmap_item at page 0 (ksm_unstable.py)
         # smart_scan (6.7+): visits without a merge, and skips left before the next visit
         self.age = np.zeros(n, dtype=np.uint8)
         self.remaining_skips = np.zeros(n, dtype=np.uint8)
@@ -124,9 +128,6 @@ class KsmCursor:
     slot: int = 0
     address: int = 0
     in_pass: bool = False
-
-
-ItemRef = tuple[VmaItems, int]
 
 
 class KsmHooks(Protocol):
@@ -156,8 +157,7 @@ class KsmState:
     cursor: KsmCursor
     seqnr: int
     stable_tree: StableTree
-    unstable_tree: dict[int, list[ItemRef]]
-    unstable_key: dict[ItemRef, int]
+    unstable_tree: "UnstableTree"
     nodes: StableNodes
     # counters
     rmap_items: int

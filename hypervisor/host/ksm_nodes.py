@@ -10,19 +10,19 @@ reused, as before: a gone node's id must not name a new one while an rmap_item o
 `FramePool.stable_node` may still hold it, so the arrays grow (by doubling) with the
 nodes ever made.
 
-`StableTree` is the tree itself: a dict from content hash to its bucket, stored as
-one int for the usual bucket of a single node and as a list only where several
-entries share a hash; an entry is a node id (> 0) or a chain (-chain id).  Chains are
-rare (one content shared past max_page_sharing) and stay Python objects.
+`StableTree` is the tree itself: content hash -> its entries, in the compact table
+of host/ksm_buckets.py (a dict cost about 100 bytes a node); an entry is a node id
+(> 0) or a chain (-chain id).  Chains are rare (one content shared past
+max_page_sharing) and stay Python objects.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from ..types import Pfn
+from .ksm_buckets import ContentBuckets
 
 _FIRST_CAPACITY = 64
 
@@ -174,42 +174,14 @@ class StableNode:
         return f"StableNode(id={self.id}, kpfn={self.kpfn:#x}, nr_items={self.nr_items})"
 
 
-Bucket = int | list[int]
-
-
-class StableTree:
-    """Content hash -> the entries filed under it, in order: node ids (> 0) and chains (-chain id)."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[int, Bucket] = {}
-
-    def entries(self, key: int) -> list[int]:
-        """A copy of the bucket's entries (empty if none)."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            return []
-        return [bucket] if isinstance(bucket, int) else list(bucket)
+class StableTree(ContentBuckets):
+    """root_stable_tree: content hash -> the entries filed under it, in order: node ids (> 0) and chains (-chain id)."""
 
     def set_entries(self, key: int, entries: list[int]) -> None:
-        if not entries:
-            self._buckets.pop(key, None)
-        elif len(entries) == 1:
-            self._buckets[key] = entries[0]
-        else:
-            self._buckets[key] = list(entries)
-
-    def __bool__(self) -> bool:
-        return bool(self._buckets)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def all_entries(self) -> Iterator[int]:
-        for bucket in self._buckets.values():
-            if isinstance(bucket, int):
-                yield bucket
-            else:
-                yield from bucket
-
-    def clear(self) -> None:
-        self._buckets.clear()
+        """The key's entries become `entries`, in that order."""
+        now = self.entries(key)
+        if entries[: len(now)] != now:
+            self.erase_key(key)
+            now = []
+        for entry in entries[len(now) :]:
+            self.add(key, entry)

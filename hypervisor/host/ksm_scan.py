@@ -103,7 +103,6 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         if not cur.in_pass:
             # A new full scan: the unstable tree is rebuilt from scratch.
             self.unstable_tree.clear()
-            self.unstable_key.clear()
             cur.in_pass = True
             cur.slot, cur.address = 0, 0
         while True:

@@ -60,10 +60,9 @@ class KsmStableTree(KsmState):
         node_id = nodes.new(kpfn, h, page_checksum_one(self.frames, kpfn))
         node = StableNode(nodes, node_id)
         self.frames.stable_node[kpfn] = node_id
-        entries = self.stable_tree.entries(h)
+        entries, end = self.stable_tree.probe(h)
         if not self.profile.ksm_stable_node_chains:
-            entries.append(node_id)  # no chains before 4.13 (2c653d0ee2ae)
-            self.stable_tree.set_entries(h, entries)
+            self.stable_tree.add(h, node_id, end)  # no chains before 4.13 (2c653d0ee2ae)
             return node
         for pos, entry in enumerate(entries):
             if entry < 0:
@@ -77,8 +76,7 @@ class KsmStableTree(KsmState):
                 entries[pos] = -nodes.new_chain(h, [entry, node_id]).id
                 self.stable_tree.set_entries(h, entries)
                 return node
-        entries.append(node_id)
-        self.stable_tree.set_entries(h, entries)
+        self.stable_tree.add(h, node_id, end)
         return node
 
     def _stable_tree_append(self, items: VmaItems, idx: int, node: StableNode) -> None:

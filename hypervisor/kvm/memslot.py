@@ -39,6 +39,9 @@ class Memslots:
     def __init__(self) -> None:
         self.slots: list[Memslot] = []
         self._bases: list[int] = []
+        # The slot the last lookup found, tried first (6.8 include/linux/kvm_host.h
+        # ____gfn_to_memslot(): slots->last_used_slot; 2.6.32 loops over the slots every time).
+        self.last_used_slot: Memslot | None = None
 
     def add(self, slot: Memslot) -> None:
         if slot.npages <= 0:
@@ -51,10 +54,23 @@ class Memslots:
         self._bases.insert(pos, slot.base_gfn)
 
     def gfn_to_memslot(self, gfn: Gfn) -> Memslot | None:
+        slot = self.last_used_slot
+        if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+            return slot
         pos = bisect.bisect(self._bases, gfn) - 1
         if pos >= 0 and self.slots[pos].contains_gfn(gfn):
-            return self.slots[pos]
+            slot = self.last_used_slot = self.slots[pos]
+            return slot
         return None
+
+    def gfn_to_hva(self, gfn: Gfn) -> Hva | None:
+        """gfn_to_hva() (2.6.32 virt/kvm/kvm_main.c): the hva behind gfn; None (bad_hva()) outside every slot."""
+        slot = self.last_used_slot
+        if slot is None or not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+            slot = self.gfn_to_memslot(gfn)
+            if slot is None:
+                return None
+        return Hva(slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT))  # __gfn_to_hva_memslot()
 
     @property
     def max_gfn(self) -> Gfn:

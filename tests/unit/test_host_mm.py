@@ -57,6 +57,19 @@ def test_find_vma_finds_the_mapping_holding_an_address_and_none_outside() -> Non
     assert host.mm.find_vma(Hva(0x3000_0000)) is other
 
 
+def test_find_vma_cache_goes_with_an_unmapped_vma() -> None:
+    """2.6.32 mm/mmap.c: find_vma() caches the VMA it found in mm->mmap_cache, and
+    detach_vmas_to_be_unmapped() kills the cache, so an unmapped range is never found again."""
+    host = host_with_area(pages=4)
+    other = host.mm.mmap(Hva(0x3000_0000), PAGE_SIZE)
+    vma = host.mm.find_vma(Hva(AREA + PAGE_SIZE))
+    assert vma is not None and host.mm.mmap_cache is vma
+    host.mm.munmap(AREA, 4 * PAGE_SIZE)
+    assert host.mm.mmap_cache is None
+    assert host.mm.find_vma(Hva(AREA + PAGE_SIZE)) is None
+    assert host.mm.find_vma(Hva(0x3000_0000)) is other and host.mm.mmap_cache is other
+
+
 def test_madvise_mergeable_marks_the_vma_and_registers_the_mm_with_ksm() -> None:
     host = host_with_area(pages=4)
     host.mm.madvise(AREA, 4 * PAGE_SIZE, MADV_MERGEABLE)

@@ -41,10 +41,10 @@ def test_a_chain_names_its_dups_and_they_name_it() -> None:
     assert nodes[a].chain is chain and nodes[b].chain is chain and chain.dups == [a, b]
 
 
-def test_a_bucket_is_one_int_until_entries_share_a_hash() -> None:
+def test_set_entries_replaces_a_keys_entries_in_order() -> None:
     tree = StableTree()
     tree.set_entries(7, [3])
-    assert tree._buckets[7] == 3 and tree.entries(7) == [3]
+    assert tree.entries(7) == [3] and len(tree) == 1
     tree.set_entries(7, [3, -1])
     assert tree.entries(7) == [3, -1] and sorted(tree.all_entries()) == [-1, 3]
     copy = tree.entries(7)

@@ -111,3 +111,16 @@ def test_hva_to_gfns_returns_exactly_the_gfns_whose_page_meets_the_range(start_o
             if page < end and start < page + PAGE_SIZE:
                 expected.add((slot.id, g))
     assert got == expected
+
+
+def test_memslots_gfn_to_hva_finds_each_slot_whichever_was_used_last_and_none_outside() -> None:
+    """2.6.32 kvm_main.c gfn_to_hva(): the slot's hva, bad_hva() (None here) outside every slot; the
+    lookup tries 6.8's last_used_slot first, which must never answer for a gfn outside it."""
+    slots = two_slots()
+    for gfn, hva in ((33, UA + 17 * PAGE_SIZE), (2, UA + 2 * PAGE_SIZE), (39, UA + 23 * PAGE_SIZE),
+                     (15, UA + 15 * PAGE_SIZE)):
+        assert slots.gfn_to_hva(Gfn(gfn)) == hva
+        assert slots.last_used_slot is slots.gfn_to_memslot(Gfn(gfn))
+    for gfn in (16, 31, 40):
+        assert slots.gfn_to_hva(Gfn(gfn)) is None
+        assert slots.gfn_to_memslot(Gfn(gfn)) is None
