@@ -173,6 +173,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def build_info() -> dict[str, Any]:
+    """Which build of hvsim this process runs (README "The compiled build"): the name, whether HVSIM_PURE=1
+    was set, and the compiled modules imported.  Call it once hvsim's model is imported."""
+    from hypervisor._pure import build_name, compiled_modules
+
+    modules = compiled_modules()
+    return {"name": build_name(), "compiled": bool(modules), "hvsim_pure": os.environ.get("HVSIM_PURE") == "1",
+            "compiled_modules": modules}
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

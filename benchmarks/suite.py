@@ -19,6 +19,7 @@ from .common import (
     Budget,
     Figure,
     Series,
+    build_info,
     machine_info,
     render_markdown,
     render_series,
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quantum: int = args.quantum
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     machine = machine_info()
+    build = build_info()
     figures: list[Figure] = []
     series: list[Series] = []
     raw: dict[str, Any] = {}
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif name == "fault_storm":
                     figures.extend(fault_storm.run(workdir, n_pages=sizes.storm_pages, refill_pages=sizes.refill_pages,
                                                    refill_passes=sizes.refill_passes, quantum=quantum, reps=reps,
-                                                   budget=budget))
+                                                   budget=budget, compiled=build["compiled"]))
                 elif name == "ksm_scan":
                     figures.extend(ksm_scan.run(n_pages=sizes.ksm_pages, reps=reps, budget=budget))
                 elif name == "scale":
@@ -165,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {machine['cpu_model']}, {machine['cpus']} CPUs, {machine['memory_mib']} MiB, "
           f"{machine['platform']}, Python {machine['python']}, numpy {machine.get('numpy')}, "
           f"unicorn {machine.get('unicorn')}")
+    compiled_note = f", {len(build['compiled_modules'])} modules compiled by mypyc" if build["compiled"] else ""
+    print(f"build: {build['name']}{compiled_note}")
     print(f"every baseline measured in this run; median of {reps} interleaved repetitions; quantum {quantum}; "
           f"load average at start {machine.get('loadavg_at_start')}\n")
     print(render_table(figures))
@@ -183,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(hotpaths.render(profiles))
     data = {
-        "suite": "hvsim-benchmarks", "format": 1, "mode": mode, "started": started, "machine": machine,
+        "suite": "hvsim-benchmarks", "format": 1, "mode": mode, "started": started, "machine": machine, "build": build,
         "quantum": quantum, "reps": reps, "budget_s": budget_s,
         "host_memory_warmup_s": warm_s, "benchmarks": selected, "seconds": seconds,
         "figures": figures, "series": series, "raw": raw, "profiles": profiles, "errors": errors,

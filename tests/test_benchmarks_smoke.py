@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks import guests, suite
+from benchmarks.fault_storm import storm_target
 from benchmarks.memory import count_metadata
+from hypervisor._pure import build_name, compiled_modules
 from hypervisor.sim import GUEST_IMAGES, SimConfig, Simulation
 
 EXPECTED = {"guest_speed_samepage", "guest_speed_memtouch", "guest_speed_kernels", "fault_storm", "tlb_refill",
@@ -33,6 +35,19 @@ def test_quick_suite_runs_and_writes_json(tmp_path: Path, capsys: pytest.Capture
         assert figures[key]["old_baseline"] > 0, key  # issue #6's baseline, kept beside the honest one
     printed = capsys.readouterr().out
     assert "fault storm" in printed and "targets met" in printed
+    # The build that ran, in the header and the JSON, and figure 2's target for that build.
+    assert data["build"] == {"name": build_name(), "compiled": bool(compiled_modules()),
+                             "hvsim_pure": data["build"]["hvsim_pure"], "compiled_modules": compiled_modules()}
+    assert f"build: {build_name()}" in printed
+    assert figures["fault_storm"]["targets"][0]["text"] == storm_target(0.0, data["build"]["compiled"]).text
+
+
+def test_the_fault_storm_target_is_the_one_of_the_build_that_ran() -> None:
+    assert storm_target(0.4, compiled=False).text == ">= 0.3 x raw floor (pure Python)"
+    assert storm_target(0.4, compiled=False).met is True
+    assert storm_target(0.4, compiled=True).text == ">= 0.5 x raw floor (compiled build)"
+    assert storm_target(0.4, compiled=True).met is False
+    assert storm_target(None, compiled=True).met is None
 
 
 def test_profile_option_reports_the_hot_paths(tmp_path: Path) -> None:

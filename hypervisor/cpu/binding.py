@@ -116,6 +116,25 @@ def weakly(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+class Severable:
+    """A hook's callable whose link to its method is cut when the vCPU closes (`sever`): the binding's hook
+    wrappers are reference cycles of their own, which outlive hook_del until a full GC and must not keep
+    the vCPU alive.  (`weakly` does that for objects that take weak references; the compiled build's
+    native UnicornVcpu takes none.)"""
+
+    __slots__ = ("method",)
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self.method: Callable[..., Any] | None = method
+
+    def __call__(self, *args: Any) -> Any:
+        method = self.method
+        return method(*args) if method is not None else None
+
+    def sever(self) -> None:
+        self.method = None
+
+
 def close_uc(uc: Uc) -> None:
     """Delete every Python hook and uc_close() now, not when a full GC reaches the binding's cycles."""
     for handle in list(uc._callbacks):
@@ -317,6 +336,6 @@ def reset_old_exception(uc: Uc) -> None:
     uc.context_restore(ctx)
 
 
-__all__ = ["UNICORN_VERSION", "ICount", "add_icount_hook", "add_out_hook", "add_tlb_fill_hook", "close_uc",
-           "cr3_reader", "emu_start", "new_x86_64", "raw_hook_add", "require_unicorn", "reset_old_exception",
-           "take_hook_exception", "tlb_flusher", "unicorn_version_problem", "weakly"]
+__all__ = ["UNICORN_VERSION", "ICount", "Severable", "add_icount_hook", "add_out_hook", "add_tlb_fill_hook",
+           "close_uc", "cr3_reader", "emu_start", "new_x86_64", "raw_hook_add", "require_unicorn",
+           "reset_old_exception", "take_hook_exception", "tlb_flusher", "unicorn_version_problem", "weakly"]

@@ -26,6 +26,8 @@ from .blocks import BlockMap
 
 
 class VcpuClock:
+    __deletable__ = ("_miss_cb",)  # close() (mypyc: a compiled class names what it lets go)
+
     def __init__(self, uc: Uc, insns_per_ms: int, peek_code: Callable[[int, int], bytes]) -> None:
         self._insns_per_ms = insns_per_ms
         self.blocks = BlockMap(peek_code)

@@ -7,11 +7,12 @@ Unicorn reports several of these as UC_ERR_EXCEPTION too, so each is caught by i
 own hook (DESIGN.md, "The Unicorn pattern that scales").
 """
 
+from mypy_extensions import trait
 from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, Uc
 from unicorn import x86_const as x86
 
 from ..kvm.vcpu import Vcpu, VcpuState
-from .binding import add_out_hook, weakly
+from .binding import Severable, add_out_hook
 from .exceptions import EXCEPTION_NAMES, PendingException
 
 _VMCALL = b"\x0f\x01\xc1"
@@ -19,11 +20,13 @@ _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 UD_VECTOR = 6
 
 
+@trait
 class ExitDispatch:
     """The exit hooks of UnicornVcpu (a mixin: the vCPU provides the state and the stop/peek primitives)."""
 
     uc: Uc
     vcpu: Vcpu
+    __deletable__ = ("uc", "_out_cb")  # UnicornVcpu.close()
     _pending: PendingException | None
     _out_cb: object  # the raw OUT callback (binding.add_out_hook), dropped with the Uc
 
@@ -33,14 +36,19 @@ class ExitDispatch:
     def peek_code(self, gva: int, length: int) -> bytes:
         raise NotImplementedError
 
-    def _add_exit_hooks(self, uc: Uc) -> None:
+    def _add_exit_hooks(self, uc: Uc) -> list[Severable]:
+        """Registers the hooks; returns those that go through the binding's wrappers, for the vCPU to sever
+        when it closes (binding.Severable: the compiled build's native vCPU takes no weak references)."""
         # OUT is the exit nearly every guest takes most (its console bytes): registered raw, one Python layer.
         self._out_cb = add_out_hook(uc, self._out)
-        uc.hook_add(UC_HOOK_INSN, weakly(self._in), None, 1, 0, x86.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, weakly(self._cpuid), None, 1, 0, x86.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, weakly(self._syscall), None, 1, 0, x86.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN_INVALID, weakly(self._invalid_insn))
-        uc.hook_add(UC_HOOK_INTR, weakly(self._interrupt))
+        hooks = [Severable(m) for m in (self._in, self._cpuid, self._syscall, self._invalid_insn, self._interrupt)]
+        in_, cpuid, syscall, invalid_insn, interrupt = hooks
+        uc.hook_add(UC_HOOK_INSN, in_, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN_INVALID, invalid_insn)
+        uc.hook_add(UC_HOOK_INTR, interrupt)
+        return hooks
 
     def _rip_for_trace(self) -> int:
         if not self.vcpu.vm.tracer.enabled:

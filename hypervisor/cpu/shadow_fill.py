@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
 from unicorn import x86_const as x86
 
@@ -61,6 +62,7 @@ class ShadowPtWrite:
         self.gfn, self.gva_page = gfn, gva_page
 
 
+@trait
 class ShadowFill:
     """The shadow branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing)."""
 
@@ -80,6 +82,7 @@ class ShadowFill:
     tlb_entries: dict[int, tuple[int, int, bool]] | None
 
     _read_cr3: Callable[[], int]
+    __deletable__ = ("uc", "sensitive", "_code")  # UnicornVcpu.close()
 
     # Provided by UnicornVcpu.
 

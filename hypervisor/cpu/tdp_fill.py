@@ -12,7 +12,8 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
+import unicorn
+from mypy_extensions import trait
 
 from ..kvm.mmu_interface import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
@@ -22,12 +23,19 @@ from .clock import VcpuClock
 from .code_pages import CodePages
 from .walk import GuestFault, PagingStructureCache, walk_gva
 
-_SPTE_RA = SPTE_READABLE | SPTE_ACCESSED
-_SPTE_RAWD = _SPTE_RA | SPTE_WRITABLE | SPTE_DIRTY
+_SPTE_RA: Final = SPTE_READABLE | SPTE_ACCESSED
+_SPTE_RAWD: Final = _SPTE_RA | SPTE_WRITABLE | SPTE_DIRTY
 # Named once for the exit loop (an Enum member read from its class costs about 80 ns on Python
 # 3.11, four times a plain name: EnumType defines __getattr__).
 _FAULT_MMIO: Final = FaultResult.MMIO
 _FAULT_RETRY: Final = FaultResult.RETRY
+# Unicorn's constants as Final ints: mypy sees the binding as untyped (Any), so the compiled build
+# (setup.py) would look each name up in this module's globals and compare it as an object at every use.
+UC_MEM_FETCH: Final[int] = unicorn.UC_MEM_FETCH
+UC_MEM_WRITE: Final[int] = unicorn.UC_MEM_WRITE
+UC_PROT_ALL: Final[int] = unicorn.UC_PROT_ALL
+UC_PROT_EXEC: Final[int] = unicorn.UC_PROT_EXEC
+UC_PROT_READ: Final[int] = unicorn.UC_PROT_READ
 
 
 class SliceEnd(Exception):
@@ -41,8 +49,13 @@ class MmioAccess(Exception):
         self.gpa = gpa
 
 
+@trait
 class TdpFill:
-    """The EPT branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing)."""
+    """The EPT branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing).
+
+    A mypyc trait, as are the other mixins of UnicornVcpu: the compiled build (setup.py) compiles them
+    together with it, since mypyc lets a native class have one native base class plus traits only,
+    and no interpreted class may inherit from a compiled one."""
 
     vcpu: Vcpu
     _cr3: int
@@ -60,6 +73,7 @@ class TdpFill:
 
     _read_cr3: Callable[[], int]
     _translate: Callable[[int, bool], int]
+    __deletable__ = ("sensitive", "_code")  # UnicornVcpu.close()
 
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
         raise NotImplementedError

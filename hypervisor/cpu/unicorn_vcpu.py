@@ -29,14 +29,7 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
 
 from typing import Any
 
-from unicorn import (
-    UC_MEM_FETCH,
-    UC_MEM_WRITE,
-    UC_PROT_ALL,
-    UC_PROT_EXEC,
-    UC_PROT_READ,
-    UC_TLB_VIRTUAL,
-)
+from unicorn import UC_TLB_VIRTUAL
 from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
@@ -70,7 +63,7 @@ from .exit_dispatch import UD_VECTOR, ExitDispatch
 from .sensitive_insns import SensitiveInsns
 from .shadow_fill import ShadowFill, ShadowPtWrite
 from .shadow_insns import ShadowInsns
-from .tdp_fill import MmioAccess, SliceEnd, TdpFill
+from .tdp_fill import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, MmioAccess, SliceEnd, TdpFill
 from .walk import GuestFault, PagingStructureCache, peek_bytes, translate_peek, walk_gva
 
 # Unicorn translates the page of `until - 1` when a run starts; no guest reaches this
@@ -84,6 +77,9 @@ _HLT = b"\xf4"
 
 class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
     """Executes one KVM vCPU.  Implements kvm.vcpu.VcpuBackend (flush_tlb)."""
+
+    # What close() deletes (mypyc: a compiled class names the attributes it lets go; the mixins name theirs).
+    __deletable__ = ("_tlb_cb",)
 
     def __init__(self, vcpu: Vcpu, frames: FramePool, boot: BootParams, insns_per_ms: int) -> None:
         self.vcpu = vcpu
@@ -125,12 +121,13 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         self._read_cr3 = cr3_reader(uc)
         self._flush_unicorn_tlb = tlb_flusher(uc)
         self._tlb_cb = add_tlb_fill_hook(uc, self._shadow_fill_hook if self._shadow else self._tlb_fill, self._refuse)
-        self._add_exit_hooks(uc)
+        self._exit_hooks = self._add_exit_hooks(uc)
         self.clock = self._code.clock = VcpuClock(uc, insns_per_ms, self._code.read)
         self.uc = uc
         self._frames_2d = frames.frames
         self.sensitive = SensitiveInsns(uc, self.clock.tsc, self.peek_code, self._undefined_opcode,
                                         lambda: self.clock.stopped, self.clock.leave_block)
+        self.shadow_insns = None  # --mmu shadow: its code hooks (cpu/shadow_insns.py)
         if self._shadow:
             self.shadow_insns = ShadowInsns(uc, vcpu, self.peek_code, lambda: self.clock.stopped)
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, boot.gdt_base, boot.gdt_limit, 0))
@@ -151,12 +148,14 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         Simulation is freed by reference counting (the hooks made cycles through the binding)."""
         close_uc(self.uc)
         del self.uc
+        for hook in self._exit_hooks:
+            hook.sever()
         # The raw TLB-fill and OUT callbacks go with the Uc that calls them: their closures hold the Uc.
         del self._tlb_cb, self._out_cb
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
         del self._code  # it reads CR3 through this vCPU
-        self.__dict__.pop("shadow_insns", None)
+        self.shadow_insns = None
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND
 
@@ -193,11 +192,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
             clock.start_slice(min(turn_left, max_insns), period, max_insns)
         else:
             clock.start_slice(max_insns)
-        self._stop_note = None
-        self._pending = None
-        self._abandoned = None
-        self._refused = False
-        self._resume_rip = None
+        self._clear_run_state()
         self._emulating = clock.running = True
         try:
             error = emu_start(self.uc, self.rip, UNTIL)
@@ -228,6 +223,16 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
             # slice retired (an HLT can be the slice's last instruction).
             self._unicorn_returned()
         return retired
+
+    def _clear_run_state(self) -> None:
+        """What the hooks report about a run, cleared before it.  A method of its own: mypy narrows an
+        attribute assigned None in run() to None across the emu_start call, and mypyc (setup.py) compiles
+        that narrowing in, so run() would never see what the hooks set."""
+        self._stop_note = None
+        self._pending = None
+        self._abandoned = None
+        self._refused = False
+        self._resume_rip = None
 
     def _unicorn_returned(self) -> None:
         if self.rip == UNTIL:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from ..host.mmu_notifier import MmuNotifier
 from ..types import Gfn, Hva
 
@@ -92,6 +94,7 @@ class FaultPathHooks(Protocol):
         ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # races.py and tests subclass it (setup.py compiles this module)
 class FaultHooks:
     """A `FaultPathHooks` that changes nothing; subclass it and override one seam."""
 

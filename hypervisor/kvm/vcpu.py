@@ -6,7 +6,6 @@ these handlers on every exit it takes; this module decides what each exit means
 exits KVM passes to userspace: port I/O goes to the VMM's port bus, vmm/devices.py).
 """
 
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -29,7 +28,7 @@ from .mmu_interface import FaultResult, FaultWork
 from .requests import VcpuMode, vcpu_service_requests
 from .shadow_mmu import ShadowFault, ShadowMmu
 from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
-from .stats import VcpuStats
+from .stats import Tally, VcpuStats
 
 if TYPE_CHECKING:
     from .mmu_interface import KvmMmu
@@ -114,7 +113,7 @@ class Vcpu:
         self.failure_kind: type[GuestError] | None = None
         self.arch: VcpuBackend = NO_BACKEND
         # (exit reason, what the host did for it) -> count, priced by --perf-kvm-stat.
-        self.exit_work: Counter[tuple[ExitReason, str]] = Counter()
+        self.exit_work: Tally[tuple[ExitReason, str]] = Tally()
         # kvm/requests.py: pending request bits, vcpu->mode, and the host CPU it last ran on
         # (-1 until the VMM's vCPU thread first enters it: vcpu_load).
         self.requests = 0

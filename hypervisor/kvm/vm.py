@@ -35,9 +35,9 @@ class Vm:
         mm.mmap(GUEST_RAM_HVA, memory_size)
         self.memslots.add(Memslot(0, Gfn(0), memory_size >> PAGE_SHIFT, GUEST_RAM_HVA))
         # --mmu: EPT (TdpMmu) or shadow paging (ShadowMmu; mmu_pages models KVM_SET_NR_MMU_PAGES).  Both
-        # implement kvm.mmu_interface.KvmMmu; the attribute is typed TdpMmu so that the TDP-only code and
-        # tests reach its spte array, and shadow-only code narrows with isinstance(vm.mmu, ShadowMmu).
-        self.mmu: TdpMmu = ShadowMmu(self, mmu_pages, oos_shadow) if mmu == "shadow" else TdpMmu(self)  # type: ignore[assignment]
+        # implement kvm.mmu_interface.KvmMmu; code for one of them narrows with isinstance.  (The type is
+        # the truth: the compiled build (setup.py) checks it where compiled code reads the attribute.)
+        self.mmu: TdpMmu | ShadowMmu = ShadowMmu(self, mmu_pages, oos_shadow) if mmu == "shadow" else TdpMmu(self)
         mmu_notifier_register(self.mmu.notifier, mm)
         self.vcpus: list[Vcpu] = []
         # The vCPU whose thread is in KVM handling its own exit (the flusher's "me"), if any.

@@ -177,9 +177,9 @@ class CoherenceMachine(RuleBasedStateMachine):
             spte = int(vm.mmu.sptes[gfn])
             if spte_permits(spte, write):
                 return spte_to_pfn(spte)
-            result = vcpu.handle_ept_violation(Gfn(gfn), write, 0)
-            assert result is not FaultResult.MMIO
-            if result is FaultResult.RETRY:
+            fault = vcpu.handle_ept_violation(Gfn(gfn), write, 0)
+            assert fault is not FaultResult.MMIO
+            if fault is FaultResult.RETRY:
                 self.seen("fault_retry")
         raise AssertionError(f"the fault on gfn {gfn:#x} did not converge")
 

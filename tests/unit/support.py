@@ -17,7 +17,7 @@ from hypervisor.host.frames import FramePool
 from hypervisor.host.ksm import Ksm
 from hypervisor.host.mm import MADV_MERGEABLE, HostMm, Vmstat, pte_pfn, pte_present, pte_special, pte_write
 from hypervisor.host.mmu_notifier import MmuNotifier, MmuNotifierOps, mmu_notifier_register
-from hypervisor.kvm.mmu import FaultResult
+from hypervisor.kvm.mmu import FaultResult, TdpMmu
 from hypervisor.kvm.mmu_interface import FaultHooks, KvmMmu
 from hypervisor.kvm.vcpu import Vcpu
 from hypervisor.kvm.vm import GUEST_RAM_HVA, Vm
@@ -68,6 +68,12 @@ class Guest:
         return self.host.mm
 
     @property
+    def mmu(self) -> TdpMmu:
+        """The VM's MMU, which these guests build as the TDP one."""
+        assert isinstance(self.vm.mmu, TdpMmu)
+        return self.vm.mmu
+
+    @property
     def frames(self) -> FramePool:
         return self.host.frames
 
@@ -82,7 +88,7 @@ class Guest:
 
     def fault(self, gfn: int, write: bool) -> FaultResult:
         """One run of the TDP fault path (no exit counted: see vcpu.handle_ept_violation)."""
-        return self.vm.mmu.tdp_page_fault(self.vcpu, Gfn(gfn), write).result
+        return self.mmu.tdp_page_fault(self.vcpu, Gfn(gfn), write).result
 
 
 def make_guest(era: str = "3.7", change_pte: bool = True, pages: int = 16, nr_frames: int = 256) -> Guest:

@@ -46,16 +46,16 @@ def test_2_6_32_without_change_pte_reread_of_a_merged_page_is_priced_as_the_cow_
 @pytest.mark.parametrize("era", ERAS)
 def test_first_touch_is_a_host_fault_and_a_refault_of_a_present_page_a_map(era: str) -> None:
     g = make_guest(era, pages=4)
-    outcome = g.vm.mmu.tdp_page_fault(g.vcpu, Gfn(1), True)
+    outcome = g.mmu.tdp_page_fault(g.vcpu, Gfn(1), True)
     assert (outcome.result, outcome.work) == (FaultResult.FIXED, FaultWork.HOST_FAULT)
     g.vm.write_guest(Gpa(2 * PAGE_SIZE), page_of(7))
-    outcome = g.vm.mmu.tdp_page_fault(g.vcpu, Gfn(2), False)
+    outcome = g.mmu.tdp_page_fault(g.vcpu, Gfn(2), False)
     assert (outcome.result, outcome.work) == (FaultResult.FIXED, FaultWork.MAP)
 
 
 def test_a_gfn_outside_every_memslot_is_mmio_work() -> None:
     g = make_guest("2.6.32", pages=4)
-    outcome = g.vm.mmu.tdp_page_fault(g.vcpu, Gfn(4096), False)
+    outcome = g.mmu.tdp_page_fault(g.vcpu, Gfn(4096), False)
     assert (outcome.result, outcome.work) == (FaultResult.MMIO, FaultWork.MMIO)
 
 
@@ -81,14 +81,14 @@ def test_check_asserts_at_the_point_of_change_that_a_present_spte_is_not_repoint
     old = g.spte(0)
     other = make_spte(Pfn(spte_to_pfn(old) + 1), writable=True)
     with pytest.raises(InvariantViolation, match="spte-change"):
-        g.vm.mmu.set_spte(Gfn(0), old, other, SpteChange.REPOINT)
+        g.mmu.set_spte(Gfn(0), old, other, SpteChange.REPOINT)
     readonly = make_spte(Pfn(spte_to_pfn(old) + 1), writable=False)
-    assert g.vm.mmu.set_spte(Gfn(0), old, readonly, SpteChange.REPOINT) is True  # flush: the pfn changed
+    assert g.mmu.set_spte(Gfn(0), old, readonly, SpteChange.REPOINT) is True  # flush: the pfn changed
 
 
 def test_set_spte_decides_the_flush_and_the_counters_by_the_kind_of_change() -> None:
     g = make_guest("3.7", pages=4)
-    mmu = g.vm.mmu
+    mmu = g.mmu
     spte = make_spte(Pfn(5), writable=True, accessed=False)
     assert mmu.set_spte(Gfn(1), 0, spte, SpteChange.INSTALL) is False
     assert mmu.set_spte(Gfn(1), spte, spte | SPTE_ACCESSED, SpteChange.WALK) is False
