@@ -13,10 +13,11 @@ from setuptools import Extension, setup
 # class it inherits.  The KSM modules are not here: their mixins (KsmScan over KsmStableTree,
 # KsmUnstableTree, KsmMerge on KsmState) would have to become traits first.
 COMPILED_MODULES = [
-    # cpu/: the vCPU, its three mixins, the clock and the code pages it calls on every fill, the walker
+    # cpu/: the vCPU, its mixins and their common trait, the clock and code pages of every fill, the walker
     "hypervisor/cpu/unicorn_vcpu.py",
     "hypervisor/cpu/tdp_fill.py",
     "hypervisor/cpu/shadow_fill.py",
+    "hypervisor/cpu/fill_state.py",
     "hypervisor/cpu/exit_dispatch.py",
     "hypervisor/cpu/clock.py",
     "hypervisor/cpu/blocks.py",

@@ -22,12 +22,9 @@ with a clear error.  CR3 loads and INVLPG exit at their own code hooks (cpu/shad
 """
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from mypy_extensions import trait
 from unicorn import UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ
 from unicorn import x86_const as x86
@@ -36,12 +33,10 @@ from ..errors import GuestError
 from ..kvm.pte_write import kvm_mmu_pte_write
 from ..kvm.shadow_mmu import ShadowFault, ShadowMmu
 from ..kvm.shadow_page import PT64_BASE_ADDR_MASK, PT_WRITABLE
-from ..kvm.vcpu import Vcpu
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gpa
-from .clock import VcpuClock
-from .code_pages import CodePages
 from .disasm import decode_one
 from .exceptions import PF_VECTOR
+from .fill_state import FillState
 from .shadow_insns import _reg, effective_address
 from .walk import GuestFault
 
@@ -63,37 +58,17 @@ class ShadowPtWrite:
 
 
 @trait
-class ShadowFill:
+class ShadowFill(FillState):
     """The shadow branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing)."""
 
-    vcpu: Vcpu
     uc: Any
-    clock: VcpuClock
-    _code: CodePages
     rip: int
-    _resume_rip: int | None
-    _cr3: int
-    _refused: bool
-    _frames_2d: npt.NDArray[np.uint8]
     _exec_seen: Any
-    sensitive: Any
     shadow_insns: Any
     _ptwrite: ShadowPtWrite | None
-    tlb_entries: dict[int, tuple[int, int, bool]] | None
-
-    _read_cr3: Callable[[], int]
-    __deletable__ = ("uc", "sensitive", "_code")  # UnicornVcpu.close()
+    __deletable__ = ("uc",)  # UnicornVcpu.close()
 
     # Provided by UnicornVcpu.
-
-    def _rip_for_trace(self) -> int:
-        raise NotImplementedError
-
-    def _current_rip(self) -> int:
-        raise NotImplementedError
-
-    def _fault_retried(self, gfn: int) -> None:
-        raise NotImplementedError
 
     def flush_tlb(self) -> None:
         raise NotImplementedError

@@ -17,10 +17,8 @@ from mypy_extensions import trait
 
 from ..kvm.mmu_interface import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
-from ..kvm.vcpu import Vcpu
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
-from .clock import VcpuClock
-from .code_pages import CodePages
+from .fill_state import FillState
 from .walk import GuestFault, PagingStructureCache, walk_gva
 
 _SPTE_RA: Final = SPTE_READABLE | SPTE_ACCESSED
@@ -50,41 +48,21 @@ class MmioAccess(Exception):
 
 
 @trait
-class TdpFill:
+class TdpFill(FillState):
     """The EPT branch of UnicornVcpu's MMU (a mixin: UnicornVcpu provides the state and exit plumbing).
 
     A mypyc trait, as are the other mixins of UnicornVcpu: the compiled build (setup.py) compiles them
     together with it, since mypyc lets a native class have one native base class plus traits only,
     and no interpreted class may inherit from a compiled one."""
 
-    vcpu: Vcpu
-    _cr3: int
     _pscache: PagingStructureCache
-    _refused: bool
-    _resume_rip: int | None
     _leaf_sptes: memoryview | None
     _nr_gfns: int
-    _code: CodePages
-    _frames_2d: npt.NDArray[np.uint8]
     _qwords: npt.NDArray[np.uint64]
-    sensitive: Any
-    clock: VcpuClock
-    tlb_entries: dict[int, tuple[int, int, bool]] | None
 
-    _read_cr3: Callable[[], int]
     _translate: Callable[[int, bool], int]
-    __deletable__ = ("sensitive", "_code")  # UnicornVcpu.close()
 
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
-        raise NotImplementedError
-
-    def _rip_for_trace(self) -> int:
-        raise NotImplementedError
-
-    def _current_rip(self) -> int:
-        raise NotImplementedError
-
-    def _fault_retried(self, gfn: int) -> None:
         raise NotImplementedError
 
     # CR3 on fetch fills: a guest's mov to CR3 raises no event, but the cached upper levels of the
