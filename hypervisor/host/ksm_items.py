@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 
 from ..events import Tracer
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
@@ -140,8 +141,14 @@ class KsmHooks(Protocol):
         """replace_page: the pte now maps the KSM page."""
 
 
+@trait
 class KsmState:
-    """The state ksmd's parts share (struct ksm's globals in mm/ksm.c); `Ksm` initialises it."""
+    """The state ksmd's parts share (struct ksm's globals in mm/ksm.c); `Ksm` initialises it.
+
+    A mypyc trait, as the mixins over it are (KsmStableTree, KsmUnstableTree, KsmMerge, KsmScan): the
+    compiled build (setup.py) compiles them with `Ksm`, and a native class may have one native base class
+    plus traits only.
+    """
 
     frames: FramePool
     profile: "Profile"

@@ -5,6 +5,8 @@ Every pte change is announced through host/mmu_notifier.py (set_pte_at_notify, m
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import trait
+
 from ..events import KsmMergeOnePage
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
 from .frames import ZERO_PFN
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from .mm import HostMm
 
 
+@trait
 class KsmMerge(KsmState):
     def try_to_merge_two_pages(
         self, items: VmaItems, idx: int, pfn: Pfn, tree_items: VmaItems, tree_idx: int, tree_pfn: Pfn

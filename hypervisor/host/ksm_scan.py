@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 
 from ..events import KsmMergeWithKsmPage, KsmStartScan, KsmStopScan
 from ..types import PAGE_SHIFT, Pfn
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     pass
 
 
+@trait
 class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
     def ksm_do_scan(self, scan_npages: int) -> None:
         """Scan up to scan_npages pages, in cursor order, in batches of consecutive present pages.

@@ -5,6 +5,7 @@ the tree's buckets are the compact structures of host/ksm_nodes.py; here a node 
 """
 
 import numpy as np
+from mypy_extensions import trait
 
 from ..events import KsmRemoveKsmPage
 from ..types import Pfn
@@ -17,6 +18,7 @@ from .ksm_items import (
 )
 
 
+@trait
 class KsmStableTree(KsmState):
     def _get_ksm_page(self, node_id: int) -> bool:
         """get_ksm_page(): is the node's KSM page still alive and still this node's?"""

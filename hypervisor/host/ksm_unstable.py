@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 
 from ..types import Hva, Pfn
 from .ksm_buckets import EMPTY, ERASED, MAX_ENTRY, ContentBuckets
@@ -102,6 +103,7 @@ class UnstableTree(ContentBuckets):
             items.node[entries[mine] - items.rmap_item_base] = slots[mine]
 
 
+@trait
 class KsmUnstableTree(KsmState):
     def _follow_page(self, mm: "HostMm", hva: Hva) -> Pfn | None:
         """follow_page() of an anonymous page: None for no pte or the zero page."""
