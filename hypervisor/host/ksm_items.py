@@ -16,10 +16,13 @@ from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
 from .frames import FramePool
 from .ksm_nodes import StableNode, StableNodeChain, StableNodes, StableTree
 
+# Imported at run time, not only for the type checker: the compiled build's dataclass MmSlot reads HostMm's
+# type object when this module initialises (a name imported under TYPE_CHECKING only is NULL there).
+from .mm import HostMm, Vma
+
 if TYPE_CHECKING:
     from ..profiles import Profile
     from .ksm_unstable import UnstableTree
-    from .mm import HostMm, Vma
 
 # rmap_item flags
 UNSTABLE_FLAG = 1
