@@ -68,7 +68,6 @@ class Tally:
 
 def record(ksm: Ksm, tally: Tally) -> None:
     last: dict[tuple[int, int], tuple[bytes, int, int]] = {}
-    real = ksm._scan_batch
     frames = ksm.frames
 
     def scan_batch(items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
@@ -89,9 +88,8 @@ def record(ksm: Ksm, tally: Tally) -> None:
                 elif prev[1] != new[k]:
                     tally.false_new += 1
             last[key] = (digest, new[k], old[k])
-        real(items, idxs, pfns)
 
-    ksm._scan_batch = scan_batch  # type: ignore[method-assign]
+    ksm.scan_observer = scan_batch
 
 
 def run(workloads: Sequence[tuple[str, str, int, int]]) -> list[dict[str, Any]]:

@@ -49,6 +49,7 @@ from .ksm_items import (
     KsmHooks,
     KsmState,
     MmSlot,
+    ScanObserver,
     StableNode,
     StableNodeChain,
     StableNodes,
@@ -95,6 +96,7 @@ class Ksm(KsmScan):
         self.tracer: Tracer = NULL_TRACER
         # Named points where tests fire host events (races); see hypervisor/races.py.
         self.hooks: KsmHooks | None = None
+        self.scan_observer: ScanObserver | None = None
 
     # --- registration (ksm_madvise / __ksm_enter / exit) ---------------------------------
 

@@ -4,6 +4,7 @@ After mm/ksm.c (the stable nodes and tree: ksm_nodes.py).
 `KsmState` names the state the other ksm_* modules share; `Ksm` (host/ksm.py) sets it up.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,6 +53,7 @@ def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.
 
 _FOLD_MULT = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
 _MIN_RUN = 8  # consecutive pfns worth a view of their own; shorter runs are gathered
+_ZERO_EDGE = np.zeros(1, dtype=np.int64)
 
 
 def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
@@ -71,19 +73,26 @@ def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray
     n = int(pfns.shape[0])
     sums: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
     qwords = frames.qwords
-    starts = np.flatnonzero(np.diff(pfns, prepend=-2) != 1)
-    lengths = np.diff(np.append(starts, n))
+    # Where each run of consecutive pfns starts, and how long it is.
+    edges = np.concatenate((_ZERO_EDGE, ((pfns[1:] - pfns[:-1]) != 1).nonzero()[0] + 1, np.array([n])))
+    lengths = edges[1:] - edges[:-1]
     long = lengths >= _MIN_RUN
-    for start, length in zip(starts[long].tolist(), lengths[long].tolist(), strict=True):
-        first = int(pfns[start])
-        qwords[first : first + length].sum(axis=1, out=sums[start : start + length])
-    scattered = np.flatnonzero(np.repeat(~long, lengths))
-    for lo in range(0, scattered.size, _HASH_CHUNK):
-        sel = scattered[lo : lo + _HASH_CHUNK]
-        sums[sel] = qwords[pfns[sel]].sum(axis=1)
+    if long.any():
+        for start, length in zip(edges[:-1][long].tolist(), lengths[long].tolist(), strict=True):
+            first = int(pfns[start])
+            qwords[first : first + length].sum(axis=1, out=sums[start : start + length])
+        scattered = np.repeat(~long, lengths).nonzero()[0]
+        for lo in range(0, scattered.size, _HASH_CHUNK):
+            sel = scattered[lo : lo + _HASH_CHUNK]
+            sums[sel] = qwords[pfns[sel]].sum(axis=1)
+    else:
+        for lo in range(0, n, _HASH_CHUNK):
+            qwords[pfns[lo : lo + _HASH_CHUNK]].sum(axis=1, out=sums[lo : lo + _HASH_CHUNK])
     # The high half of a multiplicative (Fibonacci) hash: an XOR fold of the halves would let a change
     # at bit i cancel one at bit i + 32 (benchmarks/checksums.py found one in bootstorm).
-    folded: npt.NDArray[np.uint32] = ((sums * _FOLD_MULT) >> np.uint64(32)).astype(np.uint32)
+    sums *= _FOLD_MULT
+    sums >>= np.uint64(32)
+    folded: npt.NDArray[np.uint32] = sums.astype(np.uint32)
     return folded
 
 
@@ -144,6 +153,11 @@ class KsmHooks(Protocol):
         """replace_page: the pte now maps the KSM page."""
 
 
+# Sees every batch ksm_do_scan takes, before it is scanned: its VMA's rmap_items, page indexes and pfns
+# (benchmarks/checksums.py records what each page held at each visit).
+ScanObserver = Callable[[VmaItems, npt.NDArray[np.intp], npt.NDArray[np.int64]], None]
+
+
 @trait
 class KsmState:
     """The state ksmd's parts share (struct ksm's globals in mm/ksm.c); `Ksm` initialises it.
@@ -178,6 +192,7 @@ class KsmState:
     zero_hash: int
     tracer: Tracer
     hooks: KsmHooks | None
+    scan_observer: ScanObserver | None
 
 
 __all__ = ["StableNode", "StableNodeChain", "StableNodes", "StableTree"]
