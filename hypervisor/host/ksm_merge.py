@@ -104,7 +104,7 @@ class KsmMerge(KsmState):
                 return None
             if pte_write(pte) or pte & PAGE_DIRTY:
                 entry = mm.ptep_clear_flush(hva)
-                if int(self.frames.refcount[pfn]) != int(self.frames.mapcount[pfn]) + ksmd_refs:
+                if self.frames.refcount_view[pfn] != self.frames.mapcount_view[pfn] + ksmd_refs:
                     # Someone (KVM mid-fault, O_DIRECT) holds a pin: merging could lose its writes.
                     mm.set_pte_at(hva, entry)
                     return None

@@ -269,7 +269,7 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         # A page already merged into the KSM page its rmap_item names never gets here: the
         # batch filter in _scan_batch is the kernel's "rmap_item->head == stable_node" return.
         frames = self.frames
-        node_id = int(frames.stable_node[pfn]) if pfn != ZERO_PFN else -1
+        node_id: int = frames.stable_node_view[pfn] if pfn != ZERO_PFN else -1
         self.remove_rmap_item_from_tree(items, idx)
         if node_id > 0 and node_id in self.nodes:
             # A KSM page that lost its rmap_item (e.g. a forked mapping): re-append.
