@@ -4,7 +4,6 @@ After mm/ksm.c (the stable nodes and tree: ksm_nodes.py).
 `KsmState` names the state the other ksm_* modules share; `Ksm` (host/ksm.py) sets it up.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -153,9 +152,19 @@ class KsmHooks(Protocol):
         """replace_page: the pte now maps the KSM page."""
 
 
-# Sees every batch ksm_do_scan takes, before it is scanned: its VMA's rmap_items, page indexes and pfns
-# (benchmarks/checksums.py records what each page held at each visit).
-ScanObserver = Callable[[VmaItems, npt.NDArray[np.intp], npt.NDArray[np.int64]], None]
+class KsmObserver(Protocol):
+    """What a measurement sees of ksmd, without replacing its methods (a compiled Ksm's cannot be): every
+    wake-up, from either side, and every batch of pages before it is scanned (benchmarks/scale.py times
+    the wake-ups; benchmarks/checksums.py records what each page held at each visit)."""
+
+    def wakeup_start(self) -> None:
+        """ksmd woke up (whether or not run is 1)."""
+
+    def wakeup_end(self) -> None:
+        """ksmd goes back to sleep."""
+
+    def scan_batch(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
+        """ksm_do_scan took these pages of one VMA (rmap_items, page indexes, pfns) as its next batch."""
 
 
 @trait
@@ -192,7 +201,7 @@ class KsmState:
     zero_hash: int
     tracer: Tracer
     hooks: KsmHooks | None
-    scan_observer: ScanObserver | None
+    observer: KsmObserver | None
 
 
 __all__ = ["StableNode", "StableNodeChain", "StableNodes", "StableTree"]

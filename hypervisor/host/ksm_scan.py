@@ -64,8 +64,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             items, idxs, pfns = batch
             budget -= idxs.size
             self.pages_scanned += int(idxs.size)
-            if self.scan_observer is not None:
-                self.scan_observer(items, idxs, pfns)
+            if self.observer is not None:
+                self.observer.scan_batch(items, idxs, pfns)
             self._scan_batch(items, idxs, pfns)
         if self.tracer.enabled:
             self.tracer.event(KsmStopScan(self.seqnr, self.rmap_items))
