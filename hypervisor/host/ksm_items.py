@@ -118,6 +118,11 @@ class VmaItems:
         # smart_scan (6.7+): visits without a merge, and skips left before the next visit
         self.age = np.zeros(n, dtype=np.uint8)
         self.remaining_skips = np.zeros(n, dtype=np.uint8)
+        # Scalar views of the same memory for the per-page paths (no numpy scalar boxing); the arrays
+        # are never replaced.
+        self.flags_view = self.flags.data
+        self.node_view = self.node.data
+        self.oldchecksum_view = self.oldchecksum.data
 
     def hva(self, idx: int) -> Hva:
         return Hva(self.vma.start + (idx << PAGE_SHIFT))

@@ -114,7 +114,7 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             if unmerge:
                 self.break_cow(items.mm, items.hva(idx))
                 self.remove_rmap_item_from_tree(items, idx)
-                items.oldchecksum[idx] = checksum  # the content did not change
+                items.oldchecksum_view[idx] = checksum  # the content did not change
             else:
                 self.cmp_and_merge_page(items, idx, Pfn(pfn), h, checksum)
 
@@ -249,10 +249,10 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         self.rmap_items -= 1
 
     def remove_rmap_item_from_tree(self, items: VmaItems, idx: int) -> None:
-        flags = int(items.flags[idx])
-        items.flags[idx] = 0  # first: erasing the node below emits an event the checker reads
+        flags: int = items.flags_view[idx]
+        items.flags_view[idx] = 0  # first: erasing the node below emits an event the checker reads
         if flags & STABLE_FLAG:
-            node = self.nodes.get(int(items.node[idx]))
+            node = self.nodes.get(items.node_view[idx])
             if node is not None:
                 node.nr_items -= 1
                 if node.nr_items == 0 and self.frames.stable_node[node.kpfn] != node.id:
@@ -289,8 +289,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             self.break_cow(items.mm, items.hva(idx))
         if checksum is None:
             checksum = page_checksum_one(frames, pfn)
-        if int(items.oldchecksum[idx]) != checksum:
-            items.oldchecksum[idx] = checksum
+        if items.oldchecksum_view[idx] != checksum:
+            items.oldchecksum_view[idx] = checksum
             return
         if self.use_zero_pages and h == self.zero_hash and frames.pages_identical(pfn, ZERO_PFN):
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, ZERO_PFN):

@@ -82,8 +82,8 @@ class KsmStableTree(KsmState):
         return node
 
     def _stable_tree_append(self, items: VmaItems, idx: int, node: StableNode) -> None:
-        items.flags[idx] = STABLE_FLAG
-        items.node[idx] = node.id
+        items.flags_view[idx] = STABLE_FLAG
+        items.node_view[idx] = node.id
         node.nr_items += 1
 
     def _erase_node(self, node: StableNode) -> None:
