@@ -147,9 +147,9 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             vma = items.vma
             start = max(0, (cur.address - vma.start) >> PAGE_SHIFT)
             nr_ptes = vma.ptes.shape[0]
-            # The stretch of the VMA from the cursor that decides this batch: grown until it holds the
-            # budget-th present page or an item to free behind the first present page (then the rest
-            # of the VMA could change nothing below), else up to the VMA's end.
+            # The stretch of the VMA from the cursor that decides this batch: the first _FIRST_WINDOW
+            # ptes if they hold the budget-th present page or an item to free behind the first present
+            # page (then the rest of the VMA could change nothing below), else the rest of the VMA.
             size = _FIRST_WINDOW
             while True:
                 end = min(start + size, nr_ptes)
@@ -161,7 +161,7 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
                 if end == nr_ptes or (first.size and ((not self.smart_scan and first.size >= budget)
                                                       or bool((first_stale > first[0]).any()))):
                     break
-                size *= 8
+                size = nr_ptes
             if first.size == 0 or (first_stale.size and first_stale[0] < first[0]):
                 # Free the items passed over up to the next present page (or the VMA's end).
                 stop = window.shape[0] if first.size == 0 else int(first[0])
