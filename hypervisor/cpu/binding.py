@@ -268,7 +268,12 @@ class ICount(ctypes.Structure):
 def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, object]:
     """Register _icount.c's block counter as a raw UC_HOOK_BLOCK; `miss(pc, size)` gives the instruction
     count of a block the cache lacks (0: it failed).  Returns the (zeroed) struct and the ctypes callback,
-    which must stay alive as long as uc."""
+    which must stay alive as long as uc.
+
+    It must stay the vCPU's only block hook: Unicorn 2.1.4 calls the only hook of its type straight from
+    the translated code (qemu/include/tcg/tcg-op.h gen_uc_tracecode, uc_add_inline_hook), and two or more
+    through helper_uc_tracecode, which walks the hook list (two counting hooks cost three times what one
+    does: benchmarks/block_hook.py)."""
     callback = MISS_CFUNC(miss)
     # Addresses read without ctypes.cast, whose reference cycles would keep the 128 KiB struct
     # alive until a full GC.
