@@ -53,6 +53,8 @@ def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.
 _FOLD_MULT = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
 _MIN_RUN = 8  # consecutive pfns worth a view of their own; shorter runs are gathered
 _ZERO_EDGE = np.zeros(1, dtype=np.int64)
+# ndarray.sum without its Python-level wrapper (numpy/_core/_methods.py): the same uint64 sums mod 2**64.
+_add_rows = np.add.reduce
 
 
 def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
@@ -79,14 +81,14 @@ def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray
     if long.any():
         for start, length in zip(edges[:-1][long].tolist(), lengths[long].tolist(), strict=True):
             first = int(pfns[start])
-            qwords[first : first + length].sum(axis=1, out=sums[start : start + length])
+            _add_rows(qwords[first : first + length], axis=1, out=sums[start : start + length])
         scattered = np.repeat(~long, lengths).nonzero()[0]
         for lo in range(0, scattered.size, _HASH_CHUNK):
             sel = scattered[lo : lo + _HASH_CHUNK]
-            sums[sel] = qwords[pfns[sel]].sum(axis=1)
+            sums[sel] = _add_rows(qwords[pfns[sel]], axis=1)
     else:
         for lo in range(0, n, _HASH_CHUNK):
-            qwords[pfns[lo : lo + _HASH_CHUNK]].sum(axis=1, out=sums[lo : lo + _HASH_CHUNK])
+            _add_rows(qwords[pfns[lo : lo + _HASH_CHUNK]], axis=1, out=sums[lo : lo + _HASH_CHUNK])
     # The high half of a multiplicative (Fibonacci) hash: an XOR fold of the halves would let a change
     # at bit i cancel one at bit i + 32 (benchmarks/checksums.py found one in bootstorm).
     sums *= _FOLD_MULT

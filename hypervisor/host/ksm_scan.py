@@ -37,10 +37,11 @@ def _isin(values: npt.NDArray[np.uint32], pool: npt.NDArray[np.uint32]) -> npt.N
     """
     if pool.size == 0:
         return np.zeros(values.shape[0], dtype=np.bool_)
-    pool = np.sort(pool)
-    pos = np.searchsorted(pool, values)
-    np.minimum(pos, pool.size - 1, out=pos)
-    found: npt.NDArray[np.bool_] = pool[pos] == values
+    ordered = pool.copy()
+    ordered.sort()  # the methods, not np.sort and np.searchsorted: no Python-level wrapper between
+    pos = ordered.searchsorted(values)
+    np.minimum(pos, ordered.size - 1, out=pos)
+    found: npt.NDArray[np.bool_] = ordered[pos] == values
     return found
 
 
