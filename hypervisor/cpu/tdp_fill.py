@@ -61,6 +61,11 @@ class TdpFill(FillState):
     _qwords: npt.NDArray[np.uint64]
 
     _translate: Callable[[int, bool], int]
+    # The walk's pte reader: this vCPU's _read_pte, bound once (UnicornVcpu.__init__), since in the compiled
+    # build naming a method as a value makes a new bound-method object each time, once per fill here.
+    # It refers back to the vCPU: close() drops it.
+    _pte_reader: Callable[[int], int]
+    __deletable__ = ("_pte_reader",)  # UnicornVcpu.close()
 
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
         raise NotImplementedError
@@ -91,7 +96,7 @@ class TdpFill(FillState):
         if fetch:
             self.clock.fetching = True  # a fetch fill comes between instructions (cpu/clock.py exact())
         try:
-            gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
+            gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._pte_reader, self._pscache)
             gfn = gpa >> PAGE_SHIFT
             leaf = self._leaf_sptes
             if leaf is not None and gfn < self._nr_gfns:

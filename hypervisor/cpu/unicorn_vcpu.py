@@ -86,6 +86,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         self.frames = frames
         self.mmu: KvmMmu = vcpu.vm.mmu
         self._translate = self.mmu.translate
+        self._pte_reader = self._read_pte
         # Fast path of the fill (TDP): a leaf spte that already permits the access with A (and D)
         # set is used as read, no call; anything else goes through translate, and every spte
         # change through the MMU's set_spte.
@@ -155,6 +156,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
         del self._code  # it reads CR3 through this vCPU
+        del self._pte_reader  # a bound method of this vCPU
         self.shadow_insns = None
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND

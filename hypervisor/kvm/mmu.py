@@ -49,18 +49,19 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
-# The A and D bits the EPT walk sets for a read and for a write.
-_WALK_READ = SPTE_READABLE | SPTE_ACCESSED
-_WALK_WRITE = _WALK_READ | SPTE_WRITABLE | SPTE_DIRTY
+# The A and D bits the EPT walk sets for a read and for a write.  (The constants of the fault path are
+# Final: the compiled build reads a Final from a C static, any other module global from the module's dict.)
+_WALK_READ: Final = SPTE_READABLE | SPTE_ACCESSED
+_WALK_WRITE: Final = _WALK_READ | SPTE_WRITABLE | SPTE_DIRTY
 
 # What the host's fault handler did -> the outcome of a fault that installed its spte.
-_FIXED = {HostFault.NONE: outcome(FaultResult.FIXED, FaultWork.MAP),
+_FIXED: Final = {HostFault.NONE: outcome(FaultResult.FIXED, FaultWork.MAP),
           HostFault.FAULT: outcome(FaultResult.FIXED, FaultWork.HOST_FAULT),
           HostFault.COW: outcome(FaultResult.FIXED, FaultWork.COW)}
-_MMIO = outcome(FaultResult.MMIO, FaultWork.MMIO)
-_RETRY = outcome(FaultResult.RETRY, FaultWork.RETRY)
+_MMIO: Final = outcome(FaultResult.MMIO, FaultWork.MMIO)
+_RETRY: Final = outcome(FaultResult.RETRY, FaultWork.RETRY)
 # A retry that copied a page still paid for the copy (2.6.32 without change_pte).
-_RETRY_COW = outcome(FaultResult.RETRY, FaultWork.COW)
+_RETRY_COW: Final = outcome(FaultResult.RETRY, FaultWork.COW)
 # Members the fault path tests, named once (an Enum member read from its class costs about 80 ns
 # on Python 3.11, four times a plain name: EnumType defines __getattr__).
 _INSTALL: Final = SpteChange.INSTALL

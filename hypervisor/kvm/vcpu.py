@@ -9,7 +9,7 @@ exits KVM passes to userspace: port I/O goes to the VMM's port bus, vmm/devices.
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..errors import GuestError
 from ..events import KvmExit, KvmPageFault
@@ -47,8 +47,10 @@ FAULT_RETRY_COST = 200
 LIVELOCK_RETRIES = 1000
 
 
-# exit_work's key for an EPT violation, by the fault path's work.
-_EPT_WORK = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
+# exit_work's key for an EPT violation, by the fault path's work.  Final (a C static in the compiled
+# build), and its values typed Any so that the compiled build hands the key tuple to exit_work as it is: a
+# value typed tuple[ExitReason, str] is unpacked into a C struct and packed into a new tuple at every use.
+_EPT_WORK: Final[dict[FaultWork, Any]] = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
 # Members the exit paths test or set per exit, named once (an Enum member read from its class
 # costs about 80 ns on Python 3.11, four times a plain name: EnumType defines __getattr__).
 _EPT_VIOLATION: Final = ExitReason.EPT_VIOLATION
