@@ -3,7 +3,7 @@
 Mirrors arch/x86/kvm/mmu.c and virt/kvm/kvm_main.c of 2.6.32 (the era of
 change_pte), with the later eras' differences taken from the Profile:
 
-* `tdp_page_fault`: read mmu_notifier_seq, resolve the pfn through host GUP
+* `page_fault` (tdp_page_fault): read mmu_notifier_seq, resolve the pfn through host GUP
   (gfn_to_pfn; 2.6.32 always pins for write, later kernels pin with the fault's
   own intent and upgrade a read fault only through the non-faulting fast GUP),
   then, "under mmu_lock", give up if mmu_notifier_retry() says a notifier ran in
@@ -195,7 +195,9 @@ class TdpMmu(KvmMmuNotifier):
 
     # --- the fault path --------------------------------------------------------------
 
-    def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
+    def page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
+        """tdp_page_fault() (2.6.32 arch/x86/kvm/mmu.c), which the TDP MMU installs as its page_fault op
+        (kvm_mmu_page_fault calls vcpu->arch.mmu.page_fault): the vCPU's EPT_VIOLATION exit calls it directly."""
         mmu_seq = self.mmu_notifier_seq
         hva = self.vm.memslots.gfn_to_hva(gfn)
         if hva is None:  # kvm_is_error_hva(): no memslot, an MMIO access
@@ -216,11 +218,6 @@ class TdpMmu(KvmMmuNotifier):
         # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
         self.mm.put_page(pfn)
         return _FIXED[host]
-
-    def page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
-        """The MMU's fault handler (kvm_mmu_page_fault -> tdp_page_fault); a method, not a class-level
-        alias, because a mypyc-compiled class has no alias attributes (setup.py, HVSIM_COMPILED)."""
-        return self.tdp_page_fault(vcpu, gfn, write_fault)
 
     # --- zapping and rmap walks ----------------------------------------------------------
 
