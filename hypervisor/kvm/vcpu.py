@@ -24,6 +24,7 @@ from .exits import (
     EPT_VIOLATION_WRITABLE,
     ExitReason,
 )
+from .mmu import TdpMmu
 from .mmu_interface import FaultResult, FaultWork
 from .requests import VcpuMode, vcpu_service_requests
 from .shadow_mmu import ShadowFault, ShadowMmu
@@ -31,7 +32,6 @@ from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import Tally, VcpuStats
 
 if TYPE_CHECKING:
-    from .mmu_interface import KvmMmu
     from .vm import Vm
 
 # A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
@@ -166,7 +166,10 @@ class Vcpu:
         stats.exit_reasons[_EPT_VIOLATION] += 1
         self.mode = _OUTSIDE_GUEST_MODE  # _leave_guest()
         vm = self.vm
-        mmu: KvmMmu = vm.mmu
+        mmu = vm.mmu
+        # EPT violations come from the EPT, i.e. the TDP MMU (as #PF exits come to the shadow one, handle_shadow_pf);
+        # narrowed, the compiled build calls it directly instead of looking page_fault up on the object.
+        assert isinstance(mmu, TdpMmu)
         if vm.tracer.enabled:
             qual = ept_exit_qualification(write, fetch, mmu.spte(gfn))
             self._trace_exit(_EPT_VIOLATION, rip, qual, gfn << PAGE_SHIFT)
