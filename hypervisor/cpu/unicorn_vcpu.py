@@ -33,6 +33,7 @@ from unicorn import UC_TLB_VIRTUAL
 from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
+from ..kvm.mmu import TdpMmu
 from ..kvm.mmu_interface import KvmMmu
 from ..kvm.shadow_mmu import ShadowMmu
 from ..kvm.spte import SPTE_PFN_MASK
@@ -85,7 +86,8 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         self.vcpu = vcpu
         self.frames = frames
         self.mmu: KvmMmu = vcpu.vm.mmu
-        self._translate = self.mmu.translate
+        if isinstance(self.mmu, TdpMmu):
+            self._tdp_mmu = self.mmu
         self._pte_reader = self._read_pte
         # Fast path of the fill (TDP): a leaf spte that already permits the access with A (and D)
         # set is used as read, no call; anything else goes through translate, and every spte
