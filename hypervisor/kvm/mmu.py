@@ -56,8 +56,8 @@ _WALK_WRITE: Final = _WALK_READ | SPTE_WRITABLE | SPTE_DIRTY
 
 # What the host's fault handler did -> the outcome of a fault that installed its spte.
 _FIXED: Final = {HostFault.NONE: outcome(FaultResult.FIXED, FaultWork.MAP),
-          HostFault.FAULT: outcome(FaultResult.FIXED, FaultWork.HOST_FAULT),
-          HostFault.COW: outcome(FaultResult.FIXED, FaultWork.COW)}
+                 HostFault.FAULT: outcome(FaultResult.FIXED, FaultWork.HOST_FAULT),
+                 HostFault.COW: outcome(FaultResult.FIXED, FaultWork.COW)}
 _MMIO: Final = outcome(FaultResult.MMIO, FaultWork.MMIO)
 _RETRY: Final = outcome(FaultResult.RETRY, FaultWork.RETRY)
 # A retry that copied a page still paid for the copy (2.6.32 without change_pte).
