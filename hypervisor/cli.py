@@ -1,7 +1,7 @@
 """The `hvsim` command line: parses options, runs a Simulation (or a comparison), renders the report."""
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,9 +12,7 @@ from .compare import (
 )
 from .config import KsmKnobs
 from .costs import DEFAULT_CYCLES
-from .diff import diff_reports, load_report, render_diff
 from .errors import ConfigError, HvsimError
-from .guest.build import SDK_DIR, build_guest
 from .guest.catalog import render_catalog
 from .kernels import kernels_as_dict, render_kernels
 from .kvm.exits import ExitReason
@@ -31,7 +29,11 @@ from .sim import (
     SimConfig,
 )
 from .sweep.options import parse_settings
-from .sweep.spec import RunPoint
+
+if TYPE_CHECKING:
+    from .sweep.spec import RunPoint
+# What only `sweep`, `diff` and `build-guest` use is imported by those commands (tomllib, the diff, the
+# guest toolchain): `hvsim run` starts without them.
 
 # `hvsim run` without IMAGE is `hvsim compare` of the demo: these options of `run` have no meaning there.
 RUN_ONLY_PARAMS = ("kernel", "profile", "no_change_pte", "ksm_on", "perf_kvm_stat", "exit_cost", "cpu_mhz",
@@ -219,8 +221,10 @@ def images() -> None:
     click.echo(render_catalog(GUEST_IMAGES), nl=False)
 
 
-def _sweep_point(settings: dict[str, Any], where: str) -> RunPoint:
+def _sweep_point(settings: dict[str, Any], where: str) -> "RunPoint":
     """A sweep point's settings through `hvsim run`'s own parser and config path."""
+    from .sweep.spec import RunPoint
+
     ctx = parse_settings(run, settings, where)
     p = ctx.params
     opts = commands.Options.from_params(p)
@@ -286,6 +290,8 @@ def diff(a: str, b: str, fail_on_diff: bool, changed_only: bool) -> None:
       hvsim diff baseline.json new.json --fail-on-diff     # a regression check
     """
 
+    from .diff import diff_reports, load_report, render_diff
+
     def go() -> int:
         result = diff_reports(load_report(a), load_report(b))
         click.echo(render_diff(result, a, b, changed_only), nl=False)
@@ -307,6 +313,8 @@ def build_guest_cmd(sources: tuple[Path, ...], output: str | None, print_include
       hvsim build-guest main.c table.c -o kv.elf && hvsim run kv.elf --cmdline "keys=1000"
       hvsim build-guest --print-include-dir
     """
+    from .guest.build import SDK_DIR, build_guest
+
     if print_include_dir:
         click.echo(str(SDK_DIR))
         return

@@ -25,7 +25,7 @@ byte, at every quantum.
 import heapq
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .errors import GuestTimeout
 from .kvm.vcpu import VcpuState
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from .sim import Simulation
 
 Action = Callable[[], None]
+
+# Tested at every turn: a module constant is one lookup, an Enum member read through its class several.
+_RUNNABLE: Final = VcpuState.RUNNABLE
 
 # The host scheduler's time slice, in instructions: how long a runnable vCPU keeps the shared host
 # CPU before the next one runs.  A model constant (the old default quantum), so that how VMs
@@ -124,7 +127,7 @@ class Scheduler:
         n = len(backends)
         for k in range(after + 1, after + 1 + n):
             i = k % n
-            if backends[i].vcpu.state is VcpuState.RUNNABLE:
+            if backends[i].vcpu.state is _RUNNABLE:
                 return i
         return None
 
@@ -160,22 +163,24 @@ class Scheduler:
         finally:
             # A slice that ended in an error (livelock, violated invariant) still took its time.
             sim._running = None
-            retired, stalled = backend.slice_retired, backend.stall_in_slice
+            clock = backend.clock
+            retired, stalled = clock.slice_retired, clock.stall_in_slice
             took = retired + stalled
             sim.insns[i] += retired
             sim.stalls[i] += stalled
             sim.now += took
             sim.context = ("vmm", 0)
-            turns, turn_start = backend.clock.turns_ended if lone else (0, 0)
+            turns, turn_start = clock.turns_ended if lone else (0, 0)
             if turns:
                 self._turn_left = HOST_TIMESLICE - (took - turn_start)
             else:
                 self._turn_left -= took
-        stop_vm_after_failure(sim.vms[sim.vm_of[i]])
+        runnable = backend.vcpu.state is _RUNNABLE
+        if not runnable:  # only the vCPU that ran can have failed in its slice
+            stop_vm_after_failure(sim.vms[sim.vm_of[i]])
         # The turn goes on unless it is used up, the vCPU stopped, or a host event is due: all
         # points of simulated time, never where a chunk happened to end.
-        turn_over = (self._turn_left <= 0 or (due is not None and sim.now >= due)
-                     or backend.vcpu.state is not VcpuState.RUNNABLE)
+        turn_over = self._turn_left <= 0 or (due is not None and sim.now >= due) or not runnable
         if turn_over:
             self._turn_left = HOST_TIMESLICE
             if sim.ksm is not None and self.ksm_period == 0:

@@ -5,8 +5,8 @@ What it reaches into, and why (everything else in cpu/ uses the public API):
 * `uclib` (the loaded libunicorn) and `Uc._uch` (the engine handle): the TLB-fill hook and
   the instruction counter of _icount.c (and OUT's hook) are registered as raw C callbacks
   with uc_hook_add(), without the binding's Python wrapper layers per call; CR3 is read
-  with a raw uc_reg_read() from inside the TLB-fill hook; a TLB flush is one raw uc_ctl();
-  _icount.c gets uc_emu_stop()'s address.
+  with a raw uc_reg_read() from inside the TLB-fill hook; a TLB flush is one raw uc_ctl(), and a
+  run one raw uc_emu_start(); _icount.c gets uc_emu_stop()'s address.
 * `uc_tlb_entry`: the struct a TLB-fill hook fills.
 * `Uc._hook_exception`: where the binding's own hook wrappers keep an exception raised
   in a hook; the raw TLB-fill and OUT hooks keep theirs there too, and `emu_start` here
@@ -32,6 +32,7 @@ from unicorn import (
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
+    UC_ERR_OK,
     UC_HOOK_BLOCK,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
@@ -224,12 +225,17 @@ def emu_start(uc: Uc, begin: int, until: int) -> UcError | None:
 
     When a hook raised and the run still ended normally, the binding raises that
     exception here; when the hook also failed the run (a refused TLB fill), the run's
-    UcError is returned and the exception is left for `take_hook_exception`.
+    UcError is returned and the exception is left for `take_hook_exception`.  What
+    the binding's Uc.emu_start does, as one raw uc_emu_start() (no timeout, no count):
+    a vCPU runs once per host turn, tens of thousands of times in a run.
     """
-    try:
-        uc.emu_start(begin, until)
-    except UcError as exc:
-        return exc
+    uc._hook_exception = None
+    status = uclib.uc_emu_start(uc._uch, begin, until, 0, 0)
+    if status != UC_ERR_OK:
+        return UcError(status)
+    raised: BaseException | None = uc._hook_exception
+    if raised is not None:
+        raise raised
     return None
 
 
@@ -262,7 +268,12 @@ class ICount(ctypes.Structure):
 def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, object]:
     """Register _icount.c's block counter as a raw UC_HOOK_BLOCK; `miss(pc, size)` gives the instruction
     count of a block the cache lacks (0: it failed).  Returns the (zeroed) struct and the ctypes callback,
-    which must stay alive as long as uc."""
+    which must stay alive as long as uc.
+
+    It must stay the vCPU's only block hook: Unicorn 2.1.4 calls the only hook of its type straight from
+    the translated code (qemu/include/tcg/tcg-op.h gen_uc_tracecode, uc_add_inline_hook), and two or more
+    through helper_uc_tracecode, which walks the hook list (two counting hooks cost three times what one
+    does: benchmarks/block_hook.py)."""
     callback = MISS_CFUNC(miss)
     # Addresses read without ctypes.cast, whose reference cycles would keep the 128 KiB struct
     # alive until a full GC.

@@ -7,6 +7,8 @@ Unicorn reports several of these as UC_ERR_EXCEPTION too, so each is caught by i
 own hook (DESIGN.md, "The Unicorn pattern that scales").
 """
 
+from typing import Final
+
 from mypy_extensions import trait
 from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, Uc
 from unicorn import x86_const as x86
@@ -16,6 +18,7 @@ from .binding import Severable, add_out_hook
 from .exceptions import EXCEPTION_NAMES, PendingException
 
 _VMCALL = b"\x0f\x01\xc1"
+_RUNNABLE: Final = VcpuState.RUNNABLE  # tested after every OUT (an Enum member through its class costs more)
 _KVM_ENOSYS = (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 UD_VECTOR = 6
 
@@ -57,7 +60,7 @@ class ExitDispatch:
 
     def _out(self, port: int, size: int, value: int) -> None:
         self.vcpu.handle_io(port, size, value, True, self._rip_for_trace())
-        if self.vcpu.state is not VcpuState.RUNNABLE:
+        if self.vcpu.state is not _RUNNABLE:
             self._stop_now(after=True)
 
     def _in(self, uc: Uc, port: int, size: int, _ud: object) -> int:

@@ -27,7 +27,7 @@ Overview (see DESIGN.md, "The Unicorn pattern that scales"):
   state (cpu/sensitive_insns.py); CPUID from KVM's fixed table (kvm/cpuid.py).
 """
 
-from typing import Any
+from typing import Any, Final
 
 from unicorn import UC_TLB_VIRTUAL
 from unicorn import x86_const as x86
@@ -73,6 +73,7 @@ UNTIL = 0xFFFF_FFFF_FFFF_F000
 _UNTIL_PAGE = (UNTIL - 1) >> PAGE_SHIFT
 
 _HLT = b"\xf4"
+_RUNNABLE: Final = VcpuState.RUNNABLE  # tested after every run (an Enum member through its class costs more)
 
 
 
@@ -212,7 +213,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
             # An exception in one of our hooks (an invariant violation, a bug): Unicorn
             # reports it as a failed run; the exception is what happened.
             raise raised
-        if vcpu.state is not VcpuState.RUNNABLE:
+        if vcpu.state is not _RUNNABLE:
             return retired
         pending, self._pending = self._pending, None
         if self._abandoned is not None:

@@ -57,6 +57,8 @@ _EPT_VIOLATION: Final = ExitReason.EPT_VIOLATION
 _FAULT_MMIO: Final = FaultResult.MMIO
 _OUTSIDE_GUEST_MODE: Final = VcpuMode.OUTSIDE_GUEST_MODE
 _IN_GUEST_MODE: Final = VcpuMode.IN_GUEST_MODE
+_IO_INSTRUCTION: Final = ExitReason.IO_INSTRUCTION
+_IO_WORK: Final = (ExitReason.IO_INSTRUCTION, "userspace")  # exit_work's key for port I/O
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
@@ -244,13 +246,13 @@ class Vcpu:
 
     def handle_io(self, port: int, size: int, value: int, is_out: bool, rip: int) -> int:
         """IO_INSTRUCTION: KVM exits to userspace, and the VMM's port bus emulates the device (vcpu.pio)."""
-        self._count_exit(ExitReason.IO_INSTRUCTION)
+        self._count_exit(_IO_INSTRUCTION)
         self.stats.io_exits += 1
-        self.exit_work[(ExitReason.IO_INSTRUCTION, "userspace")] += 1
+        self.exit_work[_IO_WORK] += 1
         if self.vm.tracer.enabled:
             # Exit qualification of an I/O instruction: size - 1, direction, port (SDM 27-5).
             qual = (size - 1) | ((0 if is_out else 1) << 3) | (port << 16)
-            self._trace_exit(ExitReason.IO_INSTRUCTION, rip, qual)
+            self._trace_exit(_IO_INSTRUCTION, rip, qual)
         if is_out:
             self.pio.pio_write(port, size, value)
             return 0

@@ -34,3 +34,21 @@ def test_two_devices_cannot_decode_the_same_port() -> None:
     bus.insert(0x3F8, 8, Serial(Console()))
     with pytest.raises(ValueError, match="overlap"):
         bus.insert(0x3FF, 1, Serial(Console()))
+
+
+def test_every_port_of_a_range_reaches_its_device_at_its_offset_and_the_ports_around_it_none() -> None:
+    seen: list[tuple[int, int]] = []
+
+    class Recorder:
+        def read(self, offset: int, size: int) -> int:
+            return offset
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            seen.append((offset, value))
+
+    bus = PortBus()
+    bus.insert(0x2F8, 8, Recorder())
+    for port in range(0x2F0, 0x308):
+        bus.pio_write(port, 1, port & 0xFF)
+    assert seen == [(port - 0x2F8, port & 0xFF) for port in range(0x2F8, 0x300)]
+    assert [bus.pio_read(port, 1) for port in (0x2F7, 0x2F8, 0x2FF, 0x300)] == [0xFF, 0, 7, 0xFF]
