@@ -58,7 +58,7 @@ _FAULT_MMIO: Final = FaultResult.MMIO
 _OUTSIDE_GUEST_MODE: Final = VcpuMode.OUTSIDE_GUEST_MODE
 _IN_GUEST_MODE: Final = VcpuMode.IN_GUEST_MODE
 _IO_INSTRUCTION: Final = ExitReason.IO_INSTRUCTION
-_IO_WORK: Final = (ExitReason.IO_INSTRUCTION, "userspace")  # exit_work's key for port I/O
+_IO_WORK: Final[Any] = (ExitReason.IO_INSTRUCTION, "userspace")  # exit_work's key for port I/O (Any: as _EPT_WORK)
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
