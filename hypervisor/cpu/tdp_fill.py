@@ -15,6 +15,7 @@ import numpy.typing as npt
 import unicorn
 from mypy_extensions import trait
 
+from ..kvm.mmu import TdpMmu
 from ..kvm.mmu_interface import FaultResult
 from ..kvm.spte import SPTE_ACCESSED, SPTE_DIRTY, SPTE_PFN_MASK, SPTE_READABLE, SPTE_WRITABLE
 from ..types import PAGE_SHIFT, PAGE_SIZE, Gfn
@@ -60,7 +61,14 @@ class TdpFill(FillState):
     _nr_gfns: int
     _qwords: npt.NDArray[np.uint64]
 
-    _translate: Callable[[int, bool], int]
+    # The EPT MMU, typed as what it is (UnicornVcpu sets it under TDP only): the compiled build calls its
+    # translate directly, where a bound method held as a Callable is a Python call with boxed arguments.
+    _tdp_mmu: TdpMmu
+    # The walk's pte reader: this vCPU's _read_pte, bound once (UnicornVcpu.__init__), since in the compiled
+    # build naming a method as a value makes a new bound-method object each time, once per fill here.
+    # It refers back to the vCPU: close() drops it.
+    _pte_reader: Callable[[int], int]
+    __deletable__ = ("_pte_reader",)  # UnicornVcpu.close()
 
     def _fill_refused(self, vaddr: int, access: int, why: Exception, entry: Any = None) -> bool:
         raise NotImplementedError
@@ -91,7 +99,7 @@ class TdpFill(FillState):
         if fetch:
             self.clock.fetching = True  # a fetch fill comes between instructions (cpu/clock.py exact())
         try:
-            gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._read_pte, self._pscache)
+            gpa, guest_writable = walk_gva(self._cr3, vaddr, write, self._pte_reader, self._pscache)
             gfn = gpa >> PAGE_SHIFT
             leaf = self._leaf_sptes
             if leaf is not None and gfn < self._nr_gfns:
@@ -100,9 +108,9 @@ class TdpFill(FillState):
                 if spte & wanted != wanted:
                     # Permitted but A/D to set: translate (set_spte); not permitted: an exit.
                     permitted = spte & SPTE_READABLE and (not write or spte & SPTE_WRITABLE)
-                    spte = self._translate(gfn, write) if permitted else 0
+                    spte = self._tdp_mmu.translate(gfn, write) if permitted else 0
             else:
-                spte = self._translate(gfn, write) if gfn < self._nr_gfns else 0
+                spte = self._tdp_mmu.translate(gfn, write) if gfn < self._nr_gfns else 0
             if not spte:
                 spte = self._ept(gfn, write, fetch, True)
         except (GuestFault, SliceEnd, MmioAccess) as why:
@@ -135,15 +143,15 @@ class TdpFill(FillState):
             # Beyond every memslot: still an EPT violation, which KVM passes on as MMIO.
             self.vcpu.handle_ept_violation(Gfn(gfn), write, self._rip_for_trace(), fetch)
             raise MmioAccess(gfn << PAGE_SHIFT)
-        translate = self._translate
-        spte = 0 if translated else translate(gfn, write)
+        mmu = self._tdp_mmu
+        spte = 0 if translated else mmu.translate(gfn, write)
         while not spte:
             vcpu = self.vcpu
             rip = self._current_rip() if vcpu.vm.tracer.enabled else 0  # _rip_for_trace()
             result = vcpu.handle_ept_violation(Gfn(gfn), write, rip, fetch)
             if result is _FAULT_MMIO:
                 raise MmioAccess(gfn << PAGE_SHIFT)
-            spte = translate(gfn, write)
+            spte = mmu.translate(gfn, write)
             if result is _FAULT_RETRY or not spte:
                 self._fault_retried(gfn)  # the guest faults again: that costs time, and may livelock
         return spte

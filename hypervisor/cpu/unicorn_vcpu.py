@@ -33,6 +33,7 @@ from unicorn import UC_TLB_VIRTUAL
 from unicorn import x86_const as x86
 
 from ..host.frames import FramePool
+from ..kvm.mmu import TdpMmu
 from ..kvm.mmu_interface import KvmMmu
 from ..kvm.shadow_mmu import ShadowMmu
 from ..kvm.spte import SPTE_PFN_MASK
@@ -86,7 +87,9 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         self.vcpu = vcpu
         self.frames = frames
         self.mmu: KvmMmu = vcpu.vm.mmu
-        self._translate = self.mmu.translate
+        if isinstance(self.mmu, TdpMmu):
+            self._tdp_mmu = self.mmu
+        self._pte_reader = self._read_pte
         # Fast path of the fill (TDP): a leaf spte that already permits the access with A (and D)
         # set is used as read, no call; anything else goes through translate, and every spte
         # change through the MMU's set_spte.
@@ -156,6 +159,7 @@ class UnicornVcpu(ExitDispatch, ShadowFill, TdpFill):
         del self.sensitive  # it holds this vCPU's bound methods
         self.clock.close()
         del self._code  # it reads CR3 through this vCPU
+        del self._pte_reader  # a bound method of this vCPU
         self.shadow_insns = None
         if self.vcpu.arch is self:
             self.vcpu.arch = NO_BACKEND

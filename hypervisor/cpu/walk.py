@@ -7,15 +7,17 @@ GuestFault; it keeps no state of its own.
 """
 
 from collections.abc import Callable
+from typing import Final
 
 from ..types import PAGE_SIZE, Gpa
 from ..x86 import CANONICAL_HIGH_START, CANONICAL_LOW_END, PTE_ADDR_MASK, PTE_P, PTE_PS, PTE_RW
 from .exceptions import PF_ERR_PRESENT, PF_VECTOR
 
-UPPER_SHIFTS = (39, 30, 21)
-LEAF_SHIFT = (12,)
-LARGE_OFFSET = (1 << 21) - 1  # a large page is cached and handed out per 2 MiB region
-_GP_VECTOR = 13
+# Final: the compiled build (setup.py) reads these from C statics, not from the module's dict, on every fill.
+UPPER_SHIFTS: Final = (39, 30, 21)
+LEAF_SHIFT: Final = (12,)
+LARGE_OFFSET: Final = (1 << 21) - 1  # a large page is cached and handed out per 2 MiB region
+_GP_VECTOR: Final = 13
 
 
 class GuestFault(Exception):

@@ -6,13 +6,16 @@ structure-of-arrays indexed by pfn.  Frame 0 is the shared zero page
 a zero-page pte is "special" and vm_normal_page() returns NULL for it.
 """
 
+from typing import Final
+
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import HostOutOfMemory
 from ..types import PAGE_SIZE, Pfn
 
-ZERO_PFN = Pfn(0)
+# Final: the compiled build (setup.py) reads it from a C static, not from the module's dict, per get/put_page.
+ZERO_PFN: Final = Pfn(0)
 # Room for frames in flight beyond one per mapped page: KSM pages being built,
 # a COW copy before the old frame is released.
 FRAME_SLACK = 64

@@ -251,11 +251,14 @@ class HostMm:
 
     def handle_mm_fault(self, hva: Hva, write: bool) -> None:
         vma = self._vma_or_segv(hva)
-        self._handle_mm_fault(vma, vma.index(hva), hva, write)
+        idx = vma.index(hva)
+        self._handle_mm_fault(vma, idx, hva, write, vma.ptes_view[idx])
 
-    def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool) -> HostFault:
-        """handle_pte_fault() on the pte at vma.ptes[idx] (of hva): what the host had to do."""
-        pte = vma.ptes_view[idx]
+    def _handle_mm_fault(self, vma: Vma, idx: int, hva: Hva, write: bool, pte: int) -> HostFault:
+        """handle_pte_fault() on the pte at vma.ptes[idx] (of hva), whose value `pte` the caller has just
+        read: what the host had to do.  (The kernel's reads `entry = *pte` itself after handle_mm_fault's
+        page-table walk, read in 3.x mm/memory.c, 2.6.32 unverified; nothing runs between the two reads
+        here, so the caller's is that value.)"""
         if not pte & _PAGE_PRESENT:  # !pte_present(): no swap here, so pte_none
             self.do_anonymous_page(vma, idx, write)
         elif write and not pte & _PAGE_RW:  # !pte_write()
@@ -344,7 +347,7 @@ class HostMm:
         if pte & _PAGE_PRESENT and (pte & _PAGE_RW or not write):  # follow_page() found it
             work = _NO_FAULT
         else:
-            work = self._handle_mm_fault(vma, idx, hva, write)
+            work = self._handle_mm_fault(vma, idx, hva, write, pte)
             pte = ptes[idx]
         pfn = Pfn(pte >> PAGE_SHIFT)  # pte_pfn()
         self.frames.get_page(pfn)

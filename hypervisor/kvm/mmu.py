@@ -3,7 +3,7 @@
 Mirrors arch/x86/kvm/mmu.c and virt/kvm/kvm_main.c of 2.6.32 (the era of
 change_pte), with the later eras' differences taken from the Profile:
 
-* `tdp_page_fault`: read mmu_notifier_seq, resolve the pfn through host GUP
+* `page_fault` (tdp_page_fault): read mmu_notifier_seq, resolve the pfn through host GUP
   (gfn_to_pfn; 2.6.32 always pins for write, later kernels pin with the fault's
   own intent and upgrade a read fault only through the non-faulting fast GUP),
   then, "under mmu_lock", give up if mmu_notifier_retry() says a notifier ran in
@@ -49,18 +49,19 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
-# The A and D bits the EPT walk sets for a read and for a write.
-_WALK_READ = SPTE_READABLE | SPTE_ACCESSED
-_WALK_WRITE = _WALK_READ | SPTE_WRITABLE | SPTE_DIRTY
+# The A and D bits the EPT walk sets for a read and for a write.  (The constants of the fault path are
+# Final: the compiled build reads a Final from a C static, any other module global from the module's dict.)
+_WALK_READ: Final = SPTE_READABLE | SPTE_ACCESSED
+_WALK_WRITE: Final = _WALK_READ | SPTE_WRITABLE | SPTE_DIRTY
 
 # What the host's fault handler did -> the outcome of a fault that installed its spte.
-_FIXED = {HostFault.NONE: outcome(FaultResult.FIXED, FaultWork.MAP),
-          HostFault.FAULT: outcome(FaultResult.FIXED, FaultWork.HOST_FAULT),
-          HostFault.COW: outcome(FaultResult.FIXED, FaultWork.COW)}
-_MMIO = outcome(FaultResult.MMIO, FaultWork.MMIO)
-_RETRY = outcome(FaultResult.RETRY, FaultWork.RETRY)
+_FIXED: Final = {HostFault.NONE: outcome(FaultResult.FIXED, FaultWork.MAP),
+                 HostFault.FAULT: outcome(FaultResult.FIXED, FaultWork.HOST_FAULT),
+                 HostFault.COW: outcome(FaultResult.FIXED, FaultWork.COW)}
+_MMIO: Final = outcome(FaultResult.MMIO, FaultWork.MMIO)
+_RETRY: Final = outcome(FaultResult.RETRY, FaultWork.RETRY)
 # A retry that copied a page still paid for the copy (2.6.32 without change_pte).
-_RETRY_COW = outcome(FaultResult.RETRY, FaultWork.COW)
+_RETRY_COW: Final = outcome(FaultResult.RETRY, FaultWork.COW)
 # Members the fault path tests, named once (an Enum member read from its class costs about 80 ns
 # on Python 3.11, four times a plain name: EnumType defines __getattr__).
 _INSTALL: Final = SpteChange.INSTALL
@@ -194,7 +195,9 @@ class TdpMmu(KvmMmuNotifier):
 
     # --- the fault path --------------------------------------------------------------
 
-    def tdp_page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
+    def page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
+        """tdp_page_fault() (2.6.32 arch/x86/kvm/mmu.c), which the TDP MMU installs as its page_fault op
+        (kvm_mmu_page_fault calls vcpu->arch.mmu.page_fault): the vCPU's EPT_VIOLATION exit calls it directly."""
         mmu_seq = self.mmu_notifier_seq
         hva = self.vm.memslots.gfn_to_hva(gfn)
         if hva is None:  # kvm_is_error_hva(): no memslot, an MMIO access
@@ -215,11 +218,6 @@ class TdpMmu(KvmMmuNotifier):
         # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
         self.mm.put_page(pfn)
         return _FIXED[host]
-
-    def page_fault(self, vcpu: "Vcpu", gfn: Gfn, write_fault: bool) -> FaultOutcome:
-        """The MMU's fault handler (kvm_mmu_page_fault -> tdp_page_fault); a method, not a class-level
-        alias, because a mypyc-compiled class has no alias attributes (setup.py, HVSIM_COMPILED)."""
-        return self.tdp_page_fault(vcpu, gfn, write_fault)
 
     # --- zapping and rmap walks ----------------------------------------------------------
 

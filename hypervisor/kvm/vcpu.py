@@ -9,7 +9,7 @@ exits KVM passes to userspace: port I/O goes to the VMM's port bus, vmm/devices.
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..errors import GuestError
 from ..events import KvmExit, KvmPageFault
@@ -24,6 +24,7 @@ from .exits import (
     EPT_VIOLATION_WRITABLE,
     ExitReason,
 )
+from .mmu import TdpMmu
 from .mmu_interface import FaultResult, FaultWork
 from .requests import VcpuMode, vcpu_service_requests
 from .shadow_mmu import ShadowFault, ShadowMmu
@@ -31,7 +32,6 @@ from .spte import SPTE_EXECUTABLE, SPTE_READABLE, SPTE_WRITABLE
 from .stats import Tally, VcpuStats
 
 if TYPE_CHECKING:
-    from .mmu_interface import KvmMmu
     from .vm import Vm
 
 # A fault that lost the mmu_notifier_retry race returns to the guest, which faults again:
@@ -47,8 +47,10 @@ FAULT_RETRY_COST = 200
 LIVELOCK_RETRIES = 1000
 
 
-# exit_work's key for an EPT violation, by the fault path's work.
-_EPT_WORK = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
+# exit_work's key for an EPT violation, by the fault path's work.  Final (a C static in the compiled
+# build), and its values typed Any so that the compiled build hands the key tuple to exit_work as it is: a
+# value typed tuple[ExitReason, str] is unpacked into a C struct and packed into a new tuple at every use.
+_EPT_WORK: Final[dict[FaultWork, Any]] = {work: (ExitReason.EPT_VIOLATION, work.value) for work in FaultWork}
 # Members the exit paths test or set per exit, named once (an Enum member read from its class
 # costs about 80 ns on Python 3.11, four times a plain name: EnumType defines __getattr__).
 _EPT_VIOLATION: Final = ExitReason.EPT_VIOLATION
@@ -56,7 +58,7 @@ _FAULT_MMIO: Final = FaultResult.MMIO
 _OUTSIDE_GUEST_MODE: Final = VcpuMode.OUTSIDE_GUEST_MODE
 _IN_GUEST_MODE: Final = VcpuMode.IN_GUEST_MODE
 _IO_INSTRUCTION: Final = ExitReason.IO_INSTRUCTION
-_IO_WORK: Final = (ExitReason.IO_INSTRUCTION, "userspace")  # exit_work's key for port I/O
+_IO_WORK: Final[Any] = (ExitReason.IO_INSTRUCTION, "userspace")  # exit_work's key for port I/O (Any: as _EPT_WORK)
 
 
 def ept_exit_qualification(write: bool, fetch: bool, spte: int) -> int:
@@ -166,7 +168,10 @@ class Vcpu:
         stats.exit_reasons[_EPT_VIOLATION] += 1
         self.mode = _OUTSIDE_GUEST_MODE  # _leave_guest()
         vm = self.vm
-        mmu: KvmMmu = vm.mmu
+        mmu = vm.mmu
+        # EPT violations come from the EPT, i.e. the TDP MMU (as #PF exits come to the shadow one, handle_shadow_pf);
+        # narrowed, the compiled build calls it directly instead of looking page_fault up on the object.
+        assert isinstance(mmu, TdpMmu)
         if vm.tracer.enabled:
             qual = ept_exit_qualification(write, fetch, mmu.spte(gfn))
             self._trace_exit(_EPT_VIOLATION, rip, qual, gfn << PAGE_SHIFT)

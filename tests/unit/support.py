@@ -88,7 +88,7 @@ class Guest:
 
     def fault(self, gfn: int, write: bool) -> FaultResult:
         """One run of the TDP fault path (no exit counted: see vcpu.handle_ept_violation)."""
-        return self.mmu.tdp_page_fault(self.vcpu, Gfn(gfn), write).result
+        return self.mmu.page_fault(self.vcpu, Gfn(gfn), write).result
 
 
 def make_guest(era: str = "3.7", change_pte: bool = True, pages: int = 16, nr_frames: int = 256) -> Guest:

@@ -46,16 +46,16 @@ def test_2_6_32_without_change_pte_reread_of_a_merged_page_is_priced_as_the_cow_
 @pytest.mark.parametrize("era", ERAS)
 def test_first_touch_is_a_host_fault_and_a_refault_of_a_present_page_a_map(era: str) -> None:
     g = make_guest(era, pages=4)
-    outcome = g.mmu.tdp_page_fault(g.vcpu, Gfn(1), True)
+    outcome = g.mmu.page_fault(g.vcpu, Gfn(1), True)
     assert (outcome.result, outcome.work) == (FaultResult.FIXED, FaultWork.HOST_FAULT)
     g.vm.write_guest(Gpa(2 * PAGE_SIZE), page_of(7))
-    outcome = g.mmu.tdp_page_fault(g.vcpu, Gfn(2), False)
+    outcome = g.mmu.page_fault(g.vcpu, Gfn(2), False)
     assert (outcome.result, outcome.work) == (FaultResult.FIXED, FaultWork.MAP)
 
 
 def test_a_gfn_outside_every_memslot_is_mmio_work() -> None:
     g = make_guest("2.6.32", pages=4)
-    outcome = g.mmu.tdp_page_fault(g.vcpu, Gfn(4096), False)
+    outcome = g.mmu.page_fault(g.vcpu, Gfn(4096), False)
     assert (outcome.result, outcome.work) == (FaultResult.MMIO, FaultWork.MMIO)
 
 
