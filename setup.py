@@ -10,8 +10,8 @@ from setuptools import Extension, setup
 # What a TLB fill and an EPT_VIOLATION exit run through, and the scheduler (README "The compiled build":
 # what each step measured).  Groups that mypyc compiles together or not at all: UnicornVcpu with its mixins
 # (traits: an interpreted class may not inherit from a compiled one); the TDP MMU with the notifier base
-# class it inherits.  The KSM modules are not here: their mixins (KsmScan over KsmStableTree,
-# KsmUnstableTree, KsmMerge on KsmState) would have to become traits first.
+# class it inherits; Ksm with its mixins (KsmScan over KsmStableTree, KsmUnstableTree, KsmMerge on
+# KsmState: traits).
 COMPILED_MODULES = [
     # cpu/: the vCPU, its mixins and their common trait, the clock and code pages of every fill, the walker
     "hypervisor/cpu/unicorn_vcpu.py",
@@ -41,6 +41,15 @@ COMPILED_MODULES = [
     "hypervisor/host/mmu_notifier.py",
     # the scheduler's loop around every slice
     "hypervisor/scheduler.py",
+    # host/: ksmd, Ksm with its mixins (traits), the rmap_items, stable nodes and both trees' storage
+    "hypervisor/host/ksm.py",
+    "hypervisor/host/ksm_scan.py",
+    "hypervisor/host/ksm_stable.py",
+    "hypervisor/host/ksm_unstable.py",
+    "hypervisor/host/ksm_merge.py",
+    "hypervisor/host/ksm_items.py",
+    "hypervisor/host/ksm_nodes.py",
+    "hypervisor/host/ksm_buckets.py",
 ]
 
 ext_modules = [Extension("hypervisor.cpu._icount", ["hypervisor/cpu/_icount.c"])]

@@ -66,12 +66,22 @@ class Tally:
         return sum(c for c in seen.values() if c > 1)
 
 
-def record(ksm: Ksm, tally: Tally) -> None:
-    last: dict[tuple[int, int], tuple[bytes, int, int]] = {}
-    real = ksm._scan_batch
-    frames = ksm.frames
+class ChecksumRecorder:
+    """A KsmObserver: at every visit of a page, its content's digest and both checksums of it."""
 
-    def scan_batch(items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
+    def __init__(self, ksm: Ksm, tally: Tally) -> None:
+        self.frames = ksm.frames
+        self.tally = tally
+        self.last: dict[tuple[int, int], tuple[bytes, int, int]] = {}
+
+    def wakeup_start(self) -> None:
+        pass
+
+    def wakeup_end(self) -> None:
+        pass
+
+    def scan_batch(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
+        frames, tally, last = self.frames, self.tally, self.last
         new = page_checksum(frames, pfns).tolist()
         old = old_checksum(frames, pfns).tolist()
         for k, (idx, pfn) in enumerate(zip(idxs.tolist(), pfns.tolist(), strict=True)):
@@ -89,9 +99,10 @@ def record(ksm: Ksm, tally: Tally) -> None:
                 elif prev[1] != new[k]:
                     tally.false_new += 1
             last[key] = (digest, new[k], old[k])
-        real(items, idxs, pfns)
 
-    ksm._scan_batch = scan_batch  # type: ignore[method-assign]
+
+def record(ksm: Ksm, tally: Tally) -> None:
+    ksm.observer = ChecksumRecorder(ksm, tally)
 
 
 def run(workloads: Sequence[tuple[str, str, int, int]]) -> list[dict[str, Any]]:

@@ -28,6 +28,10 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+from hypervisor.host.ksm import Ksm, VmaItems
 from hypervisor.sim import GUEST_IMAGES, KsmConfig, SimConfig, Simulation
 from hypervisor.types import PAGE_SIZE
 from hypervisor.vmm.layout import HEAP_START_GPA
@@ -81,16 +85,23 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
     state: dict[str, Any] = {"ksmd_seconds": 0.0, "wakeups": 0, "max_allocated": 0, "last": None,
                              "converged": False, "scans_seen": ksm.seqnr, "ksm_started_ms": None,
                              "walk_seconds": 0.0, "walks": 0, "peak": None}
-    real_wakeup = ksm.ksmd_wakeup
+    class WakeupTimer:  # a KsmObserver: time what ksmd does at each wake-up
+        def __init__(self, ksm: Ksm) -> None:
+            self.ksm = ksm
+            self.w0 = 0.0
 
-    def timed_wakeup() -> None:  # the scheduler calls ksm.ksmd_wakeup(); time what ksmd does
-        w0 = time.perf_counter()
-        real_wakeup()
-        w1 = time.perf_counter()
-        state["ksmd_seconds"] += w1 - w0
-        state["wakeups"] += 1
-        if peak_walk and ksm.run == 1:
-            walk_peak(w1)
+        def wakeup_start(self) -> None:
+            self.w0 = time.perf_counter()
+
+        def wakeup_end(self) -> None:
+            w1 = time.perf_counter()
+            state["ksmd_seconds"] += w1 - self.w0
+            state["wakeups"] += 1
+            if peak_walk and self.ksm.run == 1:
+                walk_peak(w1)
+
+        def scan_batch(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
+            pass
 
     def walk_peak(w1: float) -> None:
         meta = count_metadata(sim, sim.frames.data)
@@ -100,7 +111,7 @@ def run_here(vms: int, memory_mib: int, pages_to_scan: int, sleep_millisecs: int
         state["walks"] += 1
         state["walk_seconds"] += time.perf_counter() - w1
 
-    ksm.ksmd_wakeup = timed_wakeup  # type: ignore[method-assign]
+    ksm.observer = WakeupTimer(ksm)
     run_start = time.perf_counter()
 
     def on_slice(s: Simulation) -> None:

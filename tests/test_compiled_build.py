@@ -28,8 +28,20 @@ COMMANDS = [
     ["run", "samepage", "--vms", "2", "--ksm", "--inject", "after_gfn_to_pfn:cow", "--json"],
     ["run", "samepage_smp", "--vcpus", "2", "--ksm", "--json"],
     ["run", "kernels", "--vms", "4", "--memory", "16M", "--ksm", "--json"],
+    # ksmd compiled (host/ksm*.py) against the .py source in each era's shape: stable node chains and
+    # smart_scan (6.10), run=2 unmerging everything and run=1 again (3.7), --check after every ksmd step
+    # with use_zero_pages (6.8).
+    ["run", "kernels", "--vms", "6", "--memory", "16M", "--ksm", "--kernel", "6.10", "--ksm-max-page-sharing", "2",
+     "--ksm-smart-scan", "--ksm-pages-to-scan", "300", "--json"],
+    ["run", "kernels", "--vms", "4", "--memory", "16M", "--ksm", "--kernel", "3.7", "--ksm-run-at", "30:2",
+     "--ksm-run-at", "60:1", "--json"],
+    ["run", "bootstorm", "--vms", "2", "--memory", "16M", "--ksm", "--kernel", "6.8", "--ksm-use-zero-pages",
+     "--check", "--json"],
 ]
 TRACED = ["run", "samepage", "--vms", "2", "--ksm", "--trace"]
+# Every merge, chain and unmerge of ksmd in event order.
+TRACED_KSM = ["run", "kernels", "--vms", "4", "--memory", "16M", "--ksm", "--kernel", "6.10", "--ksm-max-page-sharing",
+              "2", "--trace-events", "ksm_*,mmu_notifier_*,kvm_set_spte_hva", "--trace"]
 
 
 def compiled_modules() -> list[str]:
@@ -95,6 +107,7 @@ def test_the_compiled_build_reports_exactly_what_the_python_source_reports(tmp_p
         source = _run(tree, ["-m", "hypervisor", *args], pure=True)
         assert json.loads(native) == json.loads(source), args
         assert native == source, args
-    for pure_run in (False, True):
-        _run(tree, ["-m", "hypervisor", *TRACED, f"trace{int(pure_run)}.txt"], pure=pure_run)
-    assert (tree / "trace0.txt").read_bytes() == (tree / "trace1.txt").read_bytes()
+    for name, traced in (("trace", TRACED), ("ksm_trace", TRACED_KSM)):
+        for pure_run in (False, True):
+            _run(tree, ["-m", "hypervisor", *traced, f"{name}{int(pure_run)}.txt"], pure=pure_run)
+        assert (tree / f"{name}0.txt").read_bytes() == (tree / f"{name}1.txt").read_bytes(), traced

@@ -47,6 +47,7 @@ from .ksm_items import (
     UNSTABLE_FLAG,
     KsmCursor,
     KsmHooks,
+    KsmObserver,
     KsmState,
     MmSlot,
     StableNode,
@@ -95,6 +96,8 @@ class Ksm(KsmScan):
         self.tracer: Tracer = NULL_TRACER
         # Named points where tests fire host events (races); see hypervisor/races.py.
         self.hooks: KsmHooks | None = None
+        # What benchmarks observe of ksmd (KsmObserver).
+        self.observer: KsmObserver | None = None
 
     # --- registration (ksm_madvise / __ksm_enter / exit) ---------------------------------
 
@@ -190,8 +193,13 @@ class Ksm(KsmScan):
             self.unmerge_and_remove_all_rmap_items()
 
     def ksmd_wakeup(self) -> None:
+        observer = self.observer
+        if observer is not None:
+            observer.wakeup_start()
         if self.run == 1:
             self.ksm_do_scan(self.pages_to_scan)
+        if observer is not None:
+            observer.wakeup_end()
 
     # --- unmerging ------------------------------------------------------------------------
 
@@ -216,5 +224,5 @@ class Ksm(KsmScan):
         self.seqnr = 0
 
 
-__all__ = ["RMAP_ITEM_SIZE", "STABLE_FLAG", "UNSTABLE_FLAG", "_HASH_MULT", "_HASH_SALT", "Ksm", "KsmState",
-           "StableNode", "StableNodeChain", "VmaItems", "page_checksum", "page_checksum_one", "page_hash"]
+__all__ = ["RMAP_ITEM_SIZE", "STABLE_FLAG", "UNSTABLE_FLAG", "_HASH_MULT", "_HASH_SALT", "Ksm", "KsmObserver",
+           "KsmState", "StableNode", "StableNodeChain", "VmaItems", "page_checksum", "page_checksum_one", "page_hash"]

@@ -9,16 +9,20 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 
 from ..events import Tracer
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
 from .frames import FramePool
 from .ksm_nodes import StableNode, StableNodeChain, StableNodes, StableTree
 
+# Imported at run time, not only for the type checker: the compiled build's dataclass MmSlot reads HostMm's
+# type object when this module initialises (a name imported under TYPE_CHECKING only is NULL there).
+from .mm import HostMm, Vma
+
 if TYPE_CHECKING:
     from ..profiles import Profile
     from .ksm_unstable import UnstableTree
-    from .mm import HostMm, Vma
 
 # rmap_item flags
 UNSTABLE_FLAG = 1
@@ -48,6 +52,9 @@ def page_hash(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.
 
 _FOLD_MULT = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
 _MIN_RUN = 8  # consecutive pfns worth a view of their own; shorter runs are gathered
+_ZERO_EDGE = np.zeros(1, dtype=np.int64)
+# ndarray.sum without its Python-level wrapper (numpy/_core/_methods.py): the same uint64 sums mod 2**64.
+_add_rows = np.add.reduce
 
 
 def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
@@ -67,19 +74,26 @@ def page_checksum(frames: FramePool, pfns: npt.NDArray[np.int64]) -> npt.NDArray
     n = int(pfns.shape[0])
     sums: npt.NDArray[np.uint64] = np.empty(n, dtype=np.uint64)
     qwords = frames.qwords
-    starts = np.flatnonzero(np.diff(pfns, prepend=-2) != 1)
-    lengths = np.diff(np.append(starts, n))
+    # Where each run of consecutive pfns starts, and how long it is.
+    edges = np.concatenate((_ZERO_EDGE, ((pfns[1:] - pfns[:-1]) != 1).nonzero()[0] + 1, np.array([n])))
+    lengths = edges[1:] - edges[:-1]
     long = lengths >= _MIN_RUN
-    for start, length in zip(starts[long].tolist(), lengths[long].tolist(), strict=True):
-        first = int(pfns[start])
-        qwords[first : first + length].sum(axis=1, out=sums[start : start + length])
-    scattered = np.flatnonzero(np.repeat(~long, lengths))
-    for lo in range(0, scattered.size, _HASH_CHUNK):
-        sel = scattered[lo : lo + _HASH_CHUNK]
-        sums[sel] = qwords[pfns[sel]].sum(axis=1)
+    if long.any():
+        for start, length in zip(edges[:-1][long].tolist(), lengths[long].tolist(), strict=True):
+            first = int(pfns[start])
+            _add_rows(qwords[first : first + length], axis=1, out=sums[start : start + length])
+        scattered = np.repeat(~long, lengths).nonzero()[0]
+        for lo in range(0, scattered.size, _HASH_CHUNK):
+            sel = scattered[lo : lo + _HASH_CHUNK]
+            sums[sel] = _add_rows(qwords[pfns[sel]], axis=1)
+    else:
+        for lo in range(0, n, _HASH_CHUNK):
+            _add_rows(qwords[pfns[lo : lo + _HASH_CHUNK]], axis=1, out=sums[lo : lo + _HASH_CHUNK])
     # The high half of a multiplicative (Fibonacci) hash: an XOR fold of the halves would let a change
     # at bit i cancel one at bit i + 32 (benchmarks/checksums.py found one in bootstorm).
-    folded: npt.NDArray[np.uint32] = ((sums * _FOLD_MULT) >> np.uint64(32)).astype(np.uint32)
+    sums *= _FOLD_MULT
+    sums >>= np.uint64(32)
+    folded: npt.NDArray[np.uint32] = sums.astype(np.uint32)
     return folded
 
 
@@ -106,6 +120,11 @@ class VmaItems:
         # smart_scan (6.7+): visits without a merge, and skips left before the next visit
         self.age = np.zeros(n, dtype=np.uint8)
         self.remaining_skips = np.zeros(n, dtype=np.uint8)
+        # Scalar views of the same memory for the per-page paths (no numpy scalar boxing); the arrays
+        # are never replaced.
+        self.flags_view = self.flags.data
+        self.node_view = self.node.data
+        self.oldchecksum_view = self.oldchecksum.data
 
     def hva(self, idx: int) -> Hva:
         return Hva(self.vma.start + (idx << PAGE_SHIFT))
@@ -140,8 +159,29 @@ class KsmHooks(Protocol):
         """replace_page: the pte now maps the KSM page."""
 
 
+class KsmObserver(Protocol):
+    """What a measurement sees of ksmd, without replacing its methods (a compiled Ksm's cannot be): every
+    wake-up, from either side, and every batch of pages before it is scanned (benchmarks/scale.py times
+    the wake-ups; benchmarks/checksums.py records what each page held at each visit)."""
+
+    def wakeup_start(self) -> None:
+        """ksmd woke up (whether or not run is 1)."""
+
+    def wakeup_end(self) -> None:
+        """ksmd goes back to sleep."""
+
+    def scan_batch(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64]) -> None:
+        """ksm_do_scan took these pages of one VMA (rmap_items, page indexes, pfns) as its next batch."""
+
+
+@trait
 class KsmState:
-    """The state ksmd's parts share (struct ksm's globals in mm/ksm.c); `Ksm` initialises it."""
+    """The state ksmd's parts share (struct ksm's globals in mm/ksm.c); `Ksm` initialises it.
+
+    A mypyc trait, as the mixins over it are (KsmStableTree, KsmUnstableTree, KsmMerge, KsmScan): the
+    compiled build (setup.py) compiles them with `Ksm`, and a native class may have one native base class
+    plus traits only.
+    """
 
     frames: FramePool
     profile: "Profile"
@@ -168,6 +208,7 @@ class KsmState:
     zero_hash: int
     tracer: Tracer
     hooks: KsmHooks | None
+    observer: KsmObserver | None
 
 
 __all__ = ["StableNode", "StableNodeChain", "StableNodes", "StableTree"]

@@ -5,6 +5,8 @@ Every pte change is announced through host/mmu_notifier.py (set_pte_at_notify, m
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import trait
+
 from ..events import KsmMergeOnePage
 from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
 from .frames import ZERO_PFN
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from .mm import HostMm
 
 
+@trait
 class KsmMerge(KsmState):
     def try_to_merge_two_pages(
         self, items: VmaItems, idx: int, pfn: Pfn, tree_items: VmaItems, tree_idx: int, tree_pfn: Pfn
@@ -101,7 +104,7 @@ class KsmMerge(KsmState):
                 return None
             if pte_write(pte) or pte & PAGE_DIRTY:
                 entry = mm.ptep_clear_flush(hva)
-                if int(self.frames.refcount[pfn]) != int(self.frames.mapcount[pfn]) + ksmd_refs:
+                if self.frames.refcount_view[pfn] != self.frames.mapcount_view[pfn] + ksmd_refs:
                     # Someone (KVM mid-fault, O_DIRECT) holds a pin: merging could lose its writes.
                     mm.set_pte_at(hva, entry)
                     return None

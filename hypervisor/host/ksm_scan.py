@@ -1,9 +1,10 @@
 """ksmd's scan: ksm_do_scan in batches, cmp_and_merge_page, rmap_item removal, 6.7's smart_scan (mm/ksm.c)."""
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 
 from ..events import KsmMergeWithKsmPage, KsmStartScan, KsmStopScan
 from ..types import PAGE_SHIFT, Pfn
@@ -19,11 +20,32 @@ from .ksm_items import (
 from .ksm_merge import KsmMerge
 from .ksm_stable import KsmStableTree
 from .ksm_unstable import KsmUnstableTree
+from .pgtable_types import _PAGE_PRESENT, _PAGE_SPECIAL
 
 if TYPE_CHECKING:
     pass
 
+_PRESENT_OR_SPECIAL: Final = _PAGE_PRESENT | _PAGE_SPECIAL
+_FIRST_WINDOW: Final = 512  # ptes _next_batch looks at first (a 64 MiB VMA has 16,384)
 
+
+def _isin(values: npt.NDArray[np.uint32], pool: npt.NDArray[np.uint32]) -> npt.NDArray[np.bool_]:
+    """np.isin(values, pool), by binary search in the sorted pool.
+
+    np.isin sorts through np.unique, whose first call imports numpy.ma (20 ms, in the middle of a run),
+    and costs some 40 us a call on a batch's few hundred values.
+    """
+    if pool.size == 0:
+        return np.zeros(values.shape[0], dtype=np.bool_)
+    ordered = pool.copy()
+    ordered.sort()  # the methods, not np.sort and np.searchsorted: no Python-level wrapper between
+    pos = ordered.searchsorted(values)
+    np.minimum(pos, ordered.size - 1, out=pos)
+    found: npt.NDArray[np.bool_] = ordered[pos] == values
+    return found
+
+
+@trait
 class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
     def ksm_do_scan(self, scan_npages: int) -> None:
         """Scan up to scan_npages pages, in cursor order, in batches of consecutive present pages.
@@ -43,6 +65,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             items, idxs, pfns = batch
             budget -= idxs.size
             self.pages_scanned += int(idxs.size)
+            if self.observer is not None:
+                self.observer.scan_batch(items, idxs, pfns)
             self._scan_batch(items, idxs, pfns)
         if self.tracer.enabled:
             self.tracer.event(KsmStopScan(self.seqnr, self.rmap_items))
@@ -52,15 +76,15 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         flags = items.flags[idxs]
         in_stable = (flags & STABLE_FLAG) != 0
         page_node = frames.stable_node[pfns]
+        single: npt.NDArray[np.bool_] | None = None
         if self.profile.ksm_unmerges_unshared_ksm_page:
             # 2.6.32's ksm_do_scan: a KSM page in the stable tree is left alone unless it is
             # mapped only once, and then it is unmerged (gone by 2.6.33.3's ksm_do_scan).
             settled = in_stable & (page_node >= 0)
             single = settled & (frames.mapcount[pfns] == 1)
-            work = np.flatnonzero(~settled | single)
+            work = (~settled | single).nonzero()[0]
         else:
-            single = np.zeros(idxs.size, dtype=np.bool_)
-            work = np.flatnonzero(~(in_stable & (page_node > 0) & (items.node[idxs] == page_node)))
+            work = (~(in_stable & (page_node > 0) & (items.node[idxs] == page_node))).nonzero()[0]
         if work.size == 0:
             return
         checksums = page_checksum(frames, pfns[work])
@@ -71,24 +95,29 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         widx = idxs[work]
         quick = (flags[work] == 0) & (page_node[work] < 0) & (checksums != items.oldchecksum[widx])
         if self.nodes:
-            quick &= ~np.isin(checksums, self.nodes.live_checksums())
+            quick &= ~_isin(checksums, self.nodes.live_checksums())
         if quick.any():
             if not quick.all():
-                quick &= ~np.isin(checksums, checksums[~quick])
+                quick &= ~_isin(checksums, checksums[~quick])
             items.oldchecksum[widx[quick]] = checksums[quick]
             slow = ~quick
-            work, checksums = work[slow], checksums[slow]
+            work, widx, checksums = work[slow], widx[slow], checksums[slow]
         # The trees' key, only for the pages that look them up.
-        hashes = page_hash(frames, pfns[work])
-        for pos, h, checksum in zip(work.tolist(), hashes.tolist(), checksums.tolist(), strict=True):
-            idx, pfn = int(idxs[pos]), Pfn(int(pfns[pos]))
-            if single[pos]:
-                hva = items.hva(idx)
-                self.break_cow(items.mm, hva)
+        wpfns = pfns[work]
+        hashes = page_hash(frames, wpfns)
+        if single is None or not single.any():
+            for idx, pfn, h, checksum in zip(widx.tolist(), wpfns.tolist(), hashes.tolist(), checksums.tolist(),
+                                             strict=True):
+                self.cmp_and_merge_page(items, idx, Pfn(pfn), h, checksum)
+            return
+        for idx, pfn, h, checksum, unmerge in zip(widx.tolist(), wpfns.tolist(), hashes.tolist(),
+                                                  checksums.tolist(), single[work].tolist(), strict=True):
+            if unmerge:
+                self.break_cow(items.mm, items.hva(idx))
                 self.remove_rmap_item_from_tree(items, idx)
-                items.oldchecksum[idx] = checksum  # the content did not change
+                items.oldchecksum_view[idx] = checksum  # the content did not change
             else:
-                self.cmp_and_merge_page(items, idx, pfn, h, checksum)
+                self.cmp_and_merge_page(items, idx, Pfn(pfn), h, checksum)
 
     def _next_batch(self, budget: int) -> tuple[VmaItems, npt.NDArray[np.intp], npt.NDArray[np.int64]] | None:
         """scan_get_next_rmap_item() for up to `budget` consecutive pages of one VMA.
@@ -118,12 +147,22 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
                 continue
             vma = items.vma
             start = max(0, (cur.address - vma.start) >> PAGE_SHIFT)
-            window = vma.ptes[start:]
-            # present (bit 0) and not special (bit 9): an anonymous page with a struct page
-            anon = ((window & 1) != 0) & ((window & (1 << 9)) == 0)
-            stale = items.has_item[start:] & ~anon
-            first = np.flatnonzero(anon)
-            first_stale = np.flatnonzero(stale)
+            nr_ptes = vma.ptes.shape[0]
+            # The stretch of the VMA from the cursor that decides this batch: the first _FIRST_WINDOW
+            # ptes if they hold the budget-th present page or an item to free behind the first present
+            # page (then the rest of the VMA could change nothing below), else the rest of the VMA.
+            size = _FIRST_WINDOW
+            while True:
+                end = min(start + size, nr_ptes)
+                window = vma.ptes[start:end]
+                # present and not special: an anonymous page with a struct page
+                anon = (window & _PRESENT_OR_SPECIAL) == _PAGE_PRESENT
+                first = anon.nonzero()[0]
+                first_stale = (items.has_item[start:end] > anon).nonzero()[0]  # an item, and no page for it
+                if end == nr_ptes or (first.size and ((not self.smart_scan and first.size >= budget)
+                                                      or bool((first_stale > first[0]).any()))):
+                    break
+                size = nr_ptes
             if first.size == 0 or (first_stale.size and first_stale[0] < first[0]):
                 # Free the items passed over up to the next present page (or the VMA's end).
                 stop = window.shape[0] if first.size == 0 else int(first[0])
@@ -136,18 +175,22 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             later_stale = first_stale[first_stale > begin]
             limit = int(later_stale[0]) if later_stale.size else window.shape[0]
             offs = first[first < limit]
-            skip = self._smart_scan_skips(items, start + offs, window[offs] >> PAGE_SHIFT, budget)
-            offs = offs[: budget if skip is None else skip.size]
-            idxs = start + offs
+            if not self.smart_scan:
+                offs = offs[:budget]
+                idxs = start + offs
+                cur.address = vma.start + ((int(idxs[-1]) + 1) << PAGE_SHIFT)
+                self._get_rmap_items(items, idxs)
+                return items, idxs, window[offs] >> PAGE_SHIFT
+            pfns = window[offs] >> PAGE_SHIFT
+            skip = self._smart_scan_skips(items, start + offs, pfns, budget)
+            idxs, pfns = start + offs[: skip.size], pfns[: skip.size]
             cur.address = vma.start + ((int(idxs[-1]) + 1) << PAGE_SHIFT)
             self._get_rmap_items(items, idxs)
-            if skip is not None:
-                self._age_items(items, idxs, window[offs] >> PAGE_SHIFT, skip)
-                keep = ~skip
-                if not keep.any():
-                    continue  # every page reached was skipped: they cost no pages_to_scan
-                idxs, offs = idxs[keep], offs[keep]
-            return items, idxs, window[offs] >> PAGE_SHIFT
+            self._age_items(items, idxs, pfns, skip)
+            keep = ~skip
+            if not keep.any():
+                continue  # every page reached was skipped: they cost no pages_to_scan
+            return items, idxs[keep], pfns[keep]
 
     def _get_rmap_items(self, items: VmaItems, idxs: npt.NDArray[np.intp]) -> None:
         """get_next_rmap_item() for pages the cursor reached: a fresh item where there was none.
@@ -171,15 +214,13 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             self.unshared -= int(seen.size)
 
     def _smart_scan_skips(self, items: VmaItems, idxs: npt.NDArray[np.intp], pfns: npt.NDArray[np.int64],
-                          budget: int) -> npt.NDArray[np.bool_] | None:
+                          budget: int) -> npt.NDArray[np.bool_]:
         """should_skip_rmap_item() (6.7+) over the candidate pages, up to the budget-th page not skipped.
 
         A page that is not a KSM page and whose rmap_item has been visited three times or
         more without merging is skipped on 1, 2, 4 or 8 of every following visits as it
-        ages; a skipped page costs no pages_to_scan.  None when smart_scan is off.
+        ages; a skipped page costs no pages_to_scan.
         """
-        if not self.smart_scan:
-            return None
         known = items.has_item[idxs]
         age = np.where(known, items.age[idxs], 0)
         remaining = np.where(known, items.remaining_skips[idxs], 0)
@@ -209,10 +250,10 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         self.rmap_items -= 1
 
     def remove_rmap_item_from_tree(self, items: VmaItems, idx: int) -> None:
-        flags = int(items.flags[idx])
-        items.flags[idx] = 0  # first: erasing the node below emits an event the checker reads
+        flags: int = items.flags_view[idx]
+        items.flags_view[idx] = 0  # first: erasing the node below emits an event the checker reads
         if flags & STABLE_FLAG:
-            node = self.nodes.get(int(items.node[idx]))
+            node = self.nodes.get(items.node_view[idx])
             if node is not None:
                 node.nr_items -= 1
                 if node.nr_items == 0 and self.frames.stable_node[node.kpfn] != node.id:
@@ -229,7 +270,7 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
         # A page already merged into the KSM page its rmap_item names never gets here: the
         # batch filter in _scan_batch is the kernel's "rmap_item->head == stable_node" return.
         frames = self.frames
-        node_id = int(frames.stable_node[pfn]) if pfn != ZERO_PFN else -1
+        node_id: int = frames.stable_node_view[pfn] if pfn != ZERO_PFN else -1
         self.remove_rmap_item_from_tree(items, idx)
         if node_id > 0 and node_id in self.nodes:
             # A KSM page that lost its rmap_item (e.g. a forked mapping): re-append.
@@ -249,8 +290,8 @@ class KsmScan(KsmStableTree, KsmUnstableTree, KsmMerge):
             self.break_cow(items.mm, items.hva(idx))
         if checksum is None:
             checksum = page_checksum_one(frames, pfn)
-        if int(items.oldchecksum[idx]) != checksum:
-            items.oldchecksum[idx] = checksum
+        if items.oldchecksum_view[idx] != checksum:
+            items.oldchecksum_view[idx] = checksum
             return
         if self.use_zero_pages and h == self.zero_hash and frames.pages_identical(pfn, ZERO_PFN):
             if self.try_to_merge_one_page(items.mm, items.hva(idx), pfn, ZERO_PFN):

@@ -5,6 +5,7 @@ the tree's buckets are the compact structures of host/ksm_nodes.py; here a node 
 """
 
 import numpy as np
+from mypy_extensions import trait
 
 from ..events import KsmRemoveKsmPage
 from ..types import Pfn
@@ -17,6 +18,7 @@ from .ksm_items import (
 )
 
 
+@trait
 class KsmStableTree(KsmState):
     def _get_ksm_page(self, node_id: int) -> bool:
         """get_ksm_page(): is the node's KSM page still alive and still this node's?"""
@@ -80,8 +82,8 @@ class KsmStableTree(KsmState):
         return node
 
     def _stable_tree_append(self, items: VmaItems, idx: int, node: StableNode) -> None:
-        items.flags[idx] = STABLE_FLAG
-        items.node[idx] = node.id
+        items.flags_view[idx] = STABLE_FLAG
+        items.node_view[idx] = node.id
         node.nr_items += 1
 
     def _erase_node(self, node: StableNode) -> None:

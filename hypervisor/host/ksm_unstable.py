@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import trait
 
 from ..types import Hva, Pfn
 from .ksm_buckets import EMPTY, ERASED, MAX_ENTRY, ContentBuckets
@@ -78,12 +79,12 @@ class UnstableTree(ContentBuckets):
 
     def insert(self, key: int, items: VmaItems, idx: int, end: int = -1) -> None:
         """Insert the rmap_item under `key` (`end`: as for add)."""
-        items.node[idx] = self.add(key, self.rmap_item_id(items, idx), end)
+        items.node_view[idx] = self.add(key, self.rmap_item_id(items, idx), end)
 
     def erase(self, items: VmaItems, idx: int) -> None:
         """rb_erase() if this pass inserted the rmap_item (its slot still holds it), else nothing."""
         if items.rmap_item_base:
-            slot = int(items.node[idx])
+            slot: int = items.node_view[idx]
             if self.entry_at(slot) == items.rmap_item_base + idx:
                 self.erase_at(slot)
                 self.shrink_if_sparse()
@@ -102,6 +103,7 @@ class UnstableTree(ContentBuckets):
             items.node[entries[mine] - items.rmap_item_base] = slots[mine]
 
 
+@trait
 class KsmUnstableTree(KsmState):
     def _follow_page(self, mm: "HostMm", hva: Hva) -> Pfn | None:
         """follow_page() of an anonymous page: None for no pte or the zero page."""
@@ -128,7 +130,7 @@ class KsmUnstableTree(KsmState):
             if self.frames.pages_identical(pfn, tree_pfn):
                 return tree_items, tree_idx, tree_pfn
         tree.insert(h, items, idx, end)
-        items.flags[idx] = UNSTABLE_FLAG
+        items.flags_view[idx] = UNSTABLE_FLAG
         self.unshared += 1
         return None
 
@@ -137,8 +139,9 @@ class KsmUnstableTree(KsmState):
 
     def _unstable_remove(self, items: VmaItems, idx: int) -> None:
         self._unstable_erase(items, idx)
-        if items.flags[idx] & UNSTABLE_FLAG:
-            items.flags[idx] = int(items.flags[idx]) & STABLE_FLAG
+        flags: int = items.flags_view[idx]
+        if flags & UNSTABLE_FLAG:
+            items.flags_view[idx] = flags & STABLE_FLAG
             self.unshared -= 1
 
 
