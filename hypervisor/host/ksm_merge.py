@@ -1,6 +1,6 @@
 """KSM's merge steps: write_protect_page, replace_page, try_to_merge_one/two_pages, break_cow (mm/ksm.c).
 
-Every pte change is announced through host/mmu_notifier.py (set_pte_at_notify, mmu_notifier_range).
+Every pte change is announced through host/mmu_notifier.py (set_pte_at_notify, MmuNotifierRange).
 """
 
 from typing import TYPE_CHECKING
@@ -25,8 +25,8 @@ from .mm import (
     pte_wrprotect,
 )
 from .mmu_notifier import (
+    MmuNotifierRange,
     RangeSite,
-    mmu_notifier_range,
     set_pte_at_notify,
 )
 
@@ -98,7 +98,7 @@ class KsmMerge(KsmState):
         `ksmd_refs`: references ksmd itself holds on the page (3.7's check is
         `page_mapcount(page) + 1 + swapped != page_count(page)`, the 1 being ksmd's).
         """
-        with mmu_notifier_range(mm, hva, Hva(hva + PAGE_SIZE), RangeSite.KSM_WRITE_PROTECT):
+        with MmuNotifierRange(mm, hva, Hva(hva + PAGE_SIZE), RangeSite.KSM_WRITE_PROTECT):
             pte = mm.pte(hva)
             if not pte_present(pte) or pte_pfn(pte) != pfn:
                 return None
@@ -112,7 +112,7 @@ class KsmMerge(KsmState):
             return mm.pte(hva)
 
     def replace_page(self, mm: "HostMm", hva: Hva, pfn: Pfn, kpfn: Pfn, orig_pte: int) -> bool:
-        with mmu_notifier_range(mm, hva, Hva(hva + PAGE_SIZE), RangeSite.KSM_REPLACE_PAGE):
+        with MmuNotifierRange(mm, hva, Hva(hva + PAGE_SIZE), RangeSite.KSM_REPLACE_PAGE):
             if mm.pte(hva) != orig_pte:
                 return False
             if kpfn == ZERO_PFN:

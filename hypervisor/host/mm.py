@@ -23,8 +23,8 @@ from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn, is_page_aligned
 from .frames import ZERO_PFN, FramePool
 from .mmu_notifier import (
     MmuNotifier,
+    MmuNotifierRange,
     RangeSite,
-    mmu_notifier_range,
     mmu_notifier_release,
     ptep_clear_flush_young_notify,
     set_pte_at_notify,
@@ -202,7 +202,7 @@ class HostMm:
             self.mmap_cache = None  # detach_vmas_to_be_unmapped(): "Kill the cache."
 
     def zap_page_range(self, vma: Vma, start: Hva, end: Hva) -> None:
-        with mmu_notifier_range(self, start, end):
+        with MmuNotifierRange(self, start, end):
             lo, hi = vma.index(start), vma.index(end)
             for idx in np.flatnonzero(vma.ptes[lo:hi]):
                 hva = Hva(start + (int(idx) << PAGE_SHIFT))
@@ -310,7 +310,7 @@ class HostMm:
             frames.stable_node[old_pfn] = -1
             self.set_pte_at(hva, mk_pte(old_pfn, writable=True, dirty=True))
             return False
-        with mmu_notifier_range(self, hva, Hva(hva + PAGE_SIZE), RangeSite.DO_WP_PAGE_COPY):
+        with MmuNotifierRange(self, hva, Hva(hva + PAGE_SIZE), RangeSite.DO_WP_PAGE_COPY):
             if pte_special(orig_pte):
                 new_pfn = frames.alloc_page(zero=True)
             else:
