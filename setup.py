@@ -41,6 +41,9 @@ COMPILED_MODULES = [
     "hypervisor/host/mmu_notifier.py",
     # the scheduler's loop around every slice
     "hypervisor/scheduler.py",
+    # the VMM's port bus and console, behind every port-I/O exit (a guest's console is one exit per byte)
+    "hypervisor/vmm/devices.py",
+    "hypervisor/vmm/console.py",
     # host/: ksmd, Ksm with its mixins (traits), the rmap_items, stable nodes and both trees' storage
     "hypervisor/host/ksm.py",
     "hypervisor/host/ksm_scan.py",
