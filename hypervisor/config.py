@@ -30,8 +30,7 @@ MAX_VCPUS = layout.MAX_VCPUS
 # Host-side bookkeeping per guest page beyond its frame (ptes, sptes, rmap_items, page flags).
 _BYTES_PER_PAGE_OVERHEAD = 64
 
-# The bundled guests ship inside the package (package data); ./guest_images in a checkout links here.
-GUEST_IMAGES = Path(__file__).resolve().parent / "guest_images"
+GUEST_IMAGES = loader.GUEST_IMAGES
 
 _RUN_VALUES = "takes 0 (stop), 1 (run) or 2 (stop and unmerge everything)"
 
