@@ -213,7 +213,10 @@ class Tracer(Protocol):
 class NullTracer:
     """No tracing: the default of every emitter."""
 
-    enabled = False
+    def __init__(self) -> None:
+        # An instance attribute, not a class one: the fault path reads it up to three times per exit, and
+        # Python 3.11 specializes a read of an instance's own attribute, not of its class's through it.
+        self.enabled = False
 
     def event(self, record: Event, vm: int | None = None) -> None:
         pass

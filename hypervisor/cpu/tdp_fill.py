@@ -118,8 +118,9 @@ class TdpFill(FillState):
         finally:
             if fetch:
                 self.clock.fetching = False
-        pfn = (spte & SPTE_PFN_MASK) >> PAGE_SHIFT
-        entry.paddr = pfn << PAGE_SHIFT
+        paddr = spte & SPTE_PFN_MASK
+        pfn = paddr >> PAGE_SHIFT
+        entry.paddr = paddr
         if spte & SPTE_WRITABLE and guest_writable:
             entry.perms = UC_PROT_ALL
         else:

@@ -62,8 +62,12 @@ _FAULT: Final = HostFault.FAULT
 _COW: Final = HostFault.COW
 
 
+# The bits every pte mk_pte makes has, ORed once here (pure Python would OR the two names at every call).
+_PAGE_PRESENT_ACCESSED: Final = _PAGE_PRESENT | _PAGE_ACCESSED
+
+
 def mk_pte(pfn: Pfn, writable: bool, dirty: bool = False, special: bool = False) -> int:
-    pte = (pfn << PAGE_SHIFT) | _PAGE_PRESENT | _PAGE_ACCESSED
+    pte = (pfn << PAGE_SHIFT) | _PAGE_PRESENT_ACCESSED
     if writable:
         pte |= _PAGE_RW
     if dirty:

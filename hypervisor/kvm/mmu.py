@@ -186,12 +186,12 @@ class TdpMmu(KvmMmuNotifier):
         spte = self.sptes_view[gfn] if gfn < self._nr_gfns else 0
         wanted = _WALK_WRITE if write else _WALK_READ
         if spte & wanted == wanted:
-            return int(spte)
+            return spte
         if not spte & SPTE_READABLE or (write and not spte & SPTE_WRITABLE):
             return 0
         new = spte | (wanted & (SPTE_ACCESSED | SPTE_DIRTY))
         self.set_spte(Gfn(gfn), spte, new, SpteChange.WALK)
-        return int(new)
+        return new
 
     # --- the fault path --------------------------------------------------------------
 
@@ -207,7 +207,7 @@ class TdpMmu(KvmMmuNotifier):
             self.hooks.after_gfn_to_pfn(self, gfn, hva)
         # spin_lock(&kvm->mmu_lock)
         if self.mmu_notifier_retry(mmu_seq, hva):
-            self.mm.put_page(pfn)
+            self.mm.frames.put_page(pfn)
             vcpu.stats.pf_retry += 1
             return _RETRY_COW if host is _HOST_COW else _RETRY
         spte = make_spte(pfn, writable)
@@ -215,8 +215,9 @@ class TdpMmu(KvmMmuNotifier):
             spte |= SPTE_DIRTY
         self.set_spte(gfn, self.sptes_view[gfn], spte, _INSTALL)
         vcpu.stats.pf_fixed += 1
-        # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
-        self.mm.put_page(pfn)
+        # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.  (put_page of
+        # the page itself: the host mm's put_page would only pass it on.)
+        self.mm.frames.put_page(pfn)
         return _FIXED[host]
 
     # --- zapping and rmap walks ----------------------------------------------------------

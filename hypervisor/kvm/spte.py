@@ -21,10 +21,16 @@ SPTE_PFN_MASK: Final = ((1 << 52) - 1) & ~((1 << PAGE_SHIFT) - 1)
 SPTE_NONPRESENT: Final = 0
 
 
+# make_spte's bits, each set ORed once here: pure Python would OR the module-level names anew at every
+# call, once per EPT_VIOLATION exit (the compiled build folds Final expressions itself).
+_SPTE_PRESENT: Final = SPTE_READABLE | SPTE_EXECUTABLE
+_SPTE_WRITABLE_HOST: Final = SPTE_WRITABLE | SPTE_HOST_WRITEABLE
+
+
 def make_spte(pfn: Pfn, writable: bool, accessed: bool = True) -> int:
-    spte = (pfn << PAGE_SHIFT) | SPTE_READABLE | SPTE_EXECUTABLE
+    spte = (pfn << PAGE_SHIFT) | _SPTE_PRESENT
     if writable:
-        spte |= SPTE_WRITABLE | SPTE_HOST_WRITEABLE
+        spte |= _SPTE_WRITABLE_HOST
     if accessed:
         spte |= SPTE_ACCESSED
     return spte
