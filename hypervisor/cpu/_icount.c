@@ -187,6 +187,39 @@ static PyObject *icount_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
+/* start_run(limit, period, hard): the struct as a run starts (cpu/clock.py VcpuClock.start_slice): the counter
+ * from 0, the limit, the host turns' period and hard end, no turn ended, not stopped, no block started.  One
+ * call for the eight fields (each attribute write is a type lookup and a descriptor call from Python). */
+static PyObject *icount_start_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct icount *ic = &((ICountObject *)self)->ic;
+    uint64_t limit, period, hard;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "start_run(limit, period, hard)");
+        return NULL;
+    }
+    limit = PyLong_AsUnsignedLongLong(args[0]);
+    period = PyLong_AsUnsignedLongLong(args[1]);
+    hard = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    ic->counter = 0;
+    ic->limit = limit;
+    ic->period = period;
+    ic->hard = hard;
+    ic->turn_start = ic->turns = 0;
+    ic->stopped = 0;
+    ic->block_size = ic->block_count = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef icount_methods[] = {
+    {"start_run", (PyCFunction)(void (*)(void))icount_start_run, METH_FASTCALL,
+     "start_run(limit, period, hard): counter 0, these limits, no turn ended, not stopped, no block started."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyObject *icount_address(PyObject *self, void *closure)
 {
     (void)closure;
@@ -206,6 +239,7 @@ static PyTypeObject ICountType = {
     .tp_itemsize = 0,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = icount_new,
+    .tp_methods = icount_methods,
     .tp_members = icount_members,
     .tp_getset = icount_getset,
 };
