@@ -39,8 +39,9 @@ COMPILED_MODULES = [
     "hypervisor/host/vma.py",
     "hypervisor/host/frames.py",
     "hypervisor/host/mmu_notifier.py",
-    # the scheduler's loop around every slice
+    # the scheduler's loop around every slice, and the Simulation whose clock and counters it moves each turn
     "hypervisor/scheduler.py",
+    "hypervisor/sim.py",
     # the VMM's port bus and console, behind every port-I/O exit (a guest's console is one exit per byte)
     "hypervisor/vmm/devices.py",
     "hypervisor/vmm/console.py",

@@ -33,6 +33,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define CACHE_BITS 12
@@ -137,6 +139,158 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     block_hook_slow(uc, address, size, ic);
 }
 
+/*
+ * struct icount as a Python object (ICount): Python reads and writes its fields as attributes, each a member
+ * descriptor (about a third of what a ctypes.Structure field costs: cpu/clock.py sets ten of them before
+ * every run), and the block hook gets the address of the struct inside it (`address`) as its user_data.
+ * The block-count cache starts zeroed (generation 0, which Python never uses: no entry is a hit).
+ */
+typedef struct {
+    PyObject_HEAD
+    struct icount ic;
+} ICountObject;
+
+#define IC_FIELD(name, doc) \
+    {#name, T_ULONGLONG, offsetof(ICountObject, ic) + offsetof(struct icount, name), 0, doc}
+
+static PyMemberDef icount_members[] = {
+    IC_FIELD(counter, "Instructions (and retried faults' cost) counted in this run."),
+    IC_FIELD(limit, "The run (or host turn) ends at the first block boundary at or after this count."),
+    IC_FIELD(stopped, "1 once the hook stopped the run before a block."),
+    IC_FIELD(block_pc, "The block that started last: its address."),
+    IC_FIELD(block_size, "... its size in bytes."),
+    IC_FIELD(block_count, "... its instruction count."),
+    IC_FIELD(generation, "The cache's entries of another generation are misses."),
+    IC_FIELD(misses, "Blocks whose count came from the miss callback."),
+    IC_FIELD(failed, "1 if the miss callback failed (it kept the exception)."),
+    IC_FIELD(period, "With consecutive host turns in one run: the turn's length (0: none)."),
+    IC_FIELD(hard, "... and where the run stops."),
+    IC_FIELD(turn_start, "Where the last host turn that ended in this run ended."),
+    IC_FIELD(turns, "Host turns that ended in this run."),
+    IC_FIELD(stop_pc, "Where the hook stopped the run: the block it kept from starting."),
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *icount_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"stop", "miss", NULL};
+    unsigned long long stop, miss;
+    ICountObject *self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KK", kwlist, &stop, &miss))
+        return NULL;
+    self = (ICountObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->ic.stop = (int (*)(void *))(uintptr_t)stop;
+    self->ic.miss = (uint64_t(*)(uint64_t, uint64_t))(uintptr_t)miss;
+    return (PyObject *)self;
+}
+
+/* start_run(limit, period, hard): the struct as a run starts (cpu/clock.py VcpuClock.start_slice): the counter
+ * from 0, the limit, the host turns' period and hard end, no turn ended, not stopped, no block started.  One
+ * call for the eight fields (each attribute write is a type lookup and a descriptor call from Python). */
+static PyObject *icount_start_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct icount *ic = &((ICountObject *)self)->ic;
+    uint64_t limit, period, hard;
+
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "start_run(limit, period, hard)");
+        return NULL;
+    }
+    limit = PyLong_AsUnsignedLongLong(args[0]);
+    period = PyLong_AsUnsignedLongLong(args[1]);
+    hard = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    ic->counter = 0;
+    ic->limit = limit;
+    ic->period = period;
+    ic->hard = hard;
+    ic->turn_start = ic->turns = 0;
+    ic->stopped = 0;
+    ic->block_size = ic->block_count = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef icount_methods[] = {
+    {"start_run", (PyCFunction)(void (*)(void))icount_start_run, METH_FASTCALL,
+     "start_run(limit, period, hard): counter 0, these limits, no turn ended, not stopped, no block started."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *icount_address(PyObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromVoidPtr(&((ICountObject *)self)->ic);
+}
+
+static PyGetSetDef icount_getset[] = {
+    {"address", icount_address, NULL, "Address of the struct icount, the block hook's user_data.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ICountType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hypervisor.cpu._icount.ICount",
+    .tp_doc = "ICount(stop, miss): one vCPU's struct icount (stop: uc_emu_stop's address, miss: the miss callback's).",
+    .tp_basicsize = sizeof(ICountObject),
+    .tp_itemsize = 0,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = icount_new,
+    .tp_methods = icount_methods,
+    .tp_members = icount_members,
+    .tp_getset = icount_getset,
+};
+
+/*
+ * Two libunicorn calls made from here rather than through ctypes (whose argument conversions and libffi
+ * call cost about 0.6 us each; a vCPU runs once per host turn, tens of thousands of times in a run):
+ * uc_emu_start() and uc_ctl(), given their addresses and the engine handle.  The GIL stays held while
+ * Unicorn runs: the hooks it calls are Python callbacks, which then find the GIL theirs instead of
+ * taking it back at every call (hvsim runs no other Python thread meanwhile).
+ */
+typedef int (*uc_emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
+typedef int (*uc_ctl_fn)(void *uc, int control, ...);
+
+static PyObject *emu_start(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *fn, *uc;
+    uint64_t begin, until;
+
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "emu_start(uc_emu_start, uc, begin, until)");
+        return NULL;
+    }
+    fn = PyLong_AsVoidPtr(args[0]);
+    uc = PyLong_AsVoidPtr(args[1]);
+    begin = PyLong_AsUnsignedLongLong(args[2]);
+    until = PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(((uc_emu_start_fn)fn)(uc, begin, until, 0, 0));
+}
+
+static PyObject *ctl(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *fn, *uc;
+    long control;
+
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "ctl(uc_ctl, uc, control)");
+        return NULL;
+    }
+    fn = PyLong_AsVoidPtr(args[0]);
+    uc = PyLong_AsVoidPtr(args[1]);
+    control = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(((uc_ctl_fn)fn)(uc, (int)control));
+}
+
 static PyObject *hook_address(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -155,6 +309,10 @@ static PyMethodDef methods[] = {
     {"hook_address", hook_address, METH_NOARGS,
      "Address of the C block hook: void hook(uc, address, size, struct icount *)."},
     {"cache_size", cache_size, METH_NOARGS, "Entries of struct icount's block-count cache."},
+    {"emu_start", (PyCFunction)(void (*)(void))emu_start, METH_FASTCALL,
+     "emu_start(uc_emu_start, uc, begin, until) -> uc_err: uc_emu_start(uc, begin, until, 0, 0), GIL held."},
+    {"ctl", (PyCFunction)(void (*)(void))ctl, METH_FASTCALL,
+     "ctl(uc_ctl, uc, control) -> uc_err: uc_ctl(uc, control) with no arguments, GIL held."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -165,5 +323,18 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__icount(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m;
+
+    if (PyType_Ready(&ICountType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ICountType);
+    if (PyModule_AddObject(m, "ICount", (PyObject *)&ICountType) < 0) {
+        Py_DECREF(&ICountType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -5,8 +5,9 @@ What it reaches into, and why (everything else in cpu/ uses the public API):
 * `uclib` (the loaded libunicorn) and `Uc._uch` (the engine handle): the TLB-fill hook and
   the instruction counter of _icount.c (and OUT's hook) are registered as raw C callbacks
   with uc_hook_add(), without the binding's Python wrapper layers per call; CR3 is read
-  with a raw uc_reg_read() from inside the TLB-fill hook; a TLB flush is one raw uc_ctl(), and a
-  run one raw uc_emu_start(); _icount.c gets uc_emu_stop()'s address.
+  with a raw uc_reg_read() from inside the TLB-fill hook; a TLB flush is one uc_ctl(), and a
+  run one uc_emu_start(), both called by _icount.c from their addresses (no ctypes call);
+  _icount.c gets uc_emu_stop()'s address.
 * `uc_tlb_entry`: the struct a TLB-fill hook fills.
 * `Uc._hook_exception`: where the binding's own hook wrappers keep an exception raised
   in a hook; the raw TLB-fill and OUT hooks keep theirs there too, and `emu_start` here
@@ -103,6 +104,15 @@ def _code_address(cfunc: Any) -> ctypes.c_void_p:
     """The C entry point of a ctypes callback, read without ctypes.cast (which makes the callback
     refer to itself, a cycle that keeps the vCPU alive until a full GC)."""
     return ctypes.c_void_p(ctypes.c_void_p.from_address(ctypes.addressof(cfunc)).value)
+
+
+def _function_address(cfunc: Any) -> int:
+    """The C entry point of a libunicorn function or a ctypes callback, as a number (for _icount.c)."""
+    return _code_address(cfunc).value or 0
+
+
+# uc_emu_start()'s address, which _icount.emu_start calls (0 without the binding: require_unicorn() refuses first).
+_UC_EMU_START = _function_address(uclib.uc_emu_start) if uclib is not None else 0
 
 
 def weakly(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -202,13 +212,13 @@ def _reg_reader(uc: Uc, reg_id: int) -> Callable[[], int]:
 
 
 def tlb_flusher(uc: Uc) -> Callable[[], None]:
-    """uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE) as one raw uc_ctl() call (KVM's remote flushes: one per kick)."""
-    ctl, uch = uclib.uc_ctl, uc._uch
+    """uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE) as one uc_ctl() call from C (KVM's remote flushes: one per kick)."""
+    ctl, fn, uch = _icount.ctl, _function_address(uclib.uc_ctl), uc._uch.value
     # The binding's Uc.ctl encoding: op << 30 | nargs << 26 | ctl (no arguments).
     code = UC_CTL_IO_WRITE << 30 | UC_CTL_TLB_FLUSH
 
     def flush() -> None:
-        err = ctl(uch, code)
+        err = ctl(fn, uch, code)
         if err != 0:
             raise UcError(err)
 
@@ -226,11 +236,11 @@ def emu_start(uc: Uc, begin: int, until: int) -> UcError | None:
     When a hook raised and the run still ended normally, the binding raises that
     exception here; when the hook also failed the run (a refused TLB fill), the run's
     UcError is returned and the exception is left for `take_hook_exception`.  What
-    the binding's Uc.emu_start does, as one raw uc_emu_start() (no timeout, no count):
-    a vCPU runs once per host turn, tens of thousands of times in a run.
+    the binding's Uc.emu_start does, as one uc_emu_start() called by _icount.c (no timeout,
+    no count; no ctypes call): a vCPU runs once per host turn, tens of thousands of times in a run.
     """
     uc._hook_exception = None
-    status = uclib.uc_emu_start(uc._uch, begin, until, 0, 0)
+    status = _icount.emu_start(_UC_EMU_START, uc._uch.value, begin, until)
     if status != UC_ERR_OK:
         return UcError(status)
     raised: BaseException | None = uc._hook_exception
@@ -246,23 +256,10 @@ def take_hook_exception(uc: Uc) -> BaseException | None:
     return raised
 
 
-class BlockEntry(ctypes.Structure):
-    _fields_ = (("pc", ctypes.c_uint64), ("size", ctypes.c_uint64), ("count", ctypes.c_uint64),
-                ("generation", ctypes.c_uint64))
-
-
 MISS_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)
 
-
-class ICount(ctypes.Structure):
-    """_icount.c's struct icount, which Python reads and writes between and during runs."""
-
-    _fields_ = (("counter", ctypes.c_uint64), ("limit", ctypes.c_uint64), ("stop", ctypes.c_void_p),
-                ("stopped", ctypes.c_uint64), ("block_pc", ctypes.c_uint64), ("block_size", ctypes.c_uint64),
-                ("block_count", ctypes.c_uint64), ("generation", ctypes.c_uint64), ("miss", ctypes.c_void_p),
-                ("misses", ctypes.c_uint64), ("failed", ctypes.c_uint64), ("period", ctypes.c_uint64),
-                ("hard", ctypes.c_uint64), ("turn_start", ctypes.c_uint64), ("turns", ctypes.c_uint64),
-                ("stop_pc", ctypes.c_uint64), ("cache", BlockEntry * _icount.cache_size()))
+# _icount.c's struct icount, which Python reads and writes between and during runs (its fields as attributes).
+ICount = _icount.ICount
 
 
 def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, object]:
@@ -275,12 +272,10 @@ def add_icount_hook(uc: Uc, miss: Callable[[int, int], int]) -> tuple[ICount, ob
     through helper_uc_tracecode, which walks the hook list (two counting hooks cost three times what one
     does: benchmarks/block_hook.py)."""
     callback = MISS_CFUNC(miss)
-    # Addresses read without ctypes.cast, whose reference cycles would keep the 128 KiB struct
-    # alive until a full GC.
-    ic = ICount(0, 0, _code_address(uclib.uc_emu_stop).value, 0)
-    ic.miss = _code_address(callback).value
+    # Addresses read without ctypes.cast, whose reference cycles would keep the callback alive until a full GC.
+    ic = ICount(_function_address(uclib.uc_emu_stop), _function_address(callback))
     ic.generation = 1  # the zeroed cache entries are of generation 0: never a hit
-    raw_hook_add(uc, UC_HOOK_BLOCK, ctypes.c_void_p(_icount.hook_address()), ctypes.c_void_p(ctypes.addressof(ic)))
+    raw_hook_add(uc, UC_HOOK_BLOCK, ctypes.c_void_p(_icount.hook_address()), ctypes.c_void_p(ic.address))
     return ic, callback
 
 

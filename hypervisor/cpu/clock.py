@@ -74,14 +74,8 @@ class VcpuClock:
         self._time_before += self.slice_retired + self.stall_in_slice
         self.slice_retired = self.stall_in_slice = 0
         self._stopped_at = None
-        ic = self.ic
-        ic.counter = 0
-        ic.limit = limit
-        ic.period = period
-        ic.hard = hard
-        ic.turn_start = ic.turns = 0
-        ic.stopped = 0
-        ic.block_size = ic.block_count = 0
+        # _icount.c's struct for the run: counter 0, these limits, no turn ended, not stopped, no block started.
+        self.ic.start_run(limit, period, hard)
 
     @property
     def turns_ended(self) -> tuple[int, int]:

@@ -5,6 +5,7 @@ After mm/ksm.c (the stable nodes and tree: ksm_nodes.py).
 """
 
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -12,7 +13,7 @@ import numpy.typing as npt
 from mypy_extensions import trait
 
 from ..events import Tracer
-from ..types import PAGE_SHIFT, PAGE_SIZE, Hva, Pfn
+from ..types import PAGE_SHIFT, Hva, Pfn
 from .frames import FramePool
 from .ksm_nodes import StableNode, StableNodeChain, StableNodes, StableTree
 
@@ -31,7 +32,18 @@ STABLE_FLAG = 2
 # sizeof(struct ksm_rmap_item) on 64-bit, for general_profit
 RMAP_ITEM_SIZE = 64
 
-_HASH_MULT = np.random.default_rng(0x4B534D).integers(1, 2**63, size=PAGE_SIZE // 8, dtype=np.uint64) | 1
+# page_hash's 512 odd multipliers, drawn once from numpy's PCG64 stream,
+#     np.random.default_rng(0x4B534D).integers(1, 2**63, size=PAGE_SIZE // 8, dtype=np.uint64) | 1
+# and kept in ksm_hash_mult.npy (tests/unit/test_host_corners.py draws them again and compares): so the trees'
+# keys do not depend on numpy's generator, and hvsim does not import numpy.random at start-up (with it
+# secrets, hmac and OpenSSL's libcrypto: about 10 ms of every process, issue #13 figure 4d).
+def _hash_multipliers() -> npt.NDArray[np.uint64]:
+    with (files("hypervisor.host") / "ksm_hash_mult.npy").open("rb") as f:
+        mult: npt.NDArray[np.uint64] = np.load(f)
+    return mult
+
+
+_HASH_MULT = _hash_multipliers()
 _HASH_SALT = np.uint64(0x9E3779B97F4A7C15)
 
 

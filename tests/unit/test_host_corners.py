@@ -171,6 +171,13 @@ def colliding_pages() -> tuple[bytes, bytes]:
     return a.tobytes(), b.tobytes()
 
 
+def test_the_hash_multipliers_are_the_ones_numpys_pcg64_draws_for_seed_0x4b534d() -> None:
+    # ksm_items keeps them in ksm_hash_mult.npy rather than importing numpy.random at every start.
+    drawn = np.random.default_rng(0x4B534D).integers(1, 2**63, size=PAGE_SIZE // 8, dtype=np.uint64) | 1
+    assert _HASH_MULT.dtype == np.uint64 and _HASH_MULT.shape == (PAGE_SIZE // 8,)
+    assert np.array_equal(_HASH_MULT, drawn)
+
+
 def test_the_colliding_pages_differ_and_hash_alike() -> None:
     a, b = colliding_pages()
     frames = FramePool(4)
