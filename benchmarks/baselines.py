@@ -7,9 +7,13 @@
   target 2 and for refills of mapped pages.  With `raw=True` (issue #13's floor) the
   hook is registered through raw ctypes, as hvsim registers its own
   (cpu/binding.py `add_tlb_fill_hook`): no binding wrapper between Unicorn and
-  the Python fill; without it, through the binding's `hook_add` (issue #6's floor).
+  the Python fill, and each slice is one uc_emu_start() called with the GIL held, as
+  hvsim calls it (cpu/binding.py `emu_start`, from _icount.c: the hook's ctypes callbacks
+  then find the GIL theirs); without it, the binding's `hook_add` and `Uc.emu_start`
+  (issue #6's floor).
 """
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -23,10 +27,12 @@ from unicorn import (
     UC_PROT_READ,
     UC_TLB_VIRTUAL,
     Uc,
+    UcError,
 )
 from unicorn import x86_const as x86
 
 from hypervisor.build import build_host
+from hypervisor.cpu import binding
 from hypervisor.cpu.binding import add_tlb_fill_hook
 from hypervisor.cpu.unicorn_vcpu import UNTIL
 from hypervisor.profiles import get_profile
@@ -37,12 +43,27 @@ from .guests import IMAGE_BASE, STACK_TOP
 EXIT_PORT = 0xF4
 
 
-def run_in_slices(uc: Any, rip: int, insns: int, quantum: int) -> int:
+# uc_emu_start(uc, begin, until, timeout, count) as a ctypes function that keeps the GIL (PYFUNCTYPE).
+_UC_EMU_START_GIL_HELD = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                                           ctypes.c_uint64, ctypes.c_size_t)(binding._UC_EMU_START)
+
+
+def emu_start_gil_held(uc: Any, begin: int, until: int, count: int = 0) -> None:
+    """uc.emu_start(begin, until, count=count) with the GIL held during the run, as hvsim runs its vCPUs."""
+    status = _UC_EMU_START_GIL_HELD(uc._uch, begin, until, 0, count)
+    if status:
+        raise UcError(status)
+
+
+def run_in_slices(uc: Any, rip: int, insns: int, quantum: int, gil_held: bool = False) -> int:
     """Unicorn's own deterministic slicing: `count=` runs of `quantum`; returns the next RIP."""
     left = insns
     while left > 0:
         n = min(quantum, left)
-        uc.emu_start(rip, UNTIL, count=n)
+        if gil_held:
+            emu_start_gil_held(uc, rip, UNTIL, n)
+        else:
+            uc.emu_start(rip, UNTIL, count=n)
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         left -= n
     return rip
@@ -60,6 +81,7 @@ class BareTlbUnicorn:
         self.frames = build_host(get_profile("6.12"), memory // PAGE_SIZE).frames
         self.frames.data[IMAGE_BASE : IMAGE_BASE + len(image)] = np.frombuffer(image, dtype=np.uint8)
         self.memory = memory
+        self.raw = raw
         self.fills = 0
         self.exited = False
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -92,7 +114,7 @@ class BareTlbUnicorn:
 
     def run(self, insns: int, quantum: int) -> None:
         """Exactly `insns` instructions in `count=` slices (the guest must not exit meanwhile)."""
-        self.rip = run_in_slices(self.uc, self.rip, insns, quantum)
+        self.rip = run_in_slices(self.uc, self.rip, insns, quantum, gil_held=self.raw)
         if self.exited:
             raise BenchmarkError("the guest exited before the phase ended")
 
@@ -102,6 +124,9 @@ class BareTlbUnicorn:
         while not self.exited:
             if done >= limit:
                 raise BenchmarkError(f"the guest did not exit within {limit} instructions")
-            uc.emu_start(self.rip, UNTIL, count=quantum)
+            if self.raw:
+                emu_start_gil_held(uc, self.rip, UNTIL, quantum)
+            else:
+                uc.emu_start(self.rip, UNTIL, count=quantum)
             self.rip = uc.reg_read(x86.UC_X86_REG_RIP)
             done += quantum

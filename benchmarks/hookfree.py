@@ -4,7 +4,8 @@ The same boot state hvsim gives a guest (vmm/loader.py writes the boot page
 tables, GDT, boot parameters and image into a stand-in for the VM), in Unicorn's
 own soft-MMU: all of guest memory `mem_map`ped up front (gpa = Unicorn address),
 Unicorn walks the guest's page tables itself, no TLB-fill hook, no instruction
-counting; one `emu_start` over the whole guest program, with one hook, on OUT (raw ctypes)
+counting; one `emu_start` over the whole guest program (uc_emu_start() called as hvsim calls it, GIL
+held), with one hook, on OUT (raw ctypes)
 (console bytes kept, the exit port stops the run).  The bundled assembly guests
 use only OUT and HLT to talk to the VMM, so nothing else is needed; the console
 is compared with hvsim's to show that both ran the same instructions.
@@ -25,7 +26,7 @@ from unicorn import x86_const as x86
 
 # Only what loading a guest needs (the loader, the raw OUT hook): not hvsim's model, whose imports (numpy,
 # capstone, KVM, KSM) would add about 0.12 s to every hook-free process and flatter figure 4d.
-from hypervisor.cpu.binding import add_out_hook
+from hypervisor.cpu.binding import add_out_hook, emu_start
 from hypervisor.vmm import loader
 from hypervisor.vmm.loader import GUEST_IMAGES
 from hypervisor.x86 import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, MSR_EFER
@@ -82,8 +83,11 @@ class HookFreeGuest:
     def run(self) -> float:
         """The whole guest program in one emu_start (it ends at the exit port or a HLT); seconds."""
         t0 = time.perf_counter()
-        self.uc.emu_start(self.rip, UNTIL)
+        # One uc_emu_start() as hvsim makes it (GIL held, the OUT hook's callbacks find it theirs).
+        failed = emu_start(self.uc, self.rip, UNTIL)
         seconds = time.perf_counter() - t0
+        if failed is not None:
+            raise failed
         self.rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
         if self.exit_status is None:
             self.exit_status = 0  # a bare HLT, as hvsim reports it
