@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_SKIP = shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__", ".mypy_cache",
-                               ".ruff_cache", ".pytest_cache", ".hypothesis", "*.so", "benchmarks", "docs")
+from tests.checkout import ROOT, copy_checkout
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -31,8 +29,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with hvsim installed from a copy of the checkout (not editable); returns its bin/."""
     base = tmp_path_factory.mktemp("install")
-    src = base / "src"
-    shutil.copytree(ROOT, src, symlinks=True, ignore=_SKIP)
+    src = copy_checkout(base / "src")
     venv = base / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], base)
     py = venv / "bin" / "python"

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from hypervisor.cli import main
 from hypervisor.guest.build import SDK_DIR
+from tests.checkout import copy_checkout
 from tests.scenario.guests import run
 
 from .conftest import build_program
@@ -185,8 +186,10 @@ def test_build_guest_works_from_a_non_editable_install_in_another_directory(tmp_
     deps = [p for p in sys.path if p.endswith("site-packages")]
     Path(site, "deps.pth").write_text("\n".join(deps) + "\n")
     wheel_dir = tmp_path / "wheel"
+    # Built from a copy: pip builds in the tree it is given, and a pure build there would delete the .so
+    # files of a compiled build in the checkout.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                    str(wheel_dir), str(REPO_ROOT)], check=True, capture_output=True)
+                    str(wheel_dir), str(copy_checkout(tmp_path / "src"))], check=True, capture_output=True)
     wheel = next(wheel_dir.glob("hvsim-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)],
                    check=True, capture_output=True)
