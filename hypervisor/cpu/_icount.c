@@ -298,17 +298,9 @@ static PyObject *hook_address(PyObject *self, PyObject *args)
     return PyLong_FromVoidPtr((void *)block_hook);
 }
 
-static PyObject *cache_size(PyObject *self, PyObject *args)
-{
-    (void)self;
-    (void)args;
-    return PyLong_FromUnsignedLong(CACHE_SIZE);
-}
-
 static PyMethodDef methods[] = {
     {"hook_address", hook_address, METH_NOARGS,
      "Address of the C block hook: void hook(uc, address, size, struct icount *)."},
-    {"cache_size", cache_size, METH_NOARGS, "Entries of struct icount's block-count cache."},
     {"emu_start", (PyCFunction)(void (*)(void))emu_start, METH_FASTCALL,
      "emu_start(uc_emu_start, uc, begin, until) -> uc_err: uc_emu_start(uc, begin, until, 0, 0), GIL held."},
     {"ctl", (PyCFunction)(void (*)(void))ctl, METH_FASTCALL,

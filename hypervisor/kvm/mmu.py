@@ -207,7 +207,7 @@ class TdpMmu(KvmMmuNotifier):
             self.hooks.after_gfn_to_pfn(self, gfn, hva)
         # spin_lock(&kvm->mmu_lock)
         if self.mmu_notifier_retry(mmu_seq, hva):
-            self.mm.frames.put_page(pfn)
+            self.mm.put_page(pfn)
             vcpu.stats.pf_retry += 1
             return _RETRY_COW if host is _HOST_COW else _RETRY
         spte = make_spte(pfn, writable)
@@ -215,9 +215,8 @@ class TdpMmu(KvmMmuNotifier):
             spte |= SPTE_DIRTY
         self.set_spte(gfn, self.sptes_view[gfn], spte, _INSTALL)
         vcpu.stats.pf_fixed += 1
-        # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.  (put_page of
-        # the page itself: the host mm's put_page would only pass it on.)
-        self.mm.frames.put_page(pfn)
+        # kvm_release_pfn_clean(): the spte holds no reference; notifiers keep it honest.
+        self.mm.put_page(pfn)
         return _FIXED[host]
 
     # --- zapping and rmap walks ----------------------------------------------------------

@@ -35,15 +35,13 @@ class PortBus:
     """Port ranges -> devices (Firecracker's `Bus`, for the PIO address space)."""
 
     def __init__(self) -> None:
-        self._ranges: list[tuple[int, int, PortDevice]] = []
         # Every decoded port -> (offset in its device's range, the device): the few ports of legacy
         # devices, looked up once per port access (a guest's console is one access per byte).
         self._decode: dict[int, tuple[int, PortDevice]] = {}
 
     def insert(self, base: int, length: int, device: PortDevice) -> None:
-        if any(base < b + n and b < base + length for b, n, _ in self._ranges):
+        if any(port in self._decode for port in range(base, base + length)):
             raise ValueError(f"ports {base:#x}+{length} overlap a device already on the bus")
-        self._ranges.append((base, length, device))
         for port in range(base, base + length):
             self._decode[port] = (port - base, device)
 
