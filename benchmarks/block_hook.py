@@ -45,7 +45,9 @@ def _run(hooks: int) -> tuple[float, int]:
         for k in range(hooks):
             ic, callback = add_icount_hook(uc, count)
             ic.limit = _NEVER
-            callbacks.append(callback)
+            # Both must outlive the run: the hook writes into ic's struct (a freed second ICount's memory
+            # was once reused by the next guest's first, which then counted for two).
+            callbacks.append((ic, callback))
             if k == 0:
                 counters.append(ic)
     t0 = time.process_time()

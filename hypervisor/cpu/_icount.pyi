@@ -9,12 +9,16 @@ class ICount:
     @property
     def address(self) -> int: ...
     def start_run(self, limit: int, period: int, hard: int, /) -> None: ...
+    def leave_block(self) -> None: ...
+    @property
+    def block_pc(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def block_count(self) -> int: ...
     counter: int
     limit: int
     stopped: int
-    block_pc: int
-    block_size: int
-    block_count: int
     generation: int
     misses: int
     failed: int

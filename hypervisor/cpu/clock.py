@@ -98,7 +98,7 @@ class VcpuClock:
         there, so the counter drops the block's instructions after it."""
         ic = self.ic
         ic.counter = self.exact()
-        ic.block_size = ic.block_count = 0
+        ic.leave_block()
 
     def stop_at(self, time: int) -> None:
         """The run stops inside a block with `time` spent in the slice (first caller wins)."""
